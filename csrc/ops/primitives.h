@@ -1,0 +1,41 @@
+// The few element-wise / reduction kernels each backend implements itself. The op drivers
+// (fsp_impl.h, nst_impl.h) are written once against this interface with ATen GEMMs for the
+// matrix-shaped work; csrc/ops/cpu/primitives.cpp and csrc/ops/cuda/primitives.cu implement it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace kdfast {
+
+#define KDFAST_DECLARE_PRIMITIVES(Backend)                                                              \
+  struct Backend {                                                                                      \
+    /* dtype of the Gram GEMMs' operands: CPU upcasts half types to float32; CUDA keeps them so */     \
+    /* the GEMM runs on tensor cores (it still accumulates and writes float32, see bmm_out). */         \
+    static at::ScalarType gemm_dtype(at::ScalarType input_dtype);                                      \
+    /* out = alpha * a @ b (batched); out is preallocated in the accumulate dtype, a and b in */        \
+    /* gemm_dtype. */                                                                                   \
+    static void bmm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha);       \
+    /* out += alpha * a @ b (batched), in place. */                                                     \
+    static void baddbmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha);      \
+    /* acc[n] += scale * sum(x[n] ** 2); x is (B, N) contiguous, acc (B,). */                           \
+    static void add_sum_of_squares(const at::Tensor& x, double scale, at::Tensor& acc);                 \
+    /* In place on dots (nb, R, C) = x_hat_rows . x_hat_cols: dots <- col_weight * gaussian kernel,  */ \
+    /* and row_sums (nb, R) <- sum over columns of the new values. */                                   \
+    static void gaussian_rows_(at::Tensor& dots, const at::Tensor& sqnorm_rows,                         \
+                               const at::Tensor& sqnorm_cols, const at::Tensor& col_weights,            \
+                               double inv_two_sigma_sq, at::Tensor& row_sums);                          \
+    /* grad_f (B, C, H, W) = scale[n] * d normalize(f) / df applied to grad_x_hat (B, C, HW). */       \
+    static void normalize_rows_backward(const at::Tensor& grad_x_hat, const at::Tensor& f,              \
+                                        const at::Tensor& norms, const at::Tensor& scale, double eps,   \
+                                        at::Tensor& grad_f);                                            \
+  };
+
+KDFAST_DECLARE_PRIMITIVES(CpuPrimitives)
+KDFAST_DECLARE_PRIMITIVES(CudaPrimitives)
+
+#undef KDFAST_DECLARE_PRIMITIVES
+
+// Row normalisation epsilon of the NST loss (F.normalize's default is 1e-12 too).
+constexpr double kNormalizeEps = 1e-12;
+
+}  // namespace kdfast

@@ -1,0 +1,27 @@
+// Every kdfast op's schema, in one place. Kernels are registered per backend in
+// csrc/ops/<backend>/<op>_kernel.{cpp,cu}; autograd and fake (meta) kernels in kdfast/_registrations.py.
+//
+// Conventions: `*_backward` ops take an `output_mask` and return an empty tensor (shape (0,)) for
+// each gradient that is not needed, since a schema cannot return None.
+#include <torch/library.h>
+
+TORCH_LIBRARY(kdfast, m) {
+  // FSP (Yim et al. 2017): G = a b^T / (H W), per-sample squared Frobenius distance of two Grams.
+  m.def("fsp_matrix(Tensor a, Tensor b) -> Tensor");
+  m.def("_fsp_matrix_backward(Tensor grad, Tensor a, Tensor b, bool[2] output_mask) -> (Tensor, Tensor)");
+  // Returns (loss, diff): diff = G_s - G_t (B, Ca, Cb) in the accumulate dtype, kept for backward.
+  m.def("fsp_loss(Tensor s_a, Tensor s_b, Tensor t_a, Tensor t_b, str reduction) -> (Tensor, Tensor)");
+  m.def(
+      "_fsp_loss_backward(Tensor grad_loss, Tensor diff, Tensor s_a, Tensor s_b, Tensor t_a, Tensor t_b, "
+      "str reduction, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // NST (Huang & Wang 2017) MMD^2 between normalised channel rows. kernel is one of 'linear',
+  // 'poly_channel', 'poly_spatial', 'gaussian'. Returns (loss, aux); see csrc/ops/nst_impl.h.
+  m.def("nst_loss(Tensor fs, Tensor ft, str kernel, str reduction, float sigma) -> (Tensor, Tensor)");
+  m.def(
+      "_nst_loss_backward(Tensor grad_loss, Tensor fs, Tensor ft, Tensor aux, str kernel, str reduction, "
+      "float sigma, bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // Build facts baked into the binary: [torch major, minor, patch, CUDA version (e.g. 12040) or -1].
+  m.def("_build_info() -> int[]");
+}

@@ -1,0 +1,63 @@
+"""Argument checks of the Python API and the fake kernels.
+
+They mirror csrc/include/kdfast/checks.h so that errors read the same whether they come from the
+Python wrapper, a fake (meta) kernel under torch.compile, or the C++ op: ValueError for shapes and
+values, TypeError for dtypes, each naming the argument.
+"""
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def feature_map(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D feature map (B, C, H, W), got {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    b, c, h, w = x.shape
+    if b == 0:
+        raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)}); expected B >= 1")
+    if c == 0:
+        raise ValueError(f"{name} has no channels (shape {tuple(x.shape)}); expected C >= 1")
+    if h == 0 or w == 0:
+        raise ValueError(f"{name} has an empty spatial size (shape {tuple(x.shape)}); expected H >= 1 and W >= 1")
+
+
+def compatible(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    """``b`` must agree with ``a`` in batch size, dtype and device."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"batch size mismatch: {a_name} has B = {a.shape[0]} but {b_name} has B = {b.shape[0]}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"dtype mismatch: {a_name} is {a.dtype} but {b_name} is {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"device mismatch: {a_name} is on {a.device} but {b_name} is on {b.device}")
+
+
+def same_spatial(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.shape[2:] != b.shape[2:]:
+        raise ValueError(
+            f"spatial size mismatch: {a_name} is {a.shape[2]}x{a.shape[3]} but {b_name} is {b.shape[2]}x{b.shape[3]}"
+        )
+
+
+def reduction(value) -> None:
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
+
+
+def fsp_gram_shapes(s_a, s_b, t_a, t_b) -> None:
+    if s_a.shape[1] != t_a.shape[1] or s_b.shape[1] != t_b.shape[1]:
+        raise ValueError(
+            f"FSP Gram shape mismatch: the student's is ({s_a.shape[1]}, {s_b.shape[1]}) from s_a and s_b, "
+            f"the teacher's is ({t_a.shape[1]}, {t_b.shape[1]}) from t_a and t_b; they must be equal"
+        )
+
+
+def sigma(value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < float(value) < float("inf")):
+        raise ValueError(f"sigma must be None or a positive finite number, got {value!r}")

@@ -1,0 +1,150 @@
+"""Autograd and fake (meta) kernels of the compiled ops, registered with torch.library.
+
+Runs only when kdfast._C loaded (the ops must exist to be registered). Backward passes call the
+``_*_backward`` custom ops, so torch.compile sees them as opaque ops with fake kernels too.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+_NST_INTERNAL_KERNELS = ("linear", "poly_channel", "poly_spatial", "gaussian")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grad_or_empty(needed: bool, like: torch.Tensor) -> torch.Tensor:
+    # Mirrors the C++ kernels: a gradient that is not needed comes back as an empty (0,) tensor.
+    return like.new_empty(like.shape) if needed else like.new_empty((0,))
+
+
+def _loss_shape(batch, reduction):
+    return (batch,) if reduction == "none" else ()
+
+
+def _no_double_backward(name):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"kdfast: double backward through {name} is not supported")
+
+    return backward
+
+
+# ----------------------------------------------------------------------------------------- FSP
+@torch.library.register_fake("kdfast::fsp_matrix")
+def _fsp_matrix_fake(a, b):
+    _checks.feature_map("a", a)
+    _checks.feature_map("b", b)
+    _checks.compatible("a", a, "b", b)
+    _checks.same_spatial("a", a, "b", b)
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[1]))
+
+
+@torch.library.register_fake("kdfast::_fsp_matrix_backward")
+def _fsp_matrix_backward_fake(grad, a, b, output_mask):
+    return _grad_or_empty(output_mask[0], a), _grad_or_empty(output_mask[1], b)
+
+
+def _fsp_matrix_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _fsp_matrix_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:2])
+    grad_a, grad_b = torch.ops.kdfast._fsp_matrix_backward(grad, a, b, mask)
+    return (grad_a if mask[0] else None, grad_b if mask[1] else None)
+
+
+@torch.library.register_fake("kdfast::fsp_loss")
+def _fsp_loss_fake(s_a, s_b, t_a, t_b, reduction):
+    for name, x in (("s_a", s_a), ("s_b", s_b), ("t_a", t_a), ("t_b", t_b)):
+        _checks.feature_map(name, x)
+    _checks.compatible("s_a", s_a, "s_b", s_b)
+    _checks.compatible("t_a", t_a, "t_b", t_b)
+    _checks.compatible("s_a", s_a, "t_a", t_a)
+    _checks.same_spatial("s_a", s_a, "s_b", s_b)
+    _checks.same_spatial("t_a", t_a, "t_b", t_b)
+    _checks.fsp_gram_shapes(s_a, s_b, t_a, t_b)
+    _checks.reduction(reduction)
+    batch = s_a.shape[0]
+    loss = s_a.new_empty(_loss_shape(batch, reduction))
+    diff = s_a.new_empty((batch, s_a.shape[1], s_b.shape[1]), dtype=_acc_dtype(s_a.dtype))
+    return loss, diff
+
+
+@torch.library.register_fake("kdfast::_fsp_loss_backward")
+def _fsp_loss_backward_fake(grad_loss, diff, s_a, s_b, t_a, t_b, reduction, output_mask):
+    return tuple(_grad_or_empty(m, x) for m, x in zip(output_mask, (s_a, s_b, t_a, t_b)))
+
+
+def _fsp_loss_setup(ctx, inputs, output):
+    s_a, s_b, t_a, t_b, reduction = inputs
+    ctx.reduction = reduction
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1], s_a, s_b, t_a, t_b)
+
+
+def _fsp_loss_backward(ctx, grad_loss, _grad_diff):
+    diff, s_a, s_b, t_a, t_b = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:4])
+    grads = torch.ops.kdfast._fsp_loss_backward(grad_loss, diff, s_a, s_b, t_a, t_b, ctx.reduction, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,)
+
+
+# ----------------------------------------------------------------------------------------- NST
+def _nst_aux_shape(kernel, batch, cs, ct, hw):
+    if kernel == "linear":
+        return (batch, hw)
+    if kernel == "poly_channel":
+        return (batch * (cs * cs + cs * ct + ct * ct),)
+    if kernel == "poly_spatial":
+        return (batch, hw, hw)
+    return (0,)
+
+
+@torch.library.register_fake("kdfast::nst_loss")
+def _nst_loss_fake(fs, ft, kernel, reduction, sigma):
+    _checks.feature_map("fs", fs)
+    _checks.feature_map("ft", ft)
+    _checks.compatible("fs", fs, "ft", ft)
+    _checks.same_spatial("fs", fs, "ft", ft)
+    if kernel not in _NST_INTERNAL_KERNELS:
+        raise ValueError(f"kernel must be one of {_NST_INTERNAL_KERNELS}, got {kernel!r}")
+    _checks.reduction(reduction)
+    _checks.sigma(sigma)
+    batch, cs, h, w = fs.shape
+    loss = fs.new_empty(_loss_shape(batch, reduction))
+    aux = fs.new_empty(_nst_aux_shape(kernel, batch, cs, ft.shape[1], h * w), dtype=_acc_dtype(fs.dtype))
+    return loss, aux
+
+
+@torch.library.register_fake("kdfast::_nst_loss_backward")
+def _nst_loss_backward_fake(grad_loss, fs, ft, aux, kernel, reduction, sigma, output_mask):
+    return _grad_or_empty(output_mask[0], fs), _grad_or_empty(output_mask[1], ft)
+
+
+def _nst_loss_setup(ctx, inputs, output):
+    fs, ft, kernel, reduction, sigma = inputs
+    ctx.kernel, ctx.reduction, ctx.sigma = kernel, reduction, sigma
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(fs, ft, output[1])
+
+
+def _nst_loss_backward(ctx, grad_loss, _grad_aux):
+    fs, ft, aux = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:2])
+    grad_fs, grad_ft = torch.ops.kdfast._nst_loss_backward(
+        grad_loss, fs, ft, aux, ctx.kernel, ctx.reduction, ctx.sigma, mask
+    )
+    return (grad_fs if mask[0] else None, grad_ft if mask[1] else None, None, None, None)
+
+
+def register_all() -> None:
+    torch.library.register_autograd("kdfast::fsp_matrix", _fsp_matrix_backward, setup_context=_fsp_matrix_setup)
+    torch.library.register_autograd("kdfast::fsp_loss", _fsp_loss_backward, setup_context=_fsp_loss_setup)
+    torch.library.register_autograd("kdfast::nst_loss", _nst_loss_backward, setup_context=_nst_loss_setup)
+    for name in ("_fsp_matrix_backward", "_fsp_loss_backward", "_nst_loss_backward"):
+        torch.library.register_autograd(f"kdfast::{name}", _no_double_backward(name))

@@ -1,0 +1,59 @@
+"""Build and runtime facts: ``python -m kdfast info``."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import _ext
+
+#: Public ops and the internal backward ops that serve them.
+OPS = {
+    "fsp_matrix": ["fsp_matrix", "_fsp_matrix_backward"],
+    "fsp_loss": ["fsp_loss", "_fsp_loss_backward"],
+    "nst_loss": ["nst_loss", "_nst_loss_backward"],
+}
+BACKENDS = ("CPU", "CUDA")
+
+
+def op_backends() -> dict:
+    """{public op: [backends whose forward and backward kernels are both compiled]}."""
+    return {
+        op: [key for key in BACKENDS if all(_ext.has_kernel(name, key) for name in names)]
+        for op, names in OPS.items()
+    }
+
+
+def collect() -> dict:
+    from . import __version__
+
+    info = {
+        "kdfast": __version__,
+        "python": platform.python_version(),
+        "torch (installed)": torch.__version__,
+        "torch CUDA": torch.version.cuda,
+        "CUDA available": torch.cuda.is_available(),
+        "kdfast._C loaded": _ext.is_loaded(),
+    }
+    built = _ext.build_info()
+    if built is not None:
+        info["torch (built against)"] = built["torch"]
+        info["CUDA kernels compiled"] = _ext.has_cuda_kernels()
+        info["CUDA (built against)"] = built["cuda"]
+    problem = _ext.problem()
+    info["status"] = "ok" if problem is None else f"{problem} {_ext.REBUILD_HINT}"
+    if torch.cuda.is_available():
+        info["GPU"] = torch.cuda.get_device_name()
+    info["CPU threads"] = torch.get_num_threads()
+    return info
+
+
+def render() -> str:
+    info = collect()
+    width = max(len(k) for k in info)
+    lines = [f"{k:<{width}}  {v}" for k, v in info.items()]
+    lines.append("")
+    lines.append(f"{'op':<{width}}  backends")
+    for op, keys in op_backends().items():
+        lines.append(f"{op:<{width}}  {', '.join(keys) if keys else '(none: extension not loaded)'}")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""Public functional API over the compiled ops (``torch.ops.kdfast.*``).
+
+Each wrapper validates its arguments (errors name the argument), pools mismatched spatial sizes
+(the larger map is adaptive-average-pooled to the smaller, as RepDistiller does), then calls the op.
+Autograd, fake (meta) kernels and torch.compile support come from kdfast/_registrations.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks, _ext
+from .reference import pool_to_common
+
+__all__ = ["fsp_matrix", "fsp_loss", "nst_loss", "nst_poly_form"]
+
+NST_KERNELS = ("linear", "poly", "gaussian")
+
+
+def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """FSP matrix of Yim et al. (CVPR 2017): ``G[n, i, j] = sum_s a[n, i, s] * b[n, j, s] / (H * W)``.
+
+    a: (B, Ca, H, W), b: (B, Cb, H', W') -> (B, Ca, Cb). Differentiable in both inputs.
+    """
+    _ext.require_ops()
+    _checks.feature_map("a", a)
+    _checks.feature_map("b", b)
+    _checks.compatible("a", a, "b", b)
+    a, b = pool_to_common(a, b)
+    return torch.ops.kdfast.fsp_matrix(a, b)
+
+
+def fsp_loss(s_a, s_b, t_a, t_b, reduction: str = "mean") -> torch.Tensor:
+    """FSP loss: per sample ``||G(s_a, s_b) - G(t_a, t_b)||_F^2`` (the paper's squared Frobenius
+    distance with lambda = 1), reduced by ``reduction`` in {"mean" (over the batch), "sum", "none" -> (B,)}.
+
+    Student Grams (from s_a, s_b) and teacher Grams (from t_a, t_b) must have equal shape; the two
+    maps of a pair may differ in spatial size (pooled), student and teacher may differ too (each Gram
+    is normalised by its own H*W). One fused op: it keeps only G_s - G_t, never both Grams.
+    Note RepDistiller/AberHu average over B*Ca*Cb instead (a factor Ca*Cb smaller); divide by that to match.
+    """
+    _ext.require_ops()
+    for name, x in (("s_a", s_a), ("s_b", s_b), ("t_a", t_a), ("t_b", t_b)):
+        _checks.feature_map(name, x)
+    _checks.compatible("s_a", s_a, "s_b", s_b)
+    _checks.compatible("s_a", s_a, "t_a", t_a)
+    _checks.compatible("s_a", s_a, "t_b", t_b)
+    _checks.fsp_gram_shapes(s_a, s_b, t_a, t_b)
+    _checks.reduction(reduction)
+    s_a, s_b = pool_to_common(s_a, s_b)
+    t_a, t_b = pool_to_common(t_a, t_b)
+    return torch.ops.kdfast.fsp_loss(s_a, s_b, t_a, t_b, reduction)[0]
+
+
+def nst_poly_form(cs: int, ct: int, hw: int) -> str:
+    """Which Gram the poly kernel goes through: "poly_channel" (C x C Grams, ~(Cs^2+CsCt+Ct^2)*HW
+    forward and (Cs+Ct)^2*HW backward) or "poly_spatial" (HW x HW Gram, ~(Cs+Ct)*HW^2 each way)."""
+    channel_cost = (cs * cs + cs * ct + ct * ct + (cs + ct) ** 2) * hw
+    spatial_cost = 2 * (cs + ct) * hw * hw
+    return "poly_channel" if channel_cost <= spatial_cost else "poly_spatial"
+
+
+def nst_loss(fs, ft, kernel: str = "poly", reduction: str = "mean", sigma: float | None = None) -> torch.Tensor:
+    """Neuron Selectivity Transfer loss (Huang & Wang 2017): MMD^2 between the student's and the
+    teacher's L2-normalised channel activation patterns, per sample, then reduced.
+
+    ``MMD^2 = mean_{i,i'} k(s_i, s_i') + mean_{j,j'} k(t_j, t_j') - 2 mean_{i,j} k(s_i, t_j)`` with
+    kernel "linear" (x.y), "poly" ((x.y)^2, d = 2, c = 0, the paper's and RepDistiller's choice;
+    computed through whichever Gram is cheaper, see :func:`nst_poly_form`) or "gaussian"
+    (exp(-|x-y|^2 / (2 sigma^2)); ``sigma=None`` means sigma^2 = 1). The teacher-teacher term is
+    included, so identical maps give exactly 0. Channel counts may differ; spatial sizes are pooled
+    to the smaller. Note the paper weights the loss by lambda/2 and the official code by lambda = 50.
+    """
+    _ext.require_ops()
+    _checks.feature_map("fs", fs)
+    _checks.feature_map("ft", ft)
+    _checks.compatible("fs", fs, "ft", ft)
+    if kernel not in NST_KERNELS:
+        raise ValueError(f"kernel must be one of {NST_KERNELS}, got {kernel!r}")
+    _checks.reduction(reduction)
+    if sigma is not None:
+        _checks.sigma(sigma)
+    fs, ft = pool_to_common(fs, ft)
+    if kernel == "poly":
+        kernel = nst_poly_form(fs.shape[1], ft.shape[1], fs.shape[2] * fs.shape[3])
+    return torch.ops.kdfast.nst_loss(fs, ft, kernel, reduction, 1.0 if sigma is None else float(sigma))[0]

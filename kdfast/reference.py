@@ -1,0 +1,76 @@
+"""Pure-PyTorch reference implementations: the oracle of the tests.
+
+Written for clarity, straight from the formulas, with no concern for memory or speed.
+Spatial mismatch: where two maps' spatial sizes differ, the larger is adaptive-average-pooled to
+the smaller before anything else (RepDistiller's convention, generalised to non-square maps).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORMALIZE_EPS = 1e-12
+
+
+def pool_to_common(x: torch.Tensor, y: torch.Tensor):
+    """Adaptive-average-pool each map to (min H, min W) of the two; maps already that size are kept."""
+    size = (min(x.shape[2], y.shape[2]), min(x.shape[3], y.shape[3]))
+    if tuple(x.shape[2:]) != size:
+        x = F.adaptive_avg_pool2d(x, size)
+    if tuple(y.shape[2:]) != size:
+        y = F.adaptive_avg_pool2d(y, size)
+    return x, y
+
+
+def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+
+
+def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """FSP matrix (Yim et al. 2017): G[n, i, j] = sum_s a[n, i, s] b[n, j, s] / (H W)."""
+    a, b = pool_to_common(a, b)
+    hw = a.shape[2] * a.shape[3]
+    return torch.einsum("nis,njs->nij", a.flatten(2), b.flatten(2)) / hw
+
+
+def fsp_loss(s_a, s_b, t_a, t_b, reduction: str = "mean") -> torch.Tensor:
+    """Per sample ||G(s_a, s_b) - G(t_a, t_b)||_F^2 (the paper's squared Frobenius distance, lambda = 1)."""
+    diff = fsp_matrix(s_a, s_b) - fsp_matrix(t_a, t_b)
+    return reduce(diff.pow(2).sum(dim=(1, 2)), reduction)
+
+
+def _kernel_matrix(x: torch.Tensor, y: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
+    """k(x_i, y_j) for all rows i of x (B, M, D) and j of y (B, N, D)."""
+    if kernel == "linear":
+        return x @ y.transpose(1, 2)
+    if kernel == "poly":
+        return (x @ y.transpose(1, 2)).pow(2)
+    if kernel == "gaussian":
+        dist_sq = (x.unsqueeze(2) - y.unsqueeze(1)).pow(2).sum(-1)
+        return torch.exp(-dist_sq / (2.0 * sigma**2))
+    raise ValueError(f"kernel must be one of ('linear', 'poly', 'gaussian'), got {kernel!r}")
+
+
+def nst_loss(fs, ft, kernel: str = "poly", reduction: str = "mean", sigma: float | None = None) -> torch.Tensor:
+    """Neuron Selectivity Transfer MMD^2 (Huang & Wang 2017), per sample, then reduced.
+
+    Each channel's H*W vector is L2-normalised (eps 1e-12), then
+    MMD^2 = mean_{i,i'} k(s_i, s_i') + mean_{j,j'} k(t_j, t_j') - 2 mean_{i,j} k(s_i, t_j).
+    sigma=None means sigma^2 = 1 for the gaussian kernel.
+    """
+    fs, ft = pool_to_common(fs, ft)
+    s = F.normalize(fs.flatten(2), dim=2, eps=NORMALIZE_EPS)
+    t = F.normalize(ft.flatten(2), dim=2, eps=NORMALIZE_EPS)
+    sigma = 1.0 if sigma is None else float(sigma)
+    per_sample = (
+        _kernel_matrix(s, s, kernel, sigma).mean(dim=(1, 2))
+        + _kernel_matrix(t, t, kernel, sigma).mean(dim=(1, 2))
+        - 2.0 * _kernel_matrix(s, t, kernel, sigma).mean(dim=(1, 2))
+    )
+    return reduce(per_sample, reduction)

@@ -1,0 +1,83 @@
+"""Build kdfast._C with torch.utils.cpp_extension (ninja).
+
+CPU sources are always compiled. CUDA sources (csrc/ops/cuda/*.cu) are added when torch was built
+with CUDA and a CUDA toolkit is found. Environment:
+  KDFAST_WITH_CUDA=auto|0|1   auto (default) decides as above; 0 forces CPU only; 1 requires CUDA.
+  FORCE_CUDA=1                same as KDFAST_WITH_CUDA=1 (torchvision's name).
+  MAX_JOBS=N                  parallel compile jobs (ninja); TORCH_CUDA_ARCH_LIST="9.0" etc.
+  KDFAST_DEBUG=1              -O0 -g.
+Install with `pip install --no-build-isolation -e .` once torch is installed.
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    choice = os.environ.get("KDFAST_WITH_CUDA", "auto").lower()
+    if os.environ.get("FORCE_CUDA") == "1":
+        choice = "1"
+    possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if choice in ("0", "false", "no"):
+        return False
+    if choice in ("1", "true", "yes"):
+        if not possible:
+            raise RuntimeError(
+                "KDFAST_WITH_CUDA=1 but a CUDA build is impossible: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}. "
+                "Install a CUDA build of torch and the CUDA toolkit (nvcc), or use KDFAST_WITH_CUDA=0."
+            )
+        return True
+    return possible
+
+
+def _version_macros(with_cuda: bool):
+    major, minor, patch = (int(p) for p in torch.__version__.split("+")[0].split(".")[:3])
+    macros = [
+        ("KDFAST_TORCH_VERSION_MAJOR", str(major)),
+        ("KDFAST_TORCH_VERSION_MINOR", str(minor)),
+        ("KDFAST_TORCH_VERSION_PATCH", str(patch)),
+    ]
+    if with_cuda:
+        cmaj, cmin = (int(p) for p in torch.version.cuda.split(".")[:2])
+        macros += [("KDFAST_CUDA_VERSION", str(cmaj * 1000 + cmin * 10)), ("WITH_CUDA", None)]
+    return macros
+
+
+def get_extensions():
+    with_cuda = _want_cuda()
+    debug = os.environ.get("KDFAST_DEBUG") == "1"
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++17", "-fdiagnostics-color=always", "-Wall", "-Wno-unknown-pragmas"]
+    extra = {"cxx": cxx}
+    ext_cls = cpp_extension.CppExtension
+    if with_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
+        extra["nvcc"] = (["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]) + [
+            "-std=c++17", "--expt-relaxed-constexpr", "--use_fast_math"]
+        ext_cls = cpp_extension.CUDAExtension
+    print(f"kdfast build: CUDA kernels {'ON' if with_cuda else 'OFF'} (torch {torch.__version__}, "
+          f"torch CUDA {torch.version.cuda}, CUDA_HOME {cpp_extension.CUDA_HOME}), {len(sources)} sources")
+    return [
+        ext_cls(
+            "kdfast._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc", "include")],
+            define_macros=_version_macros(with_cuda),
+            extra_compile_args=extra,
+        )
+    ]
+
+
+setup(
+    packages=find_packages(include=["kdfast", "kdfast.*"]),
+    ext_modules=get_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
