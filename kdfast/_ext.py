@@ -5,8 +5,6 @@
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 REBUILD_HINT = (
@@ -27,9 +25,7 @@ def is_loaded() -> bool:
     return _LOAD_ERROR is None
 
 
-@functools.lru_cache(maxsize=None)
-def build_info() -> dict | None:
-    """Versions baked into the binary at build time, or None if ``_C`` did not load."""
+def _read_build_info() -> dict | None:
     if not is_loaded():
         return None
     major, minor, patch, cuda = torch.ops.kdfast._build_info()
@@ -39,23 +35,34 @@ def build_info() -> dict | None:
     }
 
 
-@functools.lru_cache(maxsize=None)
+def _find_problem(load_error, built) -> str | None:
+    if load_error is not None:
+        return f"kdfast's compiled extension kdfast._C could not be loaded ({load_error!r})."
+    installed = torch.__version__.split("+")[0]
+    if built["torch"] != installed:
+        return f"kdfast._C was built against torch {built['torch']}, but torch {installed} is installed."
+    return None
+
+
+# Computed once at import; plain module constants, so torch.compile can trace require_ops().
+BUILD_INFO: dict | None = _read_build_info()
+PROBLEM: str | None = _find_problem(_LOAD_ERROR, BUILD_INFO)
+
+
+def build_info() -> dict | None:
+    """Versions baked into the binary at build time, or None if ``_C`` did not load."""
+    return BUILD_INFO
+
+
 def problem() -> str | None:
     """Why the ops cannot be used, or None when they can."""
-    if not is_loaded():
-        return f"kdfast's compiled extension kdfast._C could not be loaded ({_LOAD_ERROR!r})."
-    built = build_info()["torch"]
-    installed = torch.__version__.split("+")[0]
-    if built != installed:
-        return f"kdfast._C was built against torch {built}, but torch {installed} is installed."
-    return None
+    return PROBLEM
 
 
 def require_ops() -> None:
     """Raise a RuntimeError naming the problem and the rebuild command if the ops are unusable."""
-    why = problem()
-    if why is not None:
-        raise RuntimeError(f"{why} {REBUILD_HINT}")
+    if PROBLEM is not None:
+        raise RuntimeError(f"{PROBLEM} {REBUILD_HINT}")
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
