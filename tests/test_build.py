@@ -1,12 +1,17 @@
 """The extension is built, registered and reported correctly."""
+import glob
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import kdfast
 from kdfast import _ext, info
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_extension_loaded_and_matches_torch():
@@ -37,3 +42,36 @@ def test_info_command():
     for op in info.OPS:
         assert op in out
     assert "CPU" in out
+
+
+def test_cmake_library_registers_the_same_ops():
+    """The CMake build (libkdfast.so) loads into a fresh process without the Python package and
+    computes the same values; `make test` builds it and sets KDFAST_CMAKE_LIB."""
+    lib = os.environ.get("KDFAST_CMAKE_LIB")
+    if not lib:
+        pytest.skip("KDFAST_CMAKE_LIB not set (run through `make test`, which builds the CMake library)")
+    assert os.path.exists(lib), f"KDFAST_CMAKE_LIB={lib} does not exist"
+    code = (
+        "import sys, torch\n"
+        f"torch.ops.load_library({lib!r})\n"
+        "assert 'kdfast' not in sys.modules\n"
+        "a, b = torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 4, 5, 5, dtype=torch.float64)\n"
+        "g = torch.ops.kdfast.fsp_matrix(a, b)\n"
+        "torch.testing.assert_close(g, torch.bmm(a.flatten(2), b.flatten(2).transpose(1, 2)) / 25)\n"
+        "loss, _ = torch.ops.kdfast.nst_loss(a, a.clone(), 'poly_channel', 'sum', 1.0)\n"
+        "assert abs(loss.item()) < 1e-12\n"
+        "print(list(torch.ops.kdfast._build_info()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    major, minor, patch = (int(p) for p in torch.__version__.split("+")[0].split(".")[:3])
+    assert out.strip().startswith(f"[{major}, {minor}, {patch},")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch compiles the .cu files for real")
+def test_cuda_sources_compile_with_nvcc():
+    """CPU-only machines still type-check the CUDA kernels (compile only; running them needs a GPU)."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "check_cuda_compile.py")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(": ok") == len(glob.glob(os.path.join(ROOT, "csrc", "ops", "cuda", "*.cu"))) >= 3

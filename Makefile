@@ -1,0 +1,42 @@
+# The two commands of README.md; each does its own set-up on a fresh machine.
+#   make demo   build, then run the main job
+#   make test   build (Python extension and the CMake library), then run the test suite
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+CMAKE_BUILD_DIR ?= build-cmake
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
+
+.PHONY: demo test deps build cmake-build bench bench-quick clean
+
+# torch is installed only when missing, pinned to the version these machines carry (a bare
+# `pip install torch` would pull gigabytes of CUDA packages); a GPU box keeps its own CUDA torch.
+deps:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
+	@$(PYTHON) -c "import ninja, numpy, pytest, pytest_benchmark, matplotlib" 2>/dev/null || \
+		$(PYTHON) -m pip install setuptools wheel ninja numpy pytest pytest-benchmark matplotlib
+
+# Rebuilt only when a source changed (the stamp records the last successful build).
+.build-stamp: $(SOURCES) | deps
+	$(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	@touch $@
+
+build: .build-stamp
+
+$(CMAKE_BUILD_DIR)/libkdfast.so: $(SOURCES) CMakeLists.txt | deps
+	cmake -S . -B $(CMAKE_BUILD_DIR) -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CMAKE_BUILD_DIR) -j $$(nproc)
+
+cmake-build: $(CMAKE_BUILD_DIR)/libkdfast.so
+
+demo: build
+	$(PYTHON) -m kdfast info
+	KDFAST_BENCH_QUICK=1 $(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_losses.py -q
+
+test: build cmake-build
+	KDFAST_CMAKE_LIB=$(CMAKE_BUILD_DIR)/libkdfast.so $(PYTHON) -m pytest tests -q
+
+bench: build
+	$(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_losses.py
+
+clean:
+	rm -rf build $(CMAKE_BUILD_DIR) kdfast/_C*.so .build-stamp *.egg-info

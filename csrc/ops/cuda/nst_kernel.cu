@@ -1,0 +1,28 @@
+// NST ops on CUDA: the shared driver (../nst_impl.h) over the CUDA primitives, on the inputs' device.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../nst_impl.h"
+
+namespace {
+using kdfast::CudaPrimitives;
+
+std::tuple<at::Tensor, at::Tensor> nst_loss_cuda(const at::Tensor& fs, const at::Tensor& ft, c10::string_view kernel,
+                                                 c10::string_view reduction, double sigma) {
+  const c10::cuda::CUDAGuard guard(fs.device());
+  return kdfast::nst_loss_impl<CudaPrimitives>(fs, ft, kernel, reduction, sigma);
+}
+
+std::tuple<at::Tensor, at::Tensor> nst_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& fs,
+                                                          const at::Tensor& ft, const at::Tensor& aux,
+                                                          c10::string_view kernel, c10::string_view reduction,
+                                                          double sigma, std::array<bool, 2> mask) {
+  const c10::cuda::CUDAGuard guard(fs.device());
+  return kdfast::nst_loss_backward_impl<CudaPrimitives>(grad_loss, fs, ft, aux, kernel, reduction, sigma, mask);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
+  m.impl("nst_loss", &nst_loss_cuda);
+  m.impl("_nst_loss_backward", &nst_loss_backward_cuda);
+}
