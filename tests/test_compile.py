@@ -45,3 +45,21 @@ def test_compile_reports_bad_input_clearly():
     compiled = torch.compile(lambda a, b: ops.nst_loss(a, b), fullgraph=True, backend="aot_eager")
     with pytest.raises(Exception, match="batch size mismatch"):
         compiled(torch.randn(2, 3, 4, 4), torch.randn(3, 3, 4, 4))
+
+
+@pytest.mark.needs_cuda
+def test_reduce_overhead_cuda_graphs_match_eager():
+    """Kernels launch on the current stream: CUDA-graph capture (mode="reduce-overhead") must agree
+    with eager (extension-cpp PR #118 regression)."""
+    torch._dynamo.reset()
+    fs = torch.randn(8, 32, 16, 16, device="cuda")
+    ft = torch.randn(8, 64, 16, 16, device="cuda")
+
+    def losses(a, b):
+        return ops.nst_loss(a, b, "poly") + ops.fsp_loss(a, a, b[:, :32], b[:, :32])
+
+    compiled = torch.compile(losses, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            out = compiled(fs, ft)
+        torch.testing.assert_close(out, losses(fs, ft), rtol=1e-4, atol=1e-6)

@@ -111,14 +111,15 @@ def test_forward_keeps_one_gram():
     assert sum(t.numel() for t in extra) == 4 * 16 * 24
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_error_within_twice_pytorch(dtype):
-    maps64 = [torch.randn(4, c, 6, 6, dtype=torch.float64) for c in (12, 20, 12, 20)]
+def test_low_precision_error_within_twice_pytorch(device, dtype):
+    maps64 = [torch.randn(4, c, 6, 6, dtype=torch.float64, device=device) for c in (12, 20, 12, 20)]
     maps = [m.to(dtype) for m in maps64]
     maps[0].requires_grad_()
     exact_in = [m.double() for m in maps]
     exact_in[0].requires_grad_()
-    one = torch.tensor(1.0)
+    one = torch.tensor(1.0, device=device)
     exact, (exact_grad,) = grads(reference.fsp_loss, exact_in, one.double())
     low, (low_grad,) = grads(reference.fsp_loss, maps, one.to(dtype))
     out, (out_grad,) = grads(ops.fsp_loss, maps, one.to(dtype))

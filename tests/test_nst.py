@@ -124,18 +124,20 @@ def test_poly_equals_repdistiller(dtype, tol):
     torch.testing.assert_close(ops.nst_loss(fs, ft, "poly"), baselines.nst_poly_loss_bmm(fs, ft), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kernel", ["linear", "poly", "gaussian"])
-def test_low_precision_error_within_twice_pytorch(dtype, kernel):
+def test_low_precision_error_within_twice_pytorch(device, dtype, kernel):
     """flash-attention's rule: kdfast's error against the float64 oracle is at most 2x the error of
     the same reference computed by PyTorch in the low-precision dtype."""
-    fs64 = torch.randn(4, 24, 6, 6, dtype=torch.float64)
-    ft64 = torch.randn(4, 40, 6, 6, dtype=torch.float64)
+    fs64 = torch.randn(4, 24, 6, 6, dtype=torch.float64, device=device)
+    ft64 = torch.randn(4, 40, 6, 6, dtype=torch.float64, device=device)
     fs, ft = fs64.to(dtype).requires_grad_(), ft64.to(dtype)
     exact_in = (fs.detach().double().requires_grad_(), ft.double())
-    exact, (exact_grad,) = grads(lambda a, b: reference.nst_loss(a, b, kernel), exact_in, torch.tensor(1.0, dtype=torch.float64))
-    low, (low_grad,) = grads(lambda a, b: reference.nst_loss(a, b, kernel), (fs, ft), torch.tensor(1.0, dtype=dtype))
-    out, (out_grad,) = grads(lambda a, b: ops.nst_loss(a, b, kernel), (fs, ft), torch.tensor(1.0, dtype=dtype))
+    one = torch.tensor(1.0, device=device)
+    exact, (exact_grad,) = grads(lambda a, b: reference.nst_loss(a, b, kernel), exact_in, one.double())
+    low, (low_grad,) = grads(lambda a, b: reference.nst_loss(a, b, kernel), (fs, ft), one.to(dtype))
+    out, (out_grad,) = grads(lambda a, b: ops.nst_loss(a, b, kernel), (fs, ft), one.to(dtype))
     assert out.dtype == dtype and out_grad.dtype == dtype
     assert (out.double() - exact).abs() <= 2 * (low.double() - exact).abs() + 1e-3 * exact.abs()
     assert (out_grad.double() - exact_grad).abs().max() <= 2 * (low_grad.double() - exact_grad).abs().max()

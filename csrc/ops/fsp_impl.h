@@ -31,30 +31,27 @@ at::Tensor fsp_matrix_impl(const at::Tensor& a, const at::Tensor& b) {
   const auto acc = accumulate_type(a.scalar_type());
   const auto gd = P::gemm_dtype(a.scalar_type());
   auto gram = at::empty({a.size(0), a.size(1), b.size(1)}, a.options().dtype(acc));
-  P::bmm_out(gram, rows_of(a).to(gd), rows_of(b).to(gd).transpose(1, 2), 1.0 / spatial_size(a));
-  return gram.to(a.scalar_type());
+  P::bmm_out(gram, rows_of(a).to(gd), rows_of(b).to(gd).transpose(1, 2));
+  return gram.mul_(1.0 / spatial_size(a)).to(a.scalar_type());
+}
+
+// Gradient of a feature map x that entered a Gram as rows(x): lhs @ rows(other), shaped like x;
+// an empty tensor when not needed. Scale factors are already in lhs (Gram-sized, smaller than x).
+template <class P>
+at::Tensor gram_input_grad(bool needed, const at::Tensor& x, const at::Tensor& lhs, const at::Tensor& other) {
+  if (!needed) return unused_grad(x);
+  const auto acc = accumulate_type(x.scalar_type());
+  auto out = at::empty({x.size(0), x.size(1), x.size(2) * x.size(3)}, x.options().dtype(acc));
+  P::bmm_out(out, lhs, rows_of(other).to(lhs.scalar_type()));
+  return out.view(x.sizes()).to(x.scalar_type());
 }
 
 // dL/da = grad @ b / HW, dL/db = grad^T @ a / HW.
 template <class P>
 std::tuple<at::Tensor, at::Tensor> fsp_matrix_backward_impl(const at::Tensor& grad, const at::Tensor& a,
                                                             const at::Tensor& b, std::array<bool, 2> output_mask) {
-  const auto acc = accumulate_type(a.scalar_type());
-  const auto gd = P::gemm_dtype(a.scalar_type());
-  const double inv_hw = 1.0 / spatial_size(a);
-  const auto g = grad.to(gd);
-  auto grad_a = unused_grad(a), grad_b = unused_grad(b);
-  if (output_mask[0]) {
-    auto out = at::empty({a.size(0), a.size(1), a.size(2) * a.size(3)}, a.options().dtype(acc));
-    P::bmm_out(out, g, rows_of(b).to(gd), inv_hw);
-    grad_a = out.view(a.sizes()).to(a.scalar_type());
-  }
-  if (output_mask[1]) {
-    auto out = at::empty({b.size(0), b.size(1), b.size(2) * b.size(3)}, b.options().dtype(acc));
-    P::bmm_out(out, g.transpose(1, 2), rows_of(a).to(gd), inv_hw);
-    grad_b = out.view(b.sizes()).to(b.scalar_type());
-  }
-  return {grad_a, grad_b};
+  const auto g = grad.mul(1.0 / spatial_size(a)).to(P::gemm_dtype(a.scalar_type()));
+  return {gram_input_grad<P>(output_mask[0], a, g, b), gram_input_grad<P>(output_mask[1], b, g.transpose(1, 2), a)};
 }
 
 inline void check_fsp_loss_args(const at::Tensor& s_a, const at::Tensor& s_b, const at::Tensor& t_a,
@@ -77,8 +74,9 @@ std::tuple<at::Tensor, at::Tensor> fsp_loss_impl(const at::Tensor& s_a, const at
   const auto gd = P::gemm_dtype(s_a.scalar_type());
   const int64_t batch = s_a.size(0);
   auto diff = at::empty({batch, s_a.size(1), s_b.size(1)}, s_a.options().dtype(acc));
-  P::bmm_out(diff, rows_of(s_a).to(gd), rows_of(s_b).to(gd).transpose(1, 2), 1.0 / spatial_size(s_a));
-  P::baddbmm_(diff, rows_of(t_a).to(gd), rows_of(t_b).to(gd).transpose(1, 2), -1.0 / spatial_size(t_a));
+  P::bmm_out(diff, rows_of(s_a).to(gd), rows_of(s_b).to(gd).transpose(1, 2));
+  P::baddbmm_(diff, rows_of(t_a).to(gd), rows_of(t_b).to(gd).transpose(1, 2), 1.0 / spatial_size(s_a),
+              -1.0 / spatial_size(t_a));
   auto per_sample = at::zeros({batch}, s_a.options().dtype(acc));
   P::add_sum_of_squares(diff.view({batch, -1}), 1.0, per_sample);
   return {reduce_per_sample(per_sample, red, s_a.scalar_type()), diff};
@@ -94,23 +92,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fsp_loss_backward_imp
   const auto acc = accumulate_type(s_a.scalar_type());
   const auto gd = P::gemm_dtype(s_a.scalar_type());
   const int64_t batch = s_a.size(0);
-  const auto coeff = per_sample_grad(grad_loss, red, batch, acc);
-  const auto scaled_diff = (diff * coeff.view({batch, 1, 1})).to(gd);
-
-  // grad of x = alpha * lhs @ rows(other), shaped like x.
-  auto gram_grad = [&](bool needed, const at::Tensor& x, const at::Tensor& lhs, const at::Tensor& other,
-                       double alpha) {
-    if (!needed) return unused_grad(x);
-    auto out = at::empty({x.size(0), x.size(1), x.size(2) * x.size(3)}, x.options().dtype(acc));
-    P::bmm_out(out, lhs, rows_of(other).to(gd), alpha);
-    return out.view(x.sizes()).to(x.scalar_type());
-  };
-  const double s_scale = 2.0 / spatial_size(s_a), t_scale = -2.0 / spatial_size(t_a);
-  const auto diff_t = scaled_diff.transpose(1, 2);
-  return {gram_grad(output_mask[0], s_a, scaled_diff, s_b, s_scale),
-          gram_grad(output_mask[1], s_b, diff_t, s_a, s_scale),
-          gram_grad(output_mask[2], t_a, scaled_diff, t_b, t_scale),
-          gram_grad(output_mask[3], t_b, diff_t, t_a, t_scale)};
+  const auto coeff = per_sample_grad(grad_loss, red, batch, acc).view({batch, 1, 1});
+  // dL/dG_s = 2 c D, scaled by the student's 1/HW_s; the teacher's likewise with -1/HW_t.
+  at::Tensor s_lhs, t_lhs;
+  if (output_mask[0] || output_mask[1]) s_lhs = (diff * (coeff * (2.0 / spatial_size(s_a)))).to(gd);
+  if (output_mask[2] || output_mask[3]) t_lhs = (diff * (coeff * (-2.0 / spatial_size(t_a)))).to(gd);
+  auto transposed = [](const at::Tensor& x) { return x.defined() ? x.transpose(1, 2) : x; };
+  return {gram_input_grad<P>(output_mask[0], s_a, s_lhs, s_b),
+          gram_input_grad<P>(output_mask[1], s_b, transposed(s_lhs), s_a),
+          gram_input_grad<P>(output_mask[2], t_a, t_lhs, t_b),
+          gram_input_grad<P>(output_mask[3], t_b, transposed(t_lhs), t_a)};
 }
 
 }  // namespace kdfast

@@ -106,7 +106,7 @@ void for_each_gaussian_tile(const NormalizedRows& rows, double sigma, std::array
         const int64_t row0 = part_begin[part] + r0;
         auto weights = weights_buf.narrow(0, 0, nb * tr * channels).view({nb, tr, channels});
         auto sums = sums_buf.narrow(0, 0, nb * tr).view({nb, tr});
-        P::bmm_out(weights, x_chunk.narrow(1, row0, tr), x_chunk.transpose(1, 2), 1.0);
+        P::bmm_out(weights, x_chunk.narrow(1, row0, tr), x_chunk.transpose(1, 2));
         const auto sq_rows = sq_cols.narrow(1, row0, tr).contiguous();
         P::gaussian_rows_(weights, sq_rows, sq_cols, col_weights, inv_two_sigma_sq, sums);
         visit(part, n0, nb, r0, tr, weights, sums);
@@ -142,9 +142,9 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_impl(const at::Tensor& fs, const at:
       auto k_ss = aux.narrow(0, 0, batch * cs * cs).view({batch, cs, cs});
       auto k_st = aux.narrow(0, batch * cs * cs, batch * cs * ct).view({batch, cs, ct});
       auto k_tt = aux.narrow(0, batch * cs * (cs + ct), batch * ct * ct).view({batch, ct, ct});
-      P::bmm_out(k_ss, xs, xs.transpose(1, 2), 1.0);
-      P::bmm_out(k_st, xs, xt.transpose(1, 2), 1.0);
-      P::bmm_out(k_tt, xt, xt.transpose(1, 2), 1.0);
+      P::bmm_out(k_ss, xs, xs.transpose(1, 2));
+      P::bmm_out(k_st, xs, xt.transpose(1, 2));
+      P::bmm_out(k_tt, xt, xt.transpose(1, 2));
       P::add_sum_of_squares(k_ss.view({batch, -1}), ws * ws, per_sample);
       P::add_sum_of_squares(k_st.view({batch, -1}), 2.0 * ws * wt, per_sample);
       P::add_sum_of_squares(k_tt.view({batch, -1}), wt * wt, per_sample);
@@ -152,8 +152,8 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_impl(const at::Tensor& fs, const at:
     }
     case NstKernel::PolySpatial: {
       aux = at::empty({batch, hw, hw}, per_sample.options());
-      P::bmm_out(aux, xs.transpose(1, 2), xs, ws);
-      P::baddbmm_(aux, xt.transpose(1, 2), xt, wt);
+      P::bmm_out(aux, xs.transpose(1, 2), xs);
+      P::baddbmm_(aux, xt.transpose(1, 2), xt, /*beta=*/ws, /*alpha=*/wt);
       P::add_sum_of_squares(aux.view({batch, -1}), 1.0, per_sample);
       break;
     }
@@ -204,8 +204,8 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_backward_impl(const at::Tensor& grad
       for (int part = 0; part < 2; ++part) {
         if (!output_mask[part]) continue;
         g[part] = at::empty({batch, x[part].size(1), hw}, fs.options().dtype(acc));
-        P::bmm_out(g[part], k_self[part], x[part], w[part]);
-        P::baddbmm_(g[part], k_cross[part], x[1 - part], w[1 - part]);
+        P::bmm_out(g[part], k_self[part], x[part]);
+        P::baddbmm_(g[part], k_cross[part], x[1 - part], /*beta=*/w[part], /*alpha=*/w[1 - part]);
       }
       break;
     }
@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_backward_impl(const at::Tensor& grad
       for (int part = 0; part < 2; ++part) {
         if (!output_mask[part]) continue;
         g[part] = at::empty({batch, x[part].size(1), hw}, fs.options().dtype(acc));
-        P::bmm_out(g[part], x[part], m, 1.0);
+        P::bmm_out(g[part], x[part], m);
       }
       break;
     }
@@ -229,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_backward_impl(const at::Tensor& grad
                                     const at::Tensor& weights, const at::Tensor& sums) {
                                   auto g_tile = g[part].narrow(0, n0, nb).narrow(1, r0, tr);
                                   const auto x_tile = x[part].narrow(0, n0, nb).narrow(1, r0, tr);
-                                  P::bmm_out(g_tile, weights.to(gd), x_all.narrow(0, n0, nb), 1.0);
+                                  P::bmm_out(g_tile, weights.to(gd), x_all.narrow(0, n0, nb));
                                   g_tile.addcmul_(x_tile, sums.unsqueeze(2), -1.0);
                                 });
       break;

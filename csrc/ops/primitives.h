@@ -12,11 +12,12 @@ namespace kdfast {
     /* dtype of the Gram GEMMs' operands: CPU upcasts half types to float32; CUDA keeps them so */     \
     /* the GEMM runs on tensor cores (it still accumulates and writes float32, see bmm_out). */         \
     static at::ScalarType gemm_dtype(at::ScalarType input_dtype);                                      \
-    /* out = alpha * a @ b (batched); out is preallocated in the accumulate dtype, a and b in */        \
-    /* gemm_dtype. */                                                                                   \
-    static void bmm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha);       \
-    /* out += alpha * a @ b (batched), in place. */                                                     \
-    static void baddbmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha);      \
+    /* out = a @ b (batched); out is preallocated in the accumulate dtype, a and b in gemm_dtype. */   \
+    /* No alpha on purpose: scale factors are folded into the smaller operands by the callers. */       \
+    static void bmm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);                     \
+    /* out = beta * out + alpha * a @ b (batched), in place. */                                         \
+    static void baddbmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta,        \
+                         double alpha);                                                                 \
     /* acc[n] += scale * sum(x[n] ** 2); x is (B, N) contiguous, acc (B,). */                           \
     static void add_sum_of_squares(const at::Tensor& x, double scale, at::Tensor& acc);                 \
     /* In place on dots (nb, R, C) = x_hat_rows . x_hat_cols: dots <- col_weight * gaussian kernel,  */ \

@@ -20,13 +20,13 @@ at::ScalarType CpuPrimitives::gemm_dtype(at::ScalarType input_dtype) {
   return accumulate_type(input_dtype);
 }
 
-void CpuPrimitives::bmm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
-  // beta = 0: `out` is not read, so whatever it held cannot leak in.
-  at::baddbmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
+void CpuPrimitives::bmm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  // Not baddbmm(beta=0): that zero-fills `out` first, a wasted pass over the result.
+  at::bmm_out(out, a, b);
 }
 
-void CpuPrimitives::baddbmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
-  out.baddbmm_(a, b, /*beta=*/1, /*alpha=*/alpha);
+void CpuPrimitives::baddbmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
+  out.baddbmm_(a, b, beta, alpha);
 }
 
 void CpuPrimitives::add_sum_of_squares(const at::Tensor& x, double scale, at::Tensor& acc) {

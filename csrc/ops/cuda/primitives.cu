@@ -18,19 +18,19 @@ at::ScalarType CudaPrimitives::gemm_dtype(at::ScalarType input_dtype) {
   return input_dtype;  // float16/bfloat16 stay half: tensor-core GEMMs that write float32
 }
 
-void CudaPrimitives::bmm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+void CudaPrimitives::bmm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == out.scalar_type()) {
-    at::baddbmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
+    at::bmm_out(out, a, b);
   } else {
-    at::baddbmm_out(out, out, a, b, out.scalar_type(), /*beta=*/0, /*alpha=*/alpha);
+    at::bmm_out(out, a, b, out.scalar_type());  // half operands, float32 result (cuBLAS GemmEx)
   }
 }
 
-void CudaPrimitives::baddbmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+void CudaPrimitives::baddbmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
   if (a.scalar_type() == out.scalar_type()) {
-    out.baddbmm_(a, b, /*beta=*/1, /*alpha=*/alpha);
+    out.baddbmm_(a, b, beta, alpha);
   } else {
-    at::baddbmm_out(out, out, a, b, out.scalar_type(), /*beta=*/1, /*alpha=*/alpha);
+    at::baddbmm_out(out, out, a, b, out.scalar_type(), beta, alpha);
   }
 }
 
