@@ -28,15 +28,26 @@ $(CMAKE_BUILD_DIR)/libkdfast.so: $(SOURCES) CMakeLists.txt | deps
 
 cmake-build: $(CMAKE_BUILD_DIR)/libkdfast.so
 
+# Until the end-to-end distillation demo exists, the main job is: what was built, then the loss
+# benchmark on the quick CPU shapes, reported to demo-output/ (markdown table + PNG plot).
+DEMO_OUT ?= demo-output
 demo: build
 	$(PYTHON) -m kdfast info
-	KDFAST_BENCH_QUICK=1 $(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_losses.py -q
+	@mkdir -p $(DEMO_OUT)
+	KDFAST_BENCH_QUICK=1 $(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_losses.py -q \
+		--benchmark-json=$(DEMO_OUT)/bench.json --kdfast-oom=$(DEMO_OUT)/oom.json
+	$(PYTHON) benchmarks/report.py $(DEMO_OUT)/bench.json --oom $(DEMO_OUT)/oom.json --out $(DEMO_OUT)/losses-quick --no-json
+	@echo "demo report: $(DEMO_OUT)/losses-quick.md, $(DEMO_OUT)/losses-quick.png"
 
 test: build cmake-build
 	KDFAST_CMAKE_LIB=$(CMAKE_BUILD_DIR)/libkdfast.so $(PYTHON) -m pytest tests -q
 
+# Full loss benchmark (about 20 min on 2 CPU cores); commit the report under benchmarks/results/.
+BENCH_NAME ?= cpu
 bench: build
-	$(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_losses.py
+	$(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_losses.py \
+		--benchmark-json=build/bench.json --kdfast-oom=build/bench-oom.json
+	$(PYTHON) benchmarks/report.py build/bench.json --oom build/bench-oom.json --out benchmarks/results/$(BENCH_NAME)
 
 clean:
-	rm -rf build $(CMAKE_BUILD_DIR) kdfast/_C*.so .build-stamp *.egg-info
+	rm -rf build $(CMAKE_BUILD_DIR) $(DEMO_OUT) kdfast/_C*.so .build-stamp *.egg-info
