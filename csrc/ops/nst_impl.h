@@ -49,25 +49,26 @@ inline void check_nst_args(const at::Tensor& fs, const at::Tensor& ft, double si
 // norms (B, Cs + Ct) in the accumulate dtype.
 struct NormalizedRows {
   at::Tensor x_hat, norms;
-  int64_t cs, ct;
+  int64_t cs = 0, ct = 0;
   at::Tensor student() const { return x_hat.narrow(1, 0, cs); }
   at::Tensor teacher() const { return x_hat.narrow(1, cs, ct); }
 };
 
+// Row norms (B, Cs + Ct) of both maps in the accumulate dtype.
+inline at::Tensor row_norms(const at::Tensor& fs, const at::Tensor& ft, at::ScalarType acc) {
+  return at::cat({at::linalg_vector_norm(rows_of(fs), 2, {2}, false, acc),
+                  at::linalg_vector_norm(rows_of(ft), 2, {2}, false, acc)},
+                 1);
+}
+
 inline NormalizedRows normalize_rows(const at::Tensor& fs, const at::Tensor& ft, at::ScalarType gemm_dtype,
                                      at::ScalarType acc) {
   const int64_t batch = fs.size(0), cs = fs.size(1), ct = ft.size(1), hw = fs.size(2) * fs.size(3);
-  NormalizedRows r{at::empty({batch, cs + ct, hw}, fs.options().dtype(gemm_dtype)),
-                   at::empty({batch, cs + ct}, fs.options().dtype(acc)), cs, ct};
-  int64_t offset = 0;
-  for (const auto& f : {fs, ft}) {
-    const int64_t c = f.size(1);
-    auto norms = at::linalg_vector_norm(rows_of(f), 2, {2}, /*keepdim=*/false, acc);
-    r.norms.narrow(1, offset, c).copy_(norms);
-    auto x_hat = r.x_hat.narrow(1, offset, c);
-    at::mul_out(x_hat, rows_of(f), norms.clamp_min(kNormalizeEps).reciprocal_().unsqueeze(2));
-    offset += c;
-  }
+  NormalizedRows r{at::empty({batch, cs + ct, hw}, fs.options().dtype(gemm_dtype)), row_norms(fs, ft, acc), cs, ct};
+  const auto rnorm = r.norms.clamp_min(kNormalizeEps).reciprocal_().unsqueeze(2);
+  auto xs = r.student(), xt = r.teacher();
+  at::mul_out(xs, rows_of(fs), rnorm.narrow(1, 0, cs));
+  at::mul_out(xt, rows_of(ft), rnorm.narrow(1, cs, ct));
   return r;
 }
 
@@ -170,6 +171,9 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_impl(const at::Tensor& fs, const at:
   return {reduce_per_sample(per_sample, red, fs.scalar_type()), aux};
 }
 
+// The backward builds no normalised copy of the inputs for the linear and poly kernels: with
+// x_hat = diag(r) f, the channel form uses K diag(r) (Gram-sized) against the raw rows, and the
+// spatial form computes f M and hands r to normalize_rows_backward as a per-row factor.
 template <class P>
 std::tuple<at::Tensor, at::Tensor> nst_loss_backward_impl(const at::Tensor& grad_loss, const at::Tensor& fs,
                                                           const at::Tensor& ft, const at::Tensor& aux,
@@ -179,33 +183,53 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_backward_impl(const at::Tensor& grad
   const auto red = parse_reduction(reduction);
   const auto acc = accumulate_type(fs.scalar_type());
   const auto gd = P::gemm_dtype(fs.scalar_type());
-  const auto rows = normalize_rows(fs, ft, gd, acc);
-  const int64_t batch = fs.size(0), cs = rows.cs, ct = rows.ct, hw = rows.x_hat.size(2);
+  const int64_t batch = fs.size(0), cs = fs.size(1), ct = ft.size(1), hw = fs.size(2) * fs.size(3);
   const std::array<double, 2> w{1.0 / cs, -1.0 / ct};
-  const std::array<at::Tensor, 2> f{fs, ft}, x{rows.student(), rows.teacher()};
+  const std::array<at::Tensor, 2> f{fs, ft};
+  const std::array<int64_t, 2> offset{0, cs}, channels{cs, ct};
   const auto coeff = per_sample_grad(grad_loss, red, batch, acc);
 
-  // G (B, C_part, HW), the gradient w.r.t. x_hat before the factor `factor * w_part * coeff[n]`.
-  std::array<at::Tensor, 2> g;
+  // The gaussian kernel needs the normalised rows themselves; the others only their norms.
+  NormalizedRows rows;
+  at::Tensor norms;
+  if (kind == NstKernel::Gaussian) {
+    rows = normalize_rows(fs, ft, gd, acc);
+    norms = rows.norms;
+  } else {
+    norms = row_norms(fs, ft, acc);
+  }
+  const auto rnorm = norms.clamp_min(kNormalizeEps).reciprocal();
+  std::array<at::Tensor, 2> r, raw;
+  for (int part = 0; part < 2; ++part) {
+    r[part] = rnorm.narrow(1, offset[part], channels[part]).contiguous();
+    raw[part] = rows_of(f[part]).to(gd);
+  }
+
+  // g[part] (B, C_part, HW): dL/dx_hat up to the factor `factor * w_part * coeff[n]` and the
+  // per-row factor row_scale[part] (undefined: 1).
+  std::array<at::Tensor, 2> g, row_scale;
   double factor = 0;
+  auto new_grad = [&](int part) { return at::empty({batch, channels[part], hw}, fs.options().dtype(acc)); };
   switch (kind) {
     case NstKernel::Linear: {
       factor = 2.0;
-      for (int part = 0; part < 2; ++part) g[part] = aux.unsqueeze(1).expand({batch, x[part].size(1), hw});
+      for (int part = 0; part < 2; ++part) g[part] = aux.unsqueeze(1).expand({batch, channels[part], hw});
       break;
     }
     case NstKernel::PolyChannel: {
       factor = 4.0;
-      const auto k_ss = aux.narrow(0, 0, batch * cs * cs).view({batch, cs, cs}).to(gd);
-      const auto k_st = aux.narrow(0, batch * cs * cs, batch * cs * ct).view({batch, cs, ct}).to(gd);
-      const auto k_tt = aux.narrow(0, batch * cs * (cs + ct), batch * ct * ct).view({batch, ct, ct}).to(gd);
-      // G_s = K_ss X_s w_s + K_st X_t w_t;  G_t = K_st^T X_s w_s + K_tt X_t w_t
+      const auto k_ss = aux.narrow(0, 0, batch * cs * cs).view({batch, cs, cs});
+      const auto k_st = aux.narrow(0, batch * cs * cs, batch * cs * ct).view({batch, cs, ct});
+      const auto k_tt = aux.narrow(0, batch * cs * (cs + ct), batch * ct * ct).view({batch, ct, ct});
+      // G_s = K_ss X_s w_s + K_st X_t w_t;  G_t = K_ts X_s w_s + K_tt X_t w_t;  K X = (K diag(r)) f
       const std::array<at::Tensor, 2> k_self{k_ss, k_tt}, k_cross{k_st, k_st.transpose(1, 2)};
       for (int part = 0; part < 2; ++part) {
         if (!output_mask[part]) continue;
-        g[part] = at::empty({batch, x[part].size(1), hw}, fs.options().dtype(acc));
-        P::bmm_out(g[part], k_self[part], x[part]);
-        P::baddbmm_(g[part], k_cross[part], x[1 - part], /*beta=*/w[part], /*alpha=*/w[1 - part]);
+        const int other = 1 - part;
+        g[part] = new_grad(part);
+        P::bmm_out(g[part], (k_self[part] * r[part].unsqueeze(1)).to(gd), raw[part]);
+        P::baddbmm_(g[part], (k_cross[part] * r[other].unsqueeze(1)).to(gd), raw[other], /*beta=*/w[part],
+                    /*alpha=*/w[other]);
       }
       break;
     }
@@ -214,15 +238,17 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_backward_impl(const at::Tensor& grad
       const auto m = aux.to(gd);
       for (int part = 0; part < 2; ++part) {
         if (!output_mask[part]) continue;
-        g[part] = at::empty({batch, x[part].size(1), hw}, fs.options().dtype(acc));
-        P::bmm_out(g[part], x[part], m);
+        g[part] = new_grad(part);
+        P::bmm_out(g[part], raw[part], m);  // X_hat M = diag(r) (f M)
+        row_scale[part] = r[part];
       }
       break;
     }
     case NstKernel::Gaussian: {
       factor = 2.0 / (sigma * sigma);
       for (int part = 0; part < 2; ++part)
-        if (output_mask[part]) g[part] = at::empty({batch, x[part].size(1), hw}, fs.options().dtype(acc));
+        if (output_mask[part]) g[part] = new_grad(part);
+      const std::array<at::Tensor, 2> x{rows.student(), rows.teacher()};
       const auto& x_all = rows.x_hat;
       for_each_gaussian_tile<P>(rows, sigma, output_mask,
                                 [&](int part, int64_t n0, int64_t nb, int64_t r0, int64_t tr,
@@ -240,8 +266,9 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_backward_impl(const at::Tensor& grad
     if (!output_mask[part]) continue;
     grads[part] = at::empty(f[part].sizes(), f[part].options());
     const auto scale = (coeff * (factor * w[part])).contiguous();
-    P::normalize_rows_backward(g[part], f[part], rows.norms.narrow(1, part == 0 ? 0 : cs, x[part].size(1)).contiguous(),
-                               scale, kNormalizeEps, grads[part]);
+    P::normalize_rows_backward(g[part], row_scale[part], f[part],
+                               norms.narrow(1, offset[part], channels[part]).contiguous(), scale, kNormalizeEps,
+                               grads[part]);
   }
   return {grads[0], grads[1]};
 }

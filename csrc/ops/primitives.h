@@ -25,10 +25,11 @@ namespace kdfast {
     static void gaussian_rows_(at::Tensor& dots, const at::Tensor& sqnorm_rows,                         \
                                const at::Tensor& sqnorm_cols, const at::Tensor& col_weights,            \
                                double inv_two_sigma_sq, at::Tensor& row_sums);                          \
-    /* grad_f (B, C, H, W) = scale[n] * d normalize(f) / df applied to grad_x_hat (B, C, HW). */       \
-    static void normalize_rows_backward(const at::Tensor& grad_x_hat, const at::Tensor& f,              \
-                                        const at::Tensor& norms, const at::Tensor& scale, double eps,   \
-                                        at::Tensor& grad_f);                                            \
+    /* grad_f (B, C, H, W) = scale[n] * d normalize(f) / df applied to row_scale[n, c] * grad (B, C, HW); */ \
+    /* row_scale may be undefined (all ones). */                                                        \
+    static void normalize_rows_backward(const at::Tensor& grad, const at::Tensor& row_scale,            \
+                                        const at::Tensor& f, const at::Tensor& norms,                   \
+                                        const at::Tensor& scale, double eps, at::Tensor& grad_f);       \
   };
 
 KDFAST_DECLARE_PRIMITIVES(CpuPrimitives)

@@ -86,42 +86,64 @@ void CpuPrimitives::gaussian_rows_(at::Tensor& dots, const at::Tensor& sqnorm_ro
   });
 }
 
-void CpuPrimitives::normalize_rows_backward(const at::Tensor& grad_x_hat, const at::Tensor& f,
-                                            const at::Tensor& norms, const at::Tensor& scale, double eps,
-                                            at::Tensor& grad_f) {
-  // Any strides for grad_x_hat (the linear kernel passes a broadcast view) and f (channels_last,
-  // slices); norms, scale and grad_f are contiguous.
-  const auto g3 = grad_x_hat;
+void CpuPrimitives::normalize_rows_backward(const at::Tensor& grad, const at::Tensor& row_scale,
+                                            const at::Tensor& f, const at::Tensor& norms, const at::Tensor& scale,
+                                            double eps, at::Tensor& grad_f) {
+  // Any strides for grad (the linear kernel passes a broadcast view) and f (channels_last, slices);
+  // row_scale, norms, scale and grad_f are contiguous.
+  const auto& g3 = grad;
   const auto f3 = f.flatten(2);
   TORCH_INTERNAL_ASSERT(norms.is_contiguous() && scale.is_contiguous() && grad_f.is_contiguous());
+  TORCH_INTERNAL_ASSERT(!row_scale.defined() || row_scale.is_contiguous());
   const int64_t batch = f3.size(0), channels = f3.size(1), hw = f3.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "kdfast_normalize_rows_backward", [&] {
     using in_t = scalar_t;
-    // grad_x_hat, norms and scale are in the accumulate dtype: double for double inputs, else float.
+    // grad, row_scale, norms and scale are in the accumulate dtype: double for double inputs, else float.
     using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
     TORCH_INTERNAL_ASSERT(g3.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
     const in_t* fp = f3.const_data_ptr<in_t>();
     const acc_t* gp = g3.const_data_ptr<acc_t>();
+    const acc_t* rsp = row_scale.defined() ? row_scale.const_data_ptr<acc_t>() : nullptr;
     const acc_t* np = norms.const_data_ptr<acc_t>();
     const acc_t* sp = scale.const_data_ptr<acc_t>();
     in_t* out = grad_f.data_ptr<in_t>();
     const int64_t fsb = f3.stride(0), fsc = f3.stride(1), fsh = f3.stride(2);
     const int64_t gsb = g3.stride(0), gsc = g3.stride(1), gsh = g3.stride(2);
+    // Rows contiguous in both and no dtype conversion: SIMD loops.
+    const bool vectorised = std::is_same_v<in_t, acc_t> && fsh == 1 && gsh == 1;
     const auto e = static_cast<acc_t>(eps);
     at::parallel_for(0, batch * channels, 8, [&](int64_t begin, int64_t end) {
+      using Vec = at::vec::Vectorized<acc_t>;
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / channels, c = row % channels;
         const in_t* fr = fp + n * fsb + c * fsc;
         const acc_t* gr = gp + n * gsb + c * gsc;
-        acc_t dot = 0;
-        for (int64_t s = 0; s < hw; ++s) dot += static_cast<acc_t>(fr[s * fsh]) * gr[s * gsh];
+        const acc_t factor = rsp ? rsp[row] : acc_t(1);
+        in_t* o = out + row * hw;
         const acc_t norm = np[row];
         const acc_t rnorm = math::inverse_clamped_norm<acc_t>(norm, e);
+        if constexpr (std::is_same_v<in_t, acc_t>) {
+          if (vectorised) {
+            // in_t == acc_t here; the casts only let this branch compile for the half types too.
+            const acc_t* fa = reinterpret_cast<const acc_t*>(fr);
+            acc_t* oa = reinterpret_cast<acc_t*>(o);
+            const acc_t dot = factor * at::vec::map2_reduce_all<acc_t>(
+                                           [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; },
+                                           fa, gr, hw);
+            const acc_t proj = math::projection_coefficient<acc_t>(dot, norm, rnorm, e);
+            // normalize_backward(factor * g, f) = (scale r factor) g - (scale r proj) f
+            const Vec cg(sp[n] * rnorm * factor), cf(sp[n] * rnorm * proj);
+            at::vec::map2<acc_t>([&](Vec g, Vec fv) { return cg * g - cf * fv; }, oa, gr, fa, hw);
+            continue;
+          }
+        }
+        acc_t dot = 0;
+        for (int64_t s = 0; s < hw; ++s) dot += static_cast<acc_t>(fr[s * fsh]) * gr[s * gsh];
+        dot *= factor;
         const acc_t proj = math::projection_coefficient<acc_t>(dot, norm, rnorm, e);
-        in_t* o = out + row * hw;
         for (int64_t s = 0; s < hw; ++s)
-          o[s] = static_cast<in_t>(
-              math::normalize_backward<acc_t>(gr[s * gsh], static_cast<acc_t>(fr[s * fsh]), rnorm, proj, sp[n]));
+          o[s] = static_cast<in_t>(math::normalize_backward<acc_t>(factor * gr[s * gsh],
+                                                                   static_cast<acc_t>(fr[s * fsh]), rnorm, proj, sp[n]));
       }
     });
   });

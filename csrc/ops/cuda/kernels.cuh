@@ -70,9 +70,11 @@ struct RowStrides {
   int64_t batch, channel, position;
 };
 
-// One block per (n, c) row: grad_f = scale[n] * d normalize(f) / df applied to g (see kdfast/math.h).
+// One block per (n, c) row: grad_f = scale[n] * d normalize(f) / df applied to row_scale[row] * g
+// (row_scale may be null: all ones; see kdfast/math.h).
 template <typename in_t, typename acc_t>
-__global__ void normalize_rows_backward_kernel(const acc_t* __restrict__ g, RowStrides gs, const in_t* __restrict__ f,
+__global__ void normalize_rows_backward_kernel(const acc_t* __restrict__ g, RowStrides gs,
+                                               const acc_t* __restrict__ row_scale, const in_t* __restrict__ f,
                                                RowStrides fs, const acc_t* __restrict__ norms,
                                                const acc_t* __restrict__ scale, int64_t channels, int64_t hw,
                                                acc_t eps, in_t* __restrict__ out) {
@@ -83,14 +85,16 @@ __global__ void normalize_rows_backward_kernel(const acc_t* __restrict__ g, RowS
   acc_t dot = 0;
   for (int64_t s = threadIdx.x; s < hw; s += blockDim.x)
     dot += static_cast<acc_t>(fr[s * fs.position]) * gr[s * gs.position];
-  dot = block_sum(dot, shared);
+  const acc_t factor = row_scale != nullptr ? row_scale[row] : acc_t(1);
+  dot = factor * block_sum(dot, shared);
   const acc_t norm = norms[row];
   const acc_t rnorm = math::inverse_clamped_norm<acc_t>(norm, eps);
   const acc_t proj = math::projection_coefficient<acc_t>(dot, norm, rnorm, eps);
   in_t* o = out + row * hw;
   for (int64_t s = threadIdx.x; s < hw; s += blockDim.x)
     o[s] = static_cast<in_t>(
-        math::normalize_backward<acc_t>(gr[s * gs.position], static_cast<acc_t>(fr[s * fs.position]), rnorm, proj, scale[n]));
+        math::normalize_backward<acc_t>(factor * gr[s * gs.position], static_cast<acc_t>(fr[s * fs.position]), rnorm,
+                                        proj, scale[n]));
 }
 
 }  // namespace cuda

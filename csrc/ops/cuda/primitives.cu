@@ -63,11 +63,12 @@ void CudaPrimitives::gaussian_rows_(at::Tensor& dots, const at::Tensor& sqnorm_r
   });
 }
 
-void CudaPrimitives::normalize_rows_backward(const at::Tensor& grad_x_hat, const at::Tensor& f,
-                                             const at::Tensor& norms, const at::Tensor& scale, double eps,
-                                             at::Tensor& grad_f) {
+void CudaPrimitives::normalize_rows_backward(const at::Tensor& grad, const at::Tensor& row_scale,
+                                             const at::Tensor& f, const at::Tensor& norms, const at::Tensor& scale,
+                                             double eps, at::Tensor& grad_f) {
   const auto f3 = f.flatten(2);
-  const auto& g3 = grad_x_hat;
+  const auto& g3 = grad;
+  TORCH_INTERNAL_ASSERT(!row_scale.defined() || row_scale.is_contiguous());
   TORCH_INTERNAL_ASSERT(norms.is_contiguous() && scale.is_contiguous() && grad_f.is_contiguous());
   const int64_t batch = f3.size(0), channels = f3.size(1), hw = f3.size(2);
   const cuda::RowStrides gs{g3.stride(0), g3.stride(1), g3.stride(2)}, fs{f3.stride(0), f3.stride(1), f3.stride(2)};
@@ -77,7 +78,8 @@ void CudaPrimitives::normalize_rows_backward(const at::Tensor& grad_x_hat, const
     TORCH_INTERNAL_ASSERT(g3.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
     cuda::normalize_rows_backward_kernel<in_t, acc_t>
         <<<batch * channels, cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            g3.const_data_ptr<acc_t>(), gs, f3.const_data_ptr<in_t>(), fs, norms.const_data_ptr<acc_t>(),
+            g3.const_data_ptr<acc_t>(), gs, row_scale.defined() ? row_scale.const_data_ptr<acc_t>() : nullptr,
+            f3.const_data_ptr<in_t>(), fs, norms.const_data_ptr<acc_t>(),
             scale.const_data_ptr<acc_t>(), channels, hw, static_cast<acc_t>(eps), grad_f.data_ptr<in_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
