@@ -61,3 +61,28 @@ def fsp_gram_shapes(s_a, s_b, t_a, t_b) -> None:
 def sigma(value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < float(value) < float("inf")):
         raise ValueError(f"sigma must be None or a positive finite number, got {value!r}")
+
+
+def fsp_pair(a, b, a_name: str = "a", b_name: str = "b") -> None:
+    """fsp_matrix's arguments (spatial sizes may differ: the Python API pools them)."""
+    feature_map(a_name, a)
+    feature_map(b_name, b)
+    compatible(a_name, a, b_name, b)
+
+
+def fsp_loss_args(s_a, s_b, t_a, t_b, reduction_value) -> None:
+    """fsp_loss's arguments (spatial sizes within a pair may differ: the Python API pools them)."""
+    for name, x in (("s_a", s_a), ("s_b", s_b), ("t_a", t_a), ("t_b", t_b)):
+        feature_map(name, x)
+    compatible("s_a", s_a, "s_b", s_b)
+    compatible("s_a", s_a, "t_a", t_a)
+    compatible("t_a", t_a, "t_b", t_b)
+    fsp_gram_shapes(s_a, s_b, t_a, t_b)
+    reduction(reduction_value)
+
+
+def nst_maps(fs, ft) -> None:
+    """nst_loss's feature maps (spatial sizes may differ: the Python API pools them)."""
+    feature_map("fs", fs)
+    feature_map("ft", ft)
+    compatible("fs", fs, "ft", ft)

@@ -35,9 +35,7 @@ def _no_double_backward(name):
 # ----------------------------------------------------------------------------------------- FSP
 @torch.library.register_fake("kdfast::fsp_matrix")
 def _fsp_matrix_fake(a, b):
-    _checks.feature_map("a", a)
-    _checks.feature_map("b", b)
-    _checks.compatible("a", a, "b", b)
+    _checks.fsp_pair(a, b)
     _checks.same_spatial("a", a, "b", b)
     return a.new_empty((a.shape[0], a.shape[1], b.shape[1]))
 
@@ -60,15 +58,9 @@ def _fsp_matrix_backward(ctx, grad):
 
 @torch.library.register_fake("kdfast::fsp_loss")
 def _fsp_loss_fake(s_a, s_b, t_a, t_b, reduction):
-    for name, x in (("s_a", s_a), ("s_b", s_b), ("t_a", t_a), ("t_b", t_b)):
-        _checks.feature_map(name, x)
-    _checks.compatible("s_a", s_a, "s_b", s_b)
-    _checks.compatible("t_a", t_a, "t_b", t_b)
-    _checks.compatible("s_a", s_a, "t_a", t_a)
+    _checks.fsp_loss_args(s_a, s_b, t_a, t_b, reduction)
     _checks.same_spatial("s_a", s_a, "s_b", s_b)
     _checks.same_spatial("t_a", t_a, "t_b", t_b)
-    _checks.fsp_gram_shapes(s_a, s_b, t_a, t_b)
-    _checks.reduction(reduction)
     batch = s_a.shape[0]
     loss = s_a.new_empty(_loss_shape(batch, reduction))
     diff = s_a.new_empty((batch, s_a.shape[1], s_b.shape[1]), dtype=_acc_dtype(s_a.dtype))
@@ -107,9 +99,7 @@ def _nst_aux_shape(kernel, batch, cs, ct, hw):
 
 @torch.library.register_fake("kdfast::nst_loss")
 def _nst_loss_fake(fs, ft, kernel, reduction, sigma):
-    _checks.feature_map("fs", fs)
-    _checks.feature_map("ft", ft)
-    _checks.compatible("fs", fs, "ft", ft)
+    _checks.nst_maps(fs, ft)
     _checks.same_spatial("fs", fs, "ft", ft)
     if kernel not in _NST_INTERNAL_KERNELS:
         raise ValueError(f"kernel must be one of {_NST_INTERNAL_KERNELS}, got {kernel!r}")

@@ -22,9 +22,7 @@ def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a: (B, Ca, H, W), b: (B, Cb, H', W') -> (B, Ca, Cb). Differentiable in both inputs.
     """
     _ext.require_ops()
-    _checks.feature_map("a", a)
-    _checks.feature_map("b", b)
-    _checks.compatible("a", a, "b", b)
+    _checks.fsp_pair(a, b)
     a, b = pool_to_common(a, b)
     return torch.ops.kdfast.fsp_matrix(a, b)
 
@@ -39,13 +37,7 @@ def fsp_loss(s_a, s_b, t_a, t_b, reduction: str = "mean") -> torch.Tensor:
     Note RepDistiller/AberHu average over B*Ca*Cb instead (a factor Ca*Cb smaller); divide by that to match.
     """
     _ext.require_ops()
-    for name, x in (("s_a", s_a), ("s_b", s_b), ("t_a", t_a), ("t_b", t_b)):
-        _checks.feature_map(name, x)
-    _checks.compatible("s_a", s_a, "s_b", s_b)
-    _checks.compatible("s_a", s_a, "t_a", t_a)
-    _checks.compatible("s_a", s_a, "t_b", t_b)
-    _checks.fsp_gram_shapes(s_a, s_b, t_a, t_b)
-    _checks.reduction(reduction)
+    _checks.fsp_loss_args(s_a, s_b, t_a, t_b, reduction)
     s_a, s_b = pool_to_common(s_a, s_b)
     t_a, t_b = pool_to_common(t_a, t_b)
     return torch.ops.kdfast.fsp_loss(s_a, s_b, t_a, t_b, reduction)[0]
@@ -71,9 +63,7 @@ def nst_loss(fs, ft, kernel: str = "poly", reduction: str = "mean", sigma: float
     to the smaller. Note the paper weights the loss by lambda/2 and the official code by lambda = 50.
     """
     _ext.require_ops()
-    _checks.feature_map("fs", fs)
-    _checks.feature_map("ft", ft)
-    _checks.compatible("fs", fs, "ft", ft)
+    _checks.nst_maps(fs, ft)
     if kernel not in NST_KERNELS:
         raise ValueError(f"kernel must be one of {NST_KERNELS}, got {kernel!r}")
     _checks.reduction(reduction)

@@ -198,11 +198,15 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_backward_impl(const at::Tensor& grad
   } else {
     norms = row_norms(fs, ft, acc);
   }
-  const auto rnorm = norms.clamp_min(kNormalizeEps).reciprocal();
+  // Only the poly forms use these: 1 / max(norm, eps) per row and the raw rows as GEMM operands
+  // (a copy for half inputs on CPU, so it is not made for the other kernels).
   std::array<at::Tensor, 2> r, raw;
-  for (int part = 0; part < 2; ++part) {
-    r[part] = rnorm.narrow(1, offset[part], channels[part]).contiguous();
-    raw[part] = rows_of(f[part]).to(gd);
+  if (kind == NstKernel::PolyChannel || kind == NstKernel::PolySpatial) {
+    const auto rnorm = norms.clamp_min(kNormalizeEps).reciprocal();
+    for (int part = 0; part < 2; ++part) {
+      r[part] = rnorm.narrow(1, offset[part], channels[part]).contiguous();
+      raw[part] = rows_of(f[part]).to(gd);
+    }
   }
 
   // g[part] (B, C_part, HW): dL/dx_hat up to the factor `factor * w_part * coeff[n]` and the
