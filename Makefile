@@ -12,8 +12,8 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -na
 # `pip install torch` would pull gigabytes of CUDA packages); a GPU box keeps its own CUDA torch.
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	@$(PYTHON) -c "import ninja, numpy, pytest, pytest_benchmark, matplotlib" 2>/dev/null || \
-		$(PYTHON) -m pip install setuptools wheel ninja numpy pytest pytest-benchmark matplotlib
+	@$(PYTHON) -c "import ninja, numpy, pytest, pytest_benchmark, matplotlib, tensorly, sklearn, tqdm, yaml" 2>/dev/null || \
+		$(PYTHON) -m pip install setuptools wheel ninja numpy pytest pytest-benchmark matplotlib tensorly scikit-learn tqdm PyYAML
 
 # Rebuilt only when a source changed (the stamp records the last successful build).
 .build-stamp: $(SOURCES) | deps

@@ -1,4 +1,6 @@
 """kdfast: fast knowledge distillation for CNNs (fused C++/CUDA kernels under a thin PyTorch API)."""
+import importlib
+
 import torch  # noqa: F401  (torch must be imported before kdfast._C)
 
 from . import _ext
@@ -11,4 +13,30 @@ if _ext.is_loaded():
 from . import ops, reference  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "__version__"]
+
+# Subpackages and top-level shortcuts are imported on first use, so `import kdfast` stays cheap
+# (no tensorly, scikit-learn or matplotlib import) and one broken optional part cannot break the rest.
+_SUBMODULES = {
+    "attacks", "data", "decomposition", "distill", "evbmf", "hooks", "kr", "losses", "models", "nn",
+    "robustness",
+}
+_SHORTCUTS = {
+    "decompose": ("kdfast.decomposition", "decompose"),
+    "robustness_report": ("kdfast.robustness", "robustness_report"),
+}
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _SHORTCUTS:
+        module, attr = _SHORTCUTS[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'kdfast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | _SUBMODULES | set(_SHORTCUTS))
+
+
+__all__ = ["ops", "reference", "__version__", *sorted(_SUBMODULES), *sorted(_SHORTCUTS)]
