@@ -57,7 +57,8 @@ def _grads(fn, inputs, kwargs, grad_out):
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_reference_float64(device, shape, bias, path):
     inputs, kwargs = _args(shape, device=device, bias=bias, requires_grad=True)
-    assert ops.tucker_conv2d_path(*inputs[:4], **kwargs) == path
+    if device == "cpu":  # CUDA runs float64 through the composition (its fused kernel is float32/16/bf16)
+        assert ops.tucker_conv2d_path(*inputs[:4], **kwargs) == path
     ref = reference.tucker_conv2d(*inputs, **kwargs)
     grad_out = torch.randn_like(ref)
     out, g = _grads(ops.tucker_conv2d, inputs, kwargs, grad_out)
@@ -106,12 +107,12 @@ def test_large_fused_tiles_match_reference(monkeypatch):
 
 
 def test_gradcheck(path):
-    inputs, kwargs = _args((2, 3, 5, 4, 2, 3, 2, (3, 3), 2, 1, 1), requires_grad=True)
+    inputs, kwargs = _args((2, 2, 4, 3, 2, 2, 2, (3, 3), 2, 1, 1), requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: ops.tucker_conv2d(*t, **kwargs), inputs)
 
 
 def test_gradcheck_partial_requires_grad():
-    inputs, kwargs = _args((1, 3, 5, 5, 2, 2, 3, (3, 3), 1, 1, 1))
+    inputs, kwargs = _args((1, 2, 4, 4, 2, 2, 2, (3, 3), 1, 1, 1))
     inputs[2].requires_grad_(True)  # core only
     assert torch.autograd.gradcheck(lambda *t: ops.tucker_conv2d(*t, **kwargs), inputs)
 
@@ -148,6 +149,40 @@ def test_double_backward_raises():
     (gx,) = torch.autograd.grad(out.sum(), inputs[0], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gx.sum().backward()
+
+
+def _cuda_fused_supported(shape):
+    kh, kw = shape[7]
+    stride = shape[8] if isinstance(shape[8], tuple) else (shape[8], shape[8])
+    return all(k in (1, 3, 5, 7) for k in (kh, kw)) and max(stride) <= 2
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_low_precision_matches_reference(shape, dtype, path):
+    """The CUDA fused kernel (float32 accumulate) and the composition against the float64 reference."""
+    inputs, kwargs = _args(shape, device="cuda")
+    expected_path = "fused" if path == "fused" and _cuda_fused_supported(shape) else "composed"
+    low = [t.to(dtype) for t in inputs]
+    assert ops.tucker_conv2d_path(*low[:4], **kwargs) == expected_path
+    exact = reference.tucker_conv2d(*[t.to(dtype).double() for t in inputs], **kwargs)
+    out = ops.tucker_conv2d(*low, **kwargs).double()
+    scale = exact.abs().max().item()
+    tol = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]  # cuDNN may use TF32
+    torch.testing.assert_close(out, exact, rtol=tol, atol=tol * scale)
+
+
+def test_cpu_automatic_rule(monkeypatch):
+    """float32 -> composition (oneDNN measured faster); float64 fused on >= 28x28 outputs with small ranks."""
+    monkeypatch.delenv("KDFAST_TUCKER_CONV_PATH", raising=False)
+    big, kw = _args((1, 4, 30, 30, 4, 4, 4, (3, 3), 1, 1, 1))
+    assert ops.tucker_conv2d_path(*big[:4], **kw) == "fused"
+    assert ops.tucker_conv2d_path(*[t.float() for t in big[:4]], **kw) == "composed"
+    small, kw = _args((1, 4, 9, 9, 4, 4, 4, (3, 3), 1, 1, 1))
+    assert ops.tucker_conv2d_path(*small[:4], **kw) == "composed"
+    wide, kw = _args((1, 4, 30, 30, 40, 4, 4, (3, 3), 1, 1, 1))
+    assert ops.tucker_conv2d_path(*wide[:4], **kw) == "composed"
 
 
 def test_path_rule_and_debug_log(monkeypatch, capfd):

@@ -124,27 +124,33 @@ void fused_forward(const at::Tensor& x, const at::Tensor& first, const at::Tenso
   });
 }
 
-// Which path runs for these arguments on CPU. Measured on a 2-core AMD EPYC (oneDNN composition vs
-// this kernel); see benchmarks/bench_tucker.py and the report for the numbers behind the rule.
-const char* cpu_path(const at::Tensor& x, const at::Tensor& core) {
+// Which path runs for these arguments on CPU. Rule from measurements on a (shared, noisy) 2-core AMD
+// EPYC, one thread, 3x3 cores, ranks 0.25/0.5 of C (report of branch tucker-op):
+//  - float32: oneDNN's three convolutions beat this kernel on most ResNet/CIFAR shapes (fused/composed
+//    time 1.2-1.7x), so float32 always takes the composition.
+//  - float64 (no oneDNN; ATen's im2col convolution): the fused kernel wins 1.2-3.6x on maps with
+//    >= 28x28 outputs and R_in * kh * kw <= 288 (R_in <= 32 for 3x3), and loses (0.5-0.9x) on small
+//    maps or larger ranks, which therefore take the composition.
+const char* cpu_path(const at::Tensor& x, const at::Tensor& core, int64_t out_positions) {
   const auto dtype = x.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return kPathComposed;
   if (const char* forced = forced_path()) return forced;
-  // channels_last input: oneDNN consumes NHWC directly; the fused path would first copy x to NCHW.
+  if (dtype == at::kFloat) return kPathComposed;
+  // channels_last input: the fused path would first copy x to NCHW.
   if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return kPathComposed;
-  (void)core;
-  return kPathFused;
+  const int64_t unfolded_rank = core.size(1) * core.size(2) * core.size(3);
+  return out_positions >= 28 * 28 && unfolded_rank <= 288 ? kPathFused : kPathComposed;
 }
 
 at::Tensor tucker_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
                              const at::Tensor& last, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation);
-  const char* path = cpu_path(x, core);
+  const Geometry g = geometry(x, core, last, stride, padding, dilation);
+  const char* path = cpu_path(x, core, g.oh * g.ow);
   log_path("cpu", path, x, core);
   if (std::strcmp(path, kPathComposed) == 0) return composed_forward(x, first, core, last, bias, stride, padding, dilation);
 
-  const Geometry g = geometry(x, core, last, stride, padding, dilation);
   at::Tensor y = at::empty({g.n, g.o, g.oh, g.ow}, x.options());
   const at::Tensor x_c = x.contiguous(), first_c = first.contiguous(), last_c = last.contiguous();
   const at::Tensor core2d = core.contiguous().view({g.r_out, g.r_in * g.kh * g.kw});
@@ -160,7 +166,8 @@ std::string tucker_conv2d_path_cpu(const at::Tensor& x, const at::Tensor& first,
                                    const at::Tensor& last, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation) {
   check_tucker_conv2d_args(x, first, core, last, c10::nullopt, stride, padding, dilation);
-  return cpu_path(x, core);
+  const Geometry g = geometry(x, core, last, stride, padding, dilation);
+  return cpu_path(x, core, g.oh * g.ow);
 }
 
 }  // namespace
