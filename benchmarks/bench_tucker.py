@@ -6,7 +6,9 @@ Formulations (one pytest-benchmark group per mode, shape, rank fraction, dtype a
   sequential  the 3-conv nn.Sequential(1x1 C->R_in, kxk R_in->R_out, 1x1 R_out->O + bias);
   tltorch     tensorly-torch's FactorizedConv (tucker, fixed_rank_modes='spatial',
               implementation='factorized'), when `import tltorch` works;
-  kdfast      kdfast.ops.tucker_conv2d (extra_info["path"] says fused or composed).
+  kdfast      kdfast.ops.tucker_conv2d (extra_info["path"] says fused or composed);
+  kdfast-fused  the same with KDFAST_TUCKER_CONV_PATH=fused (the fused kernel wherever it is supported),
+              the evidence for the automatic fused / composed rule.
 Modes: "fwd" (forward under torch.no_grad) and "fwd+bwd" (forward + gradients of x and every
 weight). Shapes: every 3x3 conv of ResNet-18 and ResNet-50 (ImageNet, N = 1, 32, 128) and of the
 CIFAR ResNets (resnet20/56: 16/32/64 channels at 32/16/8, N = 1, 128); ranks R = fraction x
@@ -23,6 +25,7 @@ benchmarks/report.py (JSON loading, number formatting).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -45,7 +48,7 @@ try:  # tensorly-torch: optional peer
 except Exception as exc:  # noqa: BLE001
     tltorch, TLTORCH_ERROR = None, exc
 
-IMPLS = ["dense", "sequential", "tltorch", "kdfast"]
+IMPLS = ["dense", "sequential", "tltorch", "kdfast-fused", "kdfast"]
 MODES = ["fwd", "fwd+bwd"]
 RANK_FRACTIONS = [0.25, 0.5]
 
@@ -82,6 +85,20 @@ def _dtypes(device):
 
 
 # =============================================================================================== layers
+@contextlib.contextmanager
+def forced_fused_path():
+    """KDFAST_TUCKER_CONV_PATH=fused for the duration (the C++ rule reads it at each call)."""
+    previous = os.environ.get("KDFAST_TUCKER_CONV_PATH")
+    os.environ["KDFAST_TUCKER_CONV_PATH"] = "fused"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["KDFAST_TUCKER_CONV_PATH"]
+        else:
+            os.environ["KDFAST_TUCKER_CONV_PATH"] = previous
+
+
 class Factors:
     """Random Tucker-2 factors of one layer, and every formulation built from the same numbers."""
 
@@ -96,10 +113,20 @@ class Factors:
     def params(self):
         return [self.first, self.core, self.last, self.bias]
 
-    def kdfast(self):
+    def kdfast(self, force_fused=False):
         from kdfast import ops
 
-        return lambda x: ops.tucker_conv2d(x, self.first, self.core, self.last, self.bias, stride=self.stride, padding=1)
+        def call(x):
+            return ops.tucker_conv2d(x, self.first, self.core, self.last, self.bias, stride=self.stride, padding=1)
+
+        if not force_fused:
+            return call
+
+        def fused_call(x):
+            with forced_fused_path():
+                return call(x)
+
+        return fused_call
 
     def sequential(self):
         seq = nn.Sequential(
@@ -193,11 +220,12 @@ def run_tucker_case(benchmark, impl, mode, shape, frac, device, dtype):
     try:
         torch.manual_seed(0)
         factors = Factors(c, o, r_in, r_out, stride, device, dtype)
-        if impl == "kdfast":
-            fn, params = factors.kdfast(), factors.params()
-            benchmark.extra_info["path"] = torch.ops.kdfast._tucker_conv2d_path(
-                torch.empty(n, c, h, h, device=device, dtype=dtype), factors.first, factors.core, factors.last,
-                [stride] * 2, [1, 1], [1, 1])
+        if impl in ("kdfast", "kdfast-fused"):
+            fn, params = factors.kdfast(force_fused=impl == "kdfast-fused"), factors.params()
+            probe = torch.empty(n, c, h, h, device=device, dtype=dtype)
+            path_args = (probe, factors.first, factors.core, factors.last, [stride] * 2, [1, 1], [1, 1])
+            with forced_fused_path() if impl == "kdfast-fused" else contextlib.nullcontext():
+                benchmark.extra_info["path"] = torch.ops.kdfast._tucker_conv2d_path(*path_args)
         else:
             fn, params = getattr(factors, impl)()
         x = torch.randn(n, c, h, h, device=device, dtype=dtype, requires_grad=(mode == "fwd+bwd"))

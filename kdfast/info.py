@@ -19,7 +19,7 @@ BACKENDS = ("CPU", "CUDA")
 #: Which implementation kdfast.ops.tucker_conv2d runs (kdfast.ops.tucker_conv2d_path(...) answers it
 #: for given arguments from the compiled rule; KDFAST_DEBUG=1 logs it per call).
 TUCKER_CONV2D_PATHS = (
-    "CPU: fused tiled kernel for float64 with >= 28x28 outputs and R_in*kh*kw <= 288, else 3 ATen convs; "
+    "CPU: fused tiled kernel for float64 on one thread with >= 28x28 outputs and R_in*kh*kw <= 288, else 3 ATen convs; "
     "CUDA: fused kernel (float32/16/bf16, kernel 1/3/5/7, stride <= 2, shared memory permitting; "
     "never run on a GPU), else 3 cuDNN convs"
 )

@@ -173,8 +173,17 @@ def test_cuda_low_precision_matches_reference(shape, dtype, path):
     torch.testing.assert_close(out, exact, rtol=tol, atol=tol * scale)
 
 
-def test_cpu_automatic_rule(monkeypatch):
-    """float32 -> composition (oneDNN measured faster); float64 fused on >= 28x28 outputs with small ranks."""
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpu_automatic_rule(monkeypatch, one_thread):
+    """float32 -> composition (oneDNN measured faster); float64 on one thread: fused on >= 28x28 outputs
+    with small ranks; several threads: composition."""
     monkeypatch.delenv("KDFAST_TUCKER_CONV_PATH", raising=False)
     big, kw = _args((1, 4, 30, 30, 4, 4, 4, (3, 3), 1, 1, 1))
     assert ops.tucker_conv2d_path(*big[:4], **kw) == "fused"
@@ -183,6 +192,8 @@ def test_cpu_automatic_rule(monkeypatch):
     assert ops.tucker_conv2d_path(*small[:4], **kw) == "composed"
     wide, kw = _args((1, 4, 30, 30, 40, 4, 4, (3, 3), 1, 1, 1))
     assert ops.tucker_conv2d_path(*wide[:4], **kw) == "composed"
+    torch.set_num_threads(2)
+    assert ops.tucker_conv2d_path(*big[:4], **kw) == "composed"
 
 
 def test_path_rule_and_debug_log(monkeypatch, capfd):

@@ -124,13 +124,16 @@ void fused_forward(const at::Tensor& x, const at::Tensor& first, const at::Tenso
   });
 }
 
-// Which path runs for these arguments on CPU. Rule from measurements on a (shared, noisy) 2-core AMD
-// EPYC, one thread, 3x3 cores, ranks 0.25/0.5 of C (report of branch tucker-op):
-//  - float32: oneDNN's three convolutions beat this kernel on most ResNet/CIFAR shapes (fused/composed
-//    time 1.2-1.7x), so float32 always takes the composition.
-//  - float64 (no oneDNN; ATen's im2col convolution): the fused kernel wins 1.2-3.6x on maps with
-//    >= 28x28 outputs and R_in * kh * kw <= 288 (R_in <= 32 for 3x3), and loses (0.5-0.9x) on small
-//    maps or larger ranks, which therefore take the composition.
+// Which path runs for these arguments on CPU. Rule from measurements on a shared, heavily loaded
+// 2-core AMD EPYC (load average 7-10 from other jobs), 3x3 cores, ranks 0.25/0.5 of C, best of 15-30
+// calls (numbers in the report of branch tucker-op; benchmarks/bench_tucker.py times the forced
+// fused path as "kdfast-fused" so the rule can be re-derived on an idle machine):
+//  - float32: oneDNN's three convolutions beat this kernel on most ResNet/CIFAR shapes (fused time
+//    1.2-1.7x the composition's), so float32 always takes the composition.
+//  - float64 (no oneDNN; ATen's im2col convolution), one thread: the fused kernel is on par or faster
+//    (0.99-3x) on >= 28x28 outputs with R_in * kh * kw <= 288 (R_in <= 32 for 3x3), slower on small
+//    maps and larger ranks. With 2 threads it was slower on every measured shape (0.15-0.9x), so
+//    multi-threaded runs take the composition.
 const char* cpu_path(const at::Tensor& x, const at::Tensor& core, int64_t out_positions) {
   const auto dtype = x.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return kPathComposed;
@@ -139,7 +142,8 @@ const char* cpu_path(const at::Tensor& x, const at::Tensor& core, int64_t out_po
   // channels_last input: the fused path would first copy x to NCHW.
   if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return kPathComposed;
   const int64_t unfolded_rank = core.size(1) * core.size(2) * core.size(3);
-  return out_positions >= 28 * 28 && unfolded_rank <= 288 ? kPathFused : kPathComposed;
+  const bool measured_faster = at::get_num_threads() == 1 && out_positions >= 28 * 28 && unfolded_rank <= 288;
+  return measured_faster ? kPathFused : kPathComposed;
 }
 
 at::Tensor tucker_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
