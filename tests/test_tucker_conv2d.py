@@ -300,3 +300,22 @@ def test_raw_op_errors(case):
         torch.ops.kdfast.tucker_conv2d(*args, [1, 1], [0, 0], [1, 1])
     with pytest.raises(ValueError, match="stride must be >= 1"):
         torch.ops.kdfast.tucker_conv2d(X, FIRST, CORE, LAST, BIAS, [0, 1], [0, 0], [1, 1])
+
+
+def test_compile_channels_last_input_matches_eager(path):
+    """Strides the fake kernel promises (NCHW-contiguous y) hold for a channels_last x on both paths."""
+    torch._dynamo.reset()
+    inputs, kwargs = _args((2, 4, 7, 6, 3, 2, 5, (3, 3), 1, 1, 1), layout="channels_last", requires_grad=True)
+
+    def block(x, first, core, last, bias):
+        y = ops.tucker_conv2d(x, first, core, last, bias, padding=1)
+        return (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape)).sum()
+
+    eager = block(*inputs)
+    eager_grads = torch.autograd.grad(eager, inputs)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    out_grads = torch.autograd.grad(out, inputs)
+    torch.testing.assert_close(out, eager, rtol=1e-10, atol=1e-10)
+    for a, b in zip(out_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
