@@ -12,6 +12,7 @@ OPS = {
     "fsp_matrix": ["fsp_matrix", "_fsp_matrix_backward"],
     "fsp_loss": ["fsp_loss", "_fsp_loss_backward"],
     "nst_loss": ["nst_loss", "_nst_loss_backward"],
+    "tucker_conv2d": ["tucker_conv2d", "_tucker_conv2d_backward", "_tucker_conv2d_path"],
 }
 BACKENDS = ("CPU", "CUDA")
 
