@@ -250,7 +250,9 @@ def _partial_tucker2(weight: torch.Tensor, r_out: int, r_in: int, n_iter_max: in
 
     w64 = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
     # numpy backend in a context: independent of whatever global backend another library (tltorch) set
-    with tl.backend_context("numpy"), warnings.catch_warnings():
+    from .evbmf import single_threaded_blas
+
+    with tl.backend_context("numpy"), warnings.catch_warnings(), single_threaded_blas():
         # a rank above the unfolding's short side (e.g. 1x1 conv, O > C) is expected: tensorly pads the
         # factor with orthonormal columns, and the reconstruction stays exact
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
