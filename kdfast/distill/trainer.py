@@ -392,8 +392,8 @@ class Distiller:
             if not isinstance(optimizer, torch.optim.Optimizer):
                 raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
             return optimizer
-        if not isinstance(spec["lr"], (int, float)) or not spec["lr"] > 0:
-            raise ValueError(f"lr must be a positive number, got {spec['lr']!r}")
+        if not isinstance(spec["lr"], (int, float)) or not spec["lr"] >= 0:
+            raise ValueError(f"lr must be a non-negative number, got {spec['lr']!r}")
         if opt == "sgd":
             return torch.optim.SGD(params, lr=spec["lr"], momentum=spec["momentum"],
                                    weight_decay=spec["weight_decay"], nesterov=spec["nesterov"])
