@@ -560,8 +560,13 @@ class Distiller:
         if self.teacher is not None:
             self.teacher.eval()
         sampler.set_epoch(epoch)
-        # Worker seeds (augmentation RNG in DataLoader workers) are drawn from this generator.
-        self._loader_generator.manual_seed(_mix(self.seed, epoch, 1))
+        # Worker seeds (augmentation RNG in DataLoader workers) are drawn from this generator, and a
+        # collate_fn that owns a torch.Generator (batch augmentation) is reseeded: both from
+        # (seed, epoch, rank), so a resumed epoch replays the same augmentation.
+        self._loader_generator.manual_seed(_mix(self.seed, epoch, 1 + 2 * self.rank))
+        collate_gen = getattr(loader.collate_fn, "generator", None)
+        if isinstance(collate_gen, torch.Generator):
+            collate_gen.manual_seed(_mix(self.seed, epoch, 2 + 2 * self.rank))
         self._current_weights = self.weights_at(epoch)
         self.on_epoch_start(epoch)
         sums: Dict[str, torch.Tensor] = {}
@@ -686,7 +691,7 @@ class Distiller:
         else:
             warnings.warn(f"checkpoint written by {len(rngs)} processes, resuming with {self.world_size}: "
                           "RNG states re-seeded, the run is not bit-identical to an uninterrupted one")
-            seed_everything(_mix(self.seed + self.rank, self.epoch, 2) % (2**31))
+            seed_everything(_mix(self.seed + self.rank, self.epoch, 0) % (2**31))
         return True
 
     # ------------------------------------------------------------------ helpers
