@@ -198,6 +198,35 @@ def test_grad_clip_limits_update():
     assert delta.norm().item() == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_compiled_student_with_feature_loss_matches_eager():
+    torch._dynamo.reset()
+    results = []
+    for compile in (False, {"backend": "aot_eager"}):
+        teacher, student = models()
+        hint = HintMSE([(4, 8)])
+        d = Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "hint": hint}, compile=compile,
+                      feature_layers={"hint": ("conv1", "conv1")}, **QUIET)
+        d.fit(DataLoader(synthetic(16), batch_size=8), epochs=1)
+        results.append([p.detach().clone() for p in student.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
+def test_cuda_amp(amp):
+    teacher, student = models()
+    hint = HintMSE([(4, 8)])
+    d = Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "kd": SoftKL(), "hint": hint}, amp=amp,
+                  feature_layers={"hint": ("conv1", "conv1")}, progress=False, device="cuda", grad_clip=5.0)
+    assert d.scaler.is_enabled() == (amp == "fp16")
+    data = synthetic(32)
+    hist = d.fit(DataLoader(data, batch_size=8, shuffle=True), epochs=2, eval_loader=DataLoader(data, batch_size=8))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert hist[-1]["loss"] < hist[0]["loss"] * 1.5
+    assert next(student.parameters()).device.type == "cuda"
+
+
 def test_bf16_autocast_on_cpu():
     teacher, student = models()
     d = Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "kd": SoftKL()}, amp="bf16", **QUIET)
@@ -346,6 +375,7 @@ def _d(**kw):
     (dict(epochs=0), ValueError, "epochs must be >= 1"),
     (dict(resume=True), ValueError, "resume=True needs checkpoint_dir"),
     (dict(grad_clip=0), ValueError, "grad_clip must be None or a positive"),
+    (dict(sync_bn=True), ValueError, "sync_bn=True needs CUDA"),
     (dict(cache_teacher_logits=True, losses={"nst": Recorder("features")}, feature_layers={"nst": ("conv1", "conv1")}),
      ValueError, "cache_teacher_logits=True caches logits only"),
 ])

@@ -299,6 +299,9 @@ class Distiller:
         self.device = _resolve_device(device, use_ddp)
         if self.amp == "fp16" and self.device.type != "cuda":
             raise ValueError(f"amp='fp16' needs a CUDA device (GradScaler); use amp='bf16' on {self.device.type}")
+        if sync_bn and self.device.type != "cuda":
+            raise ValueError("sync_bn=True needs CUDA devices (SyncBatchNorm runs on NCCL); on CPU use a student "
+                             "without BatchNorm or accept per-process BN statistics")
         if use_ddp:
             self._init_distributed()
         self.is_main = self.rank == 0
