@@ -395,3 +395,51 @@ def test_fit_errors(tmp_path):
         d.fit(DataLoader(synthetic(8), batch_size=4, sampler=sampler))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         _d(resume=str(tmp_path / "nope.pt")).fit(DataLoader(synthetic(8), batch_size=4))
+
+
+# ---------------------------------------------------------------------- subclass hooks
+class TwoOptimizerDistiller(Distiller):
+    """Alternating optimisation through the documented hooks: student step on the full loss, then a second
+    optimizer on the regressor only; its state goes into the checkpoint."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.reg_optimizer = torch.optim.SGD(self.losses["hint"].parameters(), lr=0.5)
+        self.reg_steps = 0
+
+    def trainable_parameters(self):
+        return list(self.student.parameters())
+
+    def training_step(self, batch):
+        out = self.compute_loss(batch)
+        self.backward_step(out["loss"], update_scaler=False)
+        hint_only = self.compute_loss(batch)["parts"]["hint"]
+        self.backward_step(hint_only, self.reg_optimizer)
+        self.reg_steps += 1
+        return out
+
+    def checkpoint_state(self):
+        return {**super().checkpoint_state(), "reg_optimizer": self.reg_optimizer.state_dict()}
+
+    def load_checkpoint_state(self, ckpt):
+        super().load_checkpoint_state(ckpt)
+        self.reg_optimizer.load_state_dict(ckpt["reg_optimizer"])
+
+
+def test_subclass_two_optimizers_and_checkpoint_state(tmp_path):
+    teacher, student = models()
+    hint = HintMSE([(4, 8)])
+    d = TwoOptimizerDistiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "hint": hint},
+                              feature_layers={"hint": ("conv1", "conv1")}, checkpoint_dir=str(tmp_path), **QUIET)
+    assert all(p is not hint.regressors[0].weight for g in d.optimizer.param_groups for p in g["params"])
+    w0 = hint.regressors[0].weight.detach().clone()
+    d.fit(DataLoader(synthetic(16), batch_size=8), epochs=1)
+    assert d.reg_steps == 2 and not torch.equal(w0, hint.regressors[0].weight)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["reg_optimizer"]["param_groups"][0]["lr"] == 0.5
+    d2 = TwoOptimizerDistiller(teacher, models()[1], {"ce": nn.CrossEntropyLoss(), "hint": HintMSE([(4, 8)])},
+                               feature_layers={"hint": ("conv1", "conv1")}, checkpoint_dir=str(tmp_path),
+                               resume=True, **QUIET)
+    d2.fit(DataLoader(synthetic(16), batch_size=8), epochs=1)  # already complete: only loads
+    assert d2.epoch == 1 and d2.reg_steps == 0
+    torch.testing.assert_close(d2.losses["hint"].regressors[0].weight, hint.regressors[0].weight)

@@ -471,17 +471,23 @@ class Distiller:
         logits, total, parts = self.model(inputs, targets, t_logits, t_feats, self._current_weights)
         return {"loss": total, "parts": parts, "logits": logits, "targets": targets}
 
-    def backward_step(self, loss: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """zero_grad, (scaled) backward, optional gradient clipping, optimizer step, scaler update."""
+    def backward_step(self, loss: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                      update_scaler: bool = True, retain_graph: bool = False) -> None:
+        """zero_grad, (scaled) backward, optional gradient clipping, optimizer step, scaler update.
+
+        With several optimizer steps per iteration (alternating optimisation), pass ``update_scaler=False``
+        to all but the last call: GradScaler must be updated once per iteration.
+        """
         optimizer = optimizer or self.optimizer
         optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward(retain_graph=retain_graph)
         if self.grad_clip is not None:
             self.scaler.unscale_(optimizer)
             params = [p for g in optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.scaler.step(optimizer)
-        self.scaler.update()
+        if update_scaler:
+            self.scaler.update()
 
     def training_step(self, batch) -> Dict[str, Any]:
         """One optimisation step on ``batch``; returns :meth:`compute_loss`'s dict.
@@ -520,7 +526,10 @@ class Distiller:
 
     # ------------------------------------------------------------------ fit
     def fit(self, train_loader, epochs: Optional[int] = None, eval_loader=None) -> List[Dict[str, Any]]:
-        """Train for ``epochs`` (default: the constructor's) and return the per-epoch history.
+        """Train until ``epochs`` epochs are completed (default: the constructor's) and return the history.
+
+        ``epochs`` is a total, not an increment: after a resume, or a second call, training continues
+        from the completed epochs. The LR schedule is built on the first call (cosine uses its ``epochs``).
 
         ``train_loader`` is a DataLoader (its dataset, batch size, collate_fn, workers, drop_last and
         shuffle flag are kept; its sampler is replaced by a DistributedSampler seeded with ``seed`` so the
