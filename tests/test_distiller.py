@@ -443,3 +443,20 @@ def test_subclass_two_optimizers_and_checkpoint_state(tmp_path):
     d2.fit(DataLoader(synthetic(16), batch_size=8), epochs=1)  # already complete: only loads
     assert d2.epoch == 1 and d2.reg_steps == 0
     torch.testing.assert_close(d2.losses["hint"].regressors[0].weight, hint.regressors[0].weight)
+
+
+def test_second_fit_call_continues(tmp_path):
+    data = synthetic(16)
+    runs = []
+    for split in (False, True):
+        teacher, student = models(dropout=0.2)
+        d = Distiller(teacher, student, {"kd": SoftKL()}, checkpoint_dir=str(tmp_path / str(split)),
+                      checkpoint_every=5, resume=True, **QUIET)
+        loader = DataLoader(data, batch_size=8, shuffle=True)
+        if split:
+            d.fit(loader, epochs=1)
+        d.fit(loader, epochs=2)
+        runs.append((d.epoch, d.step, [p.detach().clone() for p in student.parameters()]))
+    assert runs[0][:2] == runs[1][:2] == (2, 4)
+    for a, b in zip(runs[0][2], runs[1][2]):
+        assert torch.equal(a, b)

@@ -377,6 +377,7 @@ class Distiller:
         self._log_file = None
         self._current_weights = self.weights_at(0)
         self._dataset_len = 0
+        self._started = False
 
     # ------------------------------------------------------------------ building blocks (overridable)
     def trainable_parameters(self) -> List[nn.Parameter]:
@@ -542,9 +543,12 @@ class Distiller:
         self._dataset_len = len(loader.dataset)
         if self.scheduler is None:
             self.scheduler = self.build_scheduler(self.optimizer, epochs)
-        resumed = self._maybe_resume()
-        if not resumed:
-            seed_everything(self.seed + self.rank)
+        resumed = False
+        if not self._started:  # a second fit() call continues in-process: no reload, no reseed
+            resumed = self._maybe_resume()
+            if not resumed:
+                seed_everything(self.seed + self.rank)
+            self._started = True
         if self.log_path and self.is_main:
             os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
             self._log_file = open(self.log_path, "a", encoding="utf-8")
