@@ -219,6 +219,8 @@ class Distiller:
     distributed : "auto" (DDP when the env var WORLD_SIZE > 1, i.e. under torchrun) | True | False.
     sync_bn : convert the student's BatchNorm layers to SyncBatchNorm under DDP (CUDA/NCCL only).
     compile : False | True | dict of torch.compile kwargs, applied to the student's forward.
+    ddp_kwargs : extra DistributedDataParallel arguments (e.g. ``find_unused_parameters=True`` for a
+        student with parameters that some steps do not use).
 
     Subclass hooks (override to change the algorithm, e.g. alternating optimisation):
     :meth:`training_step`, :meth:`compute_loss`, :meth:`teacher_forward`, :meth:`backward_step`,
@@ -259,6 +261,7 @@ class Distiller:
         distributed: Union[str, bool] = "auto",
         sync_bn: bool = False,
         compile: Union[bool, Mapping[str, Any]] = False,
+        ddp_kwargs: Optional[Mapping[str, Any]] = None,
     ):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
@@ -357,7 +360,7 @@ class Distiller:
         self.model = self.train_module  # what forward/backward goes through (DDP-wrapped below)
         if use_ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.train_module, device_ids=ids)
+            self.model = nn.parallel.DistributedDataParallel(self.train_module, device_ids=ids, **dict(ddp_kwargs or {}))
 
         # --- optimisation ---------------------------------------------------------------------------
         self._opt_spec = dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
