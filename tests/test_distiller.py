@@ -326,15 +326,28 @@ def test_load_checkpoint_rejects_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+class NoisyCollate:
+    """Batch augmentation drawing from its own torch.Generator (like kdfast.data's crop/flip collate):
+    the trainer reseeds ``generator`` from (seed, epoch) so a resumed epoch sees the same noise."""
+
+    def __init__(self):
+        self.generator = torch.Generator().manual_seed(123)
+
+    def __call__(self, items):
+        x, y = torch.utils.data.default_collate(items)
+        return x + 0.1 * torch.randn(x.shape, generator=self.generator), y
+
+
 def test_resume_in_process_equals_uninterrupted(tmp_path):
-    # The SIGKILL version is in test_resume.py; this checks fit(resume=True) continues from last.pt.
+    # The SIGKILL version is in test_resume.py; this checks fit(resume=True) continues from last.pt,
+    # with dropout (torch RNG) and a collate_fn with its own generator.
     data = synthetic(16)
 
     def run(epochs, ckdir, resume):
         teacher, student = models(dropout=0.3)
         d = Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "kd": SoftKL()}, checkpoint_dir=str(ckdir),
                       resume=resume, schedule="step", milestones=[2], seed=3, **QUIET)
-        d.fit(DataLoader(data, batch_size=4, shuffle=True), epochs=epochs)
+        d.fit(DataLoader(data, batch_size=4, shuffle=True, collate_fn=NoisyCollate()), epochs=epochs)
         return student, d
 
     full, _ = run(3, tmp_path / "a", False)
