@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+import kdfast
 from distill_helpers import SoftKL
 from kdfast.distill import build_from_config, load_config, run_config
 from kdfast.distill.config import ConfigError, resolve_loss_class, validate_config
@@ -27,9 +28,11 @@ BASE = {
 
 @pytest.fixture
 def fake_losses(monkeypatch):
-    # Stands in for kdfast.losses (branch kd-losses): a module exposing protocol-following classes.
+    # A stand-in kdfast.losses with the test's own protocol-following classes (checks the lookup by name).
     mod = types.ModuleType("kdfast.losses")
     mod.SoftKL = SoftKL
+    # Attribute first: monkeypatch reads the old value, which imports the real module (so undo restores it).
+    monkeypatch.setattr(kdfast, "losses", mod)
     monkeypatch.setitem(sys.modules, "kdfast.losses", mod)
     return mod
 
@@ -78,6 +81,10 @@ def test_defaults_and_feature_layers(fake_losses):
 
 
 def test_resolve_loss_class():
+    from kdfast import losses
+
+    assert resolve_loss_class("kd") is losses.KDLoss and resolve_loss_class("NSTLoss") is losses.NSTLoss
+    assert resolve_loss_class("hint") is losses.HintLoss
     assert resolve_loss_class("cross_entropy") is torch.nn.CrossEntropyLoss
     assert resolve_loss_class("CrossEntropyLoss") is torch.nn.CrossEntropyLoss
     assert resolve_loss_class("mse") is torch.nn.MSELoss
@@ -133,3 +140,28 @@ def test_yaml_and_file_errors(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping at the top level"):
         load_config(bad)
+
+
+def test_real_kdfast_losses_from_yaml(tmp_path):
+    text = """
+seed: 0
+epochs: 1
+device: cpu
+teacher: {name: lenet5}
+student: {name: lenet5, width_mult: 0.5}
+data: {name: digits, batch_size: 256}
+losses:
+  kd:  {type: KDLoss, temperature: 4, alpha: 0.9}
+  nst: {type: nst, weight: 50, student_layers: [conv2], teacher_layers: [conv2]}
+  at:  {type: ATLoss, weight: 1, student_layers: [conv1, conv2], teacher_layers: [conv1, conv2]}
+optimizer: {name: adam, lr: 0.001}
+log: {progress: false, every: 0}
+"""
+    path = tmp_path / "kd.yaml"
+    path.write_text(text)
+    d, (train, test) = build_from_config(load_config(path))
+    assert type(d.losses["kd"]).__name__ == "KDLoss" and d.losses["kd"].temperature == 4.0
+    assert d.loss_weights == {"kd": 1.0, "nst": 50.0, "at": 1.0} and isinstance(d.optimizer, torch.optim.Adam)
+    hist = d.fit(train, eval_loader=test)
+    assert set(hist[0]) >= {"loss/kd", "loss/nst", "loss/at", "eval_accuracy"}
+    assert all(map(lambda v: v == v, (hist[0]["loss/kd"], hist[0]["loss/nst"], hist[0]["loss/at"])))  # not NaN

@@ -473,3 +473,41 @@ def test_second_fit_call_continues(tmp_path):
     assert runs[0][:2] == runs[1][:2] == (2, 4)
     for a, b in zip(runs[0][2], runs[1][2]):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------- with kdfast.losses
+def test_kdfast_losses_plug_in_one_step():
+    from kdfast.losses import ATLoss, FSPLoss, HintLoss, KDLoss, NSTLoss
+
+    torch.manual_seed(0)
+    teacher, student = TinyNet(4), TinyNet(4)
+    ref = copy.deepcopy(student)
+    hint = HintLoss(student_shape=(4, 8, 8), teacher_shape=(4, 8, 8))
+    hint_ref = copy.deepcopy(hint)
+    losses = {"kd": KDLoss(temperature=4.0, alpha=0.9), "nst": (NSTLoss(), 5.0), "at": (ATLoss(), 1.0),
+              "fsp": (FSPLoss(), 0.5), "hint": (hint, 2.0)}
+    layers = {"nst": ("conv2", "conv2"), "at": (["conv1", "conv2"], ["conv1", "conv2"]),
+              "fsp": (["conv1", "conv2"], ["conv1", "conv2"]), "hint": ("conv1", "conv1")}
+    d = Distiller(teacher, student, losses, feature_layers=layers, lr=0.1, momentum=0.0, weight_decay=0.0, **QUIET)
+    data = synthetic(8)
+    x, y = data.tensors
+    d.fit(DataLoader(data, batch_size=8), epochs=1)
+
+    feats = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: feats.__setitem__(n, o))
+             for n, m in (("conv1", ref.conv1), ("conv2", ref.conv2))]
+    logits = ref(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        t_logits = teacher(x)
+        t1 = teacher.conv1(x)
+        t2 = teacher.conv2(F.relu(t1))
+    s1, s2 = feats["conv1"], feats["conv2"]
+    loss = (KDLoss(4.0, 0.9)(logits, t_logits, y) + 5.0 * NSTLoss()([s2], [t2]) + ATLoss()([s1, s2], [t1, t2])
+            + 0.5 * FSPLoss()([s1, s2], [t1, t2]) + 2.0 * hint_ref([s1], [t1]))
+    params = list(ref.parameters()) + list(hint_ref.parameters())
+    grads = torch.autograd.grad(loss, params)
+    for p, g, q in zip(params, grads, list(student.parameters()) + list(hint.parameters())):
+        torch.testing.assert_close(q, p - 0.1 * g, rtol=1e-4, atol=1e-6)
+    assert d.history[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)

@@ -15,8 +15,7 @@ Example (every section but ``student``, ``data`` and ``losses`` is optional)::
       root: /data/cifar
       batch_size: 64            # per process under torchrun
     losses:                     # name: {type, weight, [student_layers, teacher_layers], constructor kwargs}
-      ce: {type: CrossEntropyLoss, weight: 0.1}
-      kd: {type: KDLoss, weight: 0.9, T: 4}
+      kd: {type: KDLoss, temperature: 4, alpha: 0.9}   # 0.1 CE + 0.9 T^2 KL (RepDistiller's recipe)
       nst: {type: NSTLoss, weight: 50, student_layers: [layer3], teacher_layers: [layer3]}
     optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, nesterov: false}
     schedule: {name: step, milestones: [150, 180, 210], gamma: 0.1}
