@@ -1,5 +1,4 @@
 """kdfast.distill.config: YAML -> validated dict -> (Distiller, loaders) -> run; clear errors."""
-import os
 import sys
 import types
 

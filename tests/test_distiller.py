@@ -1,6 +1,5 @@
 """kdfast.distill: FeatureTap, loss dispatch, optimizer/scheduler options, checkpoints, caching, errors."""
 import copy
-import glob
 import json
 import os
 
