@@ -164,3 +164,27 @@ log: {progress: false, every: 0}
     hist = d.fit(train, eval_loader=test)
     assert set(hist[0]) >= {"loss/kd", "loss/nst", "loss/at", "eval_accuracy"}
     assert all(map(lambda v: v == v, (hist[0]["loss/kd"], hist[0]["loss/nst"], hist[0]["loss/at"])))  # not NaN
+
+
+def test_decomposed_teacher_as_student(monkeypatch):
+    import copy
+
+    calls = []
+
+    def fake_decompose(model, **kw):  # stands in for kdfast.decompose (branch tucker-py)
+        calls.append(kw)
+        student = copy.deepcopy(model)
+        student.conv2 = torch.nn.Sequential(torch.nn.Conv2d(student.conv2.in_channels, 3, 1),
+                                            torch.nn.Conv2d(3, student.conv2.out_channels, student.conv2.kernel_size))
+        return student, "report"
+
+    monkeypatch.setitem(vars(kdfast), "decompose", fake_decompose)
+    cfg = dict(BASE, student={"decompose": {"ranks": 0.5}}, losses={"kd": {"type": "cross_entropy"}})
+    d, _ = build_from_config(cfg)
+    assert calls == [{"ranks": 0.5}]
+    assert isinstance(d.student.conv2, torch.nn.Sequential) and d.student is not d.teacher
+    assert torch.equal(d.student.conv1.weight, d.teacher.conv1.weight)
+    with pytest.raises(ConfigError, match="student.decompose needs a teacher"):
+        validate_config(dict(cfg, teacher=None))
+    with pytest.raises(ConfigError, match="unknown key 'name' in student with decompose"):
+        validate_config(dict(cfg, student={"decompose": {}, "name": "lenet5"}))
