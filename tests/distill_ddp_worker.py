@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distill_helpers import HintMSE, SoftKL, models, synthetic
-from kdfast.distill import Distiller
+from kdfast.distill import Distiller, FeatureTap
 
 GLOBAL_BATCH = 8
 
@@ -34,6 +34,11 @@ def main(out_dir):
     first, loader, _, _ = build(int(os.environ["WORLD_SIZE"]), out_dir)
     assert first.world_size == 2 and isinstance(first.model, nn.parallel.DistributedDataParallel)
     first.fit(loader, epochs=1)
+    # FeatureTap on the DDP-wrapped module: names with or without the "module." prefix.
+    with FeatureTap(first.model, ["module.student.conv1", "student.conv2"]) as tap:
+        x = torch.randn(2, 3, 8, 8)
+        first.student(x)
+        assert torch.equal(tap.features[0], first.student.conv1(x)) and tap.features[1].shape == (2, 8, 4, 4)
     for tap in (first.student_tap, first.teacher_tap):
         tap.remove()
     d, loader, student, hint = build(int(os.environ["WORLD_SIZE"]), out_dir, resume=True)
