@@ -633,11 +633,12 @@ class Distiller:
             # Checked once per epoch (not per step) to avoid a device sync every step.
             raise FloatingPointError(f"non-finite training loss in epoch {epoch}: "
                                      + ", ".join(f"{k}={stats[keys.index(k)]}" for k in bad))
+        elapsed = time.perf_counter() - start
         record = {"type": "epoch", "epoch": epoch, "step": self.step, "lr": lr_used,
-                  **{k: stats[i] for i, k in enumerate(keys)},
-                  "time_s": time.perf_counter() - start}
+                  **{k: stats[i] for i, k in enumerate(keys)}, "time_s": elapsed}
         if stats[-1] > 0:
             record["train_accuracy"] = stats[-2] / stats[-1]
+            record["samples_per_s"] = stats[-1] / elapsed  # all ranks together
         return record
 
     def _evaluate_main(self, eval_loader) -> Dict[str, Any]:
