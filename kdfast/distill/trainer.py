@@ -222,6 +222,15 @@ class Distiller:
     ddp_kwargs : extra DistributedDataParallel arguments (e.g. ``find_unused_parameters=True`` for a
         student with parameters that some steps do not use).
 
+    Resume and determinism: checkpoints are written at epoch ends only; a run interrupted mid-epoch
+    restarts from the last epoch checkpoint and replays the lost steps. The data order depends only on
+    (seed, epoch) (DistributedSampler), worker seeds and a ``collate_fn.generator`` (if the collate
+    function owns a torch.Generator) are reseeded from (seed, epoch, rank), and the torch/numpy/Python
+    RNG states of every rank are restored, so on CPU the resumed run is bit-identical to an uninterrupted
+    one (tested). Requirements: the same seed and world size, and no other RNG source (an augmentation
+    library with its own global state is not captured). On CUDA the same holds only with deterministic
+    kernels (``torch.use_deterministic_algorithms(True)``); otherwise results differ in the last bits.
+
     Subclass hooks (override to change the algorithm, e.g. alternating optimisation):
     :meth:`training_step`, :meth:`compute_loss`, :meth:`teacher_forward`, :meth:`backward_step`,
     :meth:`trainable_parameters`, :meth:`build_optimizer`, :meth:`build_scheduler`,
