@@ -132,6 +132,15 @@ def _nst_loss_backward(ctx, grad_loss, _grad_aux):
     return (grad_fs if mask[0] else None, grad_ft if mask[1] else None, None, None, None)
 
 
+# ----------------------------------------------------------------------- KR: sparse recoding
+# A mutating op without outputs and without autograd (it edits .grad tensors, which do not require
+# grad); the fake kernel only checks the arguments.
+@torch.library.register_fake("kdfast::sparse_recoding_")
+def _sparse_recoding_fake(grads, params, taus, boost, damp, shrink, tau_rate):
+    _checks.sparse_recoding_args(grads, params, taus, boost, damp, shrink, tau_rate)
+    return None
+
+
 def register_all() -> None:
     torch.library.register_autograd("kdfast::fsp_matrix", _fsp_matrix_backward, setup_context=_fsp_matrix_setup)
     torch.library.register_autograd("kdfast::fsp_loss", _fsp_loss_backward, setup_context=_fsp_loss_setup)

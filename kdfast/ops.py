@@ -11,7 +11,7 @@ import torch
 from . import _checks, _ext
 from .reference import pool_to_common
 
-__all__ = ["fsp_matrix", "fsp_loss", "nst_loss", "nst_poly_form"]
+__all__ = ["fsp_matrix", "fsp_loss", "nst_loss", "nst_poly_form", "sparse_recoding_"]
 
 NST_KERNELS = ("linear", "poly", "gaussian")
 
@@ -73,3 +73,32 @@ def nst_loss(fs, ft, kernel: str = "poly", reduction: str = "mean", sigma: float
     if kernel == "poly":
         kernel = nst_poly_form(fs.shape[1], ft.shape[1], fs.shape[2] * fs.shape[3])
     return torch.ops.kdfast.nst_loss(fs, ft, kernel, reduction, 1.0 if sigma is None else float(sigma))[0]
+
+
+# ------------------------------------------------------------------ KR: sparse recoding
+def sparse_recoding_(grads, params, taus: torch.Tensor, boost: float, damp: float, shrink: float,
+                     tau_rate: float) -> None:
+    """Sparse recoding of Knowledge Representing (Liu et al., CVPR-W 2019, arXiv 1911.05329), in
+    place over a list of gradients, one multi-tensor op call.
+
+    The paper's equations are not available; this is **kdfast's interpretation** of its text
+    ("an equal reward within the learnable threshold, to slow down the update of inactive neurons;
+    ... boosts the update to highlight the dominant neurons"). For each pair (g, theta) with
+    threshold tau = taus[i]:
+
+    * dominant entries, ``|theta| > tau``: ``g <- boost * g``  (boost >= 1)
+    * inactive entries, ``|theta| <= tau``: ``g <- damp * g + shrink * sign(theta)``
+      (damp in [0, 1), shrink >= 0: a pull of small weights towards 0, an L1 term on them only)
+
+    then ``taus[i] <- tau + tau_rate * (mean |theta| - tau)`` (tau_rate in [0, 1]; 0 keeps it).
+
+    grads, params: equal-length lists of dense tensors (contiguous or channels_last), one dtype
+    (float32, float64, float16, bfloat16) and one device for the whole list; params[i] must have
+    grads[i]'s shape, dtype and strides. float16/bfloat16 are computed in float32.
+    taus: float32 (len(grads),) on the same device: the thresholds of this step on entry, the next
+    ones on exit. Each theta and g is read once and g written once; |theta| is summed in the same pass.
+    """
+    _ext.require_ops()
+    grads, params = list(grads), list(params)
+    _checks.sparse_recoding_args(grads, params, taus, boost, damp, shrink, tau_rate)
+    torch.ops.kdfast.sparse_recoding_(grads, params, taus, float(boost), float(damp), float(shrink), float(tau_rate))
