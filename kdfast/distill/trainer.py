@@ -1,0 +1,888 @@
+"""Distiller: the knowledge-distillation training loop (single process, DDP via torchrun, AMP, exact resume).
+
+Design notes (peers: ANCHORS.md §2-4):
+* Losses are named and weighted like RepDistiller's ``γ·CE + α·KD + β·other`` and torchdistill's
+  weighted sum of sub-terms; each loss module declares which inputs it takes (``kdfast_inputs``), so
+  the trainer needs no per-method code.
+* Intermediate features come from forward hooks (:class:`~kdfast.distill.FeatureTap`), as in
+  torchdistill's ForwardHookManager, not from models that return feature lists (RepDistiller, mdistiller).
+* Multi-GPU is torch DDP under ``torchrun`` (torchdistill does the same; RepDistiller/mdistiller have none).
+* Unlike the peers, checkpoints are atomic and a resumed run reproduces the uninterrupted run exactly
+  (same seed, CPU): the data order is a pure function of (seed, epoch) and the RNG states are restored.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset,
+                              RandomSampler, SequentialSampler)
+
+from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, capture_rng_state, load_checkpoint, restore_rng_state,
+                         seed_everything)
+from .tap import FeatureTap, as_name_list, unwrap_model
+
+LOGITS = "logits"
+FEATURES = "features"
+_KINDS = (LOGITS, FEATURES)
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def loss_kind(module: nn.Module) -> Optional[str]:
+    """``"logits"``, ``"features"`` or None (a task loss called as ``loss(student_logits, targets)``)."""
+    kind = getattr(module, "kdfast_inputs", None)
+    if kind is not None and kind not in _KINDS:
+        raise ValueError(
+            f"{type(module).__name__}.kdfast_inputs must be 'logits' or 'features', got {kind!r}"
+        )
+    return kind
+
+
+def split_batch(batch) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """A batch is ``(inputs, targets)`` or ``(inputs, targets, index)``; returns (inputs, targets, index)."""
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == 2:
+            return batch[0], batch[1], None
+        if len(batch) == 3:
+            return batch[0], batch[1], batch[2]
+        raise ValueError(f"a batch must be (inputs, targets) or (inputs, targets, index), got {len(batch)} items")
+    raise TypeError(
+        f"a batch must be a tuple (inputs, targets) or (inputs, targets, index), got {type(batch).__name__}"
+    )
+
+
+class IndexedDataset(Dataset):
+    """Wrap a map-style dataset so that items are ``(inputs, target, index)`` (for teacher-logit caching)."""
+
+    def __init__(self, dataset: Dataset):
+        if isinstance(dataset, IterableDataset):
+            raise TypeError("IndexedDataset needs a map-style dataset (with __getitem__ and __len__)")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        if isinstance(item, (list, tuple)):
+            return (*item, index)
+        return item, index
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device=None, amp: Optional[str] = None) -> Dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` over ``loader``.
+
+    Batches are ``(inputs, targets[, index])``. The model is put in eval mode and its previous mode is
+    restored. Returns ``{"accuracy": fraction in [0, 1], "loss": mean CE, "count": samples}``.
+    """
+    if device is None:
+        device = next(iter(model.parameters())).device
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    try:
+        for batch in loader:
+            inputs, targets, _ = split_batch(batch)
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with _autocast(device, amp):
+                logits = model(inputs)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
+            correct += (logits.argmax(dim=1) == targets).sum()
+            count += targets.shape[0]
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate: the loader yielded no samples")
+    return {"accuracy": correct.item() / count, "loss": loss_sum.item() / count, "count": count}
+
+
+def _autocast(device: torch.device, amp: Optional[str]):
+    if amp is None:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
+
+
+class _StudentWithLosses(nn.Module):
+    """The trainable part: the student plus the loss modules (HintLoss regressors have parameters).
+
+    One module so that DDP wraps (and synchronises the gradients of) both, and the whole loss is computed
+    inside the DDP forward.
+    """
+
+    def __init__(self, student: nn.Module, losses: nn.ModuleDict):
+        super().__init__()
+        self.student = student
+        self.losses = losses
+        self.kinds: Dict[str, Optional[str]] = {}
+        self.student_tap: Optional[FeatureTap] = None
+        self.student_layers: Dict[str, List[str]] = {}
+        self.amp: Optional[str] = None
+        self._student_call = [student]  # torch.compile'd forward (not registered: same parameters)
+
+    def forward(self, inputs, targets, teacher_logits, teacher_features, weights):
+        device = inputs.device
+        if self.student_tap is not None:
+            self.student_tap.clear()
+        with _autocast(device, self.amp):
+            logits = self._student_call[0](inputs)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"the student must return a logits Tensor, got {type(logits).__name__}")
+        student_features = self.student_tap.feature_dict if self.student_tap is not None else {}
+        # Losses in float32 outside autocast: KD/feature losses are reductions sensitive to bf16/fp16.
+        with torch.autocast(device_type=device.type, enabled=False):
+            logits32 = logits.float()
+            total = logits32.new_zeros(())
+            parts = {}
+            for name, module in self.losses.items():
+                kind = self.kinds[name]
+                if kind is None:
+                    value = module(logits32, targets)
+                elif kind == LOGITS:
+                    value = module(logits32, teacher_logits, targets)
+                else:
+                    s_feats = [_to_float(student_features[n]) for n in self.student_layers[name]]
+                    value = module(s_feats, teacher_features[name])
+                if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                    raise ValueError(
+                        f"loss {name!r} ({type(module).__name__}) must return a scalar Tensor, got "
+                        f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
+                    )
+                parts[name] = value
+                total = total + weights[name] * value
+        return logits, total, parts
+
+
+def _to_float(x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"a tapped feature must be a Tensor, got {type(x).__name__} (tap a layer that returns one)")
+    return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
+
+
+LossSpec = Union[nn.Module, Tuple[nn.Module, Union[float, Callable[[int], float]]]]
+
+
+class Distiller:
+    """Train ``student`` from ``teacher`` with a weighted sum of named losses.
+
+    Parameters
+    ----------
+    teacher, student : nn.Module
+        The teacher is frozen: always ``eval()``, ``requires_grad_(False)``, run under ``no_grad``.
+        ``teacher=None`` is allowed when every loss is a task loss (plain supervised training).
+    losses : {name: module or (module, weight)}
+        Each module's class attribute ``kdfast_inputs`` says how it is called:
+        ``"logits"``: ``loss(student_logits, teacher_logits, targets)``;
+        ``"features"``: ``loss(student_feats, teacher_feats)`` (lists of Tensors paired by position);
+        absent (e.g. ``nn.CrossEntropyLoss()``): task loss ``loss(student_logits, targets)``.
+        ``weight`` is a float or a function ``weight(epoch) -> float`` (0-based epoch; e.g. DKD warm-up).
+        Loss modules with parameters (FitNet regressors) are optimised with the student.
+    feature_layers : {loss name: (student layers, teacher layers)}
+        For every "features" loss: layer names (or ``{"student": [...], "teacher": [...]}``); the i-th
+        student layer is paired with the i-th teacher layer. The loss receives lists in that order.
+    optimizer : "sgd" | "adam" | callable(params) -> torch.optim.Optimizer
+        With ``lr``, ``momentum`` (SGD), ``weight_decay``, ``nesterov`` (SGD). ``params`` for a callable
+        is the list of trainable parameters (student, then loss modules).
+    schedule : "step" | "cosine" | None | callable(optimizer) -> LR scheduler
+        Stepped once per epoch. "step": MultiStepLR(``milestones``, ``gamma``); "cosine":
+        CosineAnnealingLR(T_max = epochs).
+    epochs : default number of epochs for :meth:`fit`.
+    device : "cpu", "cuda", "cuda:1", ... (default: CUDA if available). Under torchrun with CUDA, each
+        process uses ``cuda:LOCAL_RANK``.
+    amp : None | "bf16" | "fp16". Autocast for the forward passes (losses are computed in float32).
+        "fp16" needs CUDA and uses ``torch.amp.GradScaler``; "bf16" works on CUDA and CPU.
+    seed : seeds torch/numpy/random (``seed + rank``) at the start of a fresh run and the data order.
+    grad_clip : max gradient norm (None: no clipping).
+    checkpoint_dir, checkpoint_every, keep_checkpoints : every ``checkpoint_every`` epochs (and after the
+        last) ``<dir>/last.pt`` is written atomically; with ``keep_checkpoints`` also ``epoch_<n>.pt``.
+    resume : False | True (``<checkpoint_dir>/last.pt`` if it exists) | path of a checkpoint.
+    log_path : JSON-lines metrics file (rank 0); ``log_every`` steps per step record (0: epoch records only).
+    progress : tqdm progress bars (rank 0 only).
+    cache_teacher_logits : compute teacher logits once per dataset index and reuse them in later epochs.
+        Needs batches ``(inputs, targets, index)`` (wrap the dataset in :class:`IndexedDataset`), no
+        feature losses, and a deterministic data pipeline: with random augmentation the cached logits
+        belong to a different view of the sample than the one the student sees.
+    batch_size, num_workers : used only when ``fit`` is given a Dataset instead of a DataLoader.
+    distributed : "auto" (DDP when the env var WORLD_SIZE > 1, i.e. under torchrun) | True | False.
+    sync_bn : convert the student's BatchNorm layers to SyncBatchNorm under DDP (CUDA/NCCL only).
+    compile : False | True | dict of torch.compile kwargs, applied to the student's forward.
+    ddp_kwargs : extra DistributedDataParallel arguments (e.g. ``find_unused_parameters=True`` for a
+        student with parameters that some steps do not use).
+
+    Subclass hooks (override to change the algorithm, e.g. alternating optimisation):
+    :meth:`training_step`, :meth:`compute_loss`, :meth:`teacher_forward`, :meth:`backward_step`,
+    :meth:`trainable_parameters`, :meth:`build_optimizer`, :meth:`build_scheduler`,
+    :meth:`checkpoint_state` / :meth:`load_checkpoint_state`, :meth:`on_epoch_start` / :meth:`on_epoch_end`.
+    """
+
+    def __init__(
+        self,
+        teacher: Optional[nn.Module],
+        student: nn.Module,
+        losses: Mapping[str, LossSpec],
+        *,
+        feature_layers: Optional[Mapping[str, Any]] = None,
+        optimizer: Union[str, Callable] = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        schedule: Union[None, str, Callable] = None,
+        milestones: Optional[Sequence[int]] = None,
+        gamma: float = 0.1,
+        epochs: int = 1,
+        device: Union[None, str, torch.device] = None,
+        amp: Optional[str] = None,
+        seed: int = 0,
+        grad_clip: Optional[float] = None,
+        checkpoint_dir: Optional[str] = None,
+        checkpoint_every: int = 1,
+        keep_checkpoints: bool = False,
+        resume: Union[bool, str] = False,
+        log_path: Optional[str] = None,
+        log_every: int = 50,
+        progress: bool = True,
+        cache_teacher_logits: bool = False,
+        batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        distributed: Union[str, bool] = "auto",
+        sync_bn: bool = False,
+        compile: Union[bool, Mapping[str, Any]] = False,
+        ddp_kwargs: Optional[Mapping[str, Any]] = None,
+    ):
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
+        _check_int("epochs", epochs, minimum=1)
+        _check_int("checkpoint_every", checkpoint_every, minimum=1)
+        _check_int("log_every", log_every, minimum=0)
+        _check_int("seed", seed, minimum=0)
+        if amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+        if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
+            raise ValueError(f"grad_clip must be None or a positive number, got {grad_clip!r}")
+        if not isinstance(resume, (bool, str, os.PathLike)):
+            raise TypeError(f"resume must be False, True or a checkpoint path, got {resume!r}")
+        if resume is True and checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir (or pass resume=<path of a checkpoint>)")
+
+        self.epochs = epochs
+        self.seed = seed
+        self.amp = amp
+        self.grad_clip = grad_clip
+        self.checkpoint_dir = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.keep_checkpoints = keep_checkpoints
+        self.resume = resume
+        self.log_path = os.fspath(log_path) if log_path is not None else None
+        self.log_every = log_every
+        self.progress = progress
+        self.cache_teacher_logits = cache_teacher_logits
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+        # --- distributed / device -------------------------------------------------------------------
+        self.rank, self.world_size, self.local_rank = 0, 1, 0
+        self._owns_process_group = False
+        use_ddp = _want_distributed(distributed)
+        self.device = _resolve_device(device, use_ddp)
+        if self.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"amp='fp16' needs a CUDA device (GradScaler); use amp='bf16' on {self.device.type}")
+        if sync_bn and self.device.type != "cuda":
+            raise ValueError("sync_bn=True needs CUDA devices (SyncBatchNorm runs on NCCL); on CPU use a student "
+                             "without BatchNorm or accept per-process BN statistics")
+        if use_ddp:
+            self._init_distributed()
+        self.is_main = self.rank == 0
+
+        # --- losses ---------------------------------------------------------------------------------
+        self.loss_weights: Dict[str, Union[float, Callable[[int], float]]] = {}
+        modules: Dict[str, nn.Module] = {}
+        kinds: Dict[str, Optional[str]] = {}
+        if not isinstance(losses, Mapping) or not losses:
+            raise ValueError("losses must be a non-empty dict {name: loss module or (loss module, weight)}")
+        for name, spec in losses.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"loss names must be identifiers (letters, digits, _), got {name!r}")
+            module, weight = (spec if isinstance(spec, (tuple, list)) else (spec, 1.0))
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"losses[{name!r}] must be an nn.Module (or (module, weight)), got {type(module).__name__}")
+            if not (callable(weight) or isinstance(weight, (int, float))):
+                raise TypeError(f"weight of loss {name!r} must be a number or a function of the epoch, got {weight!r}")
+            modules[name], kinds[name], self.loss_weights[name] = module, loss_kind(module), weight
+        needs_teacher = any(k is not None for k in kinds.values())
+        if needs_teacher and teacher is None:
+            raise ValueError("teacher is None but losses "
+                             f"{[n for n, k in kinds.items() if k is not None]} need teacher outputs")
+        self.loss_kinds = kinds
+        self.student_layers, self.teacher_layers = _parse_feature_layers(feature_layers, kinds)
+        if cache_teacher_logits and self.student_layers:
+            raise ValueError("cache_teacher_logits=True caches logits only, but feature losses "
+                             f"{list(self.student_layers)} need a teacher forward every step")
+
+        # --- models ---------------------------------------------------------------------------------
+        self.student = student.to(self.device)
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = teacher.to(self.device).eval()
+            self.teacher.requires_grad_(False)
+        self.losses = nn.ModuleDict(modules).to(self.device)
+        if use_ddp and sync_bn:
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+        student_names = sorted({n for names in self.student_layers.values() for n in names})
+        teacher_names = sorted({n for names in self.teacher_layers.values() for n in names})
+        self.student_tap = FeatureTap(self.student, student_names) if student_names else None
+        self.teacher_tap = FeatureTap(self.teacher, teacher_names, detach=True) if teacher_names else None
+
+        self.train_module = _StudentWithLosses(self.student, self.losses)
+        self.train_module.kinds = kinds
+        self.train_module.student_tap = self.student_tap
+        self.train_module.student_layers = self.student_layers
+        self.train_module.amp = amp
+        if compile:
+            kw = dict(compile) if isinstance(compile, Mapping) else {}
+            # Taps are registered above, before compiling, so dynamo traces the hooks.
+            self.train_module._student_call[0] = torch.compile(self.student, **kw)
+        self.model = self.train_module  # what forward/backward goes through (DDP-wrapped below)
+        if use_ddp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.train_module, device_ids=ids, **dict(ddp_kwargs or {}))
+
+        # --- optimisation ---------------------------------------------------------------------------
+        self._opt_spec = dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                              nesterov=nesterov)
+        self._sched_spec = dict(schedule=schedule, milestones=milestones, gamma=gamma)
+        _check_schedule_spec(schedule, milestones)
+        self.optimizer = self.build_optimizer(self.trainable_parameters())
+        self.scheduler = None  # built by fit() (cosine needs the number of epochs)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
+
+        self.epoch = 0  # completed epochs
+        self.step = 0   # optimizer steps
+        self.history: List[Dict[str, Any]] = []
+        self._teacher_cache: Optional[torch.Tensor] = None
+        self._teacher_cached: Optional[torch.Tensor] = None
+        self._loader_generator = torch.Generator()
+        self._log_file = None
+        self._current_weights = self.weights_at(0)
+        self._dataset_len = 0
+        self._started = False
+
+    # ------------------------------------------------------------------ building blocks (overridable)
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """Parameters the optimizer updates: the student's, then the loss modules' (e.g. regressors)."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        params += [p for p in self.losses.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the student (and loss modules) have no trainable parameters")
+        return params
+
+    def build_optimizer(self, params) -> torch.optim.Optimizer:
+        spec = self._opt_spec
+        opt = spec["optimizer"]
+        if callable(opt):
+            optimizer = opt(params)
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            return optimizer
+        if not isinstance(spec["lr"], (int, float)) or not spec["lr"] >= 0:
+            raise ValueError(f"lr must be a non-negative number, got {spec['lr']!r}")
+        if opt == "sgd":
+            return torch.optim.SGD(params, lr=spec["lr"], momentum=spec["momentum"],
+                                   weight_decay=spec["weight_decay"], nesterov=spec["nesterov"])
+        if opt == "adam":
+            return torch.optim.Adam(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
+        raise ValueError(f"optimizer must be 'sgd', 'adam' or a callable(params) -> Optimizer, got {opt!r}")
+
+    def build_scheduler(self, optimizer, epochs: int):
+        spec = self._sched_spec
+        sched = spec["schedule"]
+        if sched is None:
+            return None
+        if callable(sched):
+            return sched(optimizer)
+        if sched == "step":
+            return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(spec["milestones"]),
+                                                        gamma=spec["gamma"])
+        if sched == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        raise AssertionError(sched)  # validated in __init__
+
+    def weights_at(self, epoch: int) -> Dict[str, float]:
+        """The loss weights used during ``epoch`` (0-based)."""
+        return {n: float(w(epoch) if callable(w) else w) for n, w in self.loss_weights.items()}
+
+    @torch.no_grad()
+    def teacher_forward(self, inputs: torch.Tensor, index: Optional[torch.Tensor] = None):
+        """Teacher logits (float32) and ``{loss name: [teacher features]}`` for one batch."""
+        if self.teacher is None:
+            return None, {}
+        if self.cache_teacher_logits:
+            if index is None:
+                raise ValueError("cache_teacher_logits=True needs batches (inputs, targets, index): "
+                                 "wrap the dataset in kdfast.distill.IndexedDataset")
+            index = index.to(self.device)
+            if self._teacher_cached is not None and bool(self._teacher_cached[index].all()):
+                return self._teacher_cache[index], {}
+        if self.teacher_tap is not None:
+            self.teacher_tap.clear()
+        self.teacher.eval()
+        with _autocast(self.device, self.amp):
+            logits = self.teacher(inputs)
+        logits = logits.float()
+        feats = {}
+        if self.teacher_tap is not None:
+            by_name = self.teacher_tap.feature_dict
+            feats = {loss: [_to_float(by_name[n]) for n in names] for loss, names in self.teacher_layers.items()}
+        if self.cache_teacher_logits:
+            self._store_teacher_logits(index, logits)
+        return logits, feats
+
+    def _store_teacher_logits(self, index, logits):
+        if self._teacher_cache is None:
+            n = self._dataset_len
+            self._teacher_cache = torch.zeros(n, *logits.shape[1:], device=self.device, dtype=torch.float32)
+            self._teacher_cached = torch.zeros(n, dtype=torch.bool, device=self.device)
+        if int(index.max()) >= self._teacher_cache.shape[0] or int(index.min()) < 0:
+            raise ValueError(f"batch index out of range for a dataset of {self._teacher_cache.shape[0]} samples")
+        self._teacher_cache[index] = logits
+        self._teacher_cached[index] = True
+
+    def compute_loss(self, batch) -> Dict[str, Any]:
+        """Forward teacher and student on one batch.
+
+        Returns ``{"loss": weighted total (with grad), "parts": {name: unweighted loss}, "logits": student
+        logits, "targets": targets}``.
+        """
+        inputs, targets, index = split_batch(batch)
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True) if isinstance(targets, torch.Tensor) else targets
+        t_logits, t_feats = self.teacher_forward(inputs, index)
+        logits, total, parts = self.model(inputs, targets, t_logits, t_feats, self._current_weights)
+        return {"loss": total, "parts": parts, "logits": logits, "targets": targets}
+
+    def backward_step(self, loss: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                      update_scaler: bool = True, retain_graph: bool = False) -> None:
+        """zero_grad, (scaled) backward, optional gradient clipping, optimizer step, scaler update.
+
+        With several optimizer steps per iteration (alternating optimisation), pass ``update_scaler=False``
+        to all but the last call: GradScaler must be updated once per iteration.
+        """
+        optimizer = optimizer or self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward(retain_graph=retain_graph)
+        if self.grad_clip is not None:
+            self.scaler.unscale_(optimizer)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.scaler.step(optimizer)
+        if update_scaler:
+            self.scaler.update()
+
+    def training_step(self, batch) -> Dict[str, Any]:
+        """One optimisation step on ``batch``; returns :meth:`compute_loss`'s dict.
+
+        Override for other update rules (e.g. alternating steps with two optimizers): call
+        ``self.compute_loss(batch)`` and ``self.backward_step(loss, optimizer)`` as needed.
+        """
+        out = self.compute_loss(batch)
+        self.backward_step(out["loss"])
+        return out
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each epoch (0-based)."""
+
+    def on_epoch_end(self, epoch: int, record: Dict[str, Any]) -> None:
+        """Called after each epoch with its metrics record (before the checkpoint is written)."""
+
+    def checkpoint_state(self) -> Dict[str, Any]:
+        """Everything needed to resume (tensors and primitives only). Extend in subclasses."""
+        return {
+            "student": unwrap_model(self.student).state_dict(),
+            "losses": self.losses.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_checkpoint_state(self, ckpt: Mapping[str, Any]) -> None:
+        unwrap_model(self.student).load_state_dict(ckpt["student"])
+        self.losses.load_state_dict(ckpt["losses"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train_loader, epochs: Optional[int] = None, eval_loader=None) -> List[Dict[str, Any]]:
+        """Train until ``epochs`` epochs are completed (default: the constructor's) and return the history.
+
+        ``epochs`` is a total, not an increment: after a resume, or a second call, training continues
+        from the completed epochs. The LR schedule is built on the first call (cosine uses its ``epochs``).
+
+        ``train_loader`` is a DataLoader (its dataset, batch size, collate_fn, workers, drop_last and
+        shuffle flag are kept; its sampler is replaced by a DistributedSampler seeded with ``seed`` so the
+        order depends only on (seed, epoch) and is sharded across DDP ranks) or a map-style Dataset (then
+        ``batch_size`` must be set; shuffled). The batch size is per process.
+        """
+        epochs = self.epochs if epochs is None else epochs
+        _check_int("epochs", epochs, minimum=1)
+        loader, sampler = self._prepare_loader(train_loader)
+        self._dataset_len = len(loader.dataset)
+        if self.scheduler is None:
+            self.scheduler = self.build_scheduler(self.optimizer, epochs)
+        resumed = False
+        if not self._started:  # a second fit() call continues in-process: no reload, no reseed
+            resumed = self._maybe_resume()
+            if not resumed:
+                seed_everything(self.seed + self.rank)
+            self._started = True
+        if self.log_path and self.is_main:
+            os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+            self._log_file = open(self.log_path, "a", encoding="utf-8")
+            if resumed:
+                self._log({"type": "resume", "epoch": self.epoch, "step": self.step})
+        try:
+            for epoch in range(self.epoch, epochs):
+                record = self._train_epoch(loader, sampler, epoch, epochs)
+                if eval_loader is not None:
+                    record.update(self._evaluate_main(eval_loader))
+                self.epoch = epoch + 1
+                self.history.append(record)
+                self.on_epoch_end(epoch, record)
+                self._log(record)
+                if self.checkpoint_dir and (self.epoch % self.checkpoint_every == 0 or self.epoch == epochs):
+                    self.save_checkpoint()
+        finally:
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+        return self.history
+
+    def _train_epoch(self, loader, sampler, epoch: int, epochs: int) -> Dict[str, Any]:
+        self.train_module.train()
+        if self.teacher is not None:
+            self.teacher.eval()
+        sampler.set_epoch(epoch)
+        # Worker seeds (augmentation RNG in DataLoader workers) are drawn from this generator, and a
+        # collate_fn that owns a torch.Generator (batch augmentation) is reseeded: both from
+        # (seed, epoch, rank), so a resumed epoch replays the same augmentation.
+        self._loader_generator.manual_seed(_mix(self.seed, epoch, 1 + 2 * self.rank))
+        collate_gen = getattr(loader.collate_fn, "generator", None)
+        if isinstance(collate_gen, torch.Generator):
+            collate_gen.manual_seed(_mix(self.seed, epoch, 2 + 2 * self.rank))
+        self._current_weights = self.weights_at(epoch)
+        self.on_epoch_start(epoch)
+        sums: Dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = 0
+        steps = 0
+        start = time.perf_counter()
+        bar = _progress(loader, enabled=self.progress and self.is_main, desc=f"epoch {epoch + 1}/{epochs}")
+        for batch in bar:
+            out = self.training_step(batch)
+            self.step += 1
+            steps += 1
+            with torch.no_grad():
+                values = {"loss": out["loss"].detach(), **{f"loss/{k}": v.detach() for k, v in out["parts"].items()}}
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0) + v.float()
+                targets = out.get("targets")
+                if isinstance(targets, torch.Tensor) and targets.dim() == 1:
+                    correct += (out["logits"].argmax(dim=1) == targets).sum()
+                    seen += targets.shape[0]
+            if self.log_every and self.step % self.log_every == 0:
+                step_record = {"type": "step", "epoch": epoch, "step": self.step, "lr": self._lr(),
+                               **{k: v.item() for k, v in values.items()}}
+                self._log(step_record)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{step_record['loss']:.4f}")
+        if steps == 0:
+            raise ValueError("the training loader yielded no batches")
+        if self.scheduler is not None:
+            lr_used = self._lr()
+            self.scheduler.step()
+        else:
+            lr_used = self._lr()
+        # Epoch means over all ranks (torch.distributed collectives; each rank saw its own shard).
+        keys = sorted(sums)
+        stats = torch.stack([sums[k] / steps for k in keys] + [correct.double().float(),
+                                                               torch.tensor(float(seen), device=self.device)])
+        if self.world_size > 1:
+            stats = stats.to(self.device)
+            dist.all_reduce(stats)
+            stats[: len(keys)] /= self.world_size
+        stats = stats.tolist()
+        bad = [k for i, k in enumerate(keys) if not math.isfinite(stats[i])]
+        if bad:
+            # Checked once per epoch (not per step) to avoid a device sync every step.
+            raise FloatingPointError(f"non-finite training loss in epoch {epoch}: "
+                                     + ", ".join(f"{k}={stats[keys.index(k)]}" for k in bad))
+        record = {"type": "epoch", "epoch": epoch, "step": self.step, "lr": lr_used,
+                  **{k: stats[i] for i, k in enumerate(keys)},
+                  "time_s": time.perf_counter() - start}
+        if stats[-1] > 0:
+            record["train_accuracy"] = stats[-2] / stats[-1]
+        return record
+
+    def _evaluate_main(self, eval_loader) -> Dict[str, Any]:
+        # Rank 0 evaluates the whole eval set on the unwrapped student; the others wait.
+        result = {}
+        if self.is_main:
+            metrics = evaluate(unwrap_model(self.student), eval_loader, device=self.device, amp=self.amp)
+            result = {"eval_accuracy": metrics["accuracy"], "eval_loss": metrics["loss"]}
+        if self.world_size > 1:
+            dist.barrier()
+        return result
+
+    def evaluate(self, loader) -> Dict[str, float]:
+        """Accuracy/loss of the student on ``loader`` (see :func:`kdfast.distill.evaluate`)."""
+        return evaluate(unwrap_model(self.student), loader, device=self.device, amp=self.amp)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
+        """Write a checkpoint atomically (rank 0 writes; every rank must call it under DDP)."""
+        rng = capture_rng_state()
+        if self.world_size > 1:
+            per_rank = [None] * self.world_size
+            dist.all_gather_object(per_rank, rng)
+        else:
+            per_rank = [rng]
+        written = None
+        if self.is_main:
+            if path is None:
+                if self.checkpoint_dir is None:
+                    raise ValueError("save_checkpoint needs a path or checkpoint_dir")
+                path = os.path.join(self.checkpoint_dir, "last.pt")
+            ckpt = {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": self.epoch,
+                "step": self.step,
+                "seed": self.seed,
+                "world_size": self.world_size,
+                "rng": per_rank,
+                "sampler": {"seed": self.seed, "epoch": self.epoch},
+                "history": self.history,
+                **self.checkpoint_state(),
+            }
+            atomic_save(ckpt, path)
+            if self.keep_checkpoints and self.checkpoint_dir is not None:
+                atomic_save(ckpt, os.path.join(self.checkpoint_dir, f"epoch_{self.epoch}.pt"))
+            written = path
+        if self.world_size > 1:
+            dist.barrier()
+        return written
+
+    def _maybe_resume(self) -> bool:
+        if self.resume is False:
+            return False
+        if self.resume is True:
+            path = os.path.join(self.checkpoint_dir, "last.pt")
+            if not os.path.isfile(path):
+                return False  # nothing to resume: fresh run
+        else:
+            path = os.fspath(self.resume)
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt["seed"] != self.seed:
+            warnings.warn(f"resuming {path} written with seed {ckpt['seed']} using seed {self.seed}: "
+                          "the data order will differ from the original run")
+        self.load_checkpoint_state(ckpt)
+        self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
+        self.history = list(ckpt.get("history", []))
+        rngs = ckpt["rng"]
+        if len(rngs) == self.world_size:
+            restore_rng_state(rngs[self.rank])
+        else:
+            warnings.warn(f"checkpoint written by {len(rngs)} processes, resuming with {self.world_size}: "
+                          "RNG states re-seeded, the run is not bit-identical to an uninterrupted one")
+            seed_everything(_mix(self.seed + self.rank, self.epoch, 0) % (2**31))
+        return True
+
+    # ------------------------------------------------------------------ helpers
+    def _prepare_loader(self, train):
+        if isinstance(train, DataLoader):
+            dataset = train.dataset
+            if isinstance(dataset, IterableDataset):
+                raise ValueError("fit needs a map-style dataset (IterableDataset order cannot be resumed or sharded)")
+            if train.batch_size is None or not isinstance(train.batch_sampler, BatchSampler):
+                raise ValueError("fit needs a DataLoader with batch_size (custom batch samplers are not supported: "
+                                 "the trainer replaces the sampler for DDP sharding and exact resume)")
+            shuffle = _sampler_shuffles(train.sampler)
+            batch_size, drop_last = train.batch_size, train.drop_last
+            kw = dict(num_workers=train.num_workers, collate_fn=train.collate_fn, pin_memory=train.pin_memory,
+                      timeout=train.timeout, worker_init_fn=train.worker_init_fn,
+                      multiprocessing_context=train.multiprocessing_context,
+                      persistent_workers=train.persistent_workers)
+            if train.num_workers > 0:
+                kw["prefetch_factor"] = train.prefetch_factor
+        elif isinstance(train, Dataset) and not isinstance(train, IterableDataset):
+            if self.batch_size is None:
+                raise ValueError("fit was given a Dataset: set Distiller(batch_size=...) or pass a DataLoader")
+            dataset, shuffle, batch_size, drop_last = train, True, self.batch_size, False
+            kw = dict(num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        else:
+            raise TypeError(f"train_loader must be a torch DataLoader or a map-style Dataset, got {type(train).__name__}")
+        sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
+                                     seed=self.seed, drop_last=False)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                            generator=self._loader_generator, **kw)
+        return loader, sampler
+
+    def _init_distributed(self) -> None:
+        if not dist.is_available():
+            raise RuntimeError("distributed training requested but torch.distributed is not available")
+        if not dist.is_initialized():
+            missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+            if missing:
+                raise RuntimeError(f"distributed training needs the env vars {missing} (launch with torchrun)")
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend, init_method="env://")
+            self._owns_process_group = True
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+
+    def close(self) -> None:
+        """Remove feature hooks and destroy the process group if this Distiller created it."""
+        for tap in (self.student_tap, self.teacher_tap):
+            if tap is not None:
+                tap.remove()
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_process_group = False
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        if self._log_file is None:
+            return
+        record = {**record, "time": time.time()}
+        self._log_file.write(json.dumps(record, default=_json_default) + "\n")
+        self._log_file.flush()
+
+
+# ---------------------------------------------------------------------- module helpers
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_schedule_spec(schedule, milestones) -> None:
+    if schedule is None or callable(schedule) or schedule == "cosine":
+        return
+    if schedule == "step":
+        if milestones is None or not all(isinstance(m, int) and m > 0 for m in milestones):
+            raise ValueError(f"schedule='step' needs milestones, a list of positive epoch numbers, got {milestones!r}")
+        return
+    raise ValueError(f"schedule must be 'step', 'cosine', None or a callable(optimizer) -> scheduler, got {schedule!r}")
+
+
+def _parse_feature_layers(feature_layers, kinds):
+    feature_losses = [n for n, k in kinds.items() if k == FEATURES]
+    feature_layers = dict(feature_layers or {})
+    unknown = [n for n in feature_layers if n not in kinds]
+    if unknown:
+        raise ValueError(f"feature_layers names losses {unknown} that are not in losses {list(kinds)}")
+    not_features = [n for n in feature_layers if kinds[n] != FEATURES]
+    if not_features:
+        raise ValueError(f"feature_layers given for {not_features}, which are not feature losses "
+                         "(kdfast_inputs = 'features')")
+    missing = [n for n in feature_losses if n not in feature_layers]
+    if missing:
+        raise ValueError(f"feature losses {missing} need feature_layers={{name: (student layers, teacher layers)}}")
+    student, teacher = {}, {}
+    for name, spec in feature_layers.items():
+        if isinstance(spec, Mapping):
+            extra = set(spec) - {"student", "teacher"}
+            if extra or len(spec) != 2:
+                raise ValueError(f"feature_layers[{name!r}] must have exactly the keys 'student' and 'teacher'")
+            s, t = spec["student"], spec["teacher"]
+        elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+            s, t = spec
+        else:
+            raise ValueError(f"feature_layers[{name!r}] must be (student layers, teacher layers), got {spec!r}")
+        s = as_name_list(s, f"feature_layers[{name!r}] student layers")
+        t = as_name_list(t, f"feature_layers[{name!r}] teacher layers")
+        if len(s) != len(t):
+            raise ValueError(f"feature_layers[{name!r}] pairs layers by position but has {len(s)} student and "
+                             f"{len(t)} teacher layers")
+        student[name], teacher[name] = s, t
+    return student, teacher
+
+
+def _sampler_shuffles(sampler) -> bool:
+    if isinstance(sampler, RandomSampler):
+        if sampler.replacement or sampler._num_samples is not None:
+            raise ValueError("RandomSampler with replacement/num_samples is not supported by fit (use shuffle=True)")
+        return True
+    if isinstance(sampler, SequentialSampler):
+        return False
+    if isinstance(sampler, DistributedSampler):
+        return sampler.shuffle
+    raise ValueError(f"fit does not support the custom sampler {type(sampler).__name__}: the trainer replaces the "
+                     "sampler for DDP sharding and exact resume (use shuffle=True/False)")
+
+
+def _want_distributed(distributed) -> bool:
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if distributed == "auto":
+        return env_world > 1 or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+    if isinstance(distributed, bool):
+        return distributed
+    raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+
+
+def _resolve_device(device, use_ddp: bool) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available")
+        if use_ddp and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index is not None:
+            torch.cuda.set_device(device)
+    return device
+
+
+def _mix(seed: int, epoch: int, stream: int) -> int:
+    """A 63-bit seed from (seed, epoch, stream) (splitmix-style), so streams don't collide."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return x & (2**63 - 1)
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but never fail training over a progress bar
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _json_default(value):
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)
