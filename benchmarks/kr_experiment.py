@@ -1,6 +1,6 @@
 """Knowledge Representing on the embedded digits data: does it help a deliberately weak student?
 
-    python benchmarks/kr_experiment.py [--epochs 30] [--seeds 0 1 2] [--out benchmarks/results/kr_experiment]
+    python benchmarks/kr_experiment.py [--epochs 20] [--seeds 0 1 2] [--out benchmarks/results/kr_experiment]
 
 Teacher: a 6-block CNN (conv-BN-ReLU, 16-16-16-32-32-32 channels, stride 2 at block 4), trained
 once (seed 0). Student: a 2-block CNN with 4 and 8 channels (about 500 parameters), far below the
@@ -8,7 +8,7 @@ teacher's capacity, trained from the same initialisation per seed with:
 
 * student: cross-entropy only;
 * KD: Hinton KD (T = 4, alpha = 0.9);
-* FitNet: CE + 100 x hint MSE (student block 2 -> teacher block 5 via a learned regressor, RepDistiller's weight);
+* FitNet: CE + hint MSE (student block 2 -> teacher block 5 via a learned regressor; weight 1, see HINT_WEIGHT);
 * KR (no recoding): KRDistiller (KD loss + aggregation of teacher blocks 1-3 -> student block 1
   and 4-6 -> student block 2, k = 3), sparse recoding off;
 * KR: the same with SparseRecoding, at several (boost, damp, shrink) settings; the best setting
@@ -67,9 +67,12 @@ def student_net():
 
 TEACHER_LAYERS = [f"blocks.{i}" for i in range(6)]
 STUDENT_LAYERS = ["blocks.0", "blocks.1"]
+# FitNet's hint weight: RepDistiller's CIFAR weight (100) swamps the CE of this 438-parameter
+# student (test accuracy 0.38 in a trial run), so the experiment uses 1.
+HINT_WEIGHT = 1.0
 
 # SparseRecoding settings tried (boost, damp, shrink); tau_rate 0.01 throughout.
-RECODING_SETTINGS = [(2.0, 0.0, 0.0), (2.0, 0.5, 0.0), (1.5, 0.5, 0.0), (1.5, 0.5, 1e-4), (1.0, 0.5, 0.0)]
+RECODING_SETTINGS = [(2.0, 0.0, 0.0), (2.0, 0.5, 0.0), (2.0, 0.9, 0.0), (1.5, 0.5, 0.0), (1.5, 0.5, 1e-4), (1.0, 0.5, 0.0)]
 
 
 def common(epochs, seed):
@@ -98,7 +101,7 @@ def run(method, teacher, train, test, train_eval, epochs, seed, recoding=None):
         d = Distiller(teacher, student, {"kd": KDLoss(4.0, alpha=0.9)}, **common(epochs, seed))
     elif method == "fitnet":
         hint = HintLoss(student_shape=(8, 4, 4), teacher_shape=(32, 4, 4))
-        d = Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "hint": (hint, 100.0)},
+        d = Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "hint": (hint, HINT_WEIGHT)},
                       feature_layers={"hint": (["blocks.1"], ["blocks.4"])}, **common(epochs, seed))
     else:
         d = KRDistiller(teacher, student, {"kd": KDLoss(4.0, alpha=0.9)}, teacher_layers=TEACHER_LAYERS,
@@ -128,8 +131,8 @@ def run(method, teacher, train, test, train_eval, epochs, seed, recoding=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--teacher-epochs", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "kr_experiment"))
     args = parser.parse_args(argv)

@@ -124,12 +124,10 @@ class SparseRecoding:
                 taus.index_copy_(0, index, subset)
 
     def _apply(self, grads, params, taus) -> None:
-        for i, (g, p) in enumerate(zip(grads, params)):
-            if g.shape != p.shape:
-                raise ValueError(f"shape mismatch: the grad of a parameter has shape {tuple(g.shape)} but the parameter {tuple(p.shape)}")
         # .grad tensors normally share the parameter's layout (torch's gradient layout contract); a
-        # grad that does not (set by hand) is recoded through a copy in the parameter's layout.
-        fixed = [g if g.stride() == p.stride() and _checks._is_dense(g) else torch.empty_like(p).copy_(g)
+        # grad that does not (set by hand) is recoded through a copy in the parameter's layout. The
+        # op checks shapes, dtypes and devices itself.
+        fixed = [g if g.stride() == p.stride() or g.shape != p.shape else torch.empty_like(p).copy_(g)
                  for g, p in zip(grads, params)]
         torch.ops.kdfast.sparse_recoding_(fixed, [p.detach() for p in params], taus,
                                           self.boost, self.damp, self.shrink, self.tau_rate)

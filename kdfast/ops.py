@@ -135,5 +135,14 @@ def sparse_recoding_(grads, params, taus: torch.Tensor, boost: float, damp: floa
     """
     _ext.require_ops()
     grads, params = list(grads), list(params)
-    _checks.sparse_recoding_args(grads, params, taus, boost, damp, shrink, tau_rate)
+    # Only what the op's schema cannot express is checked here: the C++ op runs the same per-tensor
+    # checks as _checks.sparse_recoding_args (same messages and exception types), without a Python
+    # loop over the list (hundreds of tensors for a ResNet-50).
+    for name, items in (("grads", grads), ("params", params)):
+        for i, t in enumerate(items):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(taus, torch.Tensor):
+        raise TypeError(f"taus must be a torch.Tensor, got {type(taus).__name__}")
+    _checks.sparse_recoding_hyperparameters(boost, damp, shrink, tau_rate)
     torch.ops.kdfast.sparse_recoding_(grads, params, taus, float(boost), float(damp), float(shrink), float(tau_rate))

@@ -443,3 +443,16 @@ def test_cuda_hook_matches_cpu():
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-6, atol=1e-7)
     for s, t in zip(a.taus, b.taus):
         torch.testing.assert_close(t.cpu(), s, rtol=1e-6, atol=0)
+
+
+def test_hook_grad_in_other_layout():
+    # A .grad set by hand in another layout than its parameter is recoded through a copy.
+    p = torch.nn.Parameter(torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last))
+    g = torch.randn(4, 3, 3, 3)
+    p.grad = g.clone()
+    hook = SparseRecoding([p], boost=2.0, damp=0.5, shrink=0.01, tau_rate=0.1)
+    ref_g, ref_t = [g.clone()], torch.stack(hook.taus).clone()
+    hook.step()
+    reference.sparse_recoding_(ref_g, [p.detach()], ref_t, 2.0, 0.5, 0.01, 0.1)
+    torch.testing.assert_close(p.grad, ref_g[0])
+    torch.testing.assert_close(hook.taus[0], ref_t[0])
