@@ -15,18 +15,23 @@
 namespace kdfast {
 namespace sparse_recoding {
 
-// g' for one entry. Written without branches so the CPU loop vectorises (the compiler turns the
-// selects into blends).
-template <typename acc_t>
-KDFAST_HOST_DEVICE acc_t recode(acc_t g, acc_t theta, acc_t tau, acc_t boost, acc_t damp, acc_t shrink) {
-  const acc_t magnitude = theta < acc_t(0) ? -theta : theta;
-  const acc_t sign = acc_t(theta > acc_t(0)) - acc_t(theta < acc_t(0));
-  return magnitude > tau ? boost * g : damp * g + shrink * sign;
-}
-
 template <typename acc_t>
 KDFAST_HOST_DEVICE acc_t magnitude(acc_t theta) {
-  return theta < acc_t(0) ? -theta : theta;
+  const acc_t negated = -theta;
+  return theta < acc_t(0) ? negated : theta;
+}
+
+// g' for one entry, as factor * g + offset: (boost, 0) for dominant entries, (damp, shrink * sign)
+// for inactive ones. Selects between ready values, no float op under a condition, so the CPU loop
+// vectorises into blends (csrc/ops/cpu/sparse_recoding_kernel.cpp also compiles it without
+// -ftrapping-math, under which GCC treats float compares as control flow).
+template <typename acc_t>
+KDFAST_HOST_DEVICE acc_t recode(acc_t g, acc_t theta, acc_t tau, acc_t boost, acc_t damp, acc_t shrink) {
+  const acc_t sign = acc_t(theta > acc_t(0)) - acc_t(theta < acc_t(0));
+  const bool dominant = magnitude(theta) > tau;
+  const acc_t factor = dominant ? boost : damp;
+  const acc_t offset = dominant ? acc_t(0) : shrink * sign;
+  return factor * g + offset;
 }
 
 // The threshold's update from the sum of |theta| over `numel` entries (a tensor without entries
