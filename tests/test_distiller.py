@@ -1,6 +1,5 @@
 """kdfast.distill: FeatureTap, loss dispatch, optimizer/scheduler options, checkpoints, caching, errors."""
 import copy
-import glob
 import json
 import os
 
@@ -279,11 +278,19 @@ def test_cache_teacher_logits_same_result_fewer_teacher_calls():
         torch.testing.assert_close(a, b)
 
 
-def test_cache_teacher_logits_needs_indices():
+def test_cache_teacher_logits_needs_indices_and_no_augmentation():
     teacher, student = models()
     d = Distiller(teacher, student, {"kd": SoftKL()}, cache_teacher_logits=True, **QUIET)
     with pytest.raises(ValueError, match="IndexedDataset"):
         d.fit(DataLoader(synthetic(8), batch_size=4), epochs=1)
+
+    def collate(items):
+        x, y, i = torch.utils.data.default_collate(items)
+        return x + torch.randn(x.shape, generator=collate.generator), y, i
+
+    collate.generator = torch.Generator()
+    with pytest.raises(ValueError, match="random-augmentation collate_fn"):
+        d.fit(DataLoader(IndexedDataset(synthetic(8)), batch_size=4, collate_fn=collate), epochs=1)
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -300,6 +307,22 @@ def test_checkpoint_weights_only_and_contents(tmp_path):
     assert raw["scheduler"]["last_epoch"] == 2 and raw["sampler"] == {"seed": 0, "epoch": 2}
     assert isinstance(raw["rng"][0]["torch"], torch.Tensor)
     assert load_checkpoint(tmp_path / "epoch_1.pt")["epoch"] == 1
+
+
+def test_rng_state_roundtrip_through_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from kdfast.distill import capture_rng_state, restore_rng_state
+
+    np.random.randn(), random.gauss(0, 1)  # leave cached Gaussians in both generators
+    atomic_save(capture_rng_state(), tmp_path / "rng.pt")
+    draw = lambda: (torch.rand(3), np.random.rand(3), np.random.randn(), random.random(), random.gauss(0, 1))  # noqa: E731
+    a = draw()
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    b = draw()
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
 
 
 def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
@@ -473,3 +496,41 @@ def test_second_fit_call_continues(tmp_path):
     assert runs[0][:2] == runs[1][:2] == (2, 4)
     for a, b in zip(runs[0][2], runs[1][2]):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------- with kdfast.losses
+def test_kdfast_losses_plug_in_one_step():
+    from kdfast.losses import ATLoss, FSPLoss, HintLoss, KDLoss, NSTLoss
+
+    torch.manual_seed(0)
+    teacher, student = TinyNet(4), TinyNet(4)
+    ref = copy.deepcopy(student)
+    hint = HintLoss(student_shape=(4, 8, 8), teacher_shape=(4, 8, 8))
+    hint_ref = copy.deepcopy(hint)
+    losses = {"kd": KDLoss(temperature=4.0, alpha=0.9), "nst": (NSTLoss(), 5.0), "at": (ATLoss(), 1.0),
+              "fsp": (FSPLoss(), 0.5), "hint": (hint, 2.0)}
+    layers = {"nst": ("conv2", "conv2"), "at": (["conv1", "conv2"], ["conv1", "conv2"]),
+              "fsp": (["conv1", "conv2"], ["conv1", "conv2"]), "hint": ("conv1", "conv1")}
+    d = Distiller(teacher, student, losses, feature_layers=layers, lr=0.1, momentum=0.0, weight_decay=0.0, **QUIET)
+    data = synthetic(8)
+    x, y = data.tensors
+    d.fit(DataLoader(data, batch_size=8), epochs=1)
+
+    feats = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: feats.__setitem__(n, o))
+             for n, m in (("conv1", ref.conv1), ("conv2", ref.conv2))]
+    logits = ref(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        t_logits = teacher(x)
+        t1 = teacher.conv1(x)
+        t2 = teacher.conv2(F.relu(t1))
+    s1, s2 = feats["conv1"], feats["conv2"]
+    loss = (KDLoss(4.0, 0.9)(logits, t_logits, y) + 5.0 * NSTLoss()([s2], [t2]) + ATLoss()([s1, s2], [t1, t2])
+            + 0.5 * FSPLoss()([s1, s2], [t1, t2]) + 2.0 * hint_ref([s1], [t1]))
+    params = list(ref.parameters()) + list(hint_ref.parameters())
+    grads = torch.autograd.grad(loss, params)
+    for p, g, q in zip(params, grads, list(student.parameters()) + list(hint.parameters())):
+        torch.testing.assert_close(q, p - 0.1 * g, rtol=1e-4, atol=1e-6)
+    assert d.history[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)

@@ -10,13 +10,14 @@ Example (every section but ``student``, ``data`` and ``losses`` is optional)::
       name: resnet56            # kdfast.models.build(name, **other keys)
       weights: runs/teacher/last.pt   # a state dict, or a kdfast checkpoint (its "student" entry)
     student: {name: resnet20}   # num_classes / in_channels default to the dataset's
+    # or the Tucker-decomposed teacher (kdfast.decompose(teacher, **decompose)):
+    # student: {decompose: {ranks: evbmf}}
     data:                       # kdfast.data.loaders(name, root, batch_size, ...)
       name: cifar100
       root: /data/cifar
       batch_size: 64            # per process under torchrun
     losses:                     # name: {type, weight, [student_layers, teacher_layers], constructor kwargs}
-      ce: {type: CrossEntropyLoss, weight: 0.1}
-      kd: {type: KDLoss, weight: 0.9, T: 4}
+      kd: {type: KDLoss, temperature: 4, alpha: 0.9}   # 0.1 CE + 0.9 T^2 KL (RepDistiller's recipe)
       nst: {type: NSTLoss, weight: 50, student_layers: [layer3], teacher_layers: [layer3]}
     optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, nesterov: false}
     schedule: {name: step, milestones: [150, 180, 210], gamma: 0.1}
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import torch
 from torch import nn
@@ -134,11 +135,22 @@ def validate_config(cfg: Any) -> Dict[str, Any]:
             raise ConfigError(f"schedule.milestones must be a list of positive ints, got {sched['milestones']!r}")
     if out["optimizer"]["name"] not in ("sgd", "adam"):
         raise ConfigError(f"optimizer.name must be 'sgd' or 'adam', got {out['optimizer']['name']!r}")
+    if out["train"]["cache_teacher_logits"] and out["data"]["augment"]:
+        raise ConfigError("train.cache_teacher_logits needs data.augment: false (cached teacher logits would "
+                          "belong to another augmented view than the student sees)")
     if out["checkpoint"] is not None and out["checkpoint"]["dir"] is None:
         raise ConfigError("checkpoint.dir is required when a checkpoint section is given")
+    student = out["student"]
+    if "decompose" in student:
+        extra = [k for k in student if k not in ("decompose", "weights")]
+        if extra:
+            raise ConfigError(f"unknown key {extra[0]!r} in student with decompose; valid keys: decompose, weights")
+        _check_type("student.decompose", student["decompose"], (dict,))
+        if out["teacher"] is None:
+            raise ConfigError("student.decompose needs a teacher (the student is the decomposed teacher)")
     for role in ("teacher", "student"):
         spec = out[role]
-        if spec is None:
+        if spec is None or (role == "student" and "decompose" in spec):
             continue
         if "name" not in spec or not isinstance(spec["name"], str):
             raise ConfigError(f"{role}.name is required (a model name for kdfast.models.build)")
@@ -218,18 +230,38 @@ def _build_model(role: str, spec: Mapping[str, Any], dataset) -> nn.Module:
         model = models.build(spec["name"], **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{role}: {e}") from None
-    weights = spec.get("weights")
-    if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and state.get("format", "").startswith("kdfast.distill"):
-            state = state["student"]  # a kdfast checkpoint: the trained model is its "student"
-        elif isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ConfigError(f"{role}.weights {weights} does not fit {spec['name']}: {e}") from None
+    if spec.get("weights"):
+        _load_weights(role, model, spec["weights"], spec["name"])
     return model
+
+
+def _load_weights(role: str, model: nn.Module, weights: str, name: str) -> None:
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and str(state.get("format", "")).startswith("kdfast.distill"):
+        state = state["student"]  # a kdfast checkpoint: the trained model is its "student"
+    elif isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"{role}.weights {weights} does not fit {name}: {e}") from None
+
+
+def _decomposed_student(teacher: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
+    """The paper-000 student: the (trained) teacher with its convolutions Tucker-2 decomposed
+    (``kdfast.decompose(teacher, **spec["decompose"])``, e.g. ``{ranks: evbmf}``), then fine-tuned by KD.
+    Deterministic (HOSVD/EVBMF), so a resumed run rebuilds the same shapes before loading its checkpoint."""
+    import kdfast
+
+    try:
+        student, _report = kdfast.decompose(teacher, **spec["decompose"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"student.decompose: {e}") from None
+    if student is teacher:
+        raise ConfigError("student.decompose: inplace=True would make the student the teacher itself")
+    if spec.get("weights"):
+        _load_weights("student", student, spec["weights"], "the decomposed teacher")
+    return student
 
 
 def build_from_config(cfg: Mapping[str, Any]):
@@ -247,7 +279,10 @@ def build_from_config(cfg: Mapping[str, Any]):
     )
     dataset = train_loader.dataset
     teacher = _build_model("teacher", cfg["teacher"], dataset) if cfg["teacher"] is not None else None
-    student = _build_model("student", cfg["student"], dataset)
+    if "decompose" in cfg["student"]:
+        student = _decomposed_student(teacher, cfg["student"])
+    else:
+        student = _build_model("student", cfg["student"], dataset)
 
     losses, feature_layers = {}, {}
     for name, spec in cfg["losses"].items():

@@ -222,6 +222,15 @@ class Distiller:
     ddp_kwargs : extra DistributedDataParallel arguments (e.g. ``find_unused_parameters=True`` for a
         student with parameters that some steps do not use).
 
+    Resume and determinism: checkpoints are written at epoch ends only; a run interrupted mid-epoch
+    restarts from the last epoch checkpoint and replays the lost steps. The data order depends only on
+    (seed, epoch) (DistributedSampler), worker seeds and a ``collate_fn.generator`` (if the collate
+    function owns a torch.Generator) are reseeded from (seed, epoch, rank), and the torch/numpy/Python
+    RNG states of every rank are restored, so on CPU the resumed run is bit-identical to an uninterrupted
+    one (tested). Requirements: the same seed and world size, and no other RNG source (an augmentation
+    library with its own global state is not captured). On CUDA the same holds only with deterministic
+    kernels (``torch.use_deterministic_algorithms(True)``); otherwise results differ in the last bits.
+
     Subclass hooks (override to change the algorithm, e.g. alternating optimisation):
     :meth:`training_step`, :meth:`compute_loss`, :meth:`teacher_forward`, :meth:`backward_step`,
     :meth:`trainable_parameters`, :meth:`build_optimizer`, :meth:`build_scheduler`,
@@ -544,6 +553,9 @@ class Distiller:
         _check_int("epochs", epochs, minimum=1)
         loader, sampler = self._prepare_loader(train_loader)
         self._dataset_len = len(loader.dataset)
+        if self.cache_teacher_logits and isinstance(getattr(loader.collate_fn, "generator", None), torch.Generator):
+            raise ValueError("cache_teacher_logits=True with a random-augmentation collate_fn: cached teacher logits "
+                             "would belong to another augmented view than the student sees; disable one of them")
         if self.scheduler is None:
             self.scheduler = self.build_scheduler(self.optimizer, epochs)
         resumed = False
@@ -633,11 +645,12 @@ class Distiller:
             # Checked once per epoch (not per step) to avoid a device sync every step.
             raise FloatingPointError(f"non-finite training loss in epoch {epoch}: "
                                      + ", ".join(f"{k}={stats[keys.index(k)]}" for k in bad))
+        elapsed = time.perf_counter() - start
         record = {"type": "epoch", "epoch": epoch, "step": self.step, "lr": lr_used,
-                  **{k: stats[i] for i, k in enumerate(keys)},
-                  "time_s": time.perf_counter() - start}
+                  **{k: stats[i] for i, k in enumerate(keys)}, "time_s": elapsed}
         if stats[-1] > 0:
             record["train_accuracy"] = stats[-2] / stats[-1]
+            record["samples_per_s"] = stats[-1] / elapsed  # all ranks together
         return record
 
     def _evaluate_main(self, eval_loader) -> Dict[str, Any]:
