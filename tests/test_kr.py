@@ -200,3 +200,11 @@ def test_kr_distiller_errors():
     with pytest.raises(ValueError, match="do not form groups of k = 3"):
         KRDistiller(Teacher(), Student(), {"ce": nn.CrossEntropyLoss()}, teacher_layers=T_LAYERS[:5],
                     student_layers=S_LAYERS, example_input=torch.randn(1, 1, 8, 8), device="cpu")
+
+
+def test_kr_distiller_bf16_autocast():
+    d = _distiller(amp="bf16", epochs=1)
+    history = d.fit(_data(16))
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in history[-1].items() if k.startswith("loss"))
+    assert all(p.dtype == torch.float32 for p in d.aggregation.parameters())
+    d.close()
