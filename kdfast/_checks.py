@@ -204,3 +204,82 @@ def kd_loss_args(student_logits, teacher_logits, targets, temperature, alpha, ig
         )
     if targets.device != student_logits.device:
         raise ValueError(f"device mismatch: student_logits is on {student_logits.device} but targets is on {targets.device}")
+
+
+# ------------------------------------------------------------------ KR: sparse recoding
+def sparse_recoding_hyperparameters(boost, damp, shrink, tau_rate) -> None:
+    def number(name, v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+        return float(v)
+
+    boost, damp, shrink, tau_rate = (number(n, v) for n, v in
+                                     (("boost", boost), ("damp", damp), ("shrink", shrink), ("tau_rate", tau_rate)))
+    if not (boost >= 1.0 and boost < float("inf")):
+        raise ValueError(f"boost must be a finite number >= 1, got {boost!r}")
+    if not (0.0 <= damp < 1.0):
+        raise ValueError(f"damp must be in [0, 1), got {damp!r}")
+    if not (shrink >= 0.0 and shrink < float("inf")):
+        raise ValueError(f"shrink must be a finite number >= 0, got {shrink!r}")
+    if not (0.0 <= tau_rate <= 1.0):
+        raise ValueError(f"tau_rate must be in [0, 1], got {tau_rate!r}")
+
+
+def sparse_recoding_args(grads, params, taus, boost, damp, shrink, tau_rate) -> None:
+    """Mirrors csrc/ops/sparse_recoding_impl.h: check_args (same messages)."""
+    n = len(grads)
+    if n == 0:
+        raise ValueError("grads must contain at least one tensor, got an empty list")
+    if len(params) != n:
+        raise ValueError(f"params must have one tensor per grad: got {n} grads and {len(params)} params")
+    first = grads[0]
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"grads[{i}] must be a torch.Tensor, got {type(g).__name__}")
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}")
+        if g.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"grads[{i}] must be float32, float64, float16 or bfloat16, got {g.dtype}")
+        if p.dtype != g.dtype:
+            raise TypeError(f"dtype mismatch: grads[{i}] is {g.dtype} but params[{i}] is {p.dtype}")
+        if g.dtype != first.dtype:
+            raise TypeError(
+                f"all tensors must share one dtype: grads[0] is {first.dtype} but grads[{i}] is {g.dtype} "
+                "(kdfast.hooks.SparseRecoding groups tensors by device and dtype)"
+            )
+        if g.device != first.device:
+            raise ValueError(f"device mismatch: grads[0] is on {first.device} but grads[{i}] is on {g.device}")
+        if p.device != g.device:
+            raise ValueError(f"device mismatch: grads[{i}] is on {g.device} but params[{i}] is on {p.device}")
+        if g.shape != p.shape:
+            raise ValueError(f"shape mismatch: grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(p.shape)}")
+        if not _is_dense(g):
+            raise ValueError(
+                f"grads[{i}] must be dense (contiguous, or a permutation of it such as channels_last), got strides {g.stride()}"
+            )
+        if g.stride() != p.stride():
+            raise ValueError(
+                f"layout mismatch: grads[{i}] has strides {g.stride()} but params[{i}] has strides {p.stride()}; they must be equal"
+            )
+    if not isinstance(taus, torch.Tensor):
+        raise TypeError(f"taus must be a torch.Tensor, got {type(taus).__name__}")
+    if taus.dtype != torch.float32:
+        raise TypeError(f"taus must be float32, got {taus.dtype}")
+    if taus.dim() != 1 or taus.shape[0] != n:
+        raise ValueError(f"taus must have shape ({n},), one threshold per tensor, got shape {tuple(taus.shape)}")
+    if not taus.is_contiguous():
+        raise ValueError("taus must be contiguous")
+    if taus.device != first.device:
+        raise ValueError(f"device mismatch: grads[0] is on {first.device} but taus is on {taus.device}")
+    sparse_recoding_hyperparameters(boost, damp, shrink, tau_rate)
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """torch's is_non_overlapping_and_dense: the strides are a permutation of a contiguous layout's."""
+    dims = sorted((s, d) for d, s in zip(t.shape, t.stride()) if d != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -170,6 +170,14 @@ def _register_tucker_conv2d() -> None:
     )
     torch.library.register_autograd("kdfast::_tucker_conv2d_backward", _no_double_backward("_tucker_conv2d_backward"))
 
+# ----------------------------------------------------------------------- KR: sparse recoding
+# A mutating op without outputs and without autograd (it edits .grad tensors, which do not require
+# grad); the fake kernel only checks the arguments.
+@torch.library.register_fake("kdfast::sparse_recoding_")
+def _sparse_recoding_fake(grads, params, taus, boost, damp, shrink, tau_rate):
+    _checks.sparse_recoding_args(grads, params, taus, boost, damp, shrink, tau_rate)
+    return None
+
 
 def register_all() -> None:
     torch.library.register_autograd("kdfast::fsp_matrix", _fsp_matrix_backward, setup_context=_fsp_matrix_setup)
@@ -178,6 +186,7 @@ def register_all() -> None:
     for name in ("_fsp_matrix_backward", "_fsp_loss_backward", "_nst_loss_backward"):
         torch.library.register_autograd(f"kdfast::{name}", _no_double_backward(name))
     _register_tucker_conv2d()
+    register_kd_loss()
 
 
 # ----------------------------------------------------------------------------------------- KD loss

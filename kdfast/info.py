@@ -14,6 +14,8 @@ OPS = {
     "nst_loss": ["nst_loss", "_nst_loss_backward"],
     "tucker_conv2d": ["tucker_conv2d", "_tucker_conv2d_backward", "_tucker_conv2d_path"],
     "kd_loss": ["kd_loss", "_kd_loss_backward"],
+    # KR: a mutating gradient op, no backward.
+    "sparse_recoding_": ["sparse_recoding_"],
 }
 BACKENDS = ("CPU", "CUDA")
 

@@ -11,7 +11,7 @@ import torch
 from . import _checks, _ext
 from .reference import pool_to_common
 
-__all__ = ["fsp_matrix", "fsp_loss", "nst_loss", "nst_poly_form", "kd_loss"]
+__all__ = ["fsp_matrix", "fsp_loss", "nst_loss", "nst_poly_form", "kd_loss", "sparse_recoding_"]
 
 NST_KERNELS = ("linear", "poly", "gaussian")
 
@@ -143,3 +143,41 @@ def kd_loss(
         student_logits, teacher_logits, targets, float(temperature), float(alpha), bool(t2_scale), int(ignore_index),
         reduction,
     )[0]
+
+
+# ------------------------------------------------------------------ KR: sparse recoding
+def sparse_recoding_(grads, params, taus: torch.Tensor, boost: float, damp: float, shrink: float,
+                     tau_rate: float) -> None:
+    """Sparse recoding of Knowledge Representing (Liu et al., CVPR-W 2019, arXiv 1911.05329), in
+    place over a list of gradients, one multi-tensor op call.
+
+    The paper's equations are not available; this is **kdfast's interpretation** of its text
+    ("an equal reward within the learnable threshold, to slow down the update of inactive neurons;
+    ... boosts the update to highlight the dominant neurons"). For each pair (g, theta) with
+    threshold tau = taus[i]:
+
+    * dominant entries, ``|theta| > tau``: ``g <- boost * g``  (boost >= 1)
+    * inactive entries, ``|theta| <= tau``: ``g <- damp * g + shrink * sign(theta)``
+      (damp in [0, 1), shrink >= 0: a pull of small weights towards 0, an L1 term on them only)
+
+    then ``taus[i] <- tau + tau_rate * (mean |theta| - tau)`` (tau_rate in [0, 1]; 0 keeps it).
+
+    grads, params: equal-length lists of dense tensors (contiguous or channels_last), one dtype
+    (float32, float64, float16, bfloat16) and one device for the whole list; params[i] must have
+    grads[i]'s shape, dtype and strides. float16/bfloat16 are computed in float32.
+    taus: float32 (len(grads),) on the same device: the thresholds of this step on entry, the next
+    ones on exit. Each theta and g is read once and g written once; |theta| is summed in the same pass.
+    """
+    _ext.require_ops()
+    grads, params = list(grads), list(params)
+    # Only what the op's schema cannot express is checked here: the C++ op runs the same per-tensor
+    # checks as _checks.sparse_recoding_args (same messages and exception types), without a Python
+    # loop over the list (hundreds of tensors for a ResNet-50).
+    for name, items in (("grads", grads), ("params", params)):
+        for i, t in enumerate(items):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(taus, torch.Tensor):
+        raise TypeError(f"taus must be a torch.Tensor, got {type(taus).__name__}")
+    _checks.sparse_recoding_hyperparameters(boost, damp, shrink, tau_rate)
+    torch.ops.kdfast.sparse_recoding_(grads, params, taus, float(boost), float(damp), float(shrink), float(tau_rate))

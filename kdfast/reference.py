@@ -109,3 +109,27 @@ def kd_loss(student_logits, teacher_logits, targets=None, temperature: float = 4
         loss = per_row.mean()
         return loss if ce_total is None else loss + ce_total
     return reduce(per_row, reduction)
+
+
+# ------------------------------------------------------------------ KR: sparse recoding
+def sparse_recoding_(grads, params, taus, boost: float, damp: float, shrink: float, tau_rate: float) -> None:
+    """Sparse recoding (kdfast's interpretation of Knowledge Representing, Liu et al. 2019, whose
+    equations are not available), per tensor in plain PyTorch ops, in place:
+
+        |theta| >  tau:  g <- boost * g
+        |theta| <= tau:  g <- damp * g + shrink * sign(theta)
+        then tau <- tau + tau_rate * (mean |theta| - tau)
+
+    float16/bfloat16 are computed in float32 and rounded once; taus stays float32 (the update is
+    computed in float64 from the float32 tau). A tensor without entries keeps its tau.
+    """
+    for i, (g, theta) in enumerate(zip(grads, params)):
+        acc = torch.float64 if theta.dtype == torch.float64 else torch.float32
+        th, gr = theta.to(acc), g.to(acc)
+        tau = taus[i].to(acc)
+        dominant = th.abs() > tau
+        recoded = torch.where(dominant, boost * gr, damp * gr + shrink * torch.sign(th))
+        g.copy_(recoded)
+        if theta.numel() > 0:
+            mean = th.abs().sum(dtype=torch.float64) / theta.numel()
+            taus[i] = (taus[i].double() + tau_rate * (mean - taus[i].double())).float()

@@ -47,6 +47,14 @@ TORCH_LIBRARY(kdfast, m) {
       "Tensor stats, float temperature, float alpha, bool t2_scale, int ignore_index, str reduction, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
 
+  // ---------------------------------------------------------------- Knowledge Representing (KR)
+  // Sparse recoding of gradients, in place over a list of (grad, param) pairs with one threshold
+  // each (kdfast's interpretation, see csrc/include/kdfast/sparse_recoding.h). taus holds the
+  // thresholds used for this step and receives the next ones. No autograd: it edits .grad tensors.
+  m.def(
+      "sparse_recoding_(Tensor(a!)[] grads, Tensor[] params, Tensor(b!) taus, float boost, float damp, "
+      "float shrink, float tau_rate) -> ()");
+
   // Build facts baked into the binary: [torch major, minor, patch, CUDA version (e.g. 12040) or -1].
   m.def("_build_info() -> int[]");
 }

@@ -1,0 +1,373 @@
+"""Knowledge Representing (KR): knowledge aggregation and the two-optimizer trainer.
+
+Liu, Wen, Gao, Tao, Chen, Osa, Kato, "Knowledge Representing: Efficient, Sparse Representation of
+Prior Knowledge for Knowledge Distillation", CVPR 2019 Workshops, arXiv 1911.05329. No public code
+exists and the paper's equations are not available: what follows is **kdfast's interpretation** of
+the paper's text (see /work/shared/reference/METHODS.md section 6), not a transcription.
+
+* Knowledge aggregation: the teacher's layers are taken k neighbouring layers at a time (k = 3 as
+  the paper's CIFAR setting); each group is aggregated into one "abstract" layer matched to one
+  student layer. :class:`Aggregator`: per teacher layer a 1x1 convolution to the student layer's
+  channels and adaptive average pooling to its spatial size (the paper bridges spatial scales with
+  identity-mapping layers), summed with softmax-normalised learnable weights.
+* :func:`aggregation_loss`: sum over groups of ``w_l * MSE(aggregated_l, student_l)`` with
+  ``w_l = std(aggregated_l - student_l)`` detached: "the standard deviation serves as the measure
+  that weighs layers with larger accumulated error more".
+* Sparse recoding of the student's gradients: :class:`kdfast.hooks.SparseRecoding`.
+* Training (the paper's Algorithm 1): :class:`KRDistiller`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Aggregator", "KnowledgeAggregation", "KRDistiller", "aggregation_loss", "capture_feature_shapes", "group_layers"]
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise ValueError(f"student_size must be an int or (H, W), got {size!r}")
+    return size
+
+
+class Aggregator(nn.Module):
+    """Aggregates one group of teacher feature maps into one map shaped like a student layer's.
+
+    ``out = sum_i softmax(logits)_i * conv1x1_i(adaptive_avg_pool(t_i, (H_s, W_s)))``
+
+    Pooling comes before the 1x1 convolution: both are linear and the convolution acts per pixel,
+    so the order does not change the result, and pooling first makes the convolution cheaper.
+
+    Args:
+        teacher_channels: channels of each teacher layer of the group.
+        student_channels: channels of the student layer.
+        student_size: (H, W) of the student layer.
+    """
+
+    def __init__(self, teacher_channels: Sequence[int], student_channels: int, student_size):
+        super().__init__()
+        teacher_channels = [int(c) for c in teacher_channels]
+        if not teacher_channels or min(teacher_channels) < 1:
+            raise ValueError(f"teacher_channels must be a non-empty list of positive ints, got {teacher_channels!r}")
+        if int(student_channels) < 1:
+            raise ValueError(f"student_channels must be a positive int, got {student_channels!r}")
+        self.teacher_channels = teacher_channels
+        self.student_channels = int(student_channels)
+        self.student_size = _pair(student_size)
+        self.projections = nn.ModuleList(nn.Conv2d(c, self.student_channels, 1, bias=False) for c in teacher_channels)
+        # Equal weights at the start (softmax of zeros).
+        self.logits = nn.Parameter(torch.zeros(len(teacher_channels)))
+
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=0)
+
+    def forward(self, teacher_features: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(teacher_features) != len(self.projections):
+            raise ValueError(f"expected {len(self.projections)} teacher feature maps, got {len(teacher_features)}")
+        weights = self.weights()
+        out = None
+        for i, (f, proj) in enumerate(zip(teacher_features, self.projections)):
+            if f.dim() != 4 or f.shape[1] != self.teacher_channels[i]:
+                raise ValueError(
+                    f"teacher feature {i} must be (B, {self.teacher_channels[i]}, H, W), got shape {tuple(f.shape)}"
+                )
+            if tuple(f.shape[2:]) != self.student_size:
+                f = F.adaptive_avg_pool2d(f, self.student_size)
+            term = weights[i] * proj(f)
+            out = term if out is None else out + term
+        return out
+
+    def extra_repr(self) -> str:
+        return f"teacher_channels={self.teacher_channels}, student_channels={self.student_channels}, student_size={self.student_size}"
+
+
+def group_layers(num_teacher: int, num_student: int, k: int | None = 3) -> list[list[int]]:
+    """Indices of the teacher layers aggregated for each student layer: consecutive groups of k
+    (``num_teacher`` must equal ``k * num_student``), or with ``k=None`` ``num_student`` consecutive
+    groups of nearly equal size (the first groups get the extra layers)."""
+    if num_student < 1:
+        raise ValueError(f"need at least one student layer, got {num_student}")
+    if k is None:
+        if num_teacher < num_student:
+            raise ValueError(f"{num_teacher} teacher layers cannot be split over {num_student} student layers")
+        base, extra = divmod(num_teacher, num_student)
+        groups, start = [], 0
+        for g in range(num_student):
+            size = base + (1 if g < extra else 0)
+            groups.append(list(range(start, start + size)))
+            start += size
+        return groups
+    if k < 1:
+        raise ValueError(f"k must be a positive int or None, got {k!r}")
+    if num_teacher != k * num_student:
+        raise ValueError(
+            f"{num_teacher} teacher layers do not form groups of k = {k} for {num_student} student layers "
+            f"(need {k * num_student}); pass k=None to split them into {num_student} near-equal groups"
+        )
+    return [list(range(g * k, (g + 1) * k)) for g in range(num_student)]
+
+
+def aggregation_loss(aggregated: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_l w_l * MSE(aggregated_l, student_l)`` with ``w_l = std(aggregated_l - student_l)``,
+    detached (a weight, not a term to minimise; kdfast's interpretation of the paper's
+    std-weighting)."""
+    if len(aggregated) != len(student) or not aggregated:
+        raise ValueError(f"need as many aggregated maps as student maps (>= 1), got {len(aggregated)} and {len(student)}")
+    total = None
+    for l, (a, s) in enumerate(zip(aggregated, student)):
+        if a.shape != s.shape:
+            raise ValueError(f"group {l}: aggregated map has shape {tuple(a.shape)} but the student map {tuple(s.shape)}")
+        residual = a - s
+        weight = residual.detach().float().std() if residual.numel() > 1 else residual.new_ones((), dtype=torch.float32)
+        term = weight.to(residual.dtype) * residual.pow(2).mean()
+        total = term if total is None else total + term
+    return total
+
+
+class KnowledgeAggregation(nn.Module):
+    """One :class:`Aggregator` per student layer.
+
+    Args:
+        teacher_channels_groups: per student layer, the channels of the teacher layers aggregated for it.
+        student_channels: channels of each student layer.
+        student_sizes: (H, W) of each student layer.
+
+    ``forward(teacher_features)`` takes the teacher's maps as a flat list in group order (or a list
+    of per-group lists) and returns one aggregated map per student layer.
+    """
+
+    def __init__(self, teacher_channels_groups: Sequence[Sequence[int]], student_channels: Sequence[int], student_sizes):
+        super().__init__()
+        if not (len(teacher_channels_groups) == len(student_channels) == len(student_sizes)) or not student_channels:
+            raise ValueError(
+                "teacher_channels_groups, student_channels and student_sizes need one entry per student layer, got "
+                f"{len(teacher_channels_groups)}, {len(student_channels)} and {len(student_sizes)}"
+            )
+        self.aggregators = nn.ModuleList(
+            Aggregator(tc, sc, size) for tc, sc, size in zip(teacher_channels_groups, student_channels, student_sizes)
+        )
+        self.group_sizes = [len(tc) for tc in teacher_channels_groups]
+
+    @classmethod
+    def from_shapes(cls, teacher_shapes, student_shapes, k: int | None = 3) -> "KnowledgeAggregation":
+        """From (C, H, W) (or (B, C, H, W)) shapes of the teacher's and the student's layers, grouping
+        consecutive teacher layers with :func:`group_layers`."""
+        teacher_shapes = [tuple(s)[-3:] for s in teacher_shapes]
+        student_shapes = [tuple(s)[-3:] for s in student_shapes]
+        groups = group_layers(len(teacher_shapes), len(student_shapes), k)
+        return cls(
+            [[teacher_shapes[i][0] for i in g] for g in groups],
+            [s[0] for s in student_shapes],
+            [s[1:] for s in student_shapes],
+        )
+
+    @classmethod
+    def from_models(cls, teacher: nn.Module, teacher_layers: Sequence[str], student: nn.Module,
+                    student_layers: Sequence[str], example_input: torch.Tensor, k: int | None = 3) -> "KnowledgeAggregation":
+        """Infers the shapes by running ``example_input`` through both models once (no grad)."""
+        return cls.from_shapes(capture_feature_shapes(teacher, teacher_layers, example_input),
+                               capture_feature_shapes(student, student_layers, example_input), k)
+
+    def _split(self, teacher_features):
+        if teacher_features and isinstance(teacher_features[0], (list, tuple)):
+            groups = [list(g) for g in teacher_features]
+        else:
+            if len(teacher_features) != sum(self.group_sizes):
+                raise ValueError(f"expected {sum(self.group_sizes)} teacher feature maps, got {len(teacher_features)}")
+            groups, start = [], 0
+            for size in self.group_sizes:
+                groups.append(list(teacher_features[start:start + size]))
+                start += size
+        if len(groups) != len(self.aggregators):
+            raise ValueError(f"expected {len(self.aggregators)} groups of teacher maps, got {len(groups)}")
+        return groups
+
+    def forward(self, teacher_features) -> list[torch.Tensor]:
+        return [agg(group) for agg, group in zip(self.aggregators, self._split(teacher_features))]
+
+    def loss(self, teacher_features, student_features) -> torch.Tensor:
+        """:func:`aggregation_loss` of this aggregation of ``teacher_features`` against the student's maps."""
+        return aggregation_loss(self(teacher_features), student_features)
+
+
+# ------------------------------------------------------------------ shapes from one batch
+@torch.no_grad()
+def capture_feature_shapes(model: nn.Module, names: Sequence[str], example_input: torch.Tensor) -> list[tuple]:
+    """(C, H, W) of the outputs of the named submodules for one forward pass of ``example_input``
+    (model in eval mode for that pass; its mode is restored)."""
+    from .distill.tap import FeatureTap
+
+    was_training = model.training
+    model.eval()
+    try:
+        with FeatureTap(model, names, detach=True) as tap:
+            model(example_input)
+            return [tuple(f.shape[1:]) for f in tap.features]
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------ the trainer (Algorithm 1)
+from .distill.tap import FeatureTap, unwrap_model  # noqa: E402
+from .distill.trainer import Distiller, _to_float, split_batch  # noqa: E402
+from .hooks import SparseRecoding  # noqa: E402
+
+
+class KRDistiller(Distiller):
+    """Knowledge Representing training (the paper's Algorithm 1, kdfast's interpretation) on the
+    :class:`kdfast.distill.Distiller` engine (data order, DDP, AMP, checkpoints, logging, resume).
+
+    Each iteration, on one batch:
+
+    1. **aggregators**: one optimizer (SGD, ``aggregator_lr``; the paper's Eq. 9) updates the
+       :class:`KnowledgeAggregation` on :func:`aggregation_loss` with the student's features detached;
+    2. **student**: a second optimizer (the Distiller's, ``lr``; Eq. 10) updates the student on
+       ``sum of losses (task + KD ...) + aggregation_weight * aggregation_loss`` with the aggregators fixed (their
+       output recomputed after step 1, without grad), and sparse recoding of the student's gradients
+       (:class:`kdfast.hooks.SparseRecoding`) applied after ``GradScaler.unscale_`` and after DDP's
+       all-reduce (backward has finished), before ``optimizer.step()``.
+
+    Args:
+        teacher, student, losses: as for :class:`~kdfast.distill.Distiller` (e.g.
+            ``{"ce": nn.CrossEntropyLoss(), "kd": KDLoss(4, alpha=1)}``; feature losses work too).
+        teacher_layers: names of the teacher layers to aggregate, in order; grouped k at a time.
+        student_layers: names of the student layers, one per group.
+        k: teacher layers per group (``None``: near-equal consecutive groups, see :func:`group_layers`).
+        aggregation: a ready :class:`KnowledgeAggregation`; otherwise built from the shapes seen on
+            ``example_input`` (one batch of inputs; required then).
+        aggregation_weight: weight of the aggregation term in the student's loss (the paper's
+            trade-off weight; named so because the Distiller's ``gamma`` is the LR decay factor).
+        aggregator_lr, aggregator_momentum, aggregator_weight_decay: SGD of the aggregators (paper:
+            0.1, 0.9, 1e-5; the paper found Adam/RMSprop to oscillate). Their LR follows the same
+            schedule as the student's (the Distiller's ``schedule``, ``milestones``, ``gamma``).
+        sparse_recoding: True (SparseRecoding defaults), False, or a dict of SparseRecoding kwargs.
+        **kwargs: the Distiller's keyword arguments (lr, schedule, amp, device, checkpoint_dir, ...).
+            ``cache_teacher_logits`` is not allowed: the teacher's features are needed every step.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, losses, *, teacher_layers: Sequence[str],
+                 student_layers: Sequence[str], k: int | None = 3, aggregation: KnowledgeAggregation | None = None,
+                 example_input: torch.Tensor | None = None, aggregation_weight: float = 1.0, aggregator_lr: float = 0.1,
+                 aggregator_momentum: float = 0.9, aggregator_weight_decay: float = 1e-5,
+                 sparse_recoding=True, **kwargs):
+        if teacher is None:
+            raise ValueError("KRDistiller needs a teacher (its features are aggregated)")
+        if kwargs.get("cache_teacher_logits"):
+            raise ValueError("KRDistiller cannot cache teacher logits: the teacher's features are needed every step")
+        if not (isinstance(aggregation_weight, (int, float)) and not isinstance(aggregation_weight, bool)
+                and aggregation_weight >= 0):
+            raise ValueError(f"aggregation_weight must be a number >= 0, got {aggregation_weight!r}")
+        if not (isinstance(aggregator_lr, (int, float)) and aggregator_lr >= 0):
+            raise ValueError(f"aggregator_lr must be a number >= 0, got {aggregator_lr!r}")
+        self.teacher_layer_names = list(teacher_layers)
+        self.student_layer_names = list(student_layers)
+        if aggregation is None:
+            if example_input is None:
+                raise ValueError("KRDistiller needs aggregation=KnowledgeAggregation(...) or example_input "
+                                 "(one batch of inputs) to infer the layer shapes")
+            aggregation = KnowledgeAggregation.from_models(teacher, self.teacher_layer_names, student,
+                                                           self.student_layer_names, example_input, k)
+        if not isinstance(aggregation, KnowledgeAggregation):
+            raise TypeError(f"aggregation must be a KnowledgeAggregation, got {type(aggregation).__name__}")
+        if sum(aggregation.group_sizes) != len(self.teacher_layer_names) or \
+                len(aggregation.aggregators) != len(self.student_layer_names):
+            raise ValueError(
+                f"aggregation groups {aggregation.group_sizes} teacher layers for {len(aggregation.aggregators)} student "
+                f"layers, but {len(self.teacher_layer_names)} teacher and {len(self.student_layer_names)} student "
+                "layers were named"
+            )
+        super().__init__(teacher, student, losses, **kwargs)
+        self.aggregation_weight = float(aggregation_weight)
+        self.aggregation = aggregation.to(self.device)
+        self.aggregation_model: nn.Module = self.aggregation
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.aggregation_model = nn.parallel.DistributedDataParallel(self.aggregation, device_ids=ids)
+        self.aggregator_optimizer = torch.optim.SGD(self.aggregation.parameters(), lr=aggregator_lr,
+                                                    momentum=aggregator_momentum, weight_decay=aggregator_weight_decay)
+        self.aggregator_scheduler = None
+        self._kr_student_tap = FeatureTap(self.student, self.student_layer_names)
+        self._kr_teacher_tap = FeatureTap(self.teacher, self.teacher_layer_names, detach=True)
+        if sparse_recoding is True:
+            sparse_recoding = {}
+        self.recoding = SparseRecoding(unwrap_model(self.student).parameters(), **sparse_recoding) \
+            if sparse_recoding is not False and sparse_recoding is not None else None
+
+    # ------------------------------------------------------------------ the two steps
+    def compute_loss(self, batch):
+        out = super().compute_loss(batch)  # teacher and student forward: the KR taps fill here
+        out["teacher_features"] = [_to_float(f) for f in self._kr_teacher_tap.features]
+        out["student_features"] = [_to_float(f) for f in self._kr_student_tap.features]
+        return out
+
+    def training_step(self, batch):
+        out = self.compute_loss(batch)
+        t_feats, s_feats = out.pop("teacher_features"), out.pop("student_features")
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            # (1) aggregators on the aggregation loss, student fixed (its features detached).
+            fit = aggregation_loss(self.aggregation_model(t_feats), [f.detach() for f in s_feats])
+        self.aggregator_optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(fit).backward()
+        self.scaler.step(self.aggregator_optimizer)
+        # (2) student on task/KD losses + gamma * aggregation loss, aggregators fixed.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            with torch.no_grad():
+                target = self.aggregation(t_feats)
+            prior = aggregation_loss(target, s_feats)
+        loss = out["loss"] + self.aggregation_weight * prior
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # DDP all-reduces during backward
+        self.scaler.unscale_(self.optimizer)
+        if self.grad_clip is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        if self.recoding is not None:
+            self.recoding.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        out["loss"] = loss
+        out["parts"] = {**out["parts"], "aggregation": prior.detach(), "aggregator_fit": fit.detach()}
+        return out
+
+    # ------------------------------------------------------------------ schedules, checkpoints
+    def build_scheduler(self, optimizer, epochs: int):
+        scheduler = super().build_scheduler(optimizer, epochs)
+        if optimizer is self.optimizer:
+            self.aggregator_scheduler = super().build_scheduler(self.aggregator_optimizer, epochs)
+        return scheduler
+
+    def on_epoch_end(self, epoch: int, record) -> None:
+        if self.aggregator_scheduler is not None:
+            self.aggregator_scheduler.step()
+        super().on_epoch_end(epoch, record)
+
+    def checkpoint_state(self):
+        state = super().checkpoint_state()
+        state["kr"] = {
+            "aggregation": self.aggregation.state_dict(),
+            "aggregator_optimizer": self.aggregator_optimizer.state_dict(),
+            "aggregator_scheduler": self.aggregator_scheduler.state_dict() if self.aggregator_scheduler else None,
+            "sparse_recoding": self.recoding.state_dict() if self.recoding is not None else None,
+        }
+        return state
+
+    def load_checkpoint_state(self, ckpt) -> None:
+        super().load_checkpoint_state(ckpt)
+        kr = ckpt["kr"]
+        self.aggregation.load_state_dict(kr["aggregation"])
+        self.aggregator_optimizer.load_state_dict(kr["aggregator_optimizer"])
+        if self.aggregator_scheduler is not None and kr.get("aggregator_scheduler") is not None:
+            self.aggregator_scheduler.load_state_dict(kr["aggregator_scheduler"])
+        if self.recoding is not None and kr.get("sparse_recoding") is not None:
+            self.recoding.load_state_dict(kr["sparse_recoding"])
+
+    def close(self) -> None:
+        self._kr_student_tap.remove()
+        self._kr_teacher_tap.remove()
+        super().close()

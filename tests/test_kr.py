@@ -1,0 +1,235 @@
+"""kdfast.kr: knowledge aggregation and KRDistiller."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdfast.kr import (Aggregator, KnowledgeAggregation, KRDistiller, aggregation_loss, capture_feature_shapes,
+                       group_layers)
+from kdfast.losses import KDLoss
+
+
+# ------------------------------------------------------------------------------ aggregation
+@pytest.mark.parametrize("t_shapes, s_channels, s_size", [
+    ([(4, 8, 8), (6, 8, 8), (8, 4, 4)], 3, (4, 4)),      # teacher wider, mixed sizes
+    ([(2, 5, 7), (3, 5, 7), (3, 3, 3)], 9, (3, 3)),       # teacher narrower, odd non-square sizes
+    ([(5, 6, 6)], 5, (6, 6)),                             # one layer, same shape
+])
+def test_aggregator_shapes_and_formula(t_shapes, s_channels, s_size):
+    agg = Aggregator([s[0] for s in t_shapes], s_channels, s_size).double()
+    with torch.no_grad():
+        agg.logits.copy_(torch.randn(len(t_shapes)))
+    feats = [torch.randn(2, *s, dtype=torch.float64) for s in t_shapes]
+    out = agg(feats)
+    assert out.shape == (2, s_channels, *s_size)
+    # reference: 1x1 conv at full resolution, then pooling (the order agg uses is the reverse)
+    w = torch.softmax(agg.logits, 0)
+    ref = sum(w[i] * F.adaptive_avg_pool2d(F.conv2d(f, agg.projections[i].weight), s_size) for i, f in enumerate(feats))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(agg.weights().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_aggregation_loss_std_weighted():
+    a = [torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 5, 2, 2, requires_grad=True)]
+    s = [torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)]
+    loss = aggregation_loss(a, s)
+    ref = sum((x - y).std().detach() * F.mse_loss(x, y) for x, y in zip(a, s))
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    # the weight is detached: d/da = w * 2 (a - s) / N
+    w = (a[0] - s[0]).std().detach()
+    torch.testing.assert_close(a[0].grad, w * 2 * (a[0] - s[0]).detach() / a[0].numel())
+
+
+def test_group_layers():
+    assert group_layers(6, 2, 3) == [[0, 1, 2], [3, 4, 5]]
+    assert group_layers(7, 3, None) == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValueError, match="do not form groups of k = 3"):
+        group_layers(7, 2, 3)
+    with pytest.raises(ValueError, match="cannot be split"):
+        group_layers(2, 3, None)
+
+
+def test_knowledge_aggregation_from_shapes_and_errors():
+    ka = KnowledgeAggregation.from_shapes([(8, 8, 8)] * 3 + [(16, 4, 4)] * 3, [(4, 8, 8), (6, 4, 4)], k=3)
+    feats = [torch.randn(2, 8, 8, 8)] * 3 + [torch.randn(2, 16, 4, 4)] * 3
+    out = ka(feats)
+    assert [o.shape for o in out] == [(2, 4, 8, 8), (2, 6, 4, 4)]
+    assert ka(([feats[:3], feats[3:]]))[1].shape == (2, 6, 4, 4)
+    with pytest.raises(ValueError, match="expected 6 teacher feature maps, got 5"):
+        ka(feats[:5])
+    with pytest.raises(ValueError, match=r"teacher feature 0 must be \(B, 8, H, W\)"):
+        ka([torch.randn(2, 7, 8, 8)] + feats[1:])
+    with pytest.raises(ValueError, match="one entry per student layer"):
+        KnowledgeAggregation([[3]], [4, 5], [(2, 2)])
+    with pytest.raises(ValueError, match="aggregated map has shape"):
+        aggregation_loss([torch.randn(1, 2, 3, 3)], [torch.randn(1, 2, 2, 2)])
+
+
+# ------------------------------------------------------------------------------ models
+class Teacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        chans = [1, 8, 8, 8, 12, 12, 12]
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(chans[i], chans[i + 1], 3, stride=2 if i == 3 else 1, padding=1), nn.ReLU())
+            for i in range(6)
+        )
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.fc(x.mean((2, 3)))
+
+
+class Student(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b0 = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU())
+        self.b1 = nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(5, 10)
+
+    def forward(self, x):
+        return self.fc(self.b1(self.b0(x)).mean((2, 3)))
+
+
+T_LAYERS = [f"blocks.{i}" for i in range(6)]
+S_LAYERS = ["b0", "b1"]
+
+
+def test_capture_feature_shapes():
+    shapes = capture_feature_shapes(Teacher(), T_LAYERS, torch.randn(1, 1, 8, 8))
+    assert shapes == [(8, 8, 8)] * 3 + [(12, 4, 4)] * 3
+
+
+def _data(n=24):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def _distiller(**kw):
+    torch.manual_seed(0)
+    return KRDistiller(Teacher(), Student(), {"ce": nn.CrossEntropyLoss(), "kd": KDLoss(4.0, alpha=1.0)},
+                       teacher_layers=T_LAYERS, student_layers=S_LAYERS, example_input=torch.randn(2, 1, 8, 8),
+                       device="cpu", lr=0.05, aggregator_lr=0.1, batch_size=8, progress=False, **kw)
+
+
+def test_kr_distiller_steps_update_own_parameters_only():
+    d = _distiller(sparse_recoding=dict(boost=2.0, damp=0.5))
+    teacher0 = [p.detach().clone() for p in d.teacher.parameters()]
+    student0 = [p.detach().clone() for p in d.student.parameters()]
+    agg0 = [p.detach().clone() for p in d.aggregation.parameters()]
+    batch = next(iter(torch.utils.data.DataLoader(_data(), batch_size=8)))
+
+    # Phase 1 alone (student fixed): only the aggregators move.
+    out = d.compute_loss(batch)
+    fit = aggregation_loss(d.aggregation(out["teacher_features"]), [f.detach() for f in out["student_features"]])
+    d.aggregator_optimizer.zero_grad()
+    fit.backward()
+    assert all(p.grad is None for p in d.student.parameters())
+    d.aggregator_optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(student0, d.student.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(agg0, d.aggregation.parameters()))
+
+    # Full iterations: teacher frozen; student and aggregators both change.
+    agg1 = [p.detach().clone() for p in d.aggregation.parameters()]
+    history = d.fit(_data(), epochs=2)
+    assert len(history) == 2 and {"loss/aggregation", "loss/aggregator_fit", "loss/ce", "loss/kd"} <= set(history[-1])
+    assert all(torch.equal(a, b) for a, b in zip(teacher0, d.teacher.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(student0, d.student.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(agg1, d.aggregation.parameters()))
+    # the student optimizer holds no aggregator parameter and vice versa
+    s_ids = {id(p) for g in d.optimizer.param_groups for p in g["params"]}
+    a_ids = {id(p) for g in d.aggregator_optimizer.param_groups for p in g["params"]}
+    assert not s_ids & a_ids and a_ids == {id(p) for p in d.aggregation.parameters()}
+    d.close()
+
+
+def test_kr_distiller_student_step_uses_recoded_gradients():
+    # One iteration by hand (phase 1, phase 2 with SparseRecoding) equals training_step.
+    d = _distiller(sparse_recoding=dict(boost=3.0, damp=0.25, shrink=0.001, tau_rate=0.1))
+    ref = _distiller(sparse_recoding=dict(boost=3.0, damp=0.25, shrink=0.001, tau_rate=0.1))
+    batch = next(iter(torch.utils.data.DataLoader(_data(), batch_size=8)))
+    d.training_step(batch)
+
+    out = ref.compute_loss(batch)
+    fit = aggregation_loss(ref.aggregation(out["teacher_features"]), [f.detach() for f in out["student_features"]])
+    ref.aggregator_optimizer.zero_grad()
+    fit.backward()
+    ref.aggregator_optimizer.step()
+    with torch.no_grad():
+        target = ref.aggregation(out["teacher_features"])
+    loss = out["loss"] + ref.aggregation_weight * aggregation_loss(target, out["student_features"])
+    ref.optimizer.zero_grad()
+    loss.backward()
+    ref.recoding.step()
+    ref.optimizer.step()
+    for a, b in zip(d.student.parameters(), ref.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(d.aggregation.parameters(), ref.aggregation.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    d.close()
+    ref.close()
+
+
+def test_kr_distiller_without_recoding_and_checkpoint(tmp_path):
+    d = _distiller(sparse_recoding=False, checkpoint_dir=str(tmp_path), epochs=1)
+    assert d.recoding is None
+    d.fit(_data(16))
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert set(ckpt["kr"]) == {"aggregation", "aggregator_optimizer", "aggregator_scheduler", "sparse_recoding"}
+    d.close()
+    # resume into a fresh distiller with recoding: aggregation state restored
+    e = _distiller(checkpoint_dir=str(tmp_path), resume=True, epochs=2)
+    e.fit(_data(16))
+    assert e.epoch == 2
+    e.close()
+
+
+def test_kr_distiller_errors():
+    with pytest.raises(ValueError, match="example_input"):
+        KRDistiller(Teacher(), Student(), {"ce": nn.CrossEntropyLoss()}, teacher_layers=T_LAYERS,
+                    student_layers=S_LAYERS, device="cpu")
+    with pytest.raises(ValueError, match="cannot cache teacher logits"):
+        _distiller(cache_teacher_logits=True)
+    with pytest.raises(ValueError, match="aggregation_weight must be"):
+        _distiller(aggregation_weight=-1.0)
+    with pytest.raises(ValueError, match="do not form groups of k = 3"):
+        KRDistiller(Teacher(), Student(), {"ce": nn.CrossEntropyLoss()}, teacher_layers=T_LAYERS[:5],
+                    student_layers=S_LAYERS, example_input=torch.randn(1, 1, 8, 8), device="cpu")
+
+
+def test_kr_distiller_bf16_autocast():
+    d = _distiller(amp="bf16", epochs=1)
+    history = d.fit(_data(16))
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in history[-1].items() if k.startswith("loss"))
+    assert all(p.dtype == torch.float32 for p in d.aggregation.parameters())
+    d.close()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_kr_distiller_ddp_ranks_identical(tmp_path):
+    # torchrun, 2 CPU processes (gloo): the student (DDP), the aggregators (their own DDP) and the
+    # sparse-recoding thresholds end identical on both ranks.
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(here, "kr_ddp_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for part in ("student", "aggregation"):
+        for k in r0[part]:
+            assert torch.equal(r0[part][k], r1[part][k]), f"{part}.{k} differs between ranks"
+    assert torch.equal(r0["taus"], r1["taus"])
