@@ -9,6 +9,7 @@ if _ext.is_loaded():
     from . import _registrations
 
     _registrations.register_all()
+    _registrations.register_kd_loss()
 
 from . import ops, reference  # noqa: E402
 

@@ -86,3 +86,54 @@ def nst_maps(fs, ft) -> None:
     feature_map("fs", fs)
     feature_map("ft", ft)
     compatible("fs", fs, "ft", ft)
+
+
+# ----------------------------------------------------------------------------------------- KD loss
+def logits(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D logits (B, K), got {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)}); expected B >= 1")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no classes (shape {tuple(x.shape)}); expected K >= 1")
+
+
+def kd_loss_args(student_logits, teacher_logits, targets, temperature, alpha, ignore_index, reduction_value) -> None:
+    """kd_loss's arguments. The targets' value range is checked by the C++ op (it needs the data)."""
+    logits("student_logits", student_logits)
+    logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"shape mismatch: student_logits is {list(student_logits.shape)} but teacher_logits is "
+            f"{list(teacher_logits.shape)}; expected the same (B, K)"
+        )
+    compatible("student_logits", student_logits, "teacher_logits", teacher_logits)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (0 < float(temperature) < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    reduction(reduction_value)
+    if targets is None:
+        if float(alpha) != 1.0:
+            raise ValueError(
+                f"targets are required when alpha < 1 (the CE term has weight 1 - alpha = {1.0 - float(alpha):g}); "
+                "pass targets or alpha=1"
+            )
+        return
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor of int64 class indices or None, got {type(targets).__name__}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must be int64 class indices, got {targets.dtype}")
+    batch = student_logits.shape[0]
+    if targets.dim() != 1 or targets.shape[0] != batch:
+        raise ValueError(
+            f"targets must have shape ({batch},) (one class index per row of student_logits), got {list(targets.shape)}"
+        )
+    if targets.device != student_logits.device:
+        raise ValueError(f"device mismatch: student_logits is on {student_logits.device} but targets is on {targets.device}")

@@ -12,6 +12,7 @@ OPS = {
     "fsp_matrix": ["fsp_matrix", "_fsp_matrix_backward"],
     "fsp_loss": ["fsp_loss", "_fsp_loss_backward"],
     "nst_loss": ["nst_loss", "_nst_loss_backward"],
+    "kd_loss": ["kd_loss", "_kd_loss_backward"],
 }
 BACKENDS = ("CPU", "CUDA")
 

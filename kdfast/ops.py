@@ -11,7 +11,7 @@ import torch
 from . import _checks, _ext
 from .reference import pool_to_common
 
-__all__ = ["fsp_matrix", "fsp_loss", "nst_loss", "nst_poly_form"]
+__all__ = ["fsp_matrix", "fsp_loss", "nst_loss", "nst_poly_form", "kd_loss"]
 
 NST_KERNELS = ("linear", "poly", "gaussian")
 
@@ -73,3 +73,38 @@ def nst_loss(fs, ft, kernel: str = "poly", reduction: str = "mean", sigma: float
     if kernel == "poly":
         kernel = nst_poly_form(fs.shape[1], ft.shape[1], fs.shape[2] * fs.shape[3])
     return torch.ops.kdfast.nst_loss(fs, ft, kernel, reduction, 1.0 if sigma is None else float(sigma))[0]
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    t2_scale: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Hinton KD loss (Hinton, Vinyals, Dean 2015) in one fused kernel per pass:
+
+    ``(1 - alpha) * CE(targets, z_s) + alpha * c * KL(softmax(z_t / T) || softmax(z_s / T))``,
+    ``c = T**2`` if ``t2_scale`` else 1.
+
+    student_logits, teacher_logits: (B, K), same dtype and device; targets: int64 (B,) class
+    indices, may be None only when alpha = 1. reduction "mean": KL averaged over all B rows
+    ("batchmean"), CE averaged over the rows whose target != ignore_index (as F.cross_entropy; the
+    CE term is 0 if every row is ignored, where F.cross_entropy gives nan); "sum": both summed;
+    "none": per-row losses (B,) (CE 0 on ignored rows). ignore_index affects only the CE term:
+    ignored (e.g. unlabelled) rows still get the teacher's soft targets.
+
+    Conventions: RepDistiller's DistillKL / Hinton is ``alpha=1, t2_scale=True``; BSS and DAFL
+    (no T^2) and Liger-Kernel's distillation losses are ``t2_scale=False``.
+    Forward keeps only per-row statistics (B, 5), never the softmaxes; the gradient w.r.t. the
+    teacher's logits is exact and computed only when they require grad.
+    """
+    _ext.require_ops()
+    _checks.kd_loss_args(student_logits, teacher_logits, targets, temperature, alpha, ignore_index, reduction)
+    return torch.ops.kdfast.kd_loss(
+        student_logits, teacher_logits, targets, float(temperature), float(alpha), bool(t2_scale), int(ignore_index),
+        reduction,
+    )[0]

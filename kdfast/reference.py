@@ -74,3 +74,30 @@ def nst_loss(fs, ft, kernel: str = "poly", reduction: str = "mean", sigma: float
         - 2.0 * _kernel_matrix(s, t, kernel, sigma).mean(dim=(1, 2))
     )
     return reduce(per_sample, reduction)
+
+
+def kd_loss(student_logits, teacher_logits, targets=None, temperature: float = 4.0, alpha: float = 0.9,
+            t2_scale: bool = True, ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Hinton KD: (1 - alpha) CE(targets, s) + alpha c KL(softmax(t/T) || softmax(s/T)), c = T^2 or 1.
+
+    Per row KL = sum_k p_t (log p_t - log p_s). "mean": KL over B rows, CE over the non-ignored rows
+    (0 if none); "sum": sums; "none": per-row (B,), CE 0 on ignored rows. ignore_index affects CE only.
+    """
+    T = float(temperature)
+    log_p_s = F.log_softmax(student_logits / T, dim=1)
+    log_p_t = F.log_softmax(teacher_logits / T, dim=1)
+    kl_rows = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    per_row = alpha * (T * T if t2_scale else 1.0) * kl_rows
+    ce_total = None
+    if targets is not None and alpha < 1:
+        valid = targets != ignore_index
+        ce_rows = F.cross_entropy(student_logits, targets, ignore_index=ignore_index, reduction="none")
+        ce_rows = torch.where(valid, ce_rows, torch.zeros_like(ce_rows))
+        if reduction == "mean":
+            ce_total = (1 - alpha) * ce_rows.sum() / valid.sum().clamp_min(1)
+        else:
+            per_row = per_row + (1 - alpha) * ce_rows
+    if reduction == "mean":
+        loss = per_row.mean()
+        return loss if ce_total is None else loss + ce_total
+    return reduce(per_row, reduction)

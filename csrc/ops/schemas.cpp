@@ -22,6 +22,17 @@ TORCH_LIBRARY(kdfast, m) {
       "_nst_loss_backward(Tensor grad_loss, Tensor fs, Tensor ft, Tensor aux, str kernel, str reduction, "
       "float sigma, bool[2] output_mask) -> (Tensor, Tensor)");
 
+  // Hinton KD (kd_loss): (1 - alpha) CE(targets, s) + alpha c KL(softmax(t/T) || softmax(s/T)), c = T^2 if
+  // t2_scale else 1; targets may be None when alpha = 1. Returns (loss, stats): stats (B, 5) per-row
+  // statistics in the accumulate dtype (see csrc/include/kdfast/kd_loss_math.h), kept for backward.
+  m.def(
+      "kd_loss(Tensor student_logits, Tensor teacher_logits, Tensor? targets, float temperature, float alpha, "
+      "bool t2_scale, int ignore_index, str reduction) -> (Tensor, Tensor)");
+  m.def(
+      "_kd_loss_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher_logits, Tensor? targets, "
+      "Tensor stats, float temperature, float alpha, bool t2_scale, int ignore_index, str reduction, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+
   // Build facts baked into the binary: [torch major, minor, patch, CUDA version (e.g. 12040) or -1].
   m.def("_build_info() -> int[]");
 }
