@@ -137,3 +137,71 @@ def kd_loss_args(student_logits, teacher_logits, targets, temperature, alpha, ig
         )
     if targets.device != student_logits.device:
         raise ValueError(f"device mismatch: student_logits is on {student_logits.device} but targets is on {targets.device}")
+
+
+# ------------------------------------------------------------------------------- tucker_conv2d
+def conv_pair(name: str, value, minimum: int) -> tuple:
+    """stride / padding / dilation: an int or a pair of ints, each >= minimum -> (int, int)."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+    ):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return (int(pair[0]), int(pair[1]))
+
+
+def _tucker_factor(x, t, name: str, dim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be a {dim}-D tensor {layout}, got {t.dim()}-D tensor of shape {tuple(t.shape)}")
+    _same_dtype_device(x, t, name)
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); expected every dimension >= 1")
+
+
+def _same_dtype_device(x, t, name: str) -> None:
+    if x.dtype != t.dtype:
+        raise TypeError(f"dtype mismatch: x is {x.dtype} but {name} is {t.dtype}")
+    if x.device != t.device:
+        raise ValueError(f"device mismatch: x is on {x.device} but {name} is on {t.device}")
+
+
+def tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation) -> None:
+    """Mirrors kdfast::check_tucker_conv2d_args (csrc/include/kdfast/checks.h); stride, padding and
+    dilation already normalised to pairs by conv_pair."""
+    feature_map("x", x)
+    _tucker_factor(x, first, "first", 2, "(R_in, C)")
+    _tucker_factor(x, core, "core", 4, "(R_out, R_in, kh, kw)")
+    _tucker_factor(x, last, "last", 2, "(O, R_out)")
+    if first.shape[1] != x.shape[1]:
+        raise ValueError(f"channel mismatch: x has C = {x.shape[1]} but first has C = {first.shape[1]} (first is (R_in, C))")
+    if core.shape[1] != first.shape[0]:
+        raise ValueError(
+            f"rank mismatch: first has R_in = {first.shape[0]} but core has R_in = {core.shape[1]} "
+            "(core is (R_out, R_in, kh, kw))"
+        )
+    if last.shape[1] != core.shape[0]:
+        raise ValueError(
+            f"rank mismatch: core has R_out = {core.shape[0]} but last has R_out = {last.shape[1]} (last is (O, R_out))"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be None or a torch.Tensor, got {type(bias).__name__}")
+        if bias.dim() != 1 or bias.shape[0] != last.shape[0]:
+            raise ValueError(f"bias must be None or a 1-D tensor of shape (O,) = ({last.shape[0]},), got shape {tuple(bias.shape)}")
+        _same_dtype_device(x, bias, "bias")
+    for name, pair, minimum in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(pair) != 2:
+            raise ValueError("stride, padding and dilation must each have 2 elements")
+        if min(pair) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {list(pair)}")
+    kh = dilation[0] * (core.shape[2] - 1) + 1
+    kw = dilation[1] * (core.shape[3] - 1) + 1
+    ph, pw = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
+    if kh > ph or kw > pw:
+        raise ValueError(f"kernel too large: core's dilated kernel is {kh}x{kw} but x padded is only {ph}x{pw}")

@@ -132,12 +132,52 @@ def _nst_loss_backward(ctx, grad_loss, _grad_aux):
     return (grad_fs if mask[0] else None, grad_ft if mask[1] else None, None, None, None)
 
 
+# ------------------------------------------------------------------------------- tucker_conv2d
+@torch.library.register_fake("kdfast::tucker_conv2d")
+def _tucker_conv2d_fake(x, first, core, last, bias, stride, padding, dilation):
+    _checks.tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation)
+    out_hw = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(x.shape[2:], core.shape[2:], stride, padding, dilation)
+    ]
+    return x.new_empty((x.shape[0], last.shape[0], *out_hw))
+
+
+@torch.library.register_fake("kdfast::_tucker_conv2d_backward")
+def _tucker_conv2d_backward_fake(grad_y, x, first, core, last, stride, padding, dilation, output_mask):
+    grads = tuple(_grad_or_empty(m, t) for m, t in zip(output_mask[:4], (x, first, core, last)))
+    bias_grad = last.new_empty((last.shape[0],) if output_mask[4] else (0,))
+    return grads + (bias_grad,)
+
+
+def _tucker_conv2d_setup(ctx, inputs, output):
+    x, first, core, last, bias, stride, padding, dilation = inputs
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, first, core, last)
+
+
+def _tucker_conv2d_backward(ctx, grad_y):
+    x, first, core, last = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:4]) + [ctx.has_bias and ctx.needs_input_grad[4]]
+    grads = torch.ops.kdfast._tucker_conv2d_backward(grad_y, x, first, core, last, *ctx.conv_args, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None, None)
+
+
+def _register_tucker_conv2d() -> None:
+    torch.library.register_autograd(
+        "kdfast::tucker_conv2d", _tucker_conv2d_backward, setup_context=_tucker_conv2d_setup
+    )
+    torch.library.register_autograd("kdfast::_tucker_conv2d_backward", _no_double_backward("_tucker_conv2d_backward"))
+
+
 def register_all() -> None:
     torch.library.register_autograd("kdfast::fsp_matrix", _fsp_matrix_backward, setup_context=_fsp_matrix_setup)
     torch.library.register_autograd("kdfast::fsp_loss", _fsp_loss_backward, setup_context=_fsp_loss_setup)
     torch.library.register_autograd("kdfast::nst_loss", _nst_loss_backward, setup_context=_nst_loss_setup)
     for name in ("_fsp_matrix_backward", "_fsp_loss_backward", "_nst_loss_backward"):
         torch.library.register_autograd(f"kdfast::{name}", _no_double_backward(name))
+    _register_tucker_conv2d()
 
 
 # ----------------------------------------------------------------------------------------- KD loss

@@ -13,6 +13,7 @@ OPS = {
     "fsp_loss": ["fsp_loss", "_fsp_loss_backward"],
     "nst_loss": ["nst_loss", "_nst_loss_backward"],
     "kd_loss": ["kd_loss", "_kd_loss_backward"],
+    "tucker_conv2d": ["tucker_conv2d", "_tucker_conv2d_backward", "_tucker_conv2d_path"],
 }
 BACKENDS = ("CPU", "CUDA")
 

@@ -108,3 +108,39 @@ def kd_loss(
         student_logits, teacher_logits, targets, float(temperature), float(alpha), bool(t2_scale), int(ignore_index),
         reduction,
     )[0]
+
+
+# ------------------------------------------------------------------------------- tucker_conv2d
+__all__ += ["tucker_conv2d", "tucker_conv2d_path"]
+
+
+def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """Tucker-2 convolution (Kim et al., ICLR 2016) as one op:
+    ``y = conv1x1(last) o conv_kxk(core; stride, padding, dilation) o conv1x1(first) (x) + bias``.
+
+    x (N, C, H, W); first (R_in, C); core (R_out, R_in, kh, kw); last (O, R_out); bias (O,) or None.
+    stride / padding (zeros) / dilation: int or pair, applied by the core. Returns (N, O, H_out, W_out)
+    exactly as ``F.conv2d`` sizes it. Equals :func:`kdfast.reference.tucker_conv2d`.
+
+    CPU float32/float64 runs a fused tiled kernel (the R_in/R_out intermediates of a tile stay in
+    cache) where it measured faster than three oneDNN convolutions, otherwise the composition;
+    :func:`tucker_conv2d_path` says which. Differentiable in x, first, core, last and bias.
+    """
+    _ext.require_ops()
+    stride = _checks.conv_pair("stride", stride, 1)
+    padding = _checks.conv_pair("padding", padding, 0)
+    dilation = _checks.conv_pair("dilation", dilation, 1)
+    _checks.tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation)
+    return torch.ops.kdfast.tucker_conv2d(x, first, core, last, bias, stride, padding, dilation)
+
+
+def tucker_conv2d_path(x, first, core, last, stride=1, padding=0, dilation=1) -> str:
+    """Which implementation :func:`tucker_conv2d` runs for these arguments on their device:
+    "fused" or "composed" (three ATen convolutions). Asks the compiled kernel's own rule.
+    Set KDFAST_DEBUG=1 to have every call print its path on stderr."""
+    _ext.require_ops()
+    stride = _checks.conv_pair("stride", stride, 1)
+    padding = _checks.conv_pair("padding", padding, 0)
+    dilation = _checks.conv_pair("dilation", dilation, 1)
+    _checks.tucker_conv2d_args(x, first, core, last, None, stride, padding, dilation)
+    return torch.ops.kdfast._tucker_conv2d_path(x, first, core, last, stride, padding, dilation)

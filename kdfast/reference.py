@@ -101,3 +101,12 @@ def kd_loss(student_logits, teacher_logits, targets=None, temperature: float = 4
         loss = per_row.mean()
         return loss if ce_total is None else loss + ce_total
     return reduce(per_row, reduction)
+
+
+def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """Tucker-2 convolution as the explicit three-convolution composition (Kim et al., ICLR 2016):
+    1x1 conv with ``first`` (R_in, C), k x k conv with ``core`` (R_out, R_in, kh, kw) carrying
+    stride / zero padding / dilation, 1x1 conv with ``last`` (O, R_out), then ``bias`` (O,)."""
+    z1 = F.conv2d(x, first[:, :, None, None])
+    z2 = F.conv2d(z1, core, stride=stride, padding=padding, dilation=dilation)
+    return F.conv2d(z2, last[:, :, None, None], bias)

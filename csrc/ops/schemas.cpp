@@ -33,6 +33,21 @@ TORCH_LIBRARY(kdfast, m) {
       "Tensor stats, float temperature, float alpha, bool t2_scale, int ignore_index, str reduction, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
 
+  // Tucker-2 convolution (kdfast.ops.tucker_conv2d): y = conv1x1(last) o conv_kxk(core) o conv1x1(first) (x) + bias,
+  // x (N, C, H, W), first (R_in, C), core (R_out, R_in, kh, kw), last (O, R_out), bias (O,) or None.
+  // Nothing is saved for backward beyond the inputs: the backward op recomputes the intermediates.
+  m.def(
+      "tucker_conv2d(Tensor x, Tensor first, Tensor core, Tensor last, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation) -> Tensor");
+  // Gradients for (x, first, core, last, bias).
+  m.def(
+      "_tucker_conv2d_backward(Tensor grad_y, Tensor x, Tensor first, Tensor core, Tensor last, int[2] stride, "
+      "int[2] padding, int[2] dilation, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Which implementation tucker_conv2d runs for these arguments on their device: 'fused' or 'composed'.
+  m.def(
+      "_tucker_conv2d_path(Tensor x, Tensor first, Tensor core, Tensor last, int[2] stride, int[2] padding, "
+      "int[2] dilation) -> str");
+
   // Build facts baked into the binary: [torch major, minor, patch, CUDA version (e.g. 12040) or -1].
   m.def("_build_info() -> int[]");
 }

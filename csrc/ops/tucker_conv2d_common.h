@@ -1,0 +1,95 @@
+// Backend-independent parts of kdfast::tucker_conv2d (Tucker-2 convolution):
+//   y = conv1x1(last) o conv_kxk(core; stride, padding, dilation) o conv1x1(first) (x) + bias
+// with x (N, C, H, W), first (R_in, C), core (R_out, R_in, kh, kw), last (O, R_out), bias (O,).
+// Here: the exact three-conv composition (the fallback path of both backends), the backward pass
+// (ATen convolutions over recomputed intermediates) and the path-selection plumbing.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "kdfast/checks.h"
+#include "kdfast/tucker_geometry.h"
+
+namespace kdfast {
+namespace tucker {
+
+// Names reported by kdfast.ops.tucker_conv2d_path and `kdfast info`.
+constexpr const char* kPathFused = "fused";
+constexpr const char* kPathComposed = "composed";
+
+// KDFAST_TUCKER_CONV_PATH=fused|composed overrides the automatic rule (tests use it to exercise
+// both paths on every shape; the fused path is still only taken where it is supported).
+inline const char* forced_path() {
+  const char* v = std::getenv("KDFAST_TUCKER_CONV_PATH");
+  if (v == nullptr) return nullptr;
+  if (std::strcmp(v, kPathFused) == 0) return kPathFused;
+  if (std::strcmp(v, kPathComposed) == 0) return kPathComposed;
+  return nullptr;
+}
+
+// KDFAST_DEBUG=1: one line per call on stderr saying which path ran (no TORCH_WARN: it is not a warning).
+inline void log_path(const char* backend, const char* path, const at::Tensor& x, const at::Tensor& core) {
+  const char* v = std::getenv("KDFAST_DEBUG");
+  if (v == nullptr || std::strcmp(v, "1") != 0) return;
+  std::fprintf(stderr, "kdfast.tucker_conv2d[%s]: %s path (x %lldx%lldx%lldx%lld, core %lldx%lldx%lldx%lld, %s)\n",
+               backend, path, (long long)x.size(0), (long long)x.size(1), (long long)x.size(2), (long long)x.size(3),
+               (long long)core.size(0), (long long)core.size(1), (long long)core.size(2), (long long)core.size(3),
+               c10::toString(x.scalar_type()));
+}
+
+inline at::Tensor as_1x1(const at::Tensor& m) { return m.view({m.size(0), m.size(1), 1, 1}); }
+
+// The exact composition: three ATen convolutions (cuDNN / oneDNN pick their own algorithms).
+inline at::Tensor composed_forward(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
+                                   const at::Tensor& last, const c10::optional<at::Tensor>& bias,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const at::Tensor z1 = at::conv2d(x, as_1x1(first.contiguous()));
+  const at::Tensor z2 = at::conv2d(z1, core, {}, stride, padding, dilation);
+  return at::conv2d(z2, as_1x1(last.contiguous()), bias);
+}
+
+inline at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// Gradients of the composition. The intermediates z1 = first x and z2 = core * z1 are recomputed
+// (only those a requested gradient needs) instead of being saved: saving them would hold two
+// extra activations per layer for the whole forward pass of a network.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
+    const at::Tensor& last, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    std::array<bool, 5> mask) {
+  check_tucker_conv2d_args(x, first, core, last, c10::nullopt, stride, padding, dilation);
+  const bool need_x = mask[0], need_first = mask[1], need_core = mask[2], need_last = mask[3], need_bias = mask[4];
+  const int64_t n = x.size(0), o = last.size(0), r_out = core.size(0), r_in = core.size(1);
+  at::Tensor gx = empty_grad(x), gfirst = empty_grad(first), gcore = empty_grad(core), glast = empty_grad(last),
+             gbias = empty_grad(last);
+  if (need_bias) gbias = grad_y.sum({0, 2, 3});
+  const bool need_g2 = need_x || need_first || need_core;
+  if (!need_g2 && !need_last) return {gx, gfirst, gcore, glast, gbias};
+
+  const at::Tensor z1 = at::conv2d(x, as_1x1(first.contiguous()));
+  const at::Tensor gy = grad_y.reshape({n, o, -1});  // (N, O, P)
+  if (need_last) {
+    const at::Tensor z2 = at::conv2d(z1, core, {}, stride, padding, dilation).reshape({n, r_out, -1});
+    glast = at::bmm(gy, z2.transpose(1, 2)).sum(0);  // sum_n gy_n z2_n^T
+  }
+  if (!need_g2) return {gx, gfirst, gcore, glast, gbias};
+  // grad wrt z2 = last^T grad_y, shaped like z2.
+  const at::Tensor g2 = at::matmul(last.t(), gy).view({n, r_out, grad_y.size(2), grad_y.size(3)});
+  const bool need_g1 = need_x || need_first;
+  auto conv_grads = at::convolution_backward(g2, z1, core, c10::nullopt, stride, padding, dilation,
+                                             /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1,
+                                             {need_g1, need_core, false});
+  if (need_core) gcore = std::get<1>(conv_grads);
+  if (!need_g1) return {gx, gfirst, gcore, glast, gbias};
+  const at::Tensor g1 = std::get<0>(conv_grads).reshape({n, r_in, -1});  // (N, R_in, HW)
+  if (need_first) gfirst = at::bmm(g1, x.reshape({n, x.size(1), -1}).transpose(1, 2)).sum(0);
+  if (need_x) gx = at::matmul(first.t(), g1).view(x.sizes());
+  return {gx, gfirst, gcore, glast, gbias};
+}
+
+}  // namespace tucker
+}  // namespace kdfast

@@ -1,0 +1,247 @@
+"""kdfast.ops.tucker_conv2d against the three-conv reference (float64), on both the fused and the
+composed path, plus gradients, gradcheck, opcheck, torch.compile and bad-input errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES
+from helpers import LAYOUTS, feature_map
+
+from kdfast import ops, reference
+
+PATHS = ["fused", "composed"]
+
+# (N, C, H, W, R_in, R_out, O, (kh, kw), stride, padding, dilation): batch 1, odd sizes, H != W,
+# kernel sizes 1/3/5/7 and non-square, strides 1/2 (and mixed), padding 0/1/2/(asymmetric), dilation.
+SHAPES = [
+    (1, 5, 7, 7, 3, 4, 6, (3, 3), 1, 1, 1),
+    (2, 6, 9, 11, 4, 3, 5, (3, 3), 2, 1, 1),
+    (2, 4, 8, 8, 2, 2, 3, (1, 1), 1, 0, 1),
+    (1, 3, 6, 5, 2, 3, 4, (1, 1), 2, 0, 1),
+    (2, 4, 11, 9, 3, 2, 5, (5, 5), 1, 2, 1),
+    (1, 3, 13, 12, 2, 3, 3, (7, 7), 2, 3, 1),
+    (2, 5, 9, 10, 3, 4, 2, (3, 5), (1, 2), (1, 2), 1),
+    (1, 4, 12, 13, 3, 3, 4, (3, 3), 1, 2, 2),
+    (2, 3, 10, 7, 2, 2, 3, (3, 3), 2, 0, (2, 1)),
+    (3, 6, 5, 5, 4, 4, 6, (3, 3), 1, 0, 1),
+    (1, 2, 3, 3, 1, 1, 1, (3, 3), 1, 5, 1),  # padding larger than the image: bands entirely in padding
+]
+
+
+def _args(shape, dtype=torch.float64, device="cpu", layout="contiguous", bias=True, requires_grad=False):
+    n, c, h, w, r_in, r_out, o, (kh, kw), stride, padding, dilation = shape
+    x = feature_map((n, c, h, w), dtype, device, layout, requires_grad=requires_grad)
+    params = [
+        torch.randn(r_in, c, dtype=dtype, device=device),
+        torch.randn(r_out, r_in, kh, kw, dtype=dtype, device=device),
+        torch.randn(o, r_out, dtype=dtype, device=device),
+        torch.randn(o, dtype=dtype, device=device) if bias else None,
+    ]
+    params = [p.requires_grad_(requires_grad) if p is not None else None for p in params]
+    return (x, *params), dict(stride=stride, padding=padding, dilation=dilation)
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv("KDFAST_TUCKER_CONV_PATH", request.param)
+    return request.param
+
+
+def _grads(fn, inputs, kwargs, grad_out):
+    out = fn(*inputs, **kwargs)
+    needed = [t for t in inputs if t is not None and t.requires_grad]
+    return out, torch.autograd.grad(out, needed, grad_out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference_float64(device, shape, bias, path):
+    inputs, kwargs = _args(shape, device=device, bias=bias, requires_grad=True)
+    assert ops.tucker_conv2d_path(*inputs[:4], **kwargs) == path
+    ref = reference.tucker_conv2d(*inputs, **kwargs)
+    grad_out = torch.randn_like(ref)
+    out, g = _grads(ops.tucker_conv2d, inputs, kwargs, grad_out)
+    ref, r = _grads(reference.tucker_conv2d, inputs, kwargs, grad_out)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g, r):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts(layout, path):
+    inputs, kwargs = _args((2, 5, 9, 8, 3, 4, 6, (3, 3), 1, 1, 1), layout=layout, requires_grad=True)
+    grad_out = torch.randn(2, 6, 9, 8, dtype=torch.float64)
+    out, g = _grads(ops.tucker_conv2d, inputs, kwargs, grad_out)
+    ref, r = _grads(reference.tucker_conv2d, inputs, kwargs, grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g, r):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_non_contiguous_factors(path):
+    inputs, kwargs = _args((2, 5, 7, 6, 3, 4, 6, (3, 3), 2, 1, 1))
+    x, first, core, last, bias = inputs
+    first_t = first.t().contiguous().t()
+    core_p = core.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    last_t = last.t().contiguous().t()
+    bias_s = torch.stack([bias, bias], 1)[:, 0]
+    assert not (first_t.is_contiguous() or core_p.is_contiguous() or last_t.is_contiguous() or bias_s.is_contiguous())
+    out = ops.tucker_conv2d(x, first_t, core_p, last_t, bias_s, **kwargs)
+    torch.testing.assert_close(out, reference.tucker_conv2d(*inputs, **kwargs), rtol=1e-10, atol=1e-10)
+
+
+def test_float32_matches_reference(path):
+    inputs, kwargs = _args((2, 16, 14, 14, 8, 8, 16, (3, 3), 1, 1, 1), dtype=torch.float32)
+    torch.testing.assert_close(ops.tucker_conv2d(*inputs, **kwargs), reference.tucker_conv2d(*inputs, **kwargs),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_large_fused_tiles_match_reference(monkeypatch):
+    """Enough rows and samples for several tiles per sample and several threads' work."""
+    monkeypatch.setenv("KDFAST_TUCKER_CONV_PATH", "fused")
+    inputs, kwargs = _args((3, 8, 40, 33, 6, 5, 7, (3, 3), 1, 1, 1))
+    torch.testing.assert_close(ops.tucker_conv2d(*inputs, **kwargs), reference.tucker_conv2d(*inputs, **kwargs),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck(path):
+    inputs, kwargs = _args((2, 3, 5, 4, 2, 3, 2, (3, 3), 2, 1, 1), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.tucker_conv2d(*t, **kwargs), inputs)
+
+
+def test_gradcheck_partial_requires_grad():
+    inputs, kwargs = _args((1, 3, 5, 5, 2, 2, 3, (3, 3), 1, 1, 1))
+    inputs[2].requires_grad_(True)  # core only
+    assert torch.autograd.gradcheck(lambda *t: ops.tucker_conv2d(*t, **kwargs), inputs)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck(bias, requires_grad):
+    inputs, kwargs = _args((2, 4, 6, 5, 3, 2, 3, (3, 3), 2, 1, 1), bias=bias, requires_grad=requires_grad)
+    args = (*inputs, [2, 2], [1, 1], [1, 1])
+    torch.library.opcheck(torch.ops.kdfast.tucker_conv2d.default, args)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_fullgraph_compile_matches_eager(backend):
+    torch._dynamo.reset()
+    inputs, kwargs = _args((2, 4, 8, 7, 3, 2, 5, (3, 3), 1, 1, 1), dtype=torch.float32, requires_grad=True)
+
+    def block(x, first, core, last, bias):
+        return torch.relu(ops.tucker_conv2d(x, first, core, last, bias, stride=1, padding=1)).square().sum()
+
+    eager = block(*inputs)
+    eager_grads = torch.autograd.grad(eager, inputs)
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    out = compiled(*inputs)
+    out_grads = torch.autograd.grad(out, inputs)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(out_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_raises():
+    inputs, kwargs = _args((1, 3, 5, 5, 2, 2, 3, (3, 3), 1, 1, 1), requires_grad=True)
+    out = ops.tucker_conv2d(*inputs, **kwargs)
+    (gx,) = torch.autograd.grad(out.sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_path_rule_and_debug_log(monkeypatch, capfd):
+    inputs, kwargs = _args((1, 3, 5, 5, 2, 2, 3, (3, 3), 1, 1, 1))
+    monkeypatch.delenv("KDFAST_TUCKER_CONV_PATH", raising=False)
+    assert ops.tucker_conv2d_path(*inputs[:4], **kwargs) in PATHS
+    # float16 on CPU always takes the composition, whatever is forced.
+    monkeypatch.setenv("KDFAST_TUCKER_CONV_PATH", "fused")
+    half = [t.half() for t in inputs[:4]]
+    assert ops.tucker_conv2d_path(*half, **kwargs) == "composed"
+    monkeypatch.setenv("KDFAST_DEBUG", "1")
+    ops.tucker_conv2d(*inputs, **kwargs)
+    assert "kdfast.tucker_conv2d[cpu]: fused path" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_precision_error_within_twice_pytorch(device, dtype):
+    """Half types: error vs the float64 reference at most 2x that of PyTorch's own same-dtype 3-conv."""
+    if device == "cpu" and dtype == torch.float16 and not _cpu_half_conv_supported():
+        pytest.skip("this torch build has no float16 CPU convolution")
+    inputs, kwargs = _args((2, 32, 15, 14, 16, 16, 32, (3, 3), 1, 1, 1), device=device)
+    exact = reference.tucker_conv2d(*inputs, **kwargs)
+    low = [t.to(dtype) for t in inputs]
+    ours = (ops.tucker_conv2d(*low, **kwargs).double() - exact).abs().max()
+    torch_err = (reference.tucker_conv2d(*low, **kwargs).double() - exact).abs().max()
+    assert ours <= 2 * torch_err + 1e-6 * exact.abs().max()
+
+
+def _cpu_half_conv_supported():
+    try:
+        F.conv2d(torch.ones(1, 1, 2, 2, dtype=torch.float16), torch.ones(1, 1, 1, 1, dtype=torch.float16))
+        return True
+    except RuntimeError:
+        return False
+
+
+# ------------------------------------------------------------------------------- errors
+X = torch.randn(2, 4, 6, 6)
+FIRST, CORE, LAST, BIAS = torch.randn(3, 4), torch.randn(2, 3, 3, 3), torch.randn(5, 2), torch.randn(5)
+
+
+def tc(x=X, first=FIRST, core=CORE, last=LAST, bias=BIAS, **kw):
+    return ops.tucker_conv2d(x, first, core, last, bias, **kw)
+
+
+ERROR_CASES = [
+    (lambda: tc(x=torch.randn(4, 6, 6)), ValueError, "x must be a 4-D feature map"),
+    (lambda: tc(x=torch.randn(0, 4, 6, 6)), ValueError, "x has an empty batch"),
+    (lambda: tc(x=torch.randn(2, 4, 0, 6)), ValueError, "x has an empty spatial size"),
+    (lambda: tc(x=torch.ones(2, 4, 6, 6, dtype=torch.int64)), TypeError, "x must be float32"),
+    (lambda: tc(first=torch.randn(3, 4, 1, 1)), ValueError, r"first must be a 2-D tensor \(R_in, C\)"),
+    (lambda: tc(core=torch.randn(2, 3, 3)), ValueError, r"core must be a 4-D tensor \(R_out, R_in, kh, kw\)"),
+    (lambda: tc(last=torch.randn(5)), ValueError, r"last must be a 2-D tensor \(O, R_out\)"),
+    (lambda: tc(first=torch.randn(3, 5)), ValueError, "channel mismatch: x has C = 4 but first has C = 5"),
+    (lambda: tc(core=torch.randn(2, 2, 3, 3)), ValueError, "rank mismatch: first has R_in = 3 but core has R_in = 2"),
+    (lambda: tc(last=torch.randn(5, 3)), ValueError, "rank mismatch: core has R_out = 2 but last has R_out = 3"),
+    (lambda: tc(bias=torch.randn(4)), ValueError, r"bias must be None or a 1-D tensor of shape \(O,\) = \(5,\)"),
+    (lambda: tc(first=FIRST.double()), TypeError, "dtype mismatch: x is torch.float32 but first is torch.float64"),
+    (lambda: tc(bias=BIAS.double()), TypeError, "dtype mismatch: x is torch.float32 but bias is torch.float64"),
+    (lambda: tc(core=CORE.to("meta")), ValueError, "device mismatch: x is on cpu but core is on meta"),
+    (lambda: tc(first=torch.randn(0, 4), core=torch.randn(2, 0, 3, 3)), ValueError, "first is empty"),
+    (lambda: tc(stride=0), ValueError, "stride must be >= 1"),
+    (lambda: tc(padding=(1, -1)), ValueError, "padding must be >= 0"),
+    (lambda: tc(dilation=0), ValueError, "dilation must be >= 1"),
+    (lambda: tc(stride=1.5), TypeError, "stride must be an int or a pair of ints"),
+    (lambda: tc(padding=(1, 1, 1)), TypeError, "padding must be an int or a pair of ints"),
+    (lambda: tc(core=torch.randn(2, 3, 7, 7)), ValueError, "kernel too large: core's dilated kernel is 7x7 but x padded is only 6x6"),
+    (lambda: tc(dilation=4), ValueError, "kernel too large"),
+    (lambda: tc(first=[[1.0]]), TypeError, "first must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(ERROR_CASES)))
+def test_bad_input_errors(case):
+    call, exc, match = ERROR_CASES[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+RAW_CASES = [
+    ((X, torch.randn(3, 5), CORE, LAST, BIAS), "channel mismatch: x has C = 4 but first has C = 5"),
+    ((X, FIRST, torch.randn(2, 2, 3, 3), LAST, BIAS), "rank mismatch: first has R_in = 3 but core has R_in = 2"),
+    ((X, FIRST, CORE, torch.randn(5, 3), BIAS), "rank mismatch: core has R_out = 2 but last has R_out = 3"),
+    ((X, FIRST, CORE, LAST, torch.randn(4)), "bias must be None or a 1-D tensor"),
+    ((X, FIRST, torch.randn(2, 3, 9, 9), LAST, None), "kernel too large"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(RAW_CASES)))
+def test_raw_op_errors(case):
+    """The C++ op checks its arguments itself (callers of torch.ops.kdfast.* skip the wrapper)."""
+    args, match = RAW_CASES[case]
+    with pytest.raises(ValueError, match=match):
+        torch.ops.kdfast.tucker_conv2d(*args, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        torch.ops.kdfast.tucker_conv2d(X, FIRST, CORE, LAST, BIAS, [0, 1], [0, 0], [1, 1])
