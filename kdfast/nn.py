@@ -171,7 +171,7 @@ class TuckerConv2d(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, first, core, last = x.to(dtype), first.to(dtype), core.to(dtype), last.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        return _tucker_conv2d(x, first, core, last, bias, self.stride, self.padding, self.dilation)
+        return ops.tucker_conv2d(x, first, core, last, bias, self.stride, self.padding, self.dilation)
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense kernel (O, C, kh, kw) = core x_0 last x_1 first^T."""
@@ -257,17 +257,6 @@ def _partial_tucker2(weight: torch.Tensor, r_out: int, r_in: int, n_iter_max: in
         (core, (u_out, u_in)), _ = partial_tucker(w64, rank=[r_out, r_in], modes=[0, 1], n_iter_max=n_iter_max, init="svd")
     to = {"device": weight.device, "dtype": weight.dtype}
     return torch.as_tensor(core).to(**to), torch.as_tensor(u_out).to(**to), torch.as_tensor(u_in).to(**to)
-
-
-def _tucker_conv2d(x, first, core, last, bias, stride, padding, dilation):
-    if hasattr(ops, "tucker_conv2d"):
-        return ops.tucker_conv2d(x, first, core, last, bias, stride, padding, dilation)
-    # TEMPORARY until the kdfast.ops.tucker_conv2d op (branch tucker-op) is merged: the plain
-    # three-convolution composition (the op's reference). Removed at the merge.
-    F = torch.nn.functional
-    z = F.conv2d(x, first[:, :, None, None])
-    z = F.conv2d(z, core, stride=stride, padding=padding, dilation=dilation)
-    return F.conv2d(z, last[:, :, None, None], bias)
 
 
 __all__ = ["TuckerConv2d", "resolve_ranks"]

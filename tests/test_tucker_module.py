@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdfast import reference
 from kdfast.nn import TuckerConv2d, resolve_ranks
 from helpers import feature_map
 
@@ -20,10 +21,10 @@ CONFIGS = [
 
 
 def composed_float64(layer, x):
-    """The Tucker-2 conv written out as three convs from the layer's own parameters."""
-    z = F.conv2d(x, layer.first[:, :, None, None])
-    z = F.conv2d(z, layer.core, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
-    return F.conv2d(z, layer.last[:, :, None, None], layer.bias)
+    """The op's reference (three convs) applied to the layer's own parameters."""
+    return reference.tucker_conv2d(
+        x, layer.first, layer.core, layer.last, layer.bias, layer.stride, layer.padding, layer.dilation
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS)
