@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = sub.add_parser("distill", help="run a distillation described by a YAML config (kdfast.distill.config)")
     distill.add_argument("--config", required=True, help="path of the YAML file")
+    distill.add_argument("--model-out", default=None,
+                         help="model checkpoint of the trained student (default: <save_student>_model.pt when the "
+                         "config sets save_student)")
 
     rob = sub.add_parser("robustness", help="clean, FGSM and PGD accuracy of a saved model on its test data")
     rob.add_argument("--checkpoint", required=True, help="kdfast model checkpoint (.pt)")
@@ -198,10 +201,43 @@ def cmd_distill(args) -> int:
         raise CLIError(f"--config {args.config!r}: no such file")
     from .distill import config
 
-    result = config.run_config(args.config)
-    if result is not None:
-        print(json.dumps(result, indent=1, default=str) if isinstance(result, (dict, list)) else result)
+    try:
+        cfg = config.load_config(args.config)
+    except ValueError as exc:  # ConfigError names the offending key
+        raise CLIError(str(exc)) from None
+    history = config.run_config(args.config)
+    for record in history:
+        print(json.dumps(record, default=str))
+    if cfg.get("save_student"):
+        # run_config writes the student's state dict; wrap it in a model checkpoint next to it so that
+        # `kdfast robustness` / `kdfast decompose` can rebuild the model.
+        out = args.model_out or os.path.splitext(cfg["save_student"])[0] + "_model.pt"
+        print(f"wrote {_wrap_state_dict(cfg, out, args.config)}")
+    elif args.model_out:
+        raise CLIError("--model-out needs save_student in the config (the trained student's weights)")
     return 0
+
+
+# Dataset facts needed to rebuild a config's student without loading the data.
+_DATA_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+_DATA_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3, "cifar100": 3}
+
+
+def _wrap_state_dict(cfg: dict, out: str, config_path: str) -> str:
+    import torch
+
+    from . import checkpoint
+
+    spec = dict(cfg["student"])
+    name = spec.pop("name")
+    spec.pop("weights", None)
+    data_name = cfg["data"]["name"]
+    spec.setdefault("num_classes", _DATA_CLASSES.get(data_name, 10))
+    spec.setdefault("in_channels", _DATA_CHANNELS.get(data_name, 3))
+    model = checkpoint.build_model(name, spec)
+    model.load_state_dict(torch.load(cfg["save_student"], map_location="cpu", weights_only=True))
+    data_info = {"name": data_name, "root": cfg["data"]["root"], "image_size": cfg["data"]["image_size"]}
+    return checkpoint.save_model(out, model, name, spec, data_info, {"config": os.path.abspath(config_path)})
 
 
 def _test_loader(ckpt: dict, args, batch_size: int):
@@ -265,11 +301,8 @@ def cmd_decompose(args) -> int:
     size = data_info.get("image_size") or 32
     shape = (1, in_channels, size, size)
     before = {"parameters": cost.parameters(model), "macs": cost.macs(model, shape)}
-    import torch.nn as nn
-
-    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and (m.in_channels == 1 or m.kernel_size == (1, 1))]
     try:
-        student, report = kdfast.decompose(model, ranks=args.ranks, exclude=skip)
+        student, report = kdfast.decompose(model, ranks=args.ranks, input_shape=shape[1:])
     except (TypeError, ValueError) as exc:
         raise CLIError(f"--ranks {args.ranks!r}: {exc}") from None
     after = {"parameters": cost.parameters(student), "macs": cost.macs(student, shape)}

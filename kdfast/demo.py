@@ -8,7 +8,7 @@ models and numbers are not public (METHODS.md 9); this demo runs the same protoc
 digits data embedded in scikit-learn (kdfast.data, 1,347 train / 450 test images, 16x16):
 
 1. train the teacher (kdfast.models, default vgg8 at width 0.25) with cross-entropy;
-2. decompose every 3x3 convolution with more than one input channel with Tucker-2
+2. decompose every 3x3 convolution but the stem (at least 16 channels in and out) with Tucker-2
    (kdfast.decompose, EVBMF ranks by default): the student before fine-tuning;
 3. fine-tune copies of that student with kdfast.distill.Distiller, the same optimiser, schedule,
    epochs and seed for each, only the loss differs:
@@ -121,14 +121,12 @@ def _losses(method: str):
     raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
 
 
-def _decompose(model: nn.Module, ranks):
-    """kdfast.decompose on every 3x3 conv with more than one input channel (a 1-channel stem has
-    nothing to factor). Returns (student, report dict)."""
+def _decompose(model: nn.Module, ranks, input_shape):
+    """kdfast.decompose with its default selection: every 3x3 conv but the stem, at least 16
+    channels in and out. Returns (student, report); the teacher is left untouched (deep copy)."""
     import kdfast
 
-    skip = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and (m.in_channels == 1 or m.kernel_size == (1, 1))]
-    student, report = kdfast.decompose(copy.deepcopy(model), ranks=ranks, exclude=skip)
-    return student, report
+    return kdfast.decompose(model, ranks=ranks, input_shape=tuple(input_shape))
 
 
 def _report_to_dict(report) -> dict:
@@ -195,7 +193,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # ---- decomposition -----------------------------------------------------------------------------
     t0 = time.perf_counter()
-    student0, dec_report = _decompose(teacher, cfg.ranks)
+    student0, dec_report = _decompose(teacher, cfg.ranks, in_shape[1:])
     student0 = student0.to(device)
     timings["decompose_s"] = time.perf_counter() - t0
     dec_acc = evaluate(student0, test_loader, device=device)["accuracy"]
@@ -338,7 +336,7 @@ def render_report(results: dict) -> str:
         f"- Attacks: white-box, untargeted, L-inf, on the {results['data']['test']} test images; eps in pixel units "
         f"(images in [0, 1] before normalisation); FGSM, and PGD with {cfg['pgd_steps']} steps, step 2.5 eps / steps, random start.",
         f"- Latency: median of {cfg['latency_repeats']} timed inference forwards of a batch of {lat_batch} on "
-        f"{results['environment']['device']} ({results['environment']['threads']} threads).",
+        f"{results['environment']['device']} ({results['environment']['threads']} CPU threads).",
         "",
         "## Results",
         "",
@@ -359,6 +357,18 @@ def render_report(results: dict) -> str:
             + " | ".join(f"{100 * by_eps[e][1]:.2f}" for e in eps) + " |"
         )
     students = [k for k in rows if k not in ("teacher", "decomposed")]
+    if students:
+        s = rows[students[0]]
+        mac_ratio = s["macs"] / teacher["macs"]
+        lat_ratio = s["latency"]["median_ms"] / teacher["latency"]["median_ms"]
+        lines += [
+            "",
+            f"MACs count the multiply-accumulates of convolutions and linear layers (`kdfast.cost.macs`); latency is "
+            f"measured. The students need {mac_ratio:.2f}x the teacher's MACs and ran in {lat_ratio:.2f}x its time. "
+            + ("Fewer MACs did not make them faster here: on maps this small the three thin convolutions of a "
+               "Tucker layer are bound by per-call overhead and memory traffic, not arithmetic (ANCHORS 12.2)."
+               if lat_ratio >= 0.9 else "")
+        ]
     if "ce" in rows and len(students) > 1:
         lines += ["", "## KD vs CE fine-tuning (differences in percentage points, student minus the CE student)", ""]
         lines.append("| student | clean | " + " | ".join(f"PGD {_eps_label(e)}" for e in eps) + " |")
@@ -384,7 +394,8 @@ def render_report(results: dict) -> str:
     lines += ["", "## Decomposition", ""]
     layer_rows = dec.get("layers") if isinstance(dec, dict) else None
     if layer_rows:
-        keys = [k for k in ("name", "in_channels", "out_channels", "ranks", "params_before", "params_after") if k in layer_rows[0]]
+        keys = [k for k in ("name", "in_channels", "out_channels", "ranks", "params_before", "params_after", "macs_before", "macs_after")
+                if k in layer_rows[0]]
         lines.append("| " + " | ".join(keys) + " |")
         lines.append("|---" * len(keys) + "|")
         for lr in layer_rows:
