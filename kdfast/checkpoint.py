@@ -54,7 +54,8 @@ def tucker_structure(model: nn.Module) -> dict:
     return {name: _tucker_spec(m) for name, m in model.named_modules() if isinstance(m, TuckerConv2d)}
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def _target(model: nn.Module, name: str):
+    """(parent module, attribute name) of the nn.Conv2d a Tucker entry replaces."""
     parent_name, _, child = name.rpartition(".")
     try:
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -63,7 +64,10 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
         raise ValueError(f"checkpoint names a Tucker layer {name!r} that the model does not have") from None
     if not isinstance(old, nn.Conv2d):
         raise ValueError(f"checkpoint replaces {name!r} by a Tucker layer, but it is a {type(old).__name__}, not an nn.Conv2d")
-    setattr(parent, child, new)
+    return parent, child
+
+
+_SPEC_FIELDS = ("in_channels", "out_channels", "kernel_size", "ranks", "stride", "padding", "dilation", "bias")
 
 
 def build_model(model_name: str, model_kwargs: dict | None = None, tucker: dict | None = None) -> nn.Module:
@@ -75,20 +79,16 @@ def build_model(model_name: str, model_kwargs: dict | None = None, tucker: dict 
         from .nn import TuckerConv2d
 
         for name, spec in tucker.items():
-            spec = dict(spec)
+            parent, child = _target(model, name)
+            if not isinstance(spec, dict) or set(spec) != set(_SPEC_FIELDS):
+                got = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
+                raise ValueError(f"Tucker layer {name!r}: expected the fields {list(_SPEC_FIELDS)}, got {got}")
             layer = TuckerConv2d(
-                spec.pop("in_channels"),
-                spec.pop("out_channels"),
-                tuple(spec.pop("kernel_size")),
-                tuple(spec.pop("ranks")),
-                stride=tuple(spec.pop("stride")),
-                padding=tuple(spec.pop("padding")),
-                dilation=tuple(spec.pop("dilation")),
-                bias=bool(spec.pop("bias")),
+                spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]), tuple(spec["ranks"]),
+                stride=tuple(spec["stride"]), padding=tuple(spec["padding"]), dilation=tuple(spec["dilation"]),
+                bias=bool(spec["bias"]),
             )
-            if spec:
-                raise ValueError(f"Tucker layer {name!r}: unknown fields {sorted(spec)} in the checkpoint")
-            _replace(model, name, layer)
+            setattr(parent, child, layer)
     return model
 
 

@@ -128,6 +128,39 @@ def test_checkpoint_errors(tmp_path):
         checkpoint.build_model("resnet8", {}, {"layer9.conv": {}})
 
 
+def test_distill_config_then_robustness(tmp_path, capsys):
+    yaml = pytest.importorskip("yaml")
+    cfg = {
+        "seed": 0, "epochs": 1, "device": "cpu",
+        "student": {"name": "resnet8", "width_mult": 0.25},
+        "data": {"name": "digits", "batch_size": 128},
+        "losses": {"ce": {"type": "CrossEntropyLoss"}},
+        "optimizer": {"lr": 0.05},
+        "log": {"progress": False},
+        "save_student": str(tmp_path / "student.pt"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["distill", "--config", str(path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert '"type": "epoch"' in out and f"wrote {tmp_path / 'student_model.pt'}" in out
+    model, ckpt = checkpoint.load_model(tmp_path / "student_model.pt")
+    assert ckpt["model"] == "resnet8" and ckpt["model_kwargs"] == {"width_mult": 0.25, "num_classes": 10, "in_channels": 1}
+    state = torch.load(tmp_path / "student.pt", weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert main(["robustness", "--checkpoint", str(tmp_path / "student_model.pt"), "--eps", "0,8/255",
+                 "--pgd-steps", "1", "--max-batches", "1"]) == 0
+    # a config error names the key
+    path.write_text(yaml.safe_dump({**cfg, "epochz": 3}))
+    assert main(["distill", "--config", str(path)]) == 2
+    assert "epochz" in capsys.readouterr().err
+
+
 # ============================================================================================ errors
 @pytest.mark.parametrize(
     "argv, message",
