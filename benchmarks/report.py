@@ -46,6 +46,8 @@ def load(paths_bench, paths_oom):
         machine = machine or data.get("machine_info", {})
         meta = meta or {"datetime": data.get("datetime"), "commit_info": data.get("commit_info", {})}
         for b in data.get("benchmarks", []):
+            if b.get("extra_info", {}).get("suite") == "trainer":  # bench_trainer.py: not a loss table
+                continue
             rows.append(_row_from_bench(b))
         not_run.extend(data.get("kdfast", {}).get("not_run", []))
     for path in paths_oom:

@@ -1,5 +1,6 @@
 """DDP through torchrun with 2 CPU processes (gloo): both ranks end with identical parameters, equal to a
-single-process run with the same global batch.
+single-process run with the same global batch. The DDP run is split in two (epoch 1, then a resume from
+the rank-0 checkpoint for epoch 2), so the DDP resume path is covered too.
 
 Why this can be exact up to float rounding: the student has no BatchNorm (BN statistics are per-rank
 unless SyncBatchNorm, which needs CUDA/NCCL), every loss is a batch mean, and DistributedSampler with the

@@ -1,6 +1,5 @@
 """kdfast.distill: FeatureTap, loss dispatch, optimizer/scheduler options, checkpoints, caching, errors."""
 import copy
-import glob
 import json
 import os
 
@@ -198,6 +197,35 @@ def test_grad_clip_limits_update():
     assert delta.norm().item() == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_compiled_student_with_feature_loss_matches_eager():
+    torch._dynamo.reset()
+    results = []
+    for compile in (False, {"backend": "aot_eager"}):
+        teacher, student = models()
+        hint = HintMSE([(4, 8)])
+        d = Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "hint": hint}, compile=compile,
+                      feature_layers={"hint": ("conv1", "conv1")}, **QUIET)
+        d.fit(DataLoader(synthetic(16), batch_size=8), epochs=1)
+        results.append([p.detach().clone() for p in student.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
+def test_cuda_amp(amp):
+    teacher, student = models()
+    hint = HintMSE([(4, 8)])
+    d = Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "kd": SoftKL(), "hint": hint}, amp=amp,
+                  feature_layers={"hint": ("conv1", "conv1")}, progress=False, device="cuda", grad_clip=5.0)
+    assert d.scaler.is_enabled() == (amp == "fp16")
+    data = synthetic(32)
+    hist = d.fit(DataLoader(data, batch_size=8, shuffle=True), epochs=2, eval_loader=DataLoader(data, batch_size=8))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert hist[-1]["loss"] < hist[0]["loss"] * 1.5
+    assert next(student.parameters()).device.type == "cuda"
+
+
 def test_bf16_autocast_on_cpu():
     teacher, student = models()
     d = Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "kd": SoftKL()}, amp="bf16", **QUIET)
@@ -273,6 +301,22 @@ def test_checkpoint_weights_only_and_contents(tmp_path):
     assert load_checkpoint(tmp_path / "epoch_1.pt")["epoch"] == 1
 
 
+def test_rng_state_roundtrip_through_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from kdfast.distill import capture_rng_state, restore_rng_state
+
+    np.random.randn(), random.gauss(0, 1)  # leave cached Gaussians in both generators
+    atomic_save(capture_rng_state(), tmp_path / "rng.pt")
+    draw = lambda: (torch.rand(3), np.random.rand(3), np.random.randn(), random.random(), random.gauss(0, 1))  # noqa: E731
+    a = draw()
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    b = draw()
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
+
+
 def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     atomic_save({"format": "x", "v": torch.ones(3)}, path)
@@ -297,15 +341,28 @@ def test_load_checkpoint_rejects_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+class NoisyCollate:
+    """Batch augmentation drawing from its own torch.Generator (like kdfast.data's crop/flip collate):
+    the trainer reseeds ``generator`` from (seed, epoch) so a resumed epoch sees the same noise."""
+
+    def __init__(self):
+        self.generator = torch.Generator().manual_seed(123)
+
+    def __call__(self, items):
+        x, y = torch.utils.data.default_collate(items)
+        return x + 0.1 * torch.randn(x.shape, generator=self.generator), y
+
+
 def test_resume_in_process_equals_uninterrupted(tmp_path):
-    # The SIGKILL version is in test_resume.py; this checks fit(resume=True) continues from last.pt.
+    # The SIGKILL version is in test_resume.py; this checks fit(resume=True) continues from last.pt,
+    # with dropout (torch RNG) and a collate_fn with its own generator.
     data = synthetic(16)
 
     def run(epochs, ckdir, resume):
         teacher, student = models(dropout=0.3)
         d = Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "kd": SoftKL()}, checkpoint_dir=str(ckdir),
                       resume=resume, schedule="step", milestones=[2], seed=3, **QUIET)
-        d.fit(DataLoader(data, batch_size=4, shuffle=True), epochs=epochs)
+        d.fit(DataLoader(data, batch_size=4, shuffle=True, collate_fn=NoisyCollate()), epochs=epochs)
         return student, d
 
     full, _ = run(3, tmp_path / "a", False)
@@ -346,6 +403,7 @@ def _d(**kw):
     (dict(epochs=0), ValueError, "epochs must be >= 1"),
     (dict(resume=True), ValueError, "resume=True needs checkpoint_dir"),
     (dict(grad_clip=0), ValueError, "grad_clip must be None or a positive"),
+    (dict(sync_bn=True), ValueError, "sync_bn=True needs CUDA"),
     (dict(cache_teacher_logits=True, losses={"nst": Recorder("features")}, feature_layers={"nst": ("conv1", "conv1")}),
      ValueError, "cache_teacher_logits=True caches logits only"),
 ])
@@ -365,3 +423,106 @@ def test_fit_errors(tmp_path):
         d.fit(DataLoader(synthetic(8), batch_size=4, sampler=sampler))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         _d(resume=str(tmp_path / "nope.pt")).fit(DataLoader(synthetic(8), batch_size=4))
+
+
+# ---------------------------------------------------------------------- subclass hooks
+class TwoOptimizerDistiller(Distiller):
+    """Alternating optimisation through the documented hooks: student step on the full loss, then a second
+    optimizer on the regressor only; its state goes into the checkpoint."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.reg_optimizer = torch.optim.SGD(self.losses["hint"].parameters(), lr=0.5)
+        self.reg_steps = 0
+
+    def trainable_parameters(self):
+        return list(self.student.parameters())
+
+    def training_step(self, batch):
+        out = self.compute_loss(batch)
+        self.backward_step(out["loss"], update_scaler=False)
+        hint_only = self.compute_loss(batch)["parts"]["hint"]
+        self.backward_step(hint_only, self.reg_optimizer)
+        self.reg_steps += 1
+        return out
+
+    def checkpoint_state(self):
+        return {**super().checkpoint_state(), "reg_optimizer": self.reg_optimizer.state_dict()}
+
+    def load_checkpoint_state(self, ckpt):
+        super().load_checkpoint_state(ckpt)
+        self.reg_optimizer.load_state_dict(ckpt["reg_optimizer"])
+
+
+def test_subclass_two_optimizers_and_checkpoint_state(tmp_path):
+    teacher, student = models()
+    hint = HintMSE([(4, 8)])
+    d = TwoOptimizerDistiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "hint": hint},
+                              feature_layers={"hint": ("conv1", "conv1")}, checkpoint_dir=str(tmp_path), **QUIET)
+    assert all(p is not hint.regressors[0].weight for g in d.optimizer.param_groups for p in g["params"])
+    w0 = hint.regressors[0].weight.detach().clone()
+    d.fit(DataLoader(synthetic(16), batch_size=8), epochs=1)
+    assert d.reg_steps == 2 and not torch.equal(w0, hint.regressors[0].weight)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["reg_optimizer"]["param_groups"][0]["lr"] == 0.5
+    d2 = TwoOptimizerDistiller(teacher, models()[1], {"ce": nn.CrossEntropyLoss(), "hint": HintMSE([(4, 8)])},
+                               feature_layers={"hint": ("conv1", "conv1")}, checkpoint_dir=str(tmp_path),
+                               resume=True, **QUIET)
+    d2.fit(DataLoader(synthetic(16), batch_size=8), epochs=1)  # already complete: only loads
+    assert d2.epoch == 1 and d2.reg_steps == 0
+    torch.testing.assert_close(d2.losses["hint"].regressors[0].weight, hint.regressors[0].weight)
+
+
+def test_second_fit_call_continues(tmp_path):
+    data = synthetic(16)
+    runs = []
+    for split in (False, True):
+        teacher, student = models(dropout=0.2)
+        d = Distiller(teacher, student, {"kd": SoftKL()}, checkpoint_dir=str(tmp_path / str(split)),
+                      checkpoint_every=5, resume=True, **QUIET)
+        loader = DataLoader(data, batch_size=8, shuffle=True)
+        if split:
+            d.fit(loader, epochs=1)
+        d.fit(loader, epochs=2)
+        runs.append((d.epoch, d.step, [p.detach().clone() for p in student.parameters()]))
+    assert runs[0][:2] == runs[1][:2] == (2, 4)
+    for a, b in zip(runs[0][2], runs[1][2]):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------- with kdfast.losses
+def test_kdfast_losses_plug_in_one_step():
+    from kdfast.losses import ATLoss, FSPLoss, HintLoss, KDLoss, NSTLoss
+
+    torch.manual_seed(0)
+    teacher, student = TinyNet(4), TinyNet(4)
+    ref = copy.deepcopy(student)
+    hint = HintLoss(student_shape=(4, 8, 8), teacher_shape=(4, 8, 8))
+    hint_ref = copy.deepcopy(hint)
+    losses = {"kd": KDLoss(temperature=4.0, alpha=0.9), "nst": (NSTLoss(), 5.0), "at": (ATLoss(), 1.0),
+              "fsp": (FSPLoss(), 0.5), "hint": (hint, 2.0)}
+    layers = {"nst": ("conv2", "conv2"), "at": (["conv1", "conv2"], ["conv1", "conv2"]),
+              "fsp": (["conv1", "conv2"], ["conv1", "conv2"]), "hint": ("conv1", "conv1")}
+    d = Distiller(teacher, student, losses, feature_layers=layers, lr=0.1, momentum=0.0, weight_decay=0.0, **QUIET)
+    data = synthetic(8)
+    x, y = data.tensors
+    d.fit(DataLoader(data, batch_size=8), epochs=1)
+
+    feats = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: feats.__setitem__(n, o))
+             for n, m in (("conv1", ref.conv1), ("conv2", ref.conv2))]
+    logits = ref(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        t_logits = teacher(x)
+        t1 = teacher.conv1(x)
+        t2 = teacher.conv2(F.relu(t1))
+    s1, s2 = feats["conv1"], feats["conv2"]
+    loss = (KDLoss(4.0, 0.9)(logits, t_logits, y) + 5.0 * NSTLoss()([s2], [t2]) + ATLoss()([s1, s2], [t1, t2])
+            + 0.5 * FSPLoss()([s1, s2], [t1, t2]) + 2.0 * hint_ref([s1], [t1]))
+    params = list(ref.parameters()) + list(hint_ref.parameters())
+    grads = torch.autograd.grad(loss, params)
+    for p, g, q in zip(params, grads, list(student.parameters()) + list(hint.parameters())):
+        torch.testing.assert_close(q, p - 0.1 * g, rtol=1e-4, atol=1e-6)
+    assert d.history[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)

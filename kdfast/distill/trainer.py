@@ -219,6 +219,17 @@ class Distiller:
     distributed : "auto" (DDP when the env var WORLD_SIZE > 1, i.e. under torchrun) | True | False.
     sync_bn : convert the student's BatchNorm layers to SyncBatchNorm under DDP (CUDA/NCCL only).
     compile : False | True | dict of torch.compile kwargs, applied to the student's forward.
+    ddp_kwargs : extra DistributedDataParallel arguments (e.g. ``find_unused_parameters=True`` for a
+        student with parameters that some steps do not use).
+
+    Resume and determinism: checkpoints are written at epoch ends only; a run interrupted mid-epoch
+    restarts from the last epoch checkpoint and replays the lost steps. The data order depends only on
+    (seed, epoch) (DistributedSampler), worker seeds and a ``collate_fn.generator`` (if the collate
+    function owns a torch.Generator) are reseeded from (seed, epoch, rank), and the torch/numpy/Python
+    RNG states of every rank are restored, so on CPU the resumed run is bit-identical to an uninterrupted
+    one (tested). Requirements: the same seed and world size, and no other RNG source (an augmentation
+    library with its own global state is not captured). On CUDA the same holds only with deterministic
+    kernels (``torch.use_deterministic_algorithms(True)``); otherwise results differ in the last bits.
 
     Subclass hooks (override to change the algorithm, e.g. alternating optimisation):
     :meth:`training_step`, :meth:`compute_loss`, :meth:`teacher_forward`, :meth:`backward_step`,
@@ -259,6 +270,7 @@ class Distiller:
         distributed: Union[str, bool] = "auto",
         sync_bn: bool = False,
         compile: Union[bool, Mapping[str, Any]] = False,
+        ddp_kwargs: Optional[Mapping[str, Any]] = None,
     ):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
@@ -299,6 +311,9 @@ class Distiller:
         self.device = _resolve_device(device, use_ddp)
         if self.amp == "fp16" and self.device.type != "cuda":
             raise ValueError(f"amp='fp16' needs a CUDA device (GradScaler); use amp='bf16' on {self.device.type}")
+        if sync_bn and self.device.type != "cuda":
+            raise ValueError("sync_bn=True needs CUDA devices (SyncBatchNorm runs on NCCL); on CPU use a student "
+                             "without BatchNorm or accept per-process BN statistics")
         if use_ddp:
             self._init_distributed()
         self.is_main = self.rank == 0
@@ -354,7 +369,7 @@ class Distiller:
         self.model = self.train_module  # what forward/backward goes through (DDP-wrapped below)
         if use_ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.train_module, device_ids=ids)
+            self.model = nn.parallel.DistributedDataParallel(self.train_module, device_ids=ids, **dict(ddp_kwargs or {}))
 
         # --- optimisation ---------------------------------------------------------------------------
         self._opt_spec = dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -374,6 +389,7 @@ class Distiller:
         self._log_file = None
         self._current_weights = self.weights_at(0)
         self._dataset_len = 0
+        self._started = False
 
     # ------------------------------------------------------------------ building blocks (overridable)
     def trainable_parameters(self) -> List[nn.Parameter]:
@@ -468,17 +484,23 @@ class Distiller:
         logits, total, parts = self.model(inputs, targets, t_logits, t_feats, self._current_weights)
         return {"loss": total, "parts": parts, "logits": logits, "targets": targets}
 
-    def backward_step(self, loss: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        """zero_grad, (scaled) backward, optional gradient clipping, optimizer step, scaler update."""
+    def backward_step(self, loss: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                      update_scaler: bool = True, retain_graph: bool = False) -> None:
+        """zero_grad, (scaled) backward, optional gradient clipping, optimizer step, scaler update.
+
+        With several optimizer steps per iteration (alternating optimisation), pass ``update_scaler=False``
+        to all but the last call: GradScaler must be updated once per iteration.
+        """
         optimizer = optimizer or self.optimizer
         optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss).backward(retain_graph=retain_graph)
         if self.grad_clip is not None:
             self.scaler.unscale_(optimizer)
             params = [p for g in optimizer.param_groups for p in g["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.scaler.step(optimizer)
-        self.scaler.update()
+        if update_scaler:
+            self.scaler.update()
 
     def training_step(self, batch) -> Dict[str, Any]:
         """One optimisation step on ``batch``; returns :meth:`compute_loss`'s dict.
@@ -517,7 +539,10 @@ class Distiller:
 
     # ------------------------------------------------------------------ fit
     def fit(self, train_loader, epochs: Optional[int] = None, eval_loader=None) -> List[Dict[str, Any]]:
-        """Train for ``epochs`` (default: the constructor's) and return the per-epoch history.
+        """Train until ``epochs`` epochs are completed (default: the constructor's) and return the history.
+
+        ``epochs`` is a total, not an increment: after a resume, or a second call, training continues
+        from the completed epochs. The LR schedule is built on the first call (cosine uses its ``epochs``).
 
         ``train_loader`` is a DataLoader (its dataset, batch size, collate_fn, workers, drop_last and
         shuffle flag are kept; its sampler is replaced by a DistributedSampler seeded with ``seed`` so the
@@ -530,9 +555,12 @@ class Distiller:
         self._dataset_len = len(loader.dataset)
         if self.scheduler is None:
             self.scheduler = self.build_scheduler(self.optimizer, epochs)
-        resumed = self._maybe_resume()
-        if not resumed:
-            seed_everything(self.seed + self.rank)
+        resumed = False
+        if not self._started:  # a second fit() call continues in-process: no reload, no reseed
+            resumed = self._maybe_resume()
+            if not resumed:
+                seed_everything(self.seed + self.rank)
+            self._started = True
         if self.log_path and self.is_main:
             os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
             self._log_file = open(self.log_path, "a", encoding="utf-8")
@@ -560,8 +588,13 @@ class Distiller:
         if self.teacher is not None:
             self.teacher.eval()
         sampler.set_epoch(epoch)
-        # Worker seeds (augmentation RNG in DataLoader workers) are drawn from this generator.
-        self._loader_generator.manual_seed(_mix(self.seed, epoch, 1))
+        # Worker seeds (augmentation RNG in DataLoader workers) are drawn from this generator, and a
+        # collate_fn that owns a torch.Generator (batch augmentation) is reseeded: both from
+        # (seed, epoch, rank), so a resumed epoch replays the same augmentation.
+        self._loader_generator.manual_seed(_mix(self.seed, epoch, 1 + 2 * self.rank))
+        collate_gen = getattr(loader.collate_fn, "generator", None)
+        if isinstance(collate_gen, torch.Generator):
+            collate_gen.manual_seed(_mix(self.seed, epoch, 2 + 2 * self.rank))
         self._current_weights = self.weights_at(epoch)
         self.on_epoch_start(epoch)
         sums: Dict[str, torch.Tensor] = {}
@@ -609,11 +642,12 @@ class Distiller:
             # Checked once per epoch (not per step) to avoid a device sync every step.
             raise FloatingPointError(f"non-finite training loss in epoch {epoch}: "
                                      + ", ".join(f"{k}={stats[keys.index(k)]}" for k in bad))
+        elapsed = time.perf_counter() - start
         record = {"type": "epoch", "epoch": epoch, "step": self.step, "lr": lr_used,
-                  **{k: stats[i] for i, k in enumerate(keys)},
-                  "time_s": time.perf_counter() - start}
+                  **{k: stats[i] for i, k in enumerate(keys)}, "time_s": elapsed}
         if stats[-1] > 0:
             record["train_accuracy"] = stats[-2] / stats[-1]
+            record["samples_per_s"] = stats[-1] / elapsed  # all ranks together
         return record
 
     def _evaluate_main(self, eval_loader) -> Dict[str, Any]:
@@ -686,7 +720,7 @@ class Distiller:
         else:
             warnings.warn(f"checkpoint written by {len(rngs)} processes, resuming with {self.world_size}: "
                           "RNG states re-seeded, the run is not bit-identical to an uninterrupted one")
-            seed_everything(_mix(self.seed + self.rank, self.epoch, 2) % (2**31))
+            seed_everything(_mix(self.seed + self.rank, self.epoch, 0) % (2**31))
         return True
 
     # ------------------------------------------------------------------ helpers

@@ -1,0 +1,327 @@
+"""YAML run configs for :class:`~kdfast.distill.Distiller` (used by ``kdfast distill --config run.yaml``).
+
+Example (every section but ``student``, ``data`` and ``losses`` is optional)::
+
+    seed: 0
+    epochs: 240
+    device: cuda                # default: cuda if available
+    amp: bf16                   # null | bf16 | fp16
+    teacher:                    # null: no teacher (only task losses, e.g. to train the teacher itself)
+      name: resnet56            # kdfast.models.build(name, **other keys)
+      weights: runs/teacher/last.pt   # a state dict, or a kdfast checkpoint (its "student" entry)
+    student: {name: resnet20}   # num_classes / in_channels default to the dataset's
+    # or the Tucker-decomposed teacher (kdfast.decompose(teacher, **decompose)):
+    # student: {decompose: {ranks: evbmf}}
+    data:                       # kdfast.data.loaders(name, root, batch_size, ...)
+      name: cifar100
+      root: /data/cifar
+      batch_size: 64            # per process under torchrun
+    losses:                     # name: {type, weight, [student_layers, teacher_layers], constructor kwargs}
+      kd: {type: KDLoss, temperature: 4, alpha: 0.9}   # 0.1 CE + 0.9 T^2 KL (RepDistiller's recipe)
+      nst: {type: NSTLoss, weight: 50, student_layers: [layer3], teacher_layers: [layer3]}
+    optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, nesterov: false}
+    schedule: {name: step, milestones: [150, 180, 210], gamma: 0.1}
+    checkpoint: {dir: runs/kd, every: 1, keep: false, resume: true}
+    log: {path: runs/kd/metrics.jsonl, every: 50, progress: true}
+    train: {grad_clip: null, cache_teacher_logits: false, compile: false, sync_bn: false}
+    save_student: runs/kd/student.pt   # final student state dict (atomic write)
+
+Loss ``type`` is a class name from ``kdfast.losses`` or ``torch.nn`` (case-insensitive; the ``Loss``
+suffix may be dropped: ``kd``, ``nst``, ``cross_entropy``). Unknown keys anywhere are errors that name
+the key and list the valid ones.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, Mapping, Tuple
+
+import torch
+from torch import nn
+
+# section -> {key: (accepted types, default)}; None as default means optional.
+_NUM = (int, float)
+_SCHEMA: Dict[str, Dict[str, Tuple[tuple, Any]]] = {
+    "data": {
+        "name": ((str,), "digits"), "root": ((str, type(None)), None), "batch_size": ((int,), 64),
+        "test_batch_size": ((int, type(None)), None), "image_size": ((int, type(None)), None),
+        "normalize": ((bool,), True), "augment": ((bool,), False), "num_workers": ((int,), 0),
+    },
+    "optimizer": {
+        "name": ((str,), "sgd"), "lr": (_NUM, 0.05), "momentum": (_NUM, 0.9), "weight_decay": (_NUM, 5e-4),
+        "nesterov": ((bool,), False),
+    },
+    "schedule": {"name": ((str,), "step"), "milestones": ((list,), None), "gamma": (_NUM, 0.1)},
+    "checkpoint": {"dir": ((str,), None), "every": ((int,), 1), "keep": ((bool,), False),
+                   "resume": ((bool, str), False)},
+    "log": {"path": ((str, type(None)), None), "every": ((int,), 50), "progress": ((bool,), True)},
+    "train": {"grad_clip": (_NUM + (type(None),), None), "cache_teacher_logits": ((bool,), False),
+              "compile": ((bool,), False), "sync_bn": ((bool,), False)},
+}
+_TOP: Dict[str, Tuple[tuple, Any]] = {
+    "seed": ((int,), 0), "epochs": ((int,), 1), "device": ((str, type(None)), None),
+    "amp": ((str, type(None)), None), "teacher": ((dict, type(None)), None), "student": ((dict,), None),
+    "data": ((dict,), None), "losses": ((dict,), None), "optimizer": ((dict,), None),
+    "schedule": ((dict, type(None)), None), "checkpoint": ((dict, type(None)), None), "log": ((dict,), None),
+    "train": ((dict,), None), "save_student": ((str, type(None)), None),
+}
+_REQUIRED_TOP = ("student", "data", "losses")
+_MODEL_KEYS = ("name", "weights")  # other keys of teacher/student are kwargs of kdfast.models.build
+_LOSS_KEYS = ("type", "weight", "student_layers", "teacher_layers")  # others: loss constructor kwargs
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate (a ValueError naming the offending key)."""
+
+
+def _type_names(types) -> str:
+    names = {int: "int", float: "number", str: "string", bool: "bool", list: "list", dict: "mapping",
+             type(None): "null"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _check_type(where: str, value, types) -> None:
+    # bool is an int in Python; don't accept true for an int field (or 1 for a bool field).
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        raise ConfigError(f"{where} must be {_type_names(types)}, got {value!r}")
+
+
+def _check_keys(where: str, given: Mapping, valid) -> None:
+    unknown = [k for k in given if k not in valid]
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; valid keys: {', '.join(valid)}")
+
+
+def validate_config(cfg: Any) -> Dict[str, Any]:
+    """Check a config dict and fill defaults; returns a new dict. Raises ConfigError (a ValueError)."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(cfg).__name__}")
+    cfg = copy.deepcopy(dict(cfg))
+    _check_keys("the config", cfg, list(_TOP))
+    missing = [k for k in _REQUIRED_TOP if k not in cfg]
+    if missing:
+        raise ConfigError(f"missing required key {missing[0]!r} in the config (required: {', '.join(_REQUIRED_TOP)})")
+    out: Dict[str, Any] = {}
+    for key, (types, default) in _TOP.items():
+        value = cfg.get(key, default)
+        if key in cfg:
+            _check_type(key, value, types)
+        out[key] = value
+    if out["epochs"] < 1:
+        raise ConfigError(f"epochs must be >= 1, got {out['epochs']}")
+    if out["amp"] not in (None, "bf16", "fp16"):
+        raise ConfigError(f"amp must be null, 'bf16' or 'fp16', got {out['amp']!r}")
+    for section, fields in _SCHEMA.items():
+        given = cfg.get(section, {} if section not in ("schedule", "checkpoint") else None)
+        if given is None:
+            out[section] = None
+            continue
+        _check_keys(section, given, list(fields))
+        filled = {}
+        for key, (types, default) in fields.items():
+            if key in given and not (given[key] is None and default is None):  # null = "use the default"
+                _check_type(f"{section}.{key}", given[key], types)
+            filled[key] = given.get(key, default)
+        out[section] = filled
+    if out["schedule"] is not None:
+        sched = out["schedule"]
+        if sched["name"] not in ("step", "cosine"):
+            raise ConfigError(f"schedule.name must be 'step' or 'cosine', got {sched['name']!r}")
+        if sched["name"] == "step" and not sched["milestones"]:
+            raise ConfigError("schedule.milestones is required for schedule.name 'step' (a list of epochs)")
+        if sched["milestones"] is not None and not all(
+                isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in sched["milestones"]):
+            raise ConfigError(f"schedule.milestones must be a list of positive ints, got {sched['milestones']!r}")
+    if out["optimizer"]["name"] not in ("sgd", "adam"):
+        raise ConfigError(f"optimizer.name must be 'sgd' or 'adam', got {out['optimizer']['name']!r}")
+    if out["checkpoint"] is not None and out["checkpoint"]["dir"] is None:
+        raise ConfigError("checkpoint.dir is required when a checkpoint section is given")
+    student = out["student"]
+    if "decompose" in student:
+        extra = [k for k in student if k not in ("decompose", "weights")]
+        if extra:
+            raise ConfigError(f"unknown key {extra[0]!r} in student with decompose; valid keys: decompose, weights")
+        _check_type("student.decompose", student["decompose"], (dict,))
+        if out["teacher"] is None:
+            raise ConfigError("student.decompose needs a teacher (the student is the decomposed teacher)")
+    for role in ("teacher", "student"):
+        spec = out[role]
+        if spec is None or (role == "student" and "decompose" in spec):
+            continue
+        if "name" not in spec or not isinstance(spec["name"], str):
+            raise ConfigError(f"{role}.name is required (a model name for kdfast.models.build)")
+        if "weights" in spec:
+            _check_type(f"{role}.weights", spec["weights"], (str, type(None)))
+    if not out["losses"]:
+        raise ConfigError("losses must name at least one loss")
+    for name, spec in out["losses"].items():
+        where = f"losses.{name}"
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where} must be a mapping with at least 'type', got {spec!r}")
+        if "type" not in spec or not isinstance(spec["type"], str):
+            raise ConfigError(f"{where}.type is required (a loss class name, e.g. KDLoss or CrossEntropyLoss)")
+        _check_type(f"{where}.weight", spec.get("weight", 1.0), _NUM)
+        has_s, has_t = "student_layers" in spec, "teacher_layers" in spec
+        if has_s != has_t:
+            raise ConfigError(f"{where} needs both student_layers and teacher_layers (or neither)")
+        for k in ("student_layers", "teacher_layers"):
+            if k in spec:
+                _check_type(f"{where}.{k}", spec[k], (str, list))
+    return out
+
+
+def load_config(path) -> Dict[str, Any]:
+    """Read a YAML config with ``yaml.safe_load`` and validate it (see the module docstring)."""
+    import yaml
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    try:
+        return validate_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def resolve_loss_class(type_name: str):
+    """A loss class by name from kdfast.losses (first) or torch.nn; case-insensitive, 'Loss' optional."""
+    def key(name: str) -> str:
+        k = name.lower().replace("_", "")
+        return k[:-4] if k.endswith("loss") and len(k) > 4 else k
+
+    table: Dict[str, type] = {}
+    for name in dir(torch.nn.modules.loss):
+        obj = getattr(torch.nn.modules.loss, name)
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and name.endswith("Loss") and not name.startswith("_"):
+            table[key(name)] = obj
+    try:
+        from kdfast import losses as kd_losses
+    except ImportError:
+        kd_losses = None
+    if kd_losses is not None:
+        for name in dir(kd_losses):
+            obj = getattr(kd_losses, name)
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and not name.startswith("_"):
+                table[key(name)] = obj  # kdfast's own classes win over torch.nn's
+    found = table.get(key(type_name))
+    if found is None:
+        names = sorted({c.__name__ for c in table.values()})
+        raise ConfigError(f"unknown loss type {type_name!r}; available: {', '.join(names)}")
+    return found
+
+
+def _build_model(role: str, spec: Mapping[str, Any], dataset) -> nn.Module:
+    from kdfast import models
+
+    kwargs = {k: v for k, v in spec.items() if k not in _MODEL_KEYS}
+    kwargs.setdefault("num_classes", getattr(dataset, "num_classes", 10))
+    if hasattr(dataset, "in_channels"):
+        kwargs.setdefault("in_channels", dataset.in_channels)
+    try:
+        model = models.build(spec["name"], **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{role}: {e}") from None
+    if spec.get("weights"):
+        _load_weights(role, model, spec["weights"], spec["name"])
+    return model
+
+
+def _load_weights(role: str, model: nn.Module, weights: str, name: str) -> None:
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and str(state.get("format", "")).startswith("kdfast.distill"):
+        state = state["student"]  # a kdfast checkpoint: the trained model is its "student"
+    elif isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"{role}.weights {weights} does not fit {name}: {e}") from None
+
+
+def _decomposed_student(teacher: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
+    """The paper-000 student: the (trained) teacher with its convolutions Tucker-2 decomposed
+    (``kdfast.decompose(teacher, **spec["decompose"])``, e.g. ``{ranks: evbmf}``), then fine-tuned by KD.
+    Deterministic (HOSVD/EVBMF), so a resumed run rebuilds the same shapes before loading its checkpoint."""
+    import kdfast
+
+    try:
+        student, _report = kdfast.decompose(teacher, **spec["decompose"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"student.decompose: {e}") from None
+    if student is teacher:
+        raise ConfigError("student.decompose: inplace=True would make the student the teacher itself")
+    if spec.get("weights"):
+        _load_weights("student", student, spec["weights"], "the decomposed teacher")
+    return student
+
+
+def build_from_config(cfg: Mapping[str, Any]):
+    """Models, data and losses from a validated config -> ``(distiller, (train_loader, eval_loader))``."""
+    from kdfast import data as kd_data
+
+    from .trainer import Distiller
+
+    cfg = validate_config(cfg)  # idempotent: fills defaults, so a dict literal works too
+    d = cfg["data"]
+    train_loader, eval_loader = kd_data.loaders(
+        d["name"], d["root"], batch_size=d["batch_size"], test_batch_size=d["test_batch_size"],
+        image_size=d["image_size"], normalize=d["normalize"], augment=d["augment"],
+        return_index=cfg["train"]["cache_teacher_logits"], num_workers=d["num_workers"], seed=cfg["seed"],
+    )
+    dataset = train_loader.dataset
+    teacher = _build_model("teacher", cfg["teacher"], dataset) if cfg["teacher"] is not None else None
+    if "decompose" in cfg["student"]:
+        student = _decomposed_student(teacher, cfg["student"])
+    else:
+        student = _build_model("student", cfg["student"], dataset)
+
+    losses, feature_layers = {}, {}
+    for name, spec in cfg["losses"].items():
+        cls = resolve_loss_class(spec["type"])
+        kwargs = {k: v for k, v in spec.items() if k not in _LOSS_KEYS}
+        try:
+            module = cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"losses.{name}: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
+                              f"failed: {e}") from None
+        losses[name] = (module, float(spec.get("weight", 1.0)))
+        if "student_layers" in spec:
+            feature_layers[name] = (spec["student_layers"], spec["teacher_layers"])
+
+    opt, sched, ck, log, train = cfg["optimizer"], cfg["schedule"], cfg["checkpoint"], cfg["log"], cfg["train"]
+    distiller = Distiller(
+        teacher, student, losses, feature_layers=feature_layers or None,
+        optimizer=opt["name"], lr=float(opt["lr"]), momentum=float(opt["momentum"]),
+        weight_decay=float(opt["weight_decay"]), nesterov=opt["nesterov"],
+        schedule=sched["name"] if sched else None, milestones=sched["milestones"] if sched else None,
+        gamma=float(sched["gamma"]) if sched else 0.1,
+        epochs=cfg["epochs"], device=cfg["device"], amp=cfg["amp"], seed=cfg["seed"],
+        grad_clip=train["grad_clip"], cache_teacher_logits=train["cache_teacher_logits"],
+        compile=train["compile"], sync_bn=train["sync_bn"],
+        checkpoint_dir=ck["dir"] if ck else None, checkpoint_every=ck["every"] if ck else 1,
+        keep_checkpoints=ck["keep"] if ck else False, resume=ck["resume"] if ck else False,
+        log_path=log["path"], log_every=log["every"], progress=log["progress"],
+    )
+    return distiller, (train_loader, eval_loader)
+
+
+def run_config(path_or_cfg) -> list:
+    """Load (if a path), build and fit; saves ``save_student`` if set. Returns the history."""
+    from .checkpoint import atomic_save
+    from .tap import unwrap_model
+
+    cfg = load_config(path_or_cfg) if isinstance(path_or_cfg, (str, os.PathLike)) else validate_config(path_or_cfg)
+    distiller, (train_loader, eval_loader) = build_from_config(cfg)
+    try:
+        history = distiller.fit(train_loader, cfg["epochs"], eval_loader=eval_loader)
+        if cfg["save_student"] and distiller.is_main:
+            atomic_save(unwrap_model(distiller.student).state_dict(), cfg["save_student"])
+    finally:
+        distiller.close()
+    return history
