@@ -166,7 +166,7 @@ def test_distill_config_then_robustness(tmp_path, capsys):
     "argv, message",
     [
         (["demo", "--epochs", "0"], "--epochs: expected a positive integer"),
-        (["demo", "--device", "tpu"], "--device: unsupported device"),
+        (["demo", "--device", "tpu"], "argument --device: unknown device 'tpu'"),
         (["demo", "--bogus"], "unrecognized arguments: --bogus"),
         (["demo", "--ranks", "1.5"], "a fraction must be in (0, 1]"),
         (["robustness"], "the following arguments are required: --checkpoint"),
