@@ -18,22 +18,9 @@ import numbers
 import torch
 from torch import nn
 
-from . import ops
+from . import _checks, ops
 
 _RANK_OPTIONS = ("weaken", "min_rank", "align")
-
-
-def _pair(name: str, value, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
-    if (
-        not isinstance(pair, (tuple, list))
-        or len(pair) != 2
-        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)
-    ):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(pair[0]), int(pair[1])
 
 
 def _positive_int(name: str, value) -> int:
@@ -94,7 +81,7 @@ def resolve_ranks(weight: torch.Tensor, ranks, **rank_options) -> tuple[int, int
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     """conv.padding as a symmetric pair; 'valid' is 0 and 'same' is half the dilated kernel extent."""
     if not isinstance(conv.padding, str):
-        return _pair("padding", conv.padding, 0)
+        return _checks.conv_pair("padding", conv.padding, 0)
     if conv.padding == "valid":
         return 0, 0
     pads = []
@@ -141,10 +128,10 @@ class TuckerConv2d(nn.Module):
         super().__init__()
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
-        self.kernel_size = _pair("kernel_size", kernel_size, 1)
-        self.stride = _pair("stride", stride, 1)
-        self.padding = _pair("padding", padding, 0)
-        self.dilation = _pair("dilation", dilation, 1)
+        self.kernel_size = _checks.conv_pair("kernel_size", kernel_size, 1)
+        self.stride = _checks.conv_pair("stride", stride, 1)
+        self.padding = _checks.conv_pair("padding", padding, 0)
+        self.dilation = _checks.conv_pair("dilation", dilation, 1)
         self.ranks = _check_explicit_ranks(ranks, self.out_channels, self.in_channels)
         r_out, r_in = self.ranks
         factory = {"device": device, "dtype": dtype}
@@ -250,7 +237,9 @@ def _partial_tucker2(weight: torch.Tensor, r_out: int, r_in: int, n_iter_max: in
 
     w64 = weight.detach().to(device="cpu", dtype=torch.float64).numpy()
     # numpy backend in a context: independent of whatever global backend another library (tltorch) set
-    with tl.backend_context("numpy"), warnings.catch_warnings():
+    from .evbmf import single_threaded_blas
+
+    with tl.backend_context("numpy"), warnings.catch_warnings(), single_threaded_blas():
         # a rank above the unfolding's short side (e.g. 1x1 conv, O > C) is expected: tensorly pads the
         # factor with orthonormal columns, and the reconstruction stays exact
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")

@@ -1,0 +1,344 @@
+"""Model-wide Tucker-2 decomposition: replace eligible nn.Conv2d layers by :class:`~kdfast.nn.TuckerConv2d`.
+
+    student, report = kdfast.decompose(teacher, ranks="evbmf", input_shape=(3, 32, 32))
+    print(report)              # per-layer table: ranks, params and MACs before/after, totals
+    json.dump(report.to_dict(), f)
+
+Which convs are decomposed (all rules apply together):
+  * plain ``nn.Conv2d`` only (subclasses may change forward; they are skipped), groups = 1,
+    padding_mode = "zeros", and padding that TuckerConv2d can express;
+  * not 1x1 (``skip_1x1=True``: a 1x1 conv gains nothing from a Tucker-2 split);
+  * not the first conv in module registration order, normally the stem (``skip_first=True``:
+    decomposing the input layer hurts accuracy most and saves least, Kim et al. 2016);
+  * in_channels >= min_channels and out_channels >= min_channels;
+  * ``include`` (None = every conv): its fully qualified name (as in ``model.named_modules()``) matches
+    at least one fnmatch pattern, e.g. ``"layer3.*"``; ``exclude``: it matches none. include only
+    narrows the selection; use skip_first=False / skip_1x1=False / min_channels=1 to widen it.
+Every skipped conv is listed in ``report.skipped`` with the reason.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import numbers
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .nn import TuckerConv2d, _conv_padding, resolve_ranks
+
+
+@dataclass
+class LayerReport:
+    """One decomposed conv. MACs (multiply-accumulates; FLOPs ~= 2 x MACs, bias ignored) are per
+    sample when the report was measured with an input, else per output pixel (see macs_unit)."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple
+    stride: tuple
+    ranks: tuple
+    params_before: int
+    params_after: int
+    macs_before: int | None
+    macs_after: int | None
+    input_size: tuple | None = None  # (H, W) seen in the measuring forward
+    output_size: tuple | None = None
+
+
+@dataclass
+class DecompositionReport:
+    layers: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # [(name, reason)]
+    model_params_before: int = 0
+    model_params_after: int = 0
+    macs_unit: str = "per output pixel"  # or "per sample" (measured with an input)
+
+    @property
+    def params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    # Totals exist only for per-sample MACs: per-output-pixel counts of layers at different
+    # resolutions do not add up to anything meaningful.
+    @property
+    def macs_before(self) -> int | None:
+        return self._total("macs_before")
+
+    @property
+    def macs_after(self) -> int | None:
+        return self._total("macs_after")
+
+    def _total(self, key: str) -> int | None:
+        values = [getattr(layer, key) for layer in self.layers]
+        if self.macs_unit != "per sample" or any(v is None for v in values):
+            return None
+        return sum(values)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: per-layer dicts, skipped convs, totals (FLOPs = 2 x MACs)."""
+        layers = []
+        for layer in self.layers:
+            d = asdict(layer)
+            for key in ("kernel_size", "stride", "ranks", "input_size", "output_size"):
+                d[key] = None if d[key] is None else list(d[key])
+            d["flops_before"] = None if layer.macs_before is None else 2 * layer.macs_before
+            d["flops_after"] = None if layer.macs_after is None else 2 * layer.macs_after
+            layers.append(d)
+        return {
+            "macs_unit": self.macs_unit,
+            "layers": layers,
+            "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+            "totals": {
+                "decomposed_layers": len(self.layers),
+                "layer_params_before": self.params_before,
+                "layer_params_after": self.params_after,
+                "layer_macs_before": self.macs_before,
+                "layer_macs_after": self.macs_after,
+                "model_params_before": self.model_params_before,
+                "model_params_after": self.model_params_after,
+            },
+        }
+
+    def __str__(self) -> str:
+        header = ("layer", "shape (O, C, kh, kw)", "ranks", "params", "params'", "MACs", "MACs'", "MAC ratio")
+        rows = []
+        for layer in self.layers:
+            ratio = "-" if not layer.macs_after else f"{layer.macs_before / layer.macs_after:.2f}x"
+            rows.append((
+                layer.name,
+                f"({layer.out_channels}, {layer.in_channels}, {layer.kernel_size[0]}, {layer.kernel_size[1]})",
+                f"({layer.ranks[0]}, {layer.ranks[1]})",
+                f"{layer.params_before:,}", f"{layer.params_after:,}",
+                _fmt(layer.macs_before), _fmt(layer.macs_after), ratio,
+            ))
+        before, after = self.macs_before, self.macs_after
+        rows.append((
+            "total (decomposed layers)", "", "", f"{self.params_before:,}", f"{self.params_after:,}", _fmt(before),
+            _fmt(after), "-" if not after else f"{before / after:.2f}x",
+        ))
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        line = lambda r: "  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        out = [f"Tucker-2 decomposition: {len(self.layers)} conv(s) decomposed, {len(self.skipped)} skipped; "
+               f"MACs {self.macs_unit} (FLOPs ~= 2 x MACs)", line(header), line(["-" * w for w in widths])]
+        out += [line(r) for r in rows[:-1]]
+        out += [line(["-" * w for w in widths]), line(rows[-1])]
+        ratio = self.model_params_before / self.model_params_after if self.model_params_after else float("nan")
+        out.append(f"model parameters: {self.model_params_before:,} -> {self.model_params_after:,} ({ratio:.2f}x fewer)")
+        if self.skipped:
+            out.append("skipped: " + "; ".join(f"{n} ({r})" for n, r in self.skipped))
+        return "\n".join(out)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _patterns(name: str, value) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise TypeError(f"{name} must be None, a str or a list of str fnmatch patterns, got {value!r}")
+
+
+def _skip_reason(conv: nn.Module, min_channels: int, skip_1x1: bool) -> str | None:
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not a plain nn.Conv2d"
+    if conv.groups != 1:
+        return f"groups={conv.groups}"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    if skip_1x1 and tuple(conv.kernel_size) == (1, 1):
+        return "1x1 conv"
+    if conv.in_channels < min_channels or conv.out_channels < min_channels:
+        return f"fewer than min_channels={min_channels} channels ({conv.in_channels} -> {conv.out_channels})"
+    try:
+        _conv_padding(conv)
+    except ValueError:
+        return f"padding={conv.padding!r} needs asymmetric padding"
+    return None
+
+
+def _ranks_for(name: str, ranks):
+    """ranks may be one spec for every layer or a dict {fnmatch pattern: spec} (first match wins)."""
+    if isinstance(ranks, dict):
+        for pattern, spec in ranks.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return spec
+        return None
+    return ranks
+
+
+def _measure_sizes(model: nn.Module, convs: dict, input_shape, example_input) -> dict:
+    """{name: ((H_in, W_in), (H_out, W_out))} from one eval-mode, no-grad forward with hooks."""
+    if example_input is None:
+        if (
+            not isinstance(input_shape, (tuple, list))
+            or len(input_shape) != 3
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in input_shape)
+        ):
+            raise ValueError(f"input_shape must be (C, H, W) with positive ints, got {input_shape!r}")
+        param = next(model.parameters(), None)
+        factory = {} if param is None else {"device": param.device, "dtype": param.dtype}
+        example_input = torch.zeros(1, *input_shape, **factory)
+    sizes = {}
+
+    def record(name):
+        def hook(module, inputs, output):  # returns None: the output is left unchanged
+            sizes.setdefault(name, (tuple(inputs[0].shape[2:]), tuple(output.shape[2:])))
+
+        return hook
+
+    hooks = [conv.register_forward_hook(record(name)) for name, conv in convs.items()]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            else:
+                model(example_input)
+    except Exception as exc:  # the user's input did not fit the model: say which argument
+        what = "example_input" if input_shape is None else f"input_shape={tuple(input_shape)}"
+        raise ValueError(f"the forward pass used to measure MACs failed with {what}: {exc}") from exc
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+    return sizes
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def decompose(
+    model: nn.Module,
+    ranks="evbmf",
+    min_channels: int = 16,
+    include=None,
+    exclude=None,
+    inplace: bool = False,
+    *,
+    skip_first: bool = True,
+    skip_1x1: bool = True,
+    n_iter_max: int = 0,
+    input_shape=None,
+    example_input=None,
+    **rank_options,
+):
+    """Replace eligible nn.Conv2d layers of ``model`` by TuckerConv2d.from_conv (see module docstring).
+
+    Args:
+        model: any nn.Module. Deep-copied first unless ``inplace=True``.
+        ranks: "evbmf" (default), a float in (0, 1], a pair (r_out, r_in), or a dict mapping fnmatch
+            name patterns to any of those (first match wins; convs matching none are skipped).
+        min_channels: convs with fewer input or output channels are skipped.
+        include, exclude: fnmatch pattern or list of patterns on module names.
+        skip_first, skip_1x1: the default skips of the stem conv and of 1x1 convs.
+        n_iter_max: HOOI iterations after the HOSVD initialisation (0 = plain HOSVD).
+        input_shape: (C, H, W) of one sample, or example_input: a tensor (or tuple of forward args);
+            either makes the report give MACs per sample (one eval-mode forward with hooks, running
+            BatchNorm statistics untouched). Without them MACs are per output pixel, with the first
+            1x1 conv's input pixels taken as stride_h * stride_w per output pixel.
+        **rank_options: weaken, min_rank, align for ranks="evbmf" (see kdfast.evbmf.tucker2_ranks).
+    Returns:
+        (model, DecompositionReport)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(min_channels, bool) or not isinstance(min_channels, numbers.Integral) or min_channels < 1:
+        raise ValueError(f"min_channels must be an int >= 1, got {min_channels!r}")
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude)
+    if input_shape is not None and example_input is not None:
+        raise ValueError("pass input_shape or example_input, not both")
+    if not (isinstance(ranks, (str, float, tuple, list, dict)) and not isinstance(ranks, bool)):
+        raise TypeError(f"ranks must be 'evbmf', a float in (0, 1], a pair (r_out, r_in) or a dict of those, got {ranks!r}")
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    params_before = _count_params(model)
+
+    report = DecompositionReport()
+    selected = {}
+    first_seen = False
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d):
+            continue
+        is_first, first_seen = not first_seen, True
+        reason = _skip_reason(module, min_channels, skip_1x1)
+        if reason is None and skip_first and is_first:
+            reason = "first conv (skip_first=True)"
+        if reason is None and include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            reason = "not matched by include"
+        if reason is None and exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            reason = "matched by exclude"
+        if reason is None and _ranks_for(name, ranks) is None:
+            reason = "no pattern of the ranks dict matches"
+        if reason is None:
+            selected[name] = module
+        else:
+            report.skipped.append((name, reason))
+
+    sizes = {}
+    if input_shape is not None or example_input is not None:
+        sizes = _measure_sizes(model, selected, input_shape, example_input)
+        report.macs_unit = "per sample"
+
+    replacements = {}
+    for name, conv in selected.items():
+        try:
+            layer = TuckerConv2d.from_conv(conv, _ranks_for(name, ranks), n_iter_max=n_iter_max, **rank_options)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"layer {name!r}: {exc}") from exc
+        replacements[id(conv)] = layer
+        report.layers.append(_layer_report(name, conv, layer, sizes.get(name), bool(sizes)))
+
+    # Swap every reference (a conv shared by two parents is replaced in both, sharing kept).
+    for parent in model.modules():
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)])
+
+    report.model_params_before = params_before
+    report.model_params_after = _count_params(model)
+    return model, report
+
+
+def _layer_report(name, conv: nn.Conv2d, layer: TuckerConv2d, size, measured: bool) -> LayerReport:
+    o, c = conv.out_channels, conv.in_channels
+    kh, kw = conv.kernel_size
+    r_out, r_in = layer.ranks
+    bias = o if conv.bias is not None else 0
+    if measured and size is None:  # the conv did not run in the measuring forward
+        macs_before = macs_after = None
+        in_size = out_size = None
+    else:
+        if size is None:  # per output pixel; the first 1x1 runs at input resolution
+            in_pixels, out_pixels = conv.stride[0] * conv.stride[1], 1
+            in_size = out_size = None
+        else:
+            (hi, wi), (ho, wo) = size
+            in_pixels, out_pixels = hi * wi, ho * wo
+            in_size, out_size = (hi, wi), (ho, wo)
+        macs_before = o * c * kh * kw * out_pixels
+        macs_after = r_in * c * in_pixels + r_out * r_in * kh * kw * out_pixels + o * r_out * out_pixels
+    return LayerReport(
+        name=name, in_channels=c, out_channels=o, kernel_size=(kh, kw), stride=tuple(conv.stride),
+        ranks=(r_out, r_in),
+        params_before=sum(p.numel() for p in conv.parameters()),
+        params_after=sum(p.numel() for p in layer.parameters()),
+        macs_before=macs_before, macs_after=macs_after, input_size=in_size, output_size=out_size,
+    )
+
+
+__all__ = ["DecompositionReport", "LayerReport", "decompose"]
