@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     rob = sub.add_parser("robustness", help="clean, FGSM and PGD accuracy of a saved model on its test data")
     rob.add_argument("--checkpoint", required=True, help="kdfast model checkpoint (.pt)")
     rob.add_argument("--eps", type=parse_eps, default=None,
-                     help="L-inf radii in pixel units of [0, 1] images, e.g. 0,2/255,4/255,8/255 (the default)")
+                     help="L-inf radii in pixel units of [0, 1] images (default 0,1/255,2/255,4/255,8/255)")
     rob.add_argument("--pgd-steps", type=_positive_int, default=10, help="PGD iterations (default 10)")
     rob.add_argument("--step-size", type=_positive_float, default=None, help="PGD step in pixel units (default 2.5 eps / steps)")
     rob.add_argument("--data", choices=("digits", "cifar10", "cifar100", "mnist"), default=None,
