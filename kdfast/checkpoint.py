@@ -125,7 +125,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise ValueError(f"{path} is not a loadable kdfast model checkpoint: {type(exc).__name__}: {exc}") from exc
+        # torch's own message suggests weights_only=False; a model checkpoint never needs it
+        raise ValueError(
+            f"{path} is not a loadable kdfast model checkpoint (torch.load(weights_only=True) failed: {type(exc).__name__})"
+        ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         hint = (
