@@ -17,6 +17,14 @@ OPS = {
 }
 BACKENDS = ("CPU", "CUDA")
 
+#: Which implementation kdfast.ops.tucker_conv2d runs (kdfast.ops.tucker_conv2d_path(...) answers it
+#: for given arguments from the compiled rule; KDFAST_DEBUG=1 logs it per call).
+TUCKER_CONV2D_PATHS = (
+    "CPU: fused tiled kernel for float64 on one thread with >= 28x28 outputs and R_in*kh*kw <= 288, else 3 ATen convs; "
+    "CUDA: fused kernel (float32/16/bf16, kernel 1/3/5/7, stride <= 2, shared memory permitting; "
+    "never run on a GPU), else 3 cuDNN convs"
+)
+
 
 def op_backends() -> dict:
     """{public op: [backends whose forward and backward kernels are both compiled]}."""
@@ -47,6 +55,7 @@ def collect() -> dict:
     if torch.cuda.is_available():
         info["GPU"] = torch.cuda.get_device_name()
     info["CPU threads"] = torch.get_num_threads()
+    info["tucker_conv2d paths"] = TUCKER_CONV2D_PATHS
     return info
 
 

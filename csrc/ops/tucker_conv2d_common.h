@@ -44,12 +44,14 @@ inline void log_path(const char* backend, const char* path, const at::Tensor& x,
 inline at::Tensor as_1x1(const at::Tensor& m) { return m.view({m.size(0), m.size(1), 1, 1}); }
 
 // The exact composition: three ATen convolutions (cuDNN / oneDNN pick their own algorithms).
+// Like the fused paths (and the fake kernel), it returns a contiguous NCHW y whatever x's layout:
+// torch.compile plans strides from the fake kernel, so every path must agree with it.
 inline at::Tensor composed_forward(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
                                    const at::Tensor& last, const c10::optional<at::Tensor>& bias,
                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const at::Tensor z1 = at::conv2d(x, as_1x1(first.contiguous()));
   const at::Tensor z2 = at::conv2d(z1, core, {}, stride, padding, dilation);
-  return at::conv2d(z2, as_1x1(last.contiguous()), bias);
+  return at::conv2d(z2, as_1x1(last.contiguous()), bias).contiguous();
 }
 
 inline at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
@@ -83,7 +85,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   auto conv_grads = at::convolution_backward(g2, z1, core, c10::nullopt, stride, padding, dilation,
                                              /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1,
                                              {need_g1, need_core, false});
-  if (need_core) gcore = std::get<1>(conv_grads);
+  if (need_core) gcore = std::get<1>(conv_grads).contiguous();  // channels_last x can make it NHWC
   if (!need_g1) return {gx, gfirst, gcore, glast, gbias};
   const at::Tensor g1 = std::get<0>(conv_grads).reshape({n, r_in, -1});  // (N, R_in, HW)
   if (need_first) gfirst = at::bmm(g1, x.reshape({n, x.size(1), -1}).transpose(1, 2)).sum(0);

@@ -124,27 +124,37 @@ void fused_forward(const at::Tensor& x, const at::Tensor& first, const at::Tenso
   });
 }
 
-// Which path runs for these arguments on CPU. Measured on a 2-core AMD EPYC (oneDNN composition vs
-// this kernel); see benchmarks/bench_tucker.py and the report for the numbers behind the rule.
-const char* cpu_path(const at::Tensor& x, const at::Tensor& core) {
+// Which path runs for these arguments on CPU. Rule from measurements on a shared, heavily loaded
+// 2-core AMD EPYC (load average 7-10 from other jobs), 3x3 cores, ranks 0.25/0.5 of C, best of 15-30
+// calls (numbers in the report of branch tucker-op; benchmarks/bench_tucker.py times the forced
+// fused path as "kdfast-fused" so the rule can be re-derived on an idle machine):
+//  - float32: oneDNN's three convolutions beat this kernel on most ResNet/CIFAR shapes (fused time
+//    1.2-1.7x the composition's), so float32 always takes the composition.
+//  - float64 (no oneDNN; ATen's im2col convolution), one thread: the fused kernel is on par or faster
+//    (0.99-3x) on >= 28x28 outputs with R_in * kh * kw <= 288 (R_in <= 32 for 3x3), slower on small
+//    maps and larger ranks. With 2 threads it was slower on every measured shape (0.15-0.9x), so
+//    multi-threaded runs take the composition.
+const char* cpu_path(const at::Tensor& x, const at::Tensor& core, int64_t out_positions) {
   const auto dtype = x.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return kPathComposed;
   if (const char* forced = forced_path()) return forced;
-  // channels_last input: oneDNN consumes NHWC directly; the fused path would first copy x to NCHW.
+  if (dtype == at::kFloat) return kPathComposed;
+  // channels_last input: the fused path would first copy x to NCHW.
   if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return kPathComposed;
-  (void)core;
-  return kPathFused;
+  const int64_t unfolded_rank = core.size(1) * core.size(2) * core.size(3);
+  const bool measured_faster = at::get_num_threads() == 1 && out_positions >= 28 * 28 && unfolded_rank <= 288;
+  return measured_faster ? kPathFused : kPathComposed;
 }
 
 at::Tensor tucker_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
                              const at::Tensor& last, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                              at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation);
-  const char* path = cpu_path(x, core);
+  const Geometry g = geometry(x, core, last, stride, padding, dilation);
+  const char* path = cpu_path(x, core, g.oh * g.ow);
   log_path("cpu", path, x, core);
   if (std::strcmp(path, kPathComposed) == 0) return composed_forward(x, first, core, last, bias, stride, padding, dilation);
 
-  const Geometry g = geometry(x, core, last, stride, padding, dilation);
   at::Tensor y = at::empty({g.n, g.o, g.oh, g.ow}, x.options());
   const at::Tensor x_c = x.contiguous(), first_c = first.contiguous(), last_c = last.contiguous();
   const at::Tensor core2d = core.contiguous().view({g.r_out, g.r_in * g.kh * g.kw});
@@ -160,7 +170,8 @@ std::string tucker_conv2d_path_cpu(const at::Tensor& x, const at::Tensor& first,
                                    const at::Tensor& last, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation) {
   check_tucker_conv2d_args(x, first, core, last, c10::nullopt, stride, padding, dilation);
-  return cpu_path(x, core);
+  const Geometry g = geometry(x, core, last, stride, padding, dilation);
+  return cpu_path(x, core, g.oh * g.ow);
 }
 
 }  // namespace
