@@ -21,19 +21,23 @@ from collections import OrderedDict, defaultdict
 MiB = 1024**2
 GiB = 1024**3
 
-IMPL_ORDER = ["kdfast", "bmm", "repdistiller", "torchdistill"]
+IMPL_ORDER = ["kdfast", "bmm", "repdistiller", "torchdistill", "torch", "torch_compile"]
 IMPL_LABEL = {
     "kdfast": "kdfast",
     "bmm": "bmm (plain PyTorch)",
     "repdistiller": "RepDistiller",
     "torchdistill": "torchdistill",
+    "torch": "PyTorch (log_softmax + kl_div + cross_entropy)",
+    "torch_compile": "PyTorch, torch.compile (inductor)",
 }
 FAMILY_TITLE = {
     "nst": "NST (poly kernel: kdfast vs baselines; kdfast's linear and gaussian kernels as extra rows)",
     "fsp": "FSP",
+    "kd": "Hinton KD loss (alpha = 0.9, T = 4: CE + KL)",
 }
 TIER_ORDER = {"cifar": 0, "headline": 1, "imagenet": 2}
-BAR_COLORS = {"bmm": "#4C72B0", "repdistiller": "#DD8452", "torchdistill": "#55A868"}
+BAR_COLORS = {"bmm": "#4C72B0", "repdistiller": "#DD8452", "torchdistill": "#55A868", "torch": "#4C72B0",
+              "torch_compile": "#8172B3"}
 HEADLINE = {"B": 64, "Cs": 256, "Ct": 512, "Hs": 8, "Ht": 8}
 
 
@@ -70,7 +74,7 @@ def _base_row(group, info):
     return {
         "group": group,
         "loss": loss,
-        "family": "nst" if loss.startswith("nst") else "fsp",
+        "family": "nst" if loss.startswith("nst") else ("kd" if loss == "kd" else "fsp"),
         "impl": impl,
         "label": f"kdfast ({kernel} kernel)" if loss in ("nst-linear", "nst-gaussian") else IMPL_LABEL.get(impl, impl),
         "is_extra": loss in ("nst-linear", "nst-gaussian"),
@@ -405,7 +409,7 @@ def chart(rows, path):
     from matplotlib.patches import Patch
 
     panels = []
-    for family in ("nst", "fsp"):
+    for family in ("nst", "fsp", "kd"):
         blocks = shape_blocks(rows, family)
         by_dd = defaultdict(list)
         for (shape, dtype, dev), blk in blocks.items():
@@ -444,7 +448,7 @@ def chart(rows, path):
         ax.set_xticks(range(len(items)))
         ax.set_xticklabels([s.replace(" ", "\n") + ("\n(headline)" if blk["tier"] == "headline" else "") for s, blk in items], fontsize=8)
         ax.set_xlim(-0.6, len(items) - 0.4)
-        title = "NST, poly kernel" if family == "nst" else "FSP"
+        title = {"nst": "NST, poly kernel", "fsp": "FSP", "kd": "Hinton KD loss"}[family]
         ax.set_title(f"{title} ({dtype}, {dev}): forward + backward speed-up of kdfast over each formulation")
         ax.set_ylabel("baseline time / kdfast time (log)\n> 1: kdfast faster")
         ax.grid(axis="y", which="both", alpha=0.25)
@@ -491,6 +495,7 @@ def main(argv=None):
     md.append("")
     md += family_table(rows, "nst")
     md += family_table(rows, "fsp")
+    md += family_table(rows, "kd")
     md += memory_check_lines(rows)
     md.append(f"![speed-up chart]({name}.png)")
     md.append("")

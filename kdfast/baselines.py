@@ -98,3 +98,27 @@ def torchdistill_fsp_loss(s_a, s_b, t_a, t_b) -> torch.Tensor:
     g_s = _torchdistill_fsp_matrix(s_a, s_b)
     g_t = _torchdistill_fsp_matrix(t_a, t_b)
     return (g_s - g_t).norm(dim=1).sum() / s_a.shape[0]
+
+
+# ------------------------------------------------------------------------------- Hinton KD
+# Plain-PyTorch formulations of kdfast.ops.kd_loss (reduction "mean", ignore_index -100):
+# (1 - alpha) CE + alpha T^2 KL(softmax(t/T) || softmax(s/T)), KL a batch mean.
+def kd_loss_torch(s, t, targets, temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
+    """torch's own ops: kl_div on two log_softmaxes (log_target=True, batchmean) + cross_entropy."""
+    T = float(temperature)
+    kl = F.kl_div(F.log_softmax(s / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True)
+    loss = alpha * T * T * kl
+    if alpha < 1:
+        loss = loss + (1 - alpha) * F.cross_entropy(s, targets)
+    return loss
+
+
+def repdistiller_kd_loss(s, t, targets, temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
+    """RepDistiller DistillKL (kl_div(log_softmax(s/T), softmax(t/T), sum) * T^2 / B) weighted by
+    alpha, plus (1 - alpha) cross_entropy, as its train_student.py combines them (-r, -a)."""
+    T = float(temperature)
+    kd = F.kl_div(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1), reduction="sum") * T * T / s.shape[0]
+    loss = alpha * kd
+    if alpha < 1:
+        loss = loss + (1 - alpha) * F.cross_entropy(s, targets)
+    return loss

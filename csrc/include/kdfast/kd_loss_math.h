@@ -13,6 +13,14 @@
 
 #include "kdfast/math.h"
 
+// Host builds force-inline these, so a caller compiled for a wider ISA (the CPU kernel's
+// target_clones) gets them compiled for that ISA too.
+#if !defined(__CUDACC__) && !defined(__HIPCC__) && defined(__GNUC__)
+#define KDFAST_KD_INLINE inline __attribute__((always_inline))
+#else
+#define KDFAST_KD_INLINE KDFAST_HOST_DEVICE
+#endif
+
 namespace kdfast {
 namespace kd {
 
@@ -27,13 +35,21 @@ enum RowStat : int {
 };
 
 template <typename acc_t>
-KDFAST_HOST_DEVICE acc_t log_(acc_t x) {
+KDFAST_KD_INLINE acc_t log_(acc_t x) {
 #if defined(__CUDA_ARCH__)
   return ::log(x);
 #else
   return std::log(x);
 #endif
 }
+
+// exp as a functor, so a backend can pass its own (the CPU loops pass a vectorisable one).
+struct StdExp {
+  template <typename acc_t>
+  KDFAST_KD_INLINE acc_t operator()(acc_t x) const {
+    return math::exp_<acc_t>(x);
+  }
+};
 
 // Exp-sums of one row (or of a part of it, combined by adding), relative to the row maxima.
 template <typename acc_t>
@@ -44,19 +60,29 @@ struct ExpSums {
   acc_t student_1 = 0;       // sum exp(s - max_s), only when the CE term is needed
 };
 
+// Adds one element's terms to the four sums (separate references so callers can keep them in
+// lane arrays).
+template <typename acc_t, class Exp = StdExp>
+KDFAST_KD_INLINE void accumulate_terms(acc_t s, acc_t t, acc_t max_s, acc_t max_t, acc_t inv_t, bool need_ce,
+                                         acc_t& student_t, acc_t& teacher_t, acc_t& teacher_t_diff, acc_t& student_1,
+                                         Exp exp = Exp()) {
+  const acc_t et = exp((t - max_t) * inv_t);
+  student_t += exp((s - max_s) * inv_t);
+  teacher_t += et;
+  teacher_t_diff += et * (t - s);
+  if (need_ce) student_1 += exp(s - max_s);
+}
+
 template <typename acc_t>
-KDFAST_HOST_DEVICE void accumulate(acc_t s, acc_t t, acc_t max_s, acc_t max_t, acc_t inv_t, bool need_ce,
+KDFAST_KD_INLINE void accumulate(acc_t s, acc_t t, acc_t max_s, acc_t max_t, acc_t inv_t, bool need_ce,
                                    ExpSums<acc_t>& acc) {
-  const acc_t et = math::exp_<acc_t>((t - max_t) * inv_t);
-  acc.student_t += math::exp_<acc_t>((s - max_s) * inv_t);
-  acc.teacher_t += et;
-  acc.teacher_t_diff += et * (t - s);
-  if (need_ce) acc.student_1 += math::exp_<acc_t>(s - max_s);
+  accumulate_terms<acc_t>(s, t, max_s, max_t, inv_t, need_ce, acc.student_t, acc.teacher_t, acc.teacher_t_diff,
+                          acc.student_1);
 }
 
 // Writes the row's statistics (all but kCe) from its maxima and exp-sums.
 template <typename acc_t>
-KDFAST_HOST_DEVICE void finish_row(acc_t max_s, acc_t max_t, const ExpSums<acc_t>& acc, acc_t inv_t, bool need_ce,
+KDFAST_KD_INLINE void finish_row(acc_t max_s, acc_t max_t, const ExpSums<acc_t>& acc, acc_t inv_t, bool need_ce,
                                    acc_t* stats) {
   const acc_t log_sum_s = log_<acc_t>(acc.student_t), log_sum_t = log_<acc_t>(acc.teacher_t);
   stats[kLseStudentT] = max_s * inv_t + log_sum_s;
@@ -68,22 +94,24 @@ KDFAST_HOST_DEVICE void finish_row(acc_t max_s, acc_t max_t, const ExpSums<acc_t
 
 // d loss / d s_k. coef_kl = dL/dKL_row / T (so alpha * T^2 * KL gives alpha * T * (p_s - p_t));
 // coef_ce = dL/dCE_row (0 for ignored rows or without the CE term).
-template <typename acc_t>
-KDFAST_HOST_DEVICE acc_t student_grad(acc_t s, acc_t t, acc_t inv_t, const acc_t* stats, acc_t coef_kl, acc_t coef_ce,
-                                      bool is_target) {
-  const acc_t p_s = math::exp_<acc_t>(s * inv_t - stats[kLseStudentT]);
-  const acc_t p_t = math::exp_<acc_t>(t * inv_t - stats[kLseTeacherT]);
+// `need_ce` false skips the CE part (coef_ce must then be 0 or unused).
+template <typename acc_t, class Exp = StdExp>
+KDFAST_KD_INLINE acc_t student_grad(acc_t s, acc_t t, acc_t inv_t, const acc_t* stats, acc_t coef_kl, acc_t coef_ce,
+                                      bool need_ce, bool is_target, Exp exp = Exp()) {
+  const acc_t p_s = exp(s * inv_t - stats[kLseStudentT]);
+  const acc_t p_t = exp(t * inv_t - stats[kLseTeacherT]);
   acc_t g = coef_kl * (p_s - p_t);
-  if (coef_ce != acc_t(0)) g += coef_ce * (math::exp_<acc_t>(s - stats[kLseStudent]) - (is_target ? acc_t(1) : acc_t(0)));
+  if (need_ce) g += coef_ce * (exp(s - stats[kLseStudent]) - (is_target ? acc_t(1) : acc_t(0)));
   return g;
 }
 
 // d loss / d t_k = coef_kl * p_t,k * ((log p_t,k - log p_s,k) - KL_row)   (the CE term has no t).
-template <typename acc_t>
-KDFAST_HOST_DEVICE acc_t teacher_grad(acc_t s, acc_t t, acc_t inv_t, const acc_t* stats, acc_t coef_kl) {
+template <typename acc_t, class Exp = StdExp>
+KDFAST_KD_INLINE acc_t teacher_grad(acc_t s, acc_t t, acc_t inv_t, const acc_t* stats, acc_t coef_kl,
+                                      Exp exp = Exp()) {
   const acc_t log_p_t = t * inv_t - stats[kLseTeacherT];
   const acc_t log_p_s = s * inv_t - stats[kLseStudentT];
-  return coef_kl * math::exp_<acc_t>(log_p_t) * ((log_p_t - log_p_s) - stats[kKl]);
+  return coef_kl * exp(log_p_t) * ((log_p_t - log_p_s) - stats[kKl]);
 }
 
 }  // namespace kd

@@ -1,23 +1,182 @@
-// Fused KD loss on CPU: at::parallel_for over rows, at::vec loops within a row.
-// Forward per row, two passes over the (cache-resident) row: vectorised max of s and t, then the
-// vectorised exp-sums of kdfast/kd_loss_math.h (the vector body mirrors kd::accumulate; the tail
-// and the final statistics use the shared scalar functions). Two passes rather than an online
-// softmax keep the inner loop branch-free and vectorisable; a row of 32k float32 logits is 128 KiB.
-// float16/bfloat16 logits are converted to float32 first.
+// Fused KD loss on CPU: at::parallel_for over rows; within a row, plain loops that the compiler
+// vectorises, over the shared row math of kdfast/kd_loss_math.h with a vectorisable exp (FastExp).
+//
+// Why not at::vec: an extension is compiled for the baseline ISA, where at::vec's exp is a scalar
+// std::exp loop (measured ~4x slower per element than torch's own AVX2 exp). Instead the row
+// loops are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) and the baseline (GCC
+// target_clones, picked by CPU features at load time; other compilers/ISAs: one plain build) and
+// call FastExp, a branch-free exp (max relative error ~1 ulp in float and in double, see below).
+// Reductions keep kLanes partial sums (a fixed, thread-count independent order) so they vectorise
+// without -ffast-math.
+// Forward per row: pass 1 max(s), max(t); pass 2 the exp-sums; two passes over the cache-resident
+// row (32k float32 logits are 128 KiB) keep both loops branch-free, which an online softmax's
+// per-element rescaling would not. float16/bfloat16 logits are converted to float32 first.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "../kd_loss_impl.h"
 
+// Comparisons in the clamps and maxima may then be if-converted (vectorised); kdfast does not
+// rely on floating-point exception flags. (Functions from headers, e.g. std::min, now have other
+// optimisation options and are not inlined into the loops below: the loops avoid them.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
+#define KDFAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KDFAST_CPU_CLONES
+#endif
+#if defined(__GNUC__)
+#define KDFAST_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define KDFAST_FORCE_INLINE inline
+#endif
+
 namespace kdfast {
 namespace {
+
+// exp(x): round-to-nearest n = x / ln2 through the 1.5 * 2^(mantissa bits) constant, Cody-Waite
+// reduction r = x - n ln2 (|r| <= ln2 / 2), polynomial for exp(r), 2^n from the exponent bits.
+// Inputs are clamped to the normal range: exp(x < -87) gives exp(-87) ~ 1.6e-38 (float), exp(x < -708)
+// ~ 3e-308 (double) instead of a subnormal or 0. Max relative error measured on [-80, 80]:
+// 8e-8 (float, eps 1.2e-7), 2.2e-16 (double).
+struct FastExp {
+  KDFAST_FORCE_INLINE float operator()(float x) const {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // no std::min/max: see the pragma above
+    const float magic = 12582912.0f;  // 1.5 * 2^23
+    const float t = x * 1.44269504088896341f + magic;
+    const float n = t - magic;
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 = 0.693359375 - 2.12194440e-4
+    float p = 1.9875691500e-4f;  // Cephes expf minimax coefficients
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.0f;
+    int32_t bits;
+    std::memcpy(&bits, &t, sizeof bits);
+    const int32_t scale_bits = (bits - 0x4B400000 + 127) * (1 << 23);  // n sits in t's low mantissa bits
+    float scale;
+    std::memcpy(&scale, &scale_bits, sizeof scale);
+    return y * scale;
+  }
+  KDFAST_FORCE_INLINE double operator()(double x) const {
+    x = x < -708.0 ? -708.0 : (x > 709.0 ? 709.0 : x);
+    const double magic = 6755399441055744.0;  // 1.5 * 2^52
+    const double t = x * 1.4426950408889634 + magic;
+    const double n = t - magic;
+    const double r = (x - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
+    double p = 1.0 / 6227020800.0;  // Taylor series to r^13 / 13!: truncation < 1e-17 on |r| <= ln2 / 2
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    const double y = p * r * r + r + 1.0;
+    int64_t bits;
+    std::memcpy(&bits, &t, sizeof bits);
+    const int64_t scale_bits = (bits - 0x4338000000000000LL + 1023) * (int64_t(1) << 52);
+    double scale;
+    std::memcpy(&scale, &scale_bits, sizeof scale);
+    return y * scale;
+  }
+};
+
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+KDFAST_FORCE_INLINE T lanes_max(const T* x, int64_t k) {
+  T m[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) m[l] = -std::numeric_limits<T>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= k; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) m[l] = x[i + l] > m[l] ? x[i + l] : m[l];
+  T out = -std::numeric_limits<T>::infinity();
+  for (int64_t l = 0; l < kLanes; ++l) out = m[l] > out ? m[l] : out;
+  for (; i < k; ++i) out = x[i] > out ? x[i] : out;
+  return out;
+}
+
+// One row's statistics (kd::RowStat) into row_stats.
+template <typename T, bool NeedCe>
+KDFAST_FORCE_INLINE void forward_row(const T* s, const T* t, int64_t k, T inv_t, int64_t target, int64_t ignore_index,
+                        T* row_stats) {
+  const T max_s = lanes_max(s, k), max_t = lanes_max(t, k);
+  T sum_s[kLanes] = {}, sum_t[kLanes] = {}, sum_diff[kLanes] = {}, sum_s1[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= k; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l)
+      kd::accumulate_terms<T, FastExp>(s[i + l], t[i + l], max_s, max_t, inv_t, NeedCe, sum_s[l], sum_t[l],
+                                       sum_diff[l], sum_s1[l]);
+  kd::ExpSums<T> acc;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    acc.student_t += sum_s[l];
+    acc.teacher_t += sum_t[l];
+    acc.teacher_t_diff += sum_diff[l];
+    acc.student_1 += sum_s1[l];
+  }
+  for (; i < k; ++i)
+    kd::accumulate_terms<T, FastExp>(s[i], t[i], max_s, max_t, inv_t, NeedCe, acc.student_t, acc.teacher_t,
+                                     acc.teacher_t_diff, acc.student_1);
+  kd::finish_row<T>(max_s, max_t, acc, inv_t, NeedCe, row_stats);
+  row_stats[kd::kCe] = NeedCe && target != ignore_index ? row_stats[kd::kLseStudent] - s[target] : T(0);
+}
+
+template <typename T, bool NeedCe>
+KDFAST_FORCE_INLINE void student_grad_row(const T* s, const T* t, int64_t k, T inv_t, const T* row_stats, T coef_kl, T coef_ce,
+                             int64_t target, T* out) {
+  for (int64_t i = 0; i < k; ++i)
+    out[i] = kd::student_grad<T, FastExp>(s[i], t[i], inv_t, row_stats, coef_kl, coef_ce, NeedCe, false);
+  if (NeedCe) out[target] -= coef_ce;  // the one-hot part
+}
+
+template <typename T>
+KDFAST_FORCE_INLINE void teacher_grad_row(const T* s, const T* t, int64_t k, T inv_t, const T* row_stats, T coef_kl, T* out) {
+  for (int64_t i = 0; i < k; ++i) out[i] = kd::teacher_grad<T, FastExp>(s[i], t[i], inv_t, row_stats, coef_kl);
+}
+
+// The ISA-cloned entry points: one non-template function per (dtype, variant).
+#define KDFAST_KD_ROW_FUNCTIONS(T)                                                                                     \
+  KDFAST_CPU_CLONES void forward_row_ce(const T* s, const T* t, int64_t k, T inv_t, int64_t target, int64_t ignore,   \
+                                        T* row_stats) {                                                                \
+    forward_row<T, true>(s, t, k, inv_t, target, ignore, row_stats);                                                   \
+  }                                                                                                                    \
+  KDFAST_CPU_CLONES void forward_row_kl(const T* s, const T* t, int64_t k, T inv_t, int64_t target, int64_t ignore,   \
+                                        T* row_stats) {                                                                \
+    forward_row<T, false>(s, t, k, inv_t, target, ignore, row_stats);                                                  \
+  }                                                                                                                    \
+  KDFAST_CPU_CLONES void student_grad_row_ce(const T* s, const T* t, int64_t k, T inv_t, const T* row_stats,          \
+                                             T coef_kl, T coef_ce, int64_t target, T* out) {                           \
+    student_grad_row<T, true>(s, t, k, inv_t, row_stats, coef_kl, coef_ce, target, out);                               \
+  }                                                                                                                    \
+  KDFAST_CPU_CLONES void student_grad_row_kl(const T* s, const T* t, int64_t k, T inv_t, const T* row_stats,          \
+                                             T coef_kl, T coef_ce, int64_t target, T* out) {                           \
+    student_grad_row<T, false>(s, t, k, inv_t, row_stats, coef_kl, coef_ce, target, out);                              \
+  }                                                                                                                    \
+  KDFAST_CPU_CLONES void teacher_grad_row_any(const T* s, const T* t, int64_t k, T inv_t, const T* row_stats,         \
+                                              T coef_kl, T* out) {                                                     \
+    teacher_grad_row<T>(s, t, k, inv_t, row_stats, coef_kl, out);                                                      \
+  }
+
+KDFAST_KD_ROW_FUNCTIONS(float)
+KDFAST_KD_ROW_FUNCTIONS(double)
+#undef KDFAST_KD_ROW_FUNCTIONS
 
 at::Tensor as_cpu_compute(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble || x.scalar_type() == at::kFloat ? x : unit_stride_rows(x.to(at::kFloat));
@@ -39,7 +198,6 @@ void check_target_range(const at::Tensor& y, int64_t k, int64_t ignore_index) {
 template <typename scalar_t>
 void forward_rows_typed(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, const KdOptions& opt,
                         at::Tensor& stats) {
-  using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t batch = s.size(0), k = s.size(1);
   const int64_t s_stride = s.stride(0), t_stride = t.stride(0);
   const scalar_t* s_data = s.const_data_ptr<scalar_t>();
@@ -47,38 +205,20 @@ void forward_rows_typed(const at::Tensor& s, const at::Tensor& t, const at::Tens
   const int64_t* y_data = opt.need_ce ? y.const_data_ptr<int64_t>() : nullptr;
   scalar_t* out = stats.data_ptr<scalar_t>();
   const auto inv_t = static_cast<scalar_t>(1.0 / opt.temperature);
-  const bool need_ce = opt.need_ce;
   at::parallel_for(0, batch, row_grain(k), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* sr = s_data + n * s_stride;
-      const scalar_t* tr = t_data + n * t_stride;
-      const auto vmax = [](Vec a, Vec b) { return at::vec::maximum(a, b); };
-      const scalar_t max_s = at::vec::reduce_all<scalar_t>(vmax, sr, k);
-      const scalar_t max_t = at::vec::reduce_all<scalar_t>(vmax, tr, k);
-      // Vector body: the same sums as kd::accumulate, lane-wise.
-      const Vec vms(max_s), vmt(max_t), vinv(inv_t);
-      Vec sum_s(0), sum_t(0), sum_diff(0), sum_s1(0);
-      int64_t i = 0;
-      for (; i + Vec::size() <= k; i += Vec::size()) {
-        const Vec vs = Vec::loadu(sr + i), vt = Vec::loadu(tr + i);
-        const Vec et = ((vt - vmt) * vinv).exp();
-        sum_s = sum_s + ((vs - vms) * vinv).exp();
-        sum_t = sum_t + et;
-        sum_diff = sum_diff + et * (vt - vs);
-        if (need_ce) sum_s1 = sum_s1 + (vs - vms).exp();
+      const auto row = [&](auto fn, int64_t target) {
+        fn(s_data + n * s_stride, t_data + n * t_stride, k, inv_t, target, opt.ignore_index, out + n * kd::kNumStats);
+      };
+      if (opt.need_ce) {
+        row(static_cast<void (*)(const scalar_t*, const scalar_t*, int64_t, scalar_t, int64_t, int64_t, scalar_t*)>(
+                &forward_row_ce),
+            y_data[n]);
+      } else {
+        row(static_cast<void (*)(const scalar_t*, const scalar_t*, int64_t, scalar_t, int64_t, int64_t, scalar_t*)>(
+                &forward_row_kl),
+            opt.ignore_index);
       }
-      const auto vsum = [](Vec a, Vec b) { return a + b; };
-      kd::ExpSums<scalar_t> acc;
-      acc.student_t = at::vec::vec_reduce_all<scalar_t>(vsum, sum_s);
-      acc.teacher_t = at::vec::vec_reduce_all<scalar_t>(vsum, sum_t);
-      acc.teacher_t_diff = at::vec::vec_reduce_all<scalar_t>(vsum, sum_diff);
-      acc.student_1 = need_ce ? at::vec::vec_reduce_all<scalar_t>(vsum, sum_s1) : scalar_t(0);
-      for (; i < k; ++i) kd::accumulate<scalar_t>(sr[i], tr[i], max_s, max_t, inv_t, need_ce, acc);
-      scalar_t* row_stats = out + n * kd::kNumStats;
-      kd::finish_row<scalar_t>(max_s, max_t, acc, inv_t, need_ce, row_stats);
-      scalar_t ce = 0;
-      if (need_ce && y_data[n] != opt.ignore_index) ce = row_stats[kd::kLseStudent] - sr[y_data[n]];
-      row_stats[kd::kCe] = ce;
     }
   });
 }
@@ -90,11 +230,14 @@ void kd_forward_rows_cpu(const at::Tensor& s_in, const at::Tensor& t_in, const a
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "kdfast_kd_loss_cpu", [&] { forward_rows_typed<scalar_t>(s, t, y, opt, stats); });
 }
 
-// grad_s[n, k] = coef_kl (p_s - p_t) + coef_ce (softmax(s)_k - [k == y]); grad_t per kd::teacher_grad.
 template <typename scalar_t>
 void backward_rows_typed(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, const at::Tensor& stats,
                          const at::Tensor& coefs, const KdOptions& opt, at::Tensor* grad_s, at::Tensor* grad_t) {
-  using Vec = at::vec::Vectorized<scalar_t>;
+  using StudentRow = void (*)(const scalar_t*, const scalar_t*, int64_t, scalar_t, const scalar_t*, scalar_t,
+                              scalar_t, int64_t, scalar_t*);
+  using TeacherRow = void (*)(const scalar_t*, const scalar_t*, int64_t, scalar_t, const scalar_t*, scalar_t, scalar_t*);
+  const StudentRow student_ce = &student_grad_row_ce, student_kl = &student_grad_row_kl;
+  const TeacherRow teacher = &teacher_grad_row_any;
   const int64_t batch = s.size(0), k = s.size(1);
   const int64_t s_stride = s.stride(0), t_stride = t.stride(0);
   const scalar_t* s_data = s.const_data_ptr<scalar_t>();
@@ -111,30 +254,15 @@ void backward_rows_typed(const at::Tensor& s, const at::Tensor& t, const at::Ten
       const scalar_t* tr = t_data + n * t_stride;
       const scalar_t* row_stats = st + n * kd::kNumStats;
       const scalar_t coef_kl = cf[2 * n], coef_ce = cf[2 * n + 1];
-      const Vec vinv(inv_t), vlse_s(row_stats[kd::kLseStudentT]), vlse_t(row_stats[kd::kLseTeacherT]);
-      const Vec vlse_s1(row_stats[kd::kLseStudent]), vkl(row_stats[kd::kKl]), vckl(coef_kl), vcce(coef_ce);
-      const int64_t vec_end = k - k % Vec::size();
+      // coef_ce is 0 for ignored rows (and without the CE term): they take the KL-only loop.
       if (gs != nullptr) {
-        scalar_t* out = gs + n * k;
-        for (int64_t i = 0; i < vec_end; i += Vec::size()) {
-          const Vec vs = Vec::loadu(sr + i), vt = Vec::loadu(tr + i);
-          Vec g = vckl * ((vs * vinv - vlse_s).exp() - (vt * vinv - vlse_t).exp());
-          if (coef_ce != scalar_t(0)) g = g + vcce * (vs - vlse_s1).exp();
-          g.store(out + i);
+        if (coef_ce != scalar_t(0)) {
+          student_ce(sr, tr, k, inv_t, row_stats, coef_kl, coef_ce, y_data[n], gs + n * k);
+        } else {
+          student_kl(sr, tr, k, inv_t, row_stats, coef_kl, coef_ce, 0, gs + n * k);
         }
-        for (int64_t i = vec_end; i < k; ++i)
-          out[i] = kd::student_grad<scalar_t>(sr[i], tr[i], inv_t, row_stats, coef_kl, coef_ce, false);
-        if (coef_ce != scalar_t(0)) out[y_data[n]] -= coef_ce;  // the one-hot part
       }
-      if (gt != nullptr) {
-        scalar_t* out = gt + n * k;
-        for (int64_t i = 0; i < vec_end; i += Vec::size()) {
-          const Vec vs = Vec::loadu(sr + i), vt = Vec::loadu(tr + i);
-          const Vec log_p_t = vt * vinv - vlse_t, log_p_s = vs * vinv - vlse_s;
-          (vckl * log_p_t.exp() * ((log_p_t - log_p_s) - vkl)).store(out + i);
-        }
-        for (int64_t i = vec_end; i < k; ++i) out[i] = kd::teacher_grad<scalar_t>(sr[i], tr[i], inv_t, row_stats, coef_kl);
-      }
+      if (gt != nullptr) teacher(sr, tr, k, inv_t, row_stats, coef_kl, gt + n * k);
     }
   });
 }

@@ -91,8 +91,10 @@ __global__ void kd_backward_kernel(const in_t* __restrict__ s, int64_t s_stride,
     const acc_t* row_stats = stats + n * kd::kNumStats;
     const acc_t coef_kl = coefs[2 * n], coef_ce = coefs[2 * n + 1];
     if (grad_s != nullptr) {
-      const bool is_target = coef_ce != acc_t(0) && y[n] == i;
-      grad_s[idx] = static_cast<in_t>(kd::student_grad<acc_t>(vs, vt, inv_t, row_stats, coef_kl, coef_ce, is_target));
+      const bool need_ce = coef_ce != acc_t(0);
+      const bool is_target = need_ce && y[n] == i;
+      grad_s[idx] =
+          static_cast<in_t>(kd::student_grad<acc_t>(vs, vt, inv_t, row_stats, coef_kl, coef_ce, need_ce, is_target));
     }
     if (grad_t != nullptr) grad_t[idx] = static_cast<in_t>(kd::teacher_grad<acc_t>(vs, vt, inv_t, row_stats, coef_kl));
   }
