@@ -112,6 +112,8 @@ def test_resolve_loss_class():
     (lambda c: c["losses"].update(x={"type": "kd", "student_layers": ["a"]}), "needs both student_layers and teacher_layers"),
     (lambda c: c.update(checkpoint={"every": 2}), "checkpoint.dir is required"),
     (lambda c: c.update(losses={}), "losses must name at least one loss"),
+    (lambda c: c.update(train={"cache_teacher_logits": True}, data={"augment": True}),
+     "cache_teacher_logits needs data.augment: false"),
 ])
 def test_bad_configs(tmp_path, mutate, fragment):
     import copy

@@ -278,11 +278,19 @@ def test_cache_teacher_logits_same_result_fewer_teacher_calls():
         torch.testing.assert_close(a, b)
 
 
-def test_cache_teacher_logits_needs_indices():
+def test_cache_teacher_logits_needs_indices_and_no_augmentation():
     teacher, student = models()
     d = Distiller(teacher, student, {"kd": SoftKL()}, cache_teacher_logits=True, **QUIET)
     with pytest.raises(ValueError, match="IndexedDataset"):
         d.fit(DataLoader(synthetic(8), batch_size=4), epochs=1)
+
+    def collate(items):
+        x, y, i = torch.utils.data.default_collate(items)
+        return x + torch.randn(x.shape, generator=collate.generator), y, i
+
+    collate.generator = torch.Generator()
+    with pytest.raises(ValueError, match="random-augmentation collate_fn"):
+        d.fit(DataLoader(IndexedDataset(synthetic(8)), batch_size=4, collate_fn=collate), epochs=1)
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -135,6 +135,9 @@ def validate_config(cfg: Any) -> Dict[str, Any]:
             raise ConfigError(f"schedule.milestones must be a list of positive ints, got {sched['milestones']!r}")
     if out["optimizer"]["name"] not in ("sgd", "adam"):
         raise ConfigError(f"optimizer.name must be 'sgd' or 'adam', got {out['optimizer']['name']!r}")
+    if out["train"]["cache_teacher_logits"] and out["data"]["augment"]:
+        raise ConfigError("train.cache_teacher_logits needs data.augment: false (cached teacher logits would "
+                          "belong to another augmented view than the student sees)")
     if out["checkpoint"] is not None and out["checkpoint"]["dir"] is None:
         raise ConfigError("checkpoint.dir is required when a checkpoint section is given")
     student = out["student"]

@@ -553,6 +553,9 @@ class Distiller:
         _check_int("epochs", epochs, minimum=1)
         loader, sampler = self._prepare_loader(train_loader)
         self._dataset_len = len(loader.dataset)
+        if self.cache_teacher_logits and isinstance(getattr(loader.collate_fn, "generator", None), torch.Generator):
+            raise ValueError("cache_teacher_logits=True with a random-augmentation collate_fn: cached teacher logits "
+                             "would belong to another augmented view than the student sees; disable one of them")
         if self.scheduler is None:
             self.scheduler = self.build_scheduler(self.optimizer, epochs)
         resumed = False
