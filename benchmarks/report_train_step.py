@@ -71,7 +71,7 @@ def chart(rows, path) -> None:
     gs = groups(rows)
     if not gs:
         return
-    fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(gs) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(gs) + 2) + 4, 4.2))
     width = 0.8 / len(IMPL_ORDER)
     for j, impl in enumerate(IMPL_ORDER):
         for x, (group, impls) in enumerate(gs.items()):
@@ -80,7 +80,8 @@ def chart(rows, path) -> None:
                 continue
             ax.bar(x - 0.4 + width * (j + 0.5), 1 / r["median"], width=width * 0.92, color=COLORS[impl])
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[i]) for i in IMPL_ORDER]
-    ax.legend(handles, [IMPL_LABEL[i] for i in IMPL_ORDER], fontsize=7, loc="upper right")
+    ax.legend(handles, [IMPL_LABEL[i] for i in IMPL_ORDER], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0)
     ax.set_xticks(range(len(gs)))
     ax.set_xticklabels([g.replace("train-step ", "").replace(" ", "\n") for g in gs], fontsize=8)
     ax.set_ylabel("training steps / s (higher is better)")
