@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--width", type=_positive_float, default=None, help="width multiplier of the teacher (default 0.25)")
     demo.add_argument("--ranks", type=parse_ranks, default=None,
                       help="Tucker ranks: evbmf (default), a fraction in (0, 1], or R_OUT,R_IN")
+    demo.add_argument("--repeats", type=_positive_int, default=None,
+                      help="fine-tuning runs per method with seeds S, S+1, ... (default 3): mean and spread of the comparison")
     demo.add_argument("--latency-batch", type=_positive_int, default=None, help="batch size of the latency measurement (default 64)")
     # Seconds-long run for the test suite: tiny model, data subset, 2-step PGD. Not part of the user interface.
     demo.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)

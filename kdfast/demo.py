@@ -58,6 +58,7 @@ class DemoConfig:
     pgd_steps: int = 10
     latency_batch: int = 64
     latency_repeats: int = 30
+    repeats: int = 3  # fine-tuning runs per method (seeds seed, seed + 1, ...): spread of the comparison
     train_subset: int | None = None  # first N training images (tiny runs)
     test_subset: int | None = None
     tiny: bool = False
@@ -67,7 +68,7 @@ class DemoConfig:
         """A seconds-long run exercising every step (tests): small model, data and attacks."""
         base = dict(
             teacher_epochs=1, student_epochs=1, width=0.125, train_subset=192, test_subset=96, eps=(0.0, 8 / 255),
-            pgd_steps=2, latency_batch=8, latency_repeats=3, tiny=True,
+            pgd_steps=2, latency_batch=8, latency_repeats=3, repeats=2, tiny=True,
         )
         base.update(overrides)
         return cls(**base)
@@ -170,10 +171,10 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     model_kwargs = {"num_classes": train_set.num_classes, "in_channels": train_set.in_channels, "width_mult": cfg.width}
 
-    def distiller(teacher, student, losses, epochs, lr, feature=None):
+    def distiller(teacher, student, losses, epochs, lr, feature=None, seed=cfg.seed):
         return Distiller(
             teacher, student, losses, feature_layers=feature, optimizer="sgd", lr=lr, momentum=0.9,
-            weight_decay=5e-4, schedule="cosine", epochs=epochs, device=device, seed=cfg.seed, progress=False,
+            weight_decay=5e-4, schedule="cosine", epochs=epochs, device=device, seed=seed, progress=False,
         )
 
     # ---- teacher -----------------------------------------------------------------------------------
@@ -203,24 +204,33 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     # ---- fine-tuning -------------------------------------------------------------------------------
     layers = feature_layers_for(teacher)
-    students = {}
+    students, extra_runs = {}, {m: [] for m in cfg.methods}
     for method in cfg.methods:
         label = METHODS[method][0]
-        t0 = time.perf_counter()
-        seed_everything(cfg.seed)
-        student = copy.deepcopy(student0).train().requires_grad_(True)
-        losses = _losses(method)
-        feature = {n: (layers, layers) for n, spec in losses.items() if getattr(spec[0] if isinstance(spec, tuple) else spec, "kdfast_inputs", None) == "features"}
-        trainer = distiller(teacher, student, losses, cfg.student_epochs, cfg.student_lr, feature or None)
-        history[method] = trainer.fit(train_loader, eval_loader=test_loader)
-        trainer.close()
-        student.eval()
-        timings[f"finetune_{method}_s"] = time.perf_counter() - t0
-        acc = evaluate(student, test_loader, device=device)["accuracy"]
-        _log(f"student {label}: {cfg.student_epochs} epochs in {timings[f'finetune_{method}_s']:.1f}s, test accuracy {100 * acc:.2f}%")
-        students[method] = student
-        checkpoint.save_model(os.path.join(cfg.out, f"student_{method}.pt"), student, cfg.model, model_kwargs, data_info,
-                              {"role": f"student fine-tuned with {label}", "test_accuracy": acc})
+        for run in range(cfg.repeats):
+            # Every method sees the same seeds: run r of each method has the same data order.
+            seed = cfg.seed + run
+            t0 = time.perf_counter()
+            seed_everything(seed)
+            student = copy.deepcopy(student0).train().requires_grad_(True)
+            losses = _losses(method)
+            feature = {n: (layers, layers) for n, spec in losses.items()
+                       if getattr(spec[0] if isinstance(spec, tuple) else spec, "kdfast_inputs", None) == "features"}
+            trainer = distiller(teacher, student, losses, cfg.student_epochs, cfg.student_lr, feature or None, seed=seed)
+            run_history = trainer.fit(train_loader, eval_loader=test_loader)
+            trainer.close()
+            student.eval()
+            elapsed = time.perf_counter() - t0
+            timings[f"finetune_{method}_s"] = timings.get(f"finetune_{method}_s", 0.0) + elapsed
+            acc = evaluate(student, test_loader, device=device)["accuracy"]
+            _log(f"student {label} (seed {seed}): {cfg.student_epochs} epochs in {elapsed:.1f}s, test accuracy {100 * acc:.2f}%")
+            if run > 0:
+                extra_runs[method].append((seed, student))
+                continue
+            history[method] = run_history
+            students[method] = student
+            checkpoint.save_model(os.path.join(cfg.out, f"student_{method}.pt"), student, cfg.model, model_kwargs, data_info,
+                                  {"role": f"student fine-tuned with {label}", "seed": seed, "test_accuracy": acc})
 
     # ---- evaluation --------------------------------------------------------------------------------
     evaluated = {"teacher": ("Teacher", teacher), "decomposed": ("Tucker, no fine-tuning", student0)}
@@ -245,6 +255,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         }
         _log(f"{label:<24} clean {100 * rep.clean:6.2f}%  " + "  ".join(
             f"eps {e * 255:g}/255: FGSM {100 * f:5.1f}% PGD {100 * p:5.1f}%" for e, f, p in zip(rep.eps, rep.fgsm, rep.pgd) if e > 0))
+    # Runs 2..R of each method: robustness only (the spread of the CE vs KD comparison over seeds).
+    repeats = {}
+    for method in cfg.methods:
+        runs = [(cfg.seed, rows[method]["robustness"])]
+        for seed, model in extra_runs[method]:
+            rep = robustness_report(
+                model, test_loader, eps=list(cfg.eps), pgd_steps=cfg.pgd_steps, clamp=test_set.clamp_range,
+                std=test_set.std, device=device, seed=cfg.seed, name=f"{METHODS[method][0]} seed {seed}",
+            )
+            runs.append((seed, rep.to_dict()))
+        repeats[method] = [{"seed": seed, **rob} for seed, rob in runs]
     timings["evaluate_s"] = time.perf_counter() - t0
     plot_reports(reports, os.path.join(cfg.out, "robustness.png"),
                  title=f"digits {cfg.image_size}x{cfg.image_size}: accuracy under L-inf attacks")
@@ -260,6 +281,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "decomposition": _report_to_dict(dec_report),
         "models": rows,
         "history": history,
+        "repeats": repeats,
         "timings_s": timings,
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -313,6 +335,49 @@ def _plot_curves(history: dict, path: str) -> None:
 
 def _eps_label(e: float) -> str:
     return f"{round(e * 255)}/255" if abs(e * 255 - round(e * 255)) < 1e-6 else f"{e:.3g}"
+
+
+def _mean_std(values: list[float]) -> str:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{m:.2f}"
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def _repeats_section(results: dict, eps: list[float]) -> list[str]:
+    """Mean ± sample std over the fine-tuning seeds, and the paired (same seed) difference to CE."""
+    reps = results.get("repeats") or {}
+    n = min((len(v) for v in reps.values()), default=0)
+    if n < 2:
+        return []
+    seeds = [r["seed"] for r in next(iter(reps.values()))]
+
+    def pgd_at(run, e):
+        return dict(zip(run["eps"], run["pgd"]))[e]
+
+    lines = [
+        "",
+        f"## Over {n} fine-tuning seeds ({', '.join(map(str, seeds))}; same teacher and decomposition)",
+        "",
+        "Accuracy in %, mean ± sample standard deviation over the seeds; *vs CE* is the paired difference "
+        "(same seed, so the same data order) to the CE student, in points.",
+        "",
+        "| student | clean | " + " | ".join(f"PGD {_eps_label(e)}" for e in eps) + " | clean vs CE | "
+        + " | ".join(f"PGD {_eps_label(e)} vs CE" for e in eps) + " |",
+        "|---" * (2 + 2 * len(eps)) + "|---|",
+    ]
+    ce = reps.get("ce")
+    for method, runs in reps.items():
+        cells = [_mean_std([100 * r["clean"] for r in runs])]
+        cells += [_mean_std([100 * pgd_at(r, e) for r in runs]) for e in eps]
+        if ce is not None and method != "ce":
+            cells.append(_mean_std([100 * (r["clean"] - c["clean"]) for r, c in zip(runs, ce)]))
+            cells += [_mean_std([100 * (pgd_at(r, e) - pgd_at(c, e)) for r, c in zip(runs, ce)]) for e in eps]
+        else:
+            cells += ["—"] * (1 + len(eps))
+        lines.append(f"| Tucker + {METHODS[method][0]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def render_report(results: dict) -> str:
@@ -370,7 +435,7 @@ def render_report(results: dict) -> str:
                if lat_ratio >= 0.9 else "")
         ]
     if "ce" in rows and len(students) > 1:
-        lines += ["", "## KD vs CE fine-tuning (differences in percentage points, student minus the CE student)", ""]
+        lines += ["", f"## KD vs CE fine-tuning, seed {cfg['seed']} (percentage points, student minus the CE student)", ""]
         lines.append("| student | clean | " + " | ".join(f"PGD {_eps_label(e)}" for e in eps) + " |")
         lines.append("|---" * (2 + len(eps)) + "|")
         ce = rows["ce"]["robustness"]
@@ -386,10 +451,11 @@ def render_report(results: dict) -> str:
         lines += [
             "",
             f"One seed on {results['data']['test']} test images: one image is {100 / results['data']['test']:.2f} points, "
-            "and differences of a few points are within seed-to-seed variation. The paper's claim (KD-fine-tuned "
-            "students are more accurate and more robust than CE-fine-tuned ones) is what this table tests; it is not "
-            "assumed.",
+            "and differences of a few points are within seed-to-seed variation (see the seeds section below). The "
+            "paper's claim (KD-fine-tuned students are more accurate and more robust than CE-fine-tuned ones) is what "
+            "these tables test; it is not assumed.",
         ]
+    lines += _repeats_section(results, eps)
     dec = results.get("decomposition") or {}
     lines += ["", "## Decomposition", ""]
     layer_rows = dec.get("layers") if isinstance(dec, dict) else None
@@ -429,6 +495,8 @@ def main_demo(args) -> int:
         overrides["width"] = args.width
     if args.ranks is not None:
         overrides["ranks"] = args.ranks
+    if args.repeats is not None:
+        overrides["repeats"] = args.repeats
     if args.latency_batch is not None:
         overrides["latency_batch"] = args.latency_batch
     cfg = DemoConfig.tiny_config(**overrides) if args.tiny else DemoConfig(**overrides)

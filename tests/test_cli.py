@@ -49,8 +49,14 @@ def test_demo_writes_report_results_plots_and_checkpoints(demo_dir):
     # the students differ only by their fine-tuning loss: NST/AT terms show up in the histories
     hist = results["history"]
     assert "loss/nst" in hist["kd_nst"][0] and "loss/at" in hist["kd_at"][0] and "loss/kd" in hist["kd"][0]
+    # the tiny config fine-tunes each method twice (seeds 1 and 2): the first run is the saved student
+    reps = results["repeats"]
+    assert list(reps) == ["ce", "kd", "kd_nst", "kd_at"]
+    assert all([r["seed"] for r in runs] == [1, 2] for runs in reps.values())
+    assert reps["kd"][0]["pgd"] == rows["kd"]["robustness"]["pgd"]
     report = (demo_dir / "report.md").read_text()
     assert "| Tucker + KD |" in report and "| Teacher |" in report and "KD vs CE" in report
+    assert "## Over 2 fine-tuning seeds (1, 2;" in report
 
 
 def test_checkpoints_load_weights_only_and_reproduce_accuracy(demo_dir):
