@@ -15,7 +15,9 @@ digits data embedded in scikit-learn (kdfast.data, 1,347 train / 450 test images
    CE (the usual fine-tuning, Kim et al. 2016), KD (Hinton, T = 4, 0.9 KD + 0.1 CE),
    KD + NST (Huang & Wang, poly kernel, weight 50 as RepDistiller), KD + AT (beta = 1000);
 4. evaluate every model: clean accuracy, FGSM and PGD accuracy per epsilon (kdfast.robustness,
-   eps in pixel units of the [0, 1] images), parameters, MACs and measured inference latency.
+   eps in pixel units of the [0, 1] images), parameters, MACs and measured inference latency;
+5. repeat each fine-tuning with ``repeats`` seeds (default 3) and report the mean, the spread and
+   the paired (same-seed) difference of each method to CE, so the comparison is not one seed's luck.
 
 Writes to the output directory: report.md, results.json, training_curves.png, robustness.png and
 model checkpoints (kdfast.checkpoint format: `kdfast robustness --checkpoint` and `kdfast
