@@ -186,8 +186,8 @@ class HintLoss(nn.Module):
     (weighted by beta = 100 there). Shapes are given at construction, without the batch axis,
     so the regressor's parameters exist before the optimizer is built:
     ``HintLoss(student_shape=(C, H, W), teacher_shape=(C, H, W))``, or lists of such shapes for
-    several pairs. Regressor choice: see :func:`_regressor`. Put this module's parameters in the
-    optimizer (``Distiller`` does so for any loss with parameters).
+    several pairs. Regressor choice: see :func:`_regressor`. The regressors are trainable: this
+    module's parameters must go into the optimizer with the student's.
     """
 
     kdfast_inputs = "features"

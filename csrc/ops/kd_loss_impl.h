@@ -81,7 +81,7 @@ inline at::Tensor unit_stride_rows(const at::Tensor& x) {
   return x.stride(1) == 1 || x.size(1) == 1 ? x : x.contiguous();
 }
 
-// Count of rows whose target is not ignore_index, clamped at 1 (a device tensor: no host sync).
+// 1 for rows whose target is not ignore_index, else 0, in `acc` (a device tensor: no host sync).
 inline at::Tensor valid_rows(const at::Tensor& targets, int64_t ignore_index, at::ScalarType acc) {
   return targets.ne(ignore_index).to(acc);
 }
