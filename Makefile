@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 CMAKE_BUILD_DIR ?= build-cmake
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: demo test deps build cmake-build bench bench-quick clean
+.PHONY: demo test deps build cmake-build bench bench-quick bench-train-step clean
 
 # torch is installed only when missing, pinned to the version these machines carry (a bare
 # `pip install torch` would pull gigabytes of CUDA packages); a GPU box keeps its own CUDA torch.
@@ -28,16 +28,26 @@ $(CMAKE_BUILD_DIR)/libkdfast.so: $(SOURCES) CMakeLists.txt | deps
 
 cmake-build: $(CMAKE_BUILD_DIR)/libkdfast.so
 
-# Until the end-to-end distillation demo exists, the main job is: what was built, then the loss
-# benchmark on the quick CPU shapes, reported to demo-output/ (markdown table + PNG plot).
+# The main job: the end-to-end demo of the Tucker + KD + robustness paper on the embedded digits data
+# (teacher -> Tucker-decomposed student -> CE / KD / KD+NST / KD+AT fine-tuning -> FGSM/PGD
+# robustness, parameters, MACs, latency). About 2-3 min on 2 CPU cores; report in demo-output/.
 DEMO_OUT ?= demo-output
 demo: build
 	$(PYTHON) -m kdfast info
+	$(PYTHON) -m kdfast demo --out $(DEMO_OUT)
+	@echo "demo report: $(DEMO_OUT)/report.md (plots: training_curves.png, robustness.png)"
+
+# The loss benchmark on the quick CPU shapes, and the KD training-step benchmark, quick mode,
+# reported to demo-output/ (markdown tables + PNG charts).
+bench-quick: build
 	@mkdir -p $(DEMO_OUT)
 	KDFAST_BENCH_QUICK=1 $(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_losses.py -q \
 		--benchmark-json=$(DEMO_OUT)/bench.json --kdfast-oom=$(DEMO_OUT)/oom.json
 	$(PYTHON) benchmarks/report.py $(DEMO_OUT)/bench.json --oom $(DEMO_OUT)/oom.json --out $(DEMO_OUT)/losses-quick --no-json
-	@echo "demo report: $(DEMO_OUT)/losses-quick.md, $(DEMO_OUT)/losses-quick.png"
+	KDFAST_BENCH_QUICK=1 $(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_train_step.py -q \
+		--benchmark-json=$(DEMO_OUT)/train-step.json
+	$(PYTHON) benchmarks/report_train_step.py $(DEMO_OUT)/train-step.json --out $(DEMO_OUT)/train-step-quick --no-json
+	@echo "benchmark reports: $(DEMO_OUT)/losses-quick.md, $(DEMO_OUT)/train-step-quick.md"
 
 test: build cmake-build
 	KDFAST_CMAKE_LIB=$(CMAKE_BUILD_DIR)/libkdfast.so $(PYTHON) -m pytest tests -q
@@ -48,6 +58,11 @@ bench: build
 	$(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_losses.py \
 		--benchmark-json=build/bench.json --kdfast-oom=build/bench-oom.json
 	$(PYTHON) benchmarks/report.py build/bench.json --oom build/bench-oom.json --out benchmarks/results/$(BENCH_NAME)
+
+# Full KD training-step benchmark (resnet20 / resnet56 / resnet32x4 teachers).
+bench-train-step: build
+	$(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_train_step.py --benchmark-json=build/train-step.json
+	$(PYTHON) benchmarks/report_train_step.py build/train-step.json --out benchmarks/results/train-step-$(BENCH_NAME)
 
 clean:
 	rm -rf build $(CMAKE_BUILD_DIR) $(DEMO_OUT) kdfast/_C*.so .build-stamp *.egg-info

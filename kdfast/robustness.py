@@ -90,7 +90,7 @@ def plot_reports(reports: list[RobustnessReport], path: str | os.PathLike, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(9.0, 4.2))
     for i, rep in enumerate(reports):
         color = f"C{i}"
         ax.plot(rep.eps, [100 * a for a in rep.pgd], "-o", color=color, label=f"{rep.name} PGD-{rep.pgd_steps}")
@@ -100,7 +100,7 @@ def plot_reports(reports: list[RobustnessReport], path: str | os.PathLike, title
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.set_title(title or "Accuracy under attack")
-    ax.legend(fontsize=7, ncol=1 if len(reports) < 3 else 2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -1,0 +1,234 @@
+"""One knowledge-distillation training step, kdfast against the plain-PyTorch and RepDistiller ways
+of writing it: steps per second and peak memory.
+
+A step = teacher forward (no grad, stage outputs tapped) + student forward (stage outputs tapped) +
+losses + backward + SGD (momentum) step, on random CIFAR-sized inputs (32x32, 100 classes). The
+teacher is a CIFAR ResNet; the student is that teacher Tucker-2 decomposed (every 3x3 conv with
+ranks = half of each mode, weights by HOSVD), the student of Sadhukhan et al. (ICIP 2020).
+
+Formulations (one pytest-benchmark group per (losses, teacher, batch, device), so they sit side by side):
+
+| impl | student's Tucker layers | KD | NST |
+|---|---|---|---|
+| kdfast | kdfast.nn.TuckerConv2d (one fused op) | kdfast.losses.KDLoss (fused op) | kdfast.losses.NSTLoss (fused op) |
+| pytorch | nn.Sequential(1x1, kxk, 1x1 nn.Conv2d), as tensorly / jacobgil build it | F.kl_div DistillKL + F.cross_entropy | baselines.nst_poly_loss_bmm (bmm Grams) |
+| repdistiller | nn.Sequential(1x1, kxk, 1x1) | DistillKL (F.kl_div, batchmean, T^2) + CE | baselines.repdistiller_nst_loss (broadcast product) |
+| dense-student | the undecomposed teacher architecture (extra row: what decomposition buys) | kdfast KDLoss | kdfast NSTLoss |
+
+Losses: "kd" = 0.1 CE + 0.9 KD(T = 4); "kd+nst" = that + 50 x NST(poly) summed over layer1..layer3
+(RepDistiller's recipe). All formulations start from the same weights.
+
+    KDFAST_BENCH_QUICK=1 pytest benchmarks/bench_train_step.py --benchmark-json=train.json
+    python benchmarks/report_train_step.py train.json --out benchmarks/results/train-step-<name>
+
+Quick mode: resnet20 teacher, batch 32, 3 rounds. Full mode adds resnet56 (batch 64) and
+resnet32x4 (batch 32 on CPU, 128 on CUDA). Peak memory: harness.peak_bytes (CPU: torch.profiler
+allocation events; CUDA: max_memory_allocated), one extra untimed step.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import harness
+from harness import QUICK
+from kdfast import baselines, models
+from kdfast.distill import FeatureTap
+
+TEMPERATURE, KD_WEIGHT, CE_WEIGHT, NST_WEIGHT = 4.0, 0.9, 0.1, 50.0
+FEATURE_LAYERS = ["layer1", "layer2", "layer3"]
+NUM_CLASSES, IMAGE = 100, 32
+
+# (teacher, batch on CPU, batch on CUDA, tier)
+SETUPS = [
+    ("resnet20", 32, 128, "quick"),
+    ("resnet56", 64, 128, "full"),
+    ("resnet32x4", 32, 128, "full"),
+]
+IMPLS = ["kdfast", "pytorch", "repdistiller", "dense-student"]
+LOSS_SETS = ["kd", "kd+nst"]
+
+
+# =============================================================================================== models
+def _tucker_student(teacher: nn.Module) -> nn.Module:
+    """The teacher with each 3x3 conv (more than 3 input channels) replaced by a TuckerConv2d of
+    half ranks (HOSVD of the teacher's weights)."""
+    from kdfast.nn import TuckerConv2d
+
+    student = copy.deepcopy(teacher)
+    for name, module in list(student.named_modules()):
+        if isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.in_channels > 3:
+            parent_name, _, child = name.rpartition(".")
+            parent = student.get_submodule(parent_name) if parent_name else student
+            setattr(parent, child, TuckerConv2d.from_conv(module, ranks=0.5))
+    return student
+
+
+def _as_three_convs(student: nn.Module) -> nn.Module:
+    """Same weights, each TuckerConv2d as nn.Sequential(1x1 conv, kxk conv, 1x1 conv) of nn.Conv2d."""
+    from kdfast.nn import TuckerConv2d
+
+    out = copy.deepcopy(student)
+    for name, m in list(out.named_modules()):
+        if not isinstance(m, TuckerConv2d):
+            continue
+        r_out, r_in = m.ranks
+        seq = nn.Sequential(
+            nn.Conv2d(m.in_channels, r_in, 1, bias=False),
+            nn.Conv2d(r_in, r_out, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation, bias=False),
+            nn.Conv2d(r_out, m.out_channels, 1, bias=m.bias is not None),
+        )
+        with torch.no_grad():
+            seq[0].weight.copy_(m.first[:, :, None, None])
+            seq[1].weight.copy_(m.core)
+            seq[2].weight.copy_(m.last[:, :, None, None])
+            if m.bias is not None:
+                seq[2].bias.copy_(m.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent_name) if parent_name else out, child, seq)
+    return out
+
+
+_MODEL_CACHE: dict = {}
+
+
+def _models(teacher_name: str, device: str):
+    key = (teacher_name, device)
+    if key not in _MODEL_CACHE:
+        torch.manual_seed(0)
+        teacher = models.build(teacher_name, num_classes=NUM_CLASSES).to(device).eval().requires_grad_(False)
+        tucker = _tucker_student(teacher.cpu()).to(device)
+        teacher = teacher.to(device)
+        _MODEL_CACHE.clear()  # one teacher's models at a time (memory)
+        _MODEL_CACHE[key] = {"teacher": teacher, "tucker": tucker, "three_convs": _as_three_convs(tucker)}
+    return _MODEL_CACHE[key]
+
+
+# =============================================================================================== losses
+def _distill_kl(s_logits, t_logits):
+    # RepDistiller DistillKL: KL(p_t || p_s) at temperature T, batchmean, times T^2
+    p_s = F.log_softmax(s_logits / TEMPERATURE, dim=1)
+    p_t = F.softmax(t_logits / TEMPERATURE, dim=1)
+    return F.kl_div(p_s, p_t, reduction="batchmean") * TEMPERATURE**2
+
+
+def _loss_fn(impl: str, loss_set: str):
+    if impl in ("kdfast", "dense-student"):
+        from kdfast.losses import KDLoss, NSTLoss
+
+        kd, nst = KDLoss(TEMPERATURE, alpha=KD_WEIGHT), NSTLoss("poly")
+
+        def fn(s_logits, t_logits, y, s_feats, t_feats):
+            loss = kd(s_logits, t_logits, y)  # = 0.1 CE + 0.9 KD in one op
+            if loss_set == "kd+nst":
+                loss = loss + NST_WEIGHT * nst(s_feats, t_feats)
+            return loss
+
+        return fn
+    nst_pair = baselines.nst_poly_loss_bmm if impl == "pytorch" else baselines.repdistiller_nst_loss
+
+    def fn(s_logits, t_logits, y, s_feats, t_feats):
+        loss = CE_WEIGHT * F.cross_entropy(s_logits, y) + KD_WEIGHT * _distill_kl(s_logits, t_logits)
+        if loss_set == "kd+nst":
+            loss = loss + NST_WEIGHT * sum(nst_pair(fs, ft) for fs, ft in zip(s_feats, t_feats))
+        return loss
+
+    return fn
+
+
+# =============================================================================================== cases
+def _setups():
+    out = []
+    for dev in harness.devices():
+        for teacher, b_cpu, b_cuda, tier in SETUPS:
+            if QUICK and tier != "quick":
+                continue
+            for loss_set in LOSS_SETS:
+                for impl in IMPLS:
+                    batch = b_cuda if dev == "cuda" else b_cpu
+                    out.append(pytest.param(dev, teacher, batch, loss_set, impl, id=f"{loss_set}-{teacher}-B{batch}-{impl}-{dev}"))
+    return out
+
+
+@pytest.mark.parametrize("device, teacher_name, batch, loss_set, impl", _setups())
+def test_train_step(benchmark, device, teacher_name, batch, loss_set, impl):
+    benchmark.group = f"train-step {loss_set} {teacher_name} B{batch} float32 {device}"
+    nets = _models(teacher_name, device)
+    teacher = nets["teacher"]
+    student = {"kdfast": nets["tucker"], "dense-student": teacher, "pytorch": nets["three_convs"], "repdistiller": nets["three_convs"]}[impl]
+    student = copy.deepcopy(student).train().requires_grad_(True)  # a fresh copy per case: same start for all
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loss_fn = _loss_fn(impl, loss_set)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, IMAGE, IMAGE, device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    t_tap = FeatureTap(teacher, FEATURE_LAYERS, detach=True)
+    s_tap = FeatureTap(student, FEATURE_LAYERS)
+    budget, budget_source = harness.memory_budget(device)
+    benchmark.extra_info.update({
+        "loss": "train-step", "loss_set": loss_set, "impl": impl, "teacher": teacher_name, "batch": batch,
+        "device": device, "dtype": "float32", "threads": torch.get_num_threads(),
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "budget_bytes": budget, "budget_source": budget_source,
+    })
+
+    def step():
+        with torch.no_grad():
+            t_logits = teacher(x)
+        t_feats = t_tap.features
+        s_logits = student(x)
+        loss = loss_fn(s_logits, t_logits, y, s_tap.features, t_feats)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        harness.synchronize(device)
+        return loss.detach()
+
+    try:
+        if benchmark.disabled:
+            loss = benchmark.pedantic(step, rounds=1, iterations=1)
+            assert torch.isfinite(loss)
+            benchmark.extra_info["status"] = "ok (not timed: --benchmark-disable)"
+            return
+        t0 = time.perf_counter()
+        loss = step()
+        first = time.perf_counter() - t0
+        assert torch.isfinite(loss), f"{impl}: non-finite loss"
+        rounds = harness.QUICK_ROUNDS if QUICK else int(min(harness.MAX_ROUNDS, max(harness.MIN_ROUNDS, math.ceil(harness.TARGET_SECONDS / max(first, 1e-6)))))
+        warmup = 0 if first > harness.WARMUP_SKIP_SECONDS else 1
+        before = harness.cpu_times()
+        benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        after = harness.cpu_times()
+        steal, others = harness.steal_percent(before, after), harness.others_percent(before, after)
+        benchmark.extra_info.update({
+            "rounds": rounds, "first_call_s": first,
+            "cpu_steal_pct": None if steal is None else round(steal, 2),
+            "cpu_others_pct": None if others is None else round(others, 2),
+            "peak_bytes": harness.peak_bytes(step, device),
+            "peak_method": "torch.cuda.max_memory_allocated" if device == "cuda" else "torch.profiler memory events",
+        })
+        noise = []
+        if steal is not None and steal >= harness.STEAL_WARN_PCT:
+            noise.append(f"host CPU steal {steal:.0f}%")
+        if others is not None and others >= harness.OTHERS_WARN_PCT:
+            noise.append(f"other processes {others:.0f}% of the CPUs")
+        benchmark.extra_info["status"] = f"ok (noisy: {', '.join(noise)} while timing)" if noise else "ok"
+    except Exception as exc:  # noqa: BLE001 - only OOM is a result; anything else fails the case
+        if not harness.is_oom(exc):
+            raise
+        harness.release_memory(device)
+        benchmark.extra_info["status"] = f"out of memory ({type(exc).__name__})"
+        harness.NOT_RUN.append({"name": benchmark.name, "fullname": benchmark.fullname, "group": benchmark.group,
+                                "kind": "oom", "status": benchmark.extra_info["status"], "extra_info": dict(benchmark.extra_info)})
+        benchmark.skipped = True
+    finally:
+        t_tap.remove()
+        s_tap.remove()
+        harness.release_memory(device)
