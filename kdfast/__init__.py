@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 # Subpackages and top-level shortcuts are imported on first use, so `import kdfast` stays cheap
 # (no tensorly, scikit-learn or matplotlib import) and one broken optional part cannot break the rest.
 _SUBMODULES = {
-    "attacks", "data", "decomposition", "distill", "evbmf", "hooks", "kr", "losses", "models", "nn",
-    "robustness",
+    "attacks", "checkpoint", "cost", "data", "decomposition", "demo", "distill", "evbmf", "hooks", "kr",
+    "losses", "models", "nn", "robustness",
 }
 _SHORTCUTS = {
     "decompose": ("kdfast.decomposition", "decompose"),
