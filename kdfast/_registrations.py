@@ -164,11 +164,45 @@ def _tucker_conv2d_backward(ctx, grad_y):
     return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None, None)
 
 
+@torch.library.register_fake("kdfast::_tucker_conv2d_with_intermediates")
+def _tucker_conv2d_with_intermediates_fake(x, first, core, last, bias, stride, padding, dilation):
+    y = _tucker_conv2d_fake(x, first, core, last, bias, stride, padding, dilation)
+    z1 = x.new_empty((x.shape[0], first.shape[0], x.shape[2], x.shape[3]))
+    z2 = x.new_empty((x.shape[0], core.shape[0], y.shape[2], y.shape[3]))
+    return y, z1, z2
+
+
+@torch.library.register_fake("kdfast::_tucker_conv2d_backward_saved")
+def _tucker_conv2d_backward_saved_fake(grad_y, x, first, core, last, z1, z2, stride, padding, dilation, output_mask):
+    return _tucker_conv2d_backward_fake(grad_y, x, first, core, last, stride, padding, dilation, output_mask)
+
+
+def _tucker_conv2d_with_intermediates_setup(ctx, inputs, output):
+    x, first, core, last, bias, stride, padding, dilation = inputs
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, first, core, last, output[1], output[2])
+
+
+def _tucker_conv2d_with_intermediates_backward(ctx, grad_y, _grad_z1, _grad_z2):
+    x, first, core, last, z1, z2 = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:4]) + [ctx.has_bias and ctx.needs_input_grad[4]]
+    grads = torch.ops.kdfast._tucker_conv2d_backward_saved(grad_y, x, first, core, last, z1, z2, *ctx.conv_args, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None, None)
+
+
 def _register_tucker_conv2d() -> None:
     torch.library.register_autograd(
         "kdfast::tucker_conv2d", _tucker_conv2d_backward, setup_context=_tucker_conv2d_setup
     )
-    torch.library.register_autograd("kdfast::_tucker_conv2d_backward", _no_double_backward("_tucker_conv2d_backward"))
+    torch.library.register_autograd(
+        "kdfast::_tucker_conv2d_with_intermediates",
+        _tucker_conv2d_with_intermediates_backward,
+        setup_context=_tucker_conv2d_with_intermediates_setup,
+    )
+    for name in ("_tucker_conv2d_backward", "_tucker_conv2d_backward_saved"):
+        torch.library.register_autograd(f"kdfast::{name}", _no_double_backward(name))
 
 # ----------------------------------------------------------------------- KR: sparse recoding
 # A mutating op without outputs and without autograd (it edits .grad tensors, which do not require

@@ -12,7 +12,10 @@ OPS = {
     "fsp_matrix": ["fsp_matrix", "_fsp_matrix_backward"],
     "fsp_loss": ["fsp_loss", "_fsp_loss_backward"],
     "nst_loss": ["nst_loss", "_nst_loss_backward"],
-    "tucker_conv2d": ["tucker_conv2d", "_tucker_conv2d_backward", "_tucker_conv2d_path"],
+    "tucker_conv2d": [
+        "tucker_conv2d", "_tucker_conv2d_backward", "_tucker_conv2d_path",
+        "_tucker_conv2d_with_intermediates", "_tucker_conv2d_backward_saved",
+    ],
     "kd_loss": ["kd_loss", "_kd_loss_backward"],
     # KR: a mutating gradient op, no backward.
     "sparse_recoding_": ["sparse_recoding_"],

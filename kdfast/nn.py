@@ -139,6 +139,9 @@ class TuckerConv2d(nn.Module):
         self.core = nn.Parameter(torch.empty(r_out, r_in, *self.kernel_size, **factory))
         self.last = nn.Parameter(torch.empty(self.out_channels, r_out, **factory))
         self.bias = nn.Parameter(torch.empty(self.out_channels, **factory)) if bias else None
+        # Training keeps the two intermediates for the backward (None = when a gradient is needed),
+        # as three nn.Conv2d would; set False for the memory-lean mode (see kdfast.ops.tucker_conv2d).
+        self.save_intermediates = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -158,7 +161,8 @@ class TuckerConv2d(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, first, core, last = x.to(dtype), first.to(dtype), core.to(dtype), last.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        return ops.tucker_conv2d(x, first, core, last, bias, self.stride, self.padding, self.dilation)
+        return ops.tucker_conv2d(x, first, core, last, bias, self.stride, self.padding, self.dilation,
+                                 save_intermediates=self.save_intermediates)
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense kernel (O, C, kh, kw) = core x_0 last x_1 first^T."""

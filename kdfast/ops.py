@@ -79,7 +79,8 @@ def nst_loss(fs, ft, kernel: str = "poly", reduction: str = "mean", sigma: float
 __all__ += ["tucker_conv2d", "tucker_conv2d_path"]
 
 
-def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation=1) -> torch.Tensor:
+def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation=1,
+                  save_intermediates: bool | None = None) -> torch.Tensor:
     """Tucker-2 convolution (Kim et al., ICLR 2016) as one op:
     ``y = conv1x1(last) o conv_kxk(core; stride, padding, dilation) o conv1x1(first) (x) + bias``.
 
@@ -90,12 +91,26 @@ def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation
     CPU float32/float64 runs a fused tiled kernel (the R_in/R_out intermediates of a tile stay in
     cache) where it measured faster than three oneDNN convolutions, otherwise the composition;
     :func:`tucker_conv2d_path` says which. Differentiable in x, first, core, last and bias.
+
+    ``save_intermediates`` (training): ``True`` runs the composition and keeps its two intermediates
+    (first x and core * first x) for the backward, as autograd through three ``nn.Conv2d`` does, so
+    the backward recomputes nothing; ``False`` is the memory-lean mode: the path rule's kernel runs,
+    nothing but the inputs is kept, and the backward recomputes the intermediates (about one more
+    forward). ``None`` (default): ``True`` when a gradient will be needed, else the plain op.
     """
     _ext.require_ops()
     stride = _checks.conv_pair("stride", stride, 1)
     padding = _checks.conv_pair("padding", padding, 0)
     dilation = _checks.conv_pair("dilation", dilation, 1)
     _checks.tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation)
+    if save_intermediates is None:
+        save_intermediates = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, first, core, last, bias)
+        )
+    if save_intermediates:
+        return torch.ops.kdfast._tucker_conv2d_with_intermediates(
+            x, first, core, last, bias, stride, padding, dilation
+        )[0]
     return torch.ops.kdfast.tucker_conv2d(x, first, core, last, bias, stride, padding, dilation)
 
 

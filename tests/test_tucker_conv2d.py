@@ -1,5 +1,7 @@
 """kdfast.ops.tucker_conv2d against the three-conv reference (float64), on both the fused and the
 composed path, plus gradients, gradcheck, opcheck, torch.compile and bad-input errors."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,8 @@ from conftest import DEVICES
 from helpers import LAYOUTS, feature_map
 
 from kdfast import ops, reference
+
+_tucker_conv2d = ops.tucker_conv2d
 
 PATHS = ["fused", "composed"]
 
@@ -40,10 +44,16 @@ def _args(shape, dtype=torch.float64, device="cpu", layout="contiguous", bias=Tr
     return (x, *params), dict(stride=stride, padding=padding, dilation=dilation)
 
 
-@pytest.fixture(params=PATHS)
+# Each path in both training modes: the memory-lean one (the path's own kernel; the backward
+# recomputes the intermediates) and the default one when gradients are needed (the composition,
+# keeping its intermediates: "saved").
+@pytest.fixture(params=[("fused", False), ("composed", False), ("composed", True)],
+                ids=["fused", "composed", "composed-saved"])
 def path(request, monkeypatch):
-    monkeypatch.setenv("KDFAST_TUCKER_CONV_PATH", request.param)
-    return request.param
+    name, save = request.param
+    monkeypatch.setenv("KDFAST_TUCKER_CONV_PATH", name)
+    monkeypatch.setattr(ops, "tucker_conv2d", functools.partial(_tucker_conv2d, save_intermediates=save))
+    return name
 
 
 def _grads(fn, inputs, kwargs, grad_out):
@@ -121,19 +131,39 @@ def test_gradcheck_partial_requires_grad():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("requires_grad", [True, False])
-def test_opcheck(bias, requires_grad):
+@pytest.mark.parametrize("op", ["tucker_conv2d", "_tucker_conv2d_with_intermediates"])
+def test_opcheck(bias, requires_grad, op):
     inputs, kwargs = _args((2, 4, 6, 5, 3, 2, 3, (3, 3), 2, 1, 1), bias=bias, requires_grad=requires_grad)
     args = (*inputs, [2, 2], [1, 1], [1, 1])
-    torch.library.opcheck(torch.ops.kdfast.tucker_conv2d.default, args)
+    torch.library.opcheck(getattr(torch.ops.kdfast, op).default, args)
 
 
+def test_training_default_keeps_intermediates_and_matches_memory_lean_mode():
+    inputs, kwargs = _args((2, 5, 9, 8, 3, 4, 6, (3, 3), 2, 1, 1), requires_grad=True)
+    grad_out = torch.randn_like(reference.tucker_conv2d(*inputs, **kwargs))
+    saved_out, saved = _grads(functools.partial(_tucker_conv2d, save_intermediates=True), inputs, kwargs, grad_out)
+    lean_out, lean = _grads(functools.partial(_tucker_conv2d, save_intermediates=False), inputs, kwargs, grad_out)
+    torch.testing.assert_close(saved_out, lean_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(saved, lean):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # The default picks the saving op when a gradient is needed, the plain op otherwise.
+    y = _tucker_conv2d(*inputs, **kwargs)
+    assert y.grad_fn is not None and "with_intermediates" in y.grad_fn.name()
+    with torch.no_grad():
+        z1, z2 = torch.ops.kdfast._tucker_conv2d_with_intermediates(*inputs, [2, 2], [1, 1], [1, 1])[1:]
+    torch.testing.assert_close(z1, F.conv2d(inputs[0], inputs[1][:, :, None, None]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(z2, F.conv2d(z1, inputs[2], stride=2, padding=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("save_intermediates", [None, False])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_fullgraph_compile_matches_eager(backend):
+def test_fullgraph_compile_matches_eager(backend, save_intermediates):
     torch._dynamo.reset()
     inputs, kwargs = _args((2, 4, 8, 7, 3, 2, 5, (3, 3), 1, 1, 1), dtype=torch.float32, requires_grad=True)
 
     def block(x, first, core, last, bias):
-        return torch.relu(ops.tucker_conv2d(x, first, core, last, bias, stride=1, padding=1)).square().sum()
+        y = ops.tucker_conv2d(x, first, core, last, bias, stride=1, padding=1, save_intermediates=save_intermediates)
+        return torch.relu(y).square().sum()
 
     eager = block(*inputs)
     eager_grads = torch.autograd.grad(eager, inputs)
@@ -145,9 +175,10 @@ def test_fullgraph_compile_matches_eager(backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_double_backward_raises():
+@pytest.mark.parametrize("save_intermediates", [True, False])
+def test_double_backward_raises(save_intermediates):
     inputs, kwargs = _args((1, 3, 5, 5, 2, 2, 3, (3, 3), 1, 1, 1), requires_grad=True)
-    out = ops.tucker_conv2d(*inputs, **kwargs)
+    out = ops.tucker_conv2d(*inputs, **kwargs, save_intermediates=save_intermediates)
     (gx,) = torch.autograd.grad(out.sum(), inputs[0], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gx.sum().backward()

@@ -32,6 +32,15 @@ TORCH_LIBRARY(kdfast, m) {
   m.def(
       "_tucker_conv2d_backward(Tensor grad_y, Tensor x, Tensor first, Tensor core, Tensor last, int[2] stride, "
       "int[2] padding, int[2] dilation, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Training mode of tucker_conv2d: the composition, also returning its intermediates (z1, z2) =
+  // (first x, core * z1) so that the backward recomputes nothing (what autograd through three convs keeps).
+  m.def(
+      "_tucker_conv2d_with_intermediates(Tensor x, Tensor first, Tensor core, Tensor last, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_tucker_conv2d_backward_saved(Tensor grad_y, Tensor x, Tensor first, Tensor core, Tensor last, Tensor z1, "
+      "Tensor z2, int[2] stride, int[2] padding, int[2] dilation, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Which implementation tucker_conv2d runs for these arguments on their device: 'fused' or 'composed'.
   m.def(
       "_tucker_conv2d_path(Tensor x, Tensor first, Tensor core, Tensor last, int[2] stride, int[2] padding, "

@@ -54,15 +54,28 @@ inline at::Tensor composed_forward(const at::Tensor& x, const at::Tensor& first,
   return at::conv2d(z2, as_1x1(last.contiguous()), bias).contiguous();
 }
 
+// The composition keeping its intermediates z1 = first x (N, R_in, H, W) and z2 = core * z1
+// (N, R_out, H_out, W_out) for the backward, as autograd through three nn.Conv2d would: training
+// then pays no recomputation. All three come back contiguous NCHW, as the fake kernel says.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> composed_forward_with_intermediates(
+    const at::Tensor& x, const at::Tensor& first, const at::Tensor& core, const at::Tensor& last,
+    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation) {
+  check_tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation);
+  const at::Tensor z1 = at::conv2d(x, as_1x1(first.contiguous())).contiguous();
+  const at::Tensor z2 = at::conv2d(z1, core, {}, stride, padding, dilation).contiguous();
+  return {at::conv2d(z2, as_1x1(last.contiguous()), bias).contiguous(), z1, z2};
+}
+
 inline at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
-// Gradients of the composition. The intermediates z1 = first x and z2 = core * z1 are recomputed
-// (only those a requested gradient needs) instead of being saved: saving them would hold two
-// extra activations per layer for the whole forward pass of a network.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+// Gradients of the composition from the intermediates z1 = first x and z2 = core * z1. Undefined
+// ones are recomputed (only those a requested gradient needs): that is the memory-lean mode, which
+// holds no extra activation per layer through the forward pass but costs about one more forward.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_from(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
-    const at::Tensor& last, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    std::array<bool, 5> mask) {
+    const at::Tensor& last, at::Tensor z1, at::Tensor z2, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, std::array<bool, 5> mask) {
   check_tucker_conv2d_args(x, first, core, last, c10::nullopt, stride, padding, dilation);
   const bool need_x = mask[0], need_first = mask[1], need_core = mask[2], need_last = mask[3], need_bias = mask[4];
   const int64_t n = x.size(0), o = last.size(0), r_out = core.size(0), r_in = core.size(1);
@@ -72,11 +85,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   const bool need_g2 = need_x || need_first || need_core;
   if (!need_g2 && !need_last) return {gx, gfirst, gcore, glast, gbias};
 
-  const at::Tensor z1 = at::conv2d(x, as_1x1(first.contiguous()));
+  if (!z1.defined()) z1 = at::conv2d(x, as_1x1(first.contiguous()));
   const at::Tensor gy = grad_y.reshape({n, o, -1});  // (N, O, P)
   if (need_last) {
-    const at::Tensor z2 = at::conv2d(z1, core, {}, stride, padding, dilation).reshape({n, r_out, -1});
-    glast = at::bmm(gy, z2.transpose(1, 2)).sum(0);  // sum_n gy_n z2_n^T
+    if (!z2.defined()) z2 = at::conv2d(z1, core, {}, stride, padding, dilation);
+    glast = at::bmm(gy, z2.reshape({n, r_out, -1}).transpose(1, 2)).sum(0);  // sum_n gy_n z2_n^T
   }
   if (!need_g2) return {gx, gfirst, gcore, glast, gbias};
   // grad wrt z2 = last^T grad_y, shaped like z2.
@@ -91,6 +104,22 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   if (need_first) gfirst = at::bmm(g1, x.reshape({n, x.size(1), -1}).transpose(1, 2)).sum(0);
   if (need_x) gx = at::matmul(first.t(), g1).view(x.sizes());
   return {gx, gfirst, gcore, glast, gbias};
+}
+
+// _tucker_conv2d_backward: the memory-lean mode (nothing saved but the inputs).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
+    const at::Tensor& last, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    std::array<bool, 5> mask) {
+  return backward_from(grad_y, x, first, core, last, at::Tensor(), at::Tensor(), stride, padding, dilation, mask);
+}
+
+// _tucker_conv2d_backward_saved: from the intermediates _tucker_conv2d_with_intermediates kept.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_saved(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
+    const at::Tensor& last, const at::Tensor& z1, const at::Tensor& z2, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 5> mask) {
+  return backward_from(grad_y, x, first, core, last, z1, z2, stride, padding, dilation, mask);
 }
 
 }  // namespace tucker

@@ -181,5 +181,7 @@ std::string tucker_conv2d_path_cpu(const at::Tensor& x, const at::Tensor& first,
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("tucker_conv2d", &kdfast::tucker::tucker_conv2d_cpu);
   m.impl("_tucker_conv2d_backward", &kdfast::tucker::backward);
+  m.impl("_tucker_conv2d_with_intermediates", &kdfast::tucker::composed_forward_with_intermediates);
+  m.impl("_tucker_conv2d_backward_saved", &kdfast::tucker::backward_saved);
   m.impl("_tucker_conv2d_path", &kdfast::tucker::tucker_conv2d_path_cpu);
 }

@@ -209,6 +209,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tucker_co
   return backward(grad_y, x, first, core, last, stride, padding, dilation, mask);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tucker_conv2d_with_intermediates_cuda(
+    const at::Tensor& x, const at::Tensor& first, const at::Tensor& core, const at::Tensor& last,
+    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return composed_forward_with_intermediates(x, first, core, last, bias, stride, padding, dilation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tucker_conv2d_backward_saved_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
+    const at::Tensor& last, const at::Tensor& z1, const at::Tensor& z2, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 5> mask) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return backward_saved(grad_y, x, first, core, last, z1, z2, stride, padding, dilation, mask);
+}
+
 std::string tucker_conv2d_path_cuda(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
                                     const at::Tensor& last, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation) {
@@ -226,5 +242,7 @@ std::string tucker_conv2d_path_cuda(const at::Tensor& x, const at::Tensor& first
 TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
   m.impl("tucker_conv2d", &kdfast::tucker::tucker_conv2d_cuda);
   m.impl("_tucker_conv2d_backward", &kdfast::tucker::tucker_conv2d_backward_cuda);
+  m.impl("_tucker_conv2d_with_intermediates", &kdfast::tucker::tucker_conv2d_with_intermediates_cuda);
+  m.impl("_tucker_conv2d_backward_saved", &kdfast::tucker::tucker_conv2d_backward_saved_cuda);
   m.impl("_tucker_conv2d_path", &kdfast::tucker::tucker_conv2d_path_cuda);
 }
