@@ -78,31 +78,37 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
     at::IntArrayRef dilation, std::array<bool, 5> mask) {
   check_tucker_conv2d_args(x, first, core, last, c10::nullopt, stride, padding, dilation);
   const bool need_x = mask[0], need_first = mask[1], need_core = mask[2], need_last = mask[3], need_bias = mask[4];
-  const int64_t n = x.size(0), o = last.size(0), r_out = core.size(0), r_in = core.size(1);
+  const int64_t o = last.size(0), r_out = core.size(0), r_in = core.size(1);
   at::Tensor gx = empty_grad(x), gfirst = empty_grad(first), gcore = empty_grad(core), glast = empty_grad(last),
              gbias = empty_grad(last);
   if (need_bias) gbias = grad_y.sum({0, 2, 3});
   const bool need_g2 = need_x || need_first || need_core;
   if (!need_g2 && !need_last) return {gx, gfirst, gcore, glast, gbias};
 
+  // Each of the three convolutions is differentiated by the same at::convolution_backward call that
+  // autograd through nn.Conv2d makes (oneDNN / cuDNN backward kernels), so with saved intermediates
+  // the backward costs what the three-conv Sequential's does.
+  const std::vector<int64_t> one{1, 1}, zero{0, 0};
+  const auto conv_backward = [&](const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                                 at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, bool need_input,
+                                 bool need_weight) {
+    return at::convolution_backward(grad, input, weight, c10::nullopt, s, p, d, /*transposed=*/false,
+                                    /*output_padding=*/zero, /*groups=*/1, {need_input, need_weight, false});
+  };
   if (!z1.defined()) z1 = at::conv2d(x, as_1x1(first.contiguous()));
-  const at::Tensor gy = grad_y.reshape({n, o, -1});  // (N, O, P)
-  if (need_last) {
-    if (!z2.defined()) z2 = at::conv2d(z1, core, {}, stride, padding, dilation);
-    glast = at::bmm(gy, z2.reshape({n, r_out, -1}).transpose(1, 2)).sum(0);  // sum_n gy_n z2_n^T
-  }
+  if (!z2.defined()) z2 = at::conv2d(z1, core, {}, stride, padding, dilation);
+  // Gradients come back contiguous NCHW (what the fake kernels promise), whatever x's layout.
+  auto last_grads = conv_backward(grad_y, z2, as_1x1(last.contiguous()), one, zero, one, need_g2, need_last);
+  if (need_last) glast = std::get<1>(last_grads).reshape({o, r_out}).contiguous();
   if (!need_g2) return {gx, gfirst, gcore, glast, gbias};
-  // grad wrt z2 = last^T grad_y, shaped like z2.
-  const at::Tensor g2 = at::matmul(last.t(), gy).view({n, r_out, grad_y.size(2), grad_y.size(3)});
   const bool need_g1 = need_x || need_first;
-  auto conv_grads = at::convolution_backward(g2, z1, core, c10::nullopt, stride, padding, dilation,
-                                             /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1,
-                                             {need_g1, need_core, false});
-  if (need_core) gcore = std::get<1>(conv_grads).contiguous();  // channels_last x can make it NHWC
+  auto core_grads = conv_backward(std::get<0>(last_grads), z1, core, stride, padding, dilation, need_g1, need_core);
+  if (need_core) gcore = std::get<1>(core_grads).contiguous();
   if (!need_g1) return {gx, gfirst, gcore, glast, gbias};
-  const at::Tensor g1 = std::get<0>(conv_grads).reshape({n, r_in, -1});  // (N, R_in, HW)
-  if (need_first) gfirst = at::bmm(g1, x.reshape({n, x.size(1), -1}).transpose(1, 2)).sum(0);
-  if (need_x) gx = at::matmul(first.t(), g1).view(x.sizes());
+  auto first_grads = conv_backward(std::get<0>(core_grads), x, as_1x1(first.contiguous()), one, zero, one, need_x,
+                                   need_first);
+  if (need_first) gfirst = std::get<1>(first_grads).reshape({r_in, x.size(1)}).contiguous();
+  if (need_x) gx = std::get<0>(first_grads).contiguous();
   return {gx, gfirst, gcore, glast, gbias};
 }
 
