@@ -199,7 +199,7 @@ def report(paths, out):
         machine = machine or data.get("machine_info", {})
         for b in data["benchmarks"]:
             rows.append((b["group"], b["extra_info"], b["stats"]))
-    lines = [f"# Sparse recoding over ResNet-50 parameters", "",
+    lines = ["# Sparse recoding over ResNet-50 parameters", "",
              f"CPU: {machine.get('kdfast', {}).get('cpu_model', machine.get('cpu', {}).get('brand_raw', '?'))}, "
              f"threads {machine.get('kdfast', {}).get('torch_threads', '?')}, torch {machine.get('kdfast', {}).get('torch', '?')}"
              + (f", GPU {machine['kdfast']['gpu']}" if machine.get("kdfast", {}).get("gpu") else ""), "",

@@ -28,7 +28,6 @@ allocation events; CUDA: max_memory_allocated), one extra untimed step.
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 import pytest
@@ -201,25 +200,7 @@ def test_train_step(benchmark, device, teacher_name, batch, loss_set, impl):
         loss = step()
         first = time.perf_counter() - t0
         assert torch.isfinite(loss), f"{impl}: non-finite loss"
-        rounds = harness.QUICK_ROUNDS if QUICK else int(min(harness.MAX_ROUNDS, max(harness.MIN_ROUNDS, math.ceil(harness.TARGET_SECONDS / max(first, 1e-6)))))
-        warmup = 0 if first > harness.WARMUP_SKIP_SECONDS else 1
-        before = harness.cpu_times()
-        benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup, iterations=1)
-        after = harness.cpu_times()
-        steal, others = harness.steal_percent(before, after), harness.others_percent(before, after)
-        benchmark.extra_info.update({
-            "rounds": rounds, "first_call_s": first,
-            "cpu_steal_pct": None if steal is None else round(steal, 2),
-            "cpu_others_pct": None if others is None else round(others, 2),
-            "peak_bytes": harness.peak_bytes(step, device),
-            "peak_method": "torch.cuda.max_memory_allocated" if device == "cuda" else "torch.profiler memory events",
-        })
-        noise = []
-        if steal is not None and steal >= harness.STEAL_WARN_PCT:
-            noise.append(f"host CPU steal {steal:.0f}%")
-        if others is not None and others >= harness.OTHERS_WARN_PCT:
-            noise.append(f"other processes {others:.0f}% of the CPUs")
-        benchmark.extra_info["status"] = f"ok (noisy: {', '.join(noise)} while timing)" if noise else "ok"
+        harness.time_rounds(benchmark, step, device, first)
     except Exception as exc:  # noqa: BLE001 - only OOM is a result; anything else fails the case
         if not harness.is_oom(exc):
             raise

@@ -34,7 +34,6 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -247,19 +246,7 @@ def run_tucker_case(benchmark, impl, mode, shape, frac, device, dtype):
         start = time.perf_counter()
         step()
         first = time.perf_counter() - start
-        rounds = harness.QUICK_ROUNDS if QUICK else int(min(harness.MAX_ROUNDS, max(harness.MIN_ROUNDS, math.ceil(harness.TARGET_SECONDS / max(first, 1e-6)))))
-        t_before = harness.cpu_times()
-        benchmark.pedantic(step, rounds=rounds, warmup_rounds=0 if first > harness.WARMUP_SKIP_SECONDS else 1, iterations=1)
-        t_after = harness.cpu_times()
-        benchmark.extra_info["rounds"] = rounds
-        benchmark.extra_info["peak_bytes"] = harness.peak_bytes(step, device)
-        steal, others = harness.steal_percent(t_before, t_after), harness.others_percent(t_before, t_after)
-        noise = []
-        if steal is not None and steal >= harness.STEAL_WARN_PCT:
-            noise.append(f"host CPU steal {steal:.0f}%")
-        if others is not None and others >= harness.OTHERS_WARN_PCT:
-            noise.append(f"other processes {others:.0f}% of the CPUs")
-        benchmark.extra_info["status"] = f"ok (noisy: {', '.join(noise)} while timing)" if noise else "ok"
+        harness.time_rounds(benchmark, step, device, first)
         if device == "cuda":
             benchmark.extra_info["copy_gbps"] = copy_bandwidth_gbps(device)
     except Exception as exc:  # noqa: BLE001 - only OOM is swallowed

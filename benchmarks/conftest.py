@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -49,13 +50,11 @@ def _cpu_model() -> str:
 
         return cpuinfo.get_cpu_info().get("brand_raw") or platform.processor()
     except Exception:  # noqa: BLE001
-        try:
+        with contextlib.suppress(OSError):  # not Linux
             with open("/proc/cpuinfo") as fh:
                 for line in fh:
                     if line.startswith("model name"):
                         return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
     return platform.processor() or "unknown CPU"
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import gc
+import contextlib
 import math
 import os
 import time
@@ -62,13 +63,11 @@ def fmt_gib(nbytes: float) -> str:
 
 def mem_available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), else None."""
-    try:
+    with contextlib.suppress(OSError):  # not Linux
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
-        pass
     return None
 
 
@@ -314,30 +313,7 @@ def run_case(benchmark, case: Case) -> None:
         first = time.perf_counter() - start
         _check_finite(grads, case)
         grads = None
-        if QUICK:
-            rounds = QUICK_ROUNDS
-        else:
-            rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(TARGET_SECONDS / max(first, 1e-6)))))
-        warmup = 0 if first > WARMUP_SKIP_SECONDS else 1
-        benchmark.extra_info.update({"rounds": rounds, "warmup_rounds": warmup + 1, "first_call_s": first})
-        t_before = cpu_times()
-        benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup, iterations=1)
-        t_after = cpu_times()
-        steal, others = steal_percent(t_before, t_after), others_percent(t_before, t_after)
-        benchmark.extra_info["cpu_steal_pct"] = None if steal is None else round(steal, 2)
-        benchmark.extra_info["cpu_others_pct"] = None if others is None else round(others, 2)
-        benchmark.extra_info["peak_bytes"] = peak_bytes(step, case.device)
-        benchmark.extra_info["peak_method"] = (
-            "torch.cuda.max_memory_allocated" if case.device == "cuda" else "torch.profiler memory events"
-        )
-        benchmark.extra_info["status"] = "ok"
-        noise = []
-        if steal is not None and steal >= STEAL_WARN_PCT:
-            noise.append(f"host CPU steal {steal:.0f}%")
-        if others is not None and others >= OTHERS_WARN_PCT:
-            noise.append(f"other processes {others:.0f}% of the CPUs")
-        if noise:
-            benchmark.extra_info["status"] = f"ok (noisy: {', '.join(noise)} while timing)"
+        time_rounds(benchmark, step, case.device, first)
     except Exception as exc:  # noqa: BLE001 - only OOM is swallowed
         if not is_oom(exc):
             raise
@@ -349,6 +325,35 @@ def run_case(benchmark, case: Case) -> None:
         inputs = grads = None
         release_memory(case.device)
 
+
+
+def time_rounds(benchmark, step, device: str, first_call_s: float) -> None:
+    """Time ``step`` (already called once, in ``first_call_s`` seconds) with pytest-benchmark's
+    pedantic mode and record in ``benchmark.extra_info`` what every report reads: the rounds (about
+    TARGET_SECONDS of timed calls; QUICK_ROUNDS in quick mode), the warm-up, the CPU noise while
+    timing (host steal, other processes), the peak memory of one call and the status (marked noisy
+    past STEAL_WARN_PCT / OTHERS_WARN_PCT)."""
+    if QUICK:
+        rounds = QUICK_ROUNDS
+    else:
+        rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(TARGET_SECONDS / max(first_call_s, 1e-6)))))
+    warmup = 0 if first_call_s > WARMUP_SKIP_SECONDS else 1
+    info = benchmark.extra_info
+    info.update({"rounds": rounds, "warmup_rounds": warmup + 1, "first_call_s": first_call_s})
+    t_before = cpu_times()
+    benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    t_after = cpu_times()
+    steal, others = steal_percent(t_before, t_after), others_percent(t_before, t_after)
+    info["cpu_steal_pct"] = None if steal is None else round(steal, 2)
+    info["cpu_others_pct"] = None if others is None else round(others, 2)
+    info["peak_bytes"] = peak_bytes(step, device)
+    info["peak_method"] = "torch.cuda.max_memory_allocated" if device == "cuda" else "torch.profiler memory events"
+    noise = []
+    if steal is not None and steal >= STEAL_WARN_PCT:
+        noise.append(f"host CPU steal {steal:.0f}%")
+    if others is not None and others >= OTHERS_WARN_PCT:
+        noise.append(f"other processes {others:.0f}% of the CPUs")
+    info["status"] = f"ok (noisy: {', '.join(noise)} while timing)" if noise else "ok"
 
 def _check_finite(grads, case: Case) -> None:
     for g in grads:

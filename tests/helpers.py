@@ -1,4 +1,8 @@
-"""Input builders shared by the op tests."""
+"""Input builders and launchers shared by the tests."""
+import os
+import subprocess
+import sys
+
 import torch
 
 LAYOUTS = ("contiguous", "channels_last", "strided")
@@ -25,3 +29,19 @@ def grads(loss_fn, inputs, grad_out):
     out = loss_fn(*inputs)
     needed = [x for x in inputs if x.requires_grad]
     return out, torch.autograd.grad(out, needed, grad_out)
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_torchrun(worker: str, out_dir, nproc: int = 2, timeout: int = 180) -> None:
+    """Run tests/<worker> with ``torchrun --standalone --nproc_per_node nproc`` (CPU processes, gloo),
+    passing ``out_dir`` as its argument; fail with the tail of its output if it does not exit 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(TESTS_DIR), TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # a launcher around pytest must not leak into the workers' rendezvous
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(TESTS_DIR, worker), str(out_dir)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

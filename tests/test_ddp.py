@@ -8,29 +8,17 @@ same seed gives rank r the samples perm[r::2]; so the two ranks' batches at step
 single-process batch i of size 8 and the averaged gradient equals the single-process gradient.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from distill_ddp_worker import build
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from helpers import run_torchrun
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 def test_ddp_two_processes_match_single_process(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "distill_ddp_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("distill_ddp_worker.py", tmp_path)
 
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from kdfast.kr import (Aggregator, KnowledgeAggregation, KRDistiller, aggregation_loss, capture_feature_shapes,
                        group_layers)
+from helpers import run_torchrun
 from kdfast.losses import KDLoss
 
 
@@ -214,19 +215,7 @@ def test_kr_distiller_bf16_autocast():
 def test_kr_distiller_ddp_ranks_identical(tmp_path):
     # torchrun, 2 CPU processes (gloo): the student (DDP), the aggregators (their own DDP) and the
     # sparse-recoding thresholds end identical on both ranks.
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(here, "kr_ddp_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("kr_ddp_worker.py", tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for part in ("student", "aggregation"):

@@ -6,6 +6,7 @@ numpy and Python RNG states converted to tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -35,10 +36,8 @@ def atomic_save(obj: Any, path: PathLike) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # already renamed or never created
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     # Persist the rename itself (directory entry); not supported on every platform/filesystem.
     try:
@@ -46,9 +45,8 @@ def atomic_save(obj: Any, path: PathLike) -> None:
     except OSError:
         return
     try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory
+            os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
