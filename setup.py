@@ -54,6 +54,7 @@ def get_extensions():
     debug = os.environ.get("KDFAST_DEBUG") == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "ops", "autograd", "*.cpp")))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++17", "-fdiagnostics-color=always", "-Wall", "-Wno-unknown-pragmas"]
     extra = {"cxx": cxx}

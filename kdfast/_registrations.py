@@ -133,6 +133,9 @@ def _nst_loss_backward(ctx, grad_loss, _grad_aux):
 
 
 # ------------------------------------------------------------------------------- tucker_conv2d
+# Only the fake kernels live here. The autograd of the four tucker ops is registered in C++
+# (csrc/ops/autograd/tucker_conv2d_autograd.cpp): a Python autograd function per Tucker layer per
+# step cost more than the layer's own three convolutions at small sizes.
 @torch.library.register_fake("kdfast::tucker_conv2d")
 def _tucker_conv2d_fake(x, first, core, last, bias, stride, padding, dilation):
     _checks.tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation)
@@ -150,20 +153,6 @@ def _tucker_conv2d_backward_fake(grad_y, x, first, core, last, stride, padding, 
     return grads + (bias_grad,)
 
 
-def _tucker_conv2d_setup(ctx, inputs, output):
-    x, first, core, last, bias, stride, padding, dilation = inputs
-    ctx.conv_args = (stride, padding, dilation)
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, first, core, last)
-
-
-def _tucker_conv2d_backward(ctx, grad_y):
-    x, first, core, last = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:4]) + [ctx.has_bias and ctx.needs_input_grad[4]]
-    grads = torch.ops.kdfast._tucker_conv2d_backward(grad_y, x, first, core, last, *ctx.conv_args, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None, None)
-
-
 @torch.library.register_fake("kdfast::_tucker_conv2d_with_intermediates")
 def _tucker_conv2d_with_intermediates_fake(x, first, core, last, bias, stride, padding, dilation):
     y = _tucker_conv2d_fake(x, first, core, last, bias, stride, padding, dilation)
@@ -176,33 +165,6 @@ def _tucker_conv2d_with_intermediates_fake(x, first, core, last, bias, stride, p
 def _tucker_conv2d_backward_saved_fake(grad_y, x, first, core, last, z1, z2, stride, padding, dilation, output_mask):
     return _tucker_conv2d_backward_fake(grad_y, x, first, core, last, stride, padding, dilation, output_mask)
 
-
-def _tucker_conv2d_with_intermediates_setup(ctx, inputs, output):
-    x, first, core, last, bias, stride, padding, dilation = inputs
-    ctx.conv_args = (stride, padding, dilation)
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(x, first, core, last, output[1], output[2])
-
-
-def _tucker_conv2d_with_intermediates_backward(ctx, grad_y, _grad_z1, _grad_z2):
-    x, first, core, last, z1, z2 = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:4]) + [ctx.has_bias and ctx.needs_input_grad[4]]
-    grads = torch.ops.kdfast._tucker_conv2d_backward_saved(grad_y, x, first, core, last, z1, z2, *ctx.conv_args, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None, None)
-
-
-def _register_tucker_conv2d() -> None:
-    torch.library.register_autograd(
-        "kdfast::tucker_conv2d", _tucker_conv2d_backward, setup_context=_tucker_conv2d_setup
-    )
-    torch.library.register_autograd(
-        "kdfast::_tucker_conv2d_with_intermediates",
-        _tucker_conv2d_with_intermediates_backward,
-        setup_context=_tucker_conv2d_with_intermediates_setup,
-    )
-    for name in ("_tucker_conv2d_backward", "_tucker_conv2d_backward_saved"):
-        torch.library.register_autograd(f"kdfast::{name}", _no_double_backward(name))
 
 # ----------------------------------------------------------------------- KR: sparse recoding
 # A mutating op without outputs and without autograd (it edits .grad tensors, which do not require
@@ -219,7 +181,6 @@ def register_all() -> None:
     torch.library.register_autograd("kdfast::nst_loss", _nst_loss_backward, setup_context=_nst_loss_setup)
     for name in ("_fsp_matrix_backward", "_fsp_loss_backward", "_nst_loss_backward"):
         torch.library.register_autograd(f"kdfast::{name}", _no_double_backward(name))
-    _register_tucker_conv2d()
     register_kd_loss()
 
 
