@@ -488,10 +488,12 @@ def main(argv=None):
     name = os.path.basename(args.out)
 
     md = machine_header(machine, meta, rows, name)
-    md += ["## Targets", "", "| target | result | evidence |", "|---|---|---|"]
-    for target, verdict, evidence in evaluate_targets(rows):
-        md.append(f"| {target} | **{verdict}** | {evidence} |")
-    md.append("")
+    # The targets are the NST/FSP ones of the foundation issue: a KD-only run has nothing to judge.
+    if any(r["family"] in ("nst", "fsp") for r in rows):
+        md += ["## Targets", "", "| target | result | evidence |", "|---|---|---|"]
+        for target, verdict, evidence in evaluate_targets(rows):
+            md.append(f"| {target} | **{verdict}** | {evidence} |")
+        md.append("")
     md += family_table(rows, "nst")
     md += family_table(rows, "fsp")
     md += family_table(rows, "kd")

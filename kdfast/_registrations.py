@@ -181,10 +181,10 @@ def register_all() -> None:
     torch.library.register_autograd("kdfast::nst_loss", _nst_loss_backward, setup_context=_nst_loss_setup)
     for name in ("_fsp_matrix_backward", "_fsp_loss_backward", "_nst_loss_backward"):
         torch.library.register_autograd(f"kdfast::{name}", _no_double_backward(name))
-    register_kd_loss()
 
 
 # ----------------------------------------------------------------------------------------- KD loss
+# Only the fake kernels live here; kd_loss's autograd is C++ (csrc/ops/autograd/kd_loss_autograd.cpp).
 KD_NUM_STATS = 5  # columns of kd_loss's per-row statistics (csrc/include/kdfast/kd_loss_math.h)
 
 
@@ -205,23 +205,3 @@ def _kd_loss_backward_fake(grad_loss, student_logits, teacher_logits, targets, s
         return like.new_empty(like.shape) if needed else like.new_empty((0,))
 
     return grad(output_mask[0], student_logits), grad(output_mask[1], teacher_logits)
-
-
-def _kd_loss_setup(ctx, inputs, output):
-    student_logits, teacher_logits, targets, *ctx.kd_args = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(student_logits, teacher_logits, targets, output[1])
-
-
-def _kd_loss_backward(ctx, grad_loss, _grad_stats):
-    student_logits, teacher_logits, targets, stats = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:2])
-    grad_s, grad_t = torch.ops.kdfast._kd_loss_backward(
-        grad_loss, student_logits, teacher_logits, targets, stats, *ctx.kd_args, mask
-    )
-    return (grad_s if mask[0] else None, grad_t if mask[1] else None) + (None,) * 6
-
-
-def register_kd_loss() -> None:
-    torch.library.register_autograd("kdfast::kd_loss", _kd_loss_backward, setup_context=_kd_loss_setup)
-    torch.library.register_autograd("kdfast::_kd_loss_backward", _no_double_backward("_kd_loss_backward"))

@@ -60,7 +60,7 @@ def test_cmake_library_registers_the_same_ops():
         "torch.testing.assert_close(g, torch.bmm(a.flatten(2), b.flatten(2).transpose(1, 2)) / 25)\n"
         "loss, _ = torch.ops.kdfast.nst_loss(a, a.clone(), 'poly_channel', 'sum', 1.0)\n"
         "assert abs(loss.item()) < 1e-12\n"
-        # tucker_conv2d's autograd is C++ (csrc/ops/autograd): C++ users get gradients too.
+        # tucker_conv2d's and kd_loss's autograd is C++ (csrc/ops/autograd): C++ users get gradients too.
         "x = a.clone().requires_grad_()\n"
         "f, c, l = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 2, 3, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)\n"
         "y = torch.ops.kdfast._tucker_conv2d_with_intermediates(x, f, c, l, None, [1, 1], [1, 1], [1, 1])[0]\n"
@@ -68,6 +68,11 @@ def test_cmake_library_registers_the_same_ops():
         "x2 = a.clone().requires_grad_()\n"
         "ref = torch.nn.functional.conv2d(torch.nn.functional.conv2d(torch.nn.functional.conv2d(x2, f[:, :, None, None]), c, padding=1), l[:, :, None, None])\n"
         "torch.testing.assert_close(gx, torch.autograd.grad(ref.square().sum(), x2)[0])\n"
+        "z = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)\n"
+        "zt = torch.randn(4, 7, dtype=torch.float64)\n"
+        "(gz,) = torch.autograd.grad(torch.ops.kdfast.kd_loss(z, zt, None, 2.0, 1.0, True, -100, 'mean')[0], z)\n"
+        "kl = torch.nn.functional.kl_div(torch.log_softmax(z / 2, 1), torch.softmax(zt / 2, 1), reduction='batchmean') * 4\n"
+        "torch.testing.assert_close(gz, torch.autograd.grad(kl, z)[0])\n"
         "print(list(torch.ops.kdfast._build_info()))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
