@@ -41,6 +41,35 @@ HEADLINE = {"B": 64, "Cs": 256, "Ct": 512, "Hs": 8, "Ht": 8}
 
 
 # ============================================================================================ loading
+def paired_table(paths_bench) -> list[str]:
+    """bench_losses.py test_paired_vs_bmm: kdfast and the bmm formulation timed in alternation."""
+    rows = []
+    for path in paths_bench:
+        with open(path) as fh:
+            rows += [b["extra_info"] for b in json.load(fh).get("benchmarks", [])
+                     if b.get("extra_info", {}).get("suite") == "paired"]
+    if not rows:
+        return []
+    lines = [
+        "## Paired: kdfast against bmm, timed in alternation",
+        "",
+        "The cells of the tables below time each formulation on its own, one after another; on a shared "
+        "machine millisecond cells move by up to about 30% between runs. Here kdfast and the bmm formulation "
+        "run in turns on the same inputs (order swapped every round) and the ratio is taken per round. "
+        "*bmm / kdfast* > 1: kdfast faster; Q1–Q3 of the per-round ratios.",
+        "",
+        "| loss | shape | dtype / device | kdfast ms | bmm ms | bmm / kdfast | Q1–Q3 | rounds |",
+        "|---|---|---|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['loss']} | {r['shape']} | {r['dtype']} {r['device']} | {fmt_ms(r['median_s']['kdfast'])} | "
+            f"{fmt_ms(r['median_s']['bmm'])} | **{r['ratio_bmm_over_kdfast']:.2f}x** | "
+            f"{r['ratio_q1']:.2f}–{r['ratio_q3']:.2f} | {r['rounds']} |"
+        )
+    return lines + [""]
+
+
 def load(paths_bench, paths_oom):
     rows, not_run, machine, meta = [], [], {}, {}
     for path in paths_bench:
@@ -49,7 +78,7 @@ def load(paths_bench, paths_oom):
         machine = machine or data.get("machine_info", {})
         meta = meta or {"datetime": data.get("datetime"), "commit_info": data.get("commit_info", {})}
         for b in data.get("benchmarks", []):
-            if b.get("extra_info", {}).get("suite") == "trainer":  # bench_trainer.py: not a loss table
+            if b.get("extra_info", {}).get("suite") in ("trainer", "paired"):  # own tables (paired_table)
                 continue
             rows.append(_row_from_bench(b))
         not_run.extend(data.get("kdfast", {}).get("not_run", []))
@@ -494,6 +523,7 @@ def main(argv=None):
         for target, verdict, evidence in evaluate_targets(rows):
             md.append(f"| {target} | **{verdict}** | {evidence} |")
         md.append("")
+    md += paired_table(args.bench)
     md += family_table(rows, "nst")
     md += family_table(rows, "fsp")
     md += family_table(rows, "kd")

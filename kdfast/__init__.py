@@ -6,9 +6,7 @@ import torch  # noqa: F401  (torch must be imported before kdfast._C)
 from . import _ext
 
 if _ext.is_loaded():
-    from . import _registrations
-
-    _registrations.register_all()
+    from . import _registrations  # noqa: F401  (fake kernels for torch.compile)
 
 from . import ops, reference  # noqa: E402
 

@@ -1,7 +1,9 @@
-"""Autograd and fake (meta) kernels of the compiled ops, registered with torch.library.
+"""Fake (meta) kernels of the compiled ops, registered with torch.library: what torch.compile and
+opcheck use to know output shapes, dtypes and strides without running a kernel.
 
-Runs only when kdfast._C loaded (the ops must exist to be registered). Backward passes call the
-``_*_backward`` custom ops, so torch.compile sees them as opaque ops with fake kernels too.
+Imported only when kdfast._C loaded (the ops must exist to be registered). Autograd is C++
+(csrc/ops/autograd/<op>_autograd.cpp, see autograd_common.h there for why): the backward nodes call
+the ``_*_backward`` ops, which have fake kernels here too, so torch.compile traces them as opaque ops.
 """
 from __future__ import annotations
 
@@ -25,13 +27,6 @@ def _loss_shape(batch, reduction):
     return (batch,) if reduction == "none" else ()
 
 
-def _no_double_backward(name):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"kdfast: double backward through {name} is not supported")
-
-    return backward
-
-
 # ----------------------------------------------------------------------------------------- FSP
 @torch.library.register_fake("kdfast::fsp_matrix")
 def _fsp_matrix_fake(a, b):
@@ -43,17 +38,6 @@ def _fsp_matrix_fake(a, b):
 @torch.library.register_fake("kdfast::_fsp_matrix_backward")
 def _fsp_matrix_backward_fake(grad, a, b, output_mask):
     return _grad_or_empty(output_mask[0], a), _grad_or_empty(output_mask[1], b)
-
-
-def _fsp_matrix_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _fsp_matrix_backward(ctx, grad):
-    a, b = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:2])
-    grad_a, grad_b = torch.ops.kdfast._fsp_matrix_backward(grad, a, b, mask)
-    return (grad_a if mask[0] else None, grad_b if mask[1] else None)
 
 
 @torch.library.register_fake("kdfast::fsp_loss")
@@ -70,20 +54,6 @@ def _fsp_loss_fake(s_a, s_b, t_a, t_b, reduction):
 @torch.library.register_fake("kdfast::_fsp_loss_backward")
 def _fsp_loss_backward_fake(grad_loss, diff, s_a, s_b, t_a, t_b, reduction, output_mask):
     return tuple(_grad_or_empty(m, x) for m, x in zip(output_mask, (s_a, s_b, t_a, t_b)))
-
-
-def _fsp_loss_setup(ctx, inputs, output):
-    s_a, s_b, t_a, t_b, reduction = inputs
-    ctx.reduction = reduction
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1], s_a, s_b, t_a, t_b)
-
-
-def _fsp_loss_backward(ctx, grad_loss, _grad_diff):
-    diff, s_a, s_b, t_a, t_b = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:4])
-    grads = torch.ops.kdfast._fsp_loss_backward(grad_loss, diff, s_a, s_b, t_a, t_b, ctx.reduction, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,)
 
 
 # ----------------------------------------------------------------------------------------- NST
@@ -116,26 +86,7 @@ def _nst_loss_backward_fake(grad_loss, fs, ft, aux, kernel, reduction, sigma, ou
     return _grad_or_empty(output_mask[0], fs), _grad_or_empty(output_mask[1], ft)
 
 
-def _nst_loss_setup(ctx, inputs, output):
-    fs, ft, kernel, reduction, sigma = inputs
-    ctx.kernel, ctx.reduction, ctx.sigma = kernel, reduction, sigma
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(fs, ft, output[1])
-
-
-def _nst_loss_backward(ctx, grad_loss, _grad_aux):
-    fs, ft, aux = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:2])
-    grad_fs, grad_ft = torch.ops.kdfast._nst_loss_backward(
-        grad_loss, fs, ft, aux, ctx.kernel, ctx.reduction, ctx.sigma, mask
-    )
-    return (grad_fs if mask[0] else None, grad_ft if mask[1] else None, None, None, None)
-
-
 # ------------------------------------------------------------------------------- tucker_conv2d
-# Only the fake kernels live here. The autograd of the four tucker ops is registered in C++
-# (csrc/ops/autograd/tucker_conv2d_autograd.cpp): a Python autograd function per Tucker layer per
-# step cost more than the layer's own three convolutions at small sizes.
 @torch.library.register_fake("kdfast::tucker_conv2d")
 def _tucker_conv2d_fake(x, first, core, last, bias, stride, padding, dilation):
     _checks.tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation)
@@ -175,16 +126,7 @@ def _sparse_recoding_fake(grads, params, taus, boost, damp, shrink, tau_rate):
     return None
 
 
-def register_all() -> None:
-    torch.library.register_autograd("kdfast::fsp_matrix", _fsp_matrix_backward, setup_context=_fsp_matrix_setup)
-    torch.library.register_autograd("kdfast::fsp_loss", _fsp_loss_backward, setup_context=_fsp_loss_setup)
-    torch.library.register_autograd("kdfast::nst_loss", _nst_loss_backward, setup_context=_nst_loss_setup)
-    for name in ("_fsp_matrix_backward", "_fsp_loss_backward", "_nst_loss_backward"):
-        torch.library.register_autograd(f"kdfast::{name}", _no_double_backward(name))
-
-
 # ----------------------------------------------------------------------------------------- KD loss
-# Only the fake kernels live here; kd_loss's autograd is C++ (csrc/ops/autograd/kd_loss_autograd.cpp).
 KD_NUM_STATS = 5  # columns of kd_loss's per-row statistics (csrc/include/kdfast/kd_loss_math.h)
 
 

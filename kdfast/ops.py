@@ -2,7 +2,7 @@
 
 Each wrapper validates its arguments (errors name the argument), pools mismatched spatial sizes
 (the larger map is adaptive-average-pooled to the smaller, as RepDistiller does), then calls the op.
-Autograd, fake (meta) kernels and torch.compile support come from kdfast/_registrations.py.
+Autograd is C++ (csrc/ops/autograd); fake (meta) kernels for torch.compile are in kdfast/_registrations.py.
 """
 from __future__ import annotations
 
