@@ -60,8 +60,8 @@ def _fsp_loss_backward_fake(grad_loss, diff, s_a, s_b, t_a, t_b, reduction, outp
 def _nst_aux_shape(kernel, batch, cs, ct, hw):
     if kernel == "linear":
         return (batch, hw)
-    if kernel == "poly_channel":
-        return (batch * (cs * cs + cs * ct + ct * ct),)
+    if kernel == "poly_channel":  # Grams K_ss, K_st, K_tt and the row norms (csrc/ops/nst_impl.h)
+        return (batch * (cs * cs + cs * ct + ct * ct) + batch * (cs + ct),)
     if kernel == "poly_spatial":
         return (batch, hw, hw)
     return (0,)

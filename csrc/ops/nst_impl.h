@@ -116,9 +116,27 @@ void for_each_gaussian_tile(const NormalizedRows& rows, double sigma, std::array
   }
 }
 
+// poly_channel's aux, one flat buffer: the normalised Grams K_ss (B, Cs, Cs), K_st (B, Cs, Ct),
+// K_tt (B, Ct, Ct), then the row norms (B, Cs + Ct). kdfast/_registrations.py sizes it the same way.
+inline int64_t nst_poly_channel_aux_size(int64_t batch, int64_t cs, int64_t ct) {
+  return batch * (cs * cs + cs * ct + ct * ct) + batch * (cs + ct);
+}
+
+struct PolyChannelAux {
+  at::Tensor k_ss, k_st, k_tt, norms;
+};
+
+inline PolyChannelAux nst_poly_channel_aux(const at::Tensor& aux, int64_t batch, int64_t cs, int64_t ct) {
+  const int64_t n_ss = batch * cs * cs, n_st = batch * cs * ct, n_tt = batch * ct * ct;
+  return {aux.narrow(0, 0, n_ss).view({batch, cs, cs}), aux.narrow(0, n_ss, n_st).view({batch, cs, ct}),
+          aux.narrow(0, n_ss + n_st, n_tt).view({batch, ct, ct}),
+          aux.narrow(0, n_ss + n_st + n_tt, batch * (cs + ct)).view({batch, cs + ct})};
+}
+
 // Returns (loss, aux): aux is what the backward needs besides the inputs; m (B, HW) for linear,
-// the packed channel Grams [K_ss | K_st | K_tt] (flat) for poly_channel, M (B, HW, HW) for
-// poly_spatial and an empty tensor for gaussian.
+// the packed channel Grams and row norms [K_ss | K_st | K_tt | norms] (flat, see
+// nst_poly_channel_aux) for poly_channel, M (B, HW, HW) for poly_spatial and an empty tensor for
+// gaussian.
 template <class P>
 std::tuple<at::Tensor, at::Tensor> nst_loss_impl(const at::Tensor& fs, const at::Tensor& ft, c10::string_view kernel,
                                                  c10::string_view reduction, double sigma) {
@@ -126,10 +144,17 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_impl(const at::Tensor& fs, const at:
   const auto kind = parse_nst_kernel(kernel);
   const auto red = parse_reduction(reduction);
   const auto acc = accumulate_type(fs.scalar_type());
-  const auto rows = normalize_rows(fs, ft, P::gemm_dtype(fs.scalar_type()), acc);
-  const int64_t batch = fs.size(0), cs = rows.cs, ct = rows.ct, hw = rows.x_hat.size(2);
+  const auto gd = P::gemm_dtype(fs.scalar_type());
+  const int64_t batch = fs.size(0), cs = fs.size(1), ct = ft.size(1), hw = fs.size(2) * fs.size(3);
   const double ws = 1.0 / cs, wt = -1.0 / ct;
-  const auto xs = rows.student(), xt = rows.teacher();
+  // The channel form needs no normalised copy of the inputs (see its case); the others do.
+  NormalizedRows rows;
+  at::Tensor xs, xt;
+  if (kind != NstKernel::PolyChannel) {
+    rows = normalize_rows(fs, ft, gd, acc);
+    xs = rows.student();
+    xt = rows.teacher();
+  }
   auto per_sample = at::zeros({batch}, fs.options().dtype(acc));
   at::Tensor aux;
   switch (kind) {
@@ -139,13 +164,22 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_impl(const at::Tensor& fs, const at:
       break;
     }
     case NstKernel::PolyChannel: {
-      aux = at::empty({batch * (cs * cs + cs * ct + ct * ct)}, per_sample.options());
-      auto k_ss = aux.narrow(0, 0, batch * cs * cs).view({batch, cs, cs});
-      auto k_st = aux.narrow(0, batch * cs * cs, batch * cs * ct).view({batch, cs, ct});
-      auto k_tt = aux.narrow(0, batch * cs * (cs + ct), batch * ct * ct).view({batch, ct, ct});
-      P::bmm_out(k_ss, xs, xs.transpose(1, 2));
-      P::bmm_out(k_st, xs, xt.transpose(1, 2));
-      P::bmm_out(k_tt, xt, xt.transpose(1, 2));
+      // Grams of the raw rows scaled by the inverse row norms afterwards, K = diag(r) F F^T diag(r):
+      // no normalised copy of the inputs is written and read back (B (Cs + Ct) HW values), only
+      // Gram-sized scaling. The row norms go into aux too, so the backward does not recompute them.
+      aux = at::empty({nst_poly_channel_aux_size(batch, cs, ct)}, per_sample.options());
+      const auto layout = nst_poly_channel_aux(aux, batch, cs, ct);
+      layout.norms.copy_(row_norms(fs, ft, acc));
+      const auto r = layout.norms.clamp_min(kNormalizeEps).reciprocal();
+      const auto r_s = r.narrow(1, 0, cs), r_t = r.narrow(1, cs, ct);
+      const auto raw_s = rows_of(fs).to(gd), raw_t = rows_of(ft).to(gd);
+      auto k_ss = layout.k_ss, k_st = layout.k_st, k_tt = layout.k_tt;
+      P::bmm_out(k_ss, raw_s, raw_s.transpose(1, 2));
+      P::bmm_out(k_st, raw_s, raw_t.transpose(1, 2));
+      P::bmm_out(k_tt, raw_t, raw_t.transpose(1, 2));
+      k_ss.mul_(r_s.unsqueeze(2) * r_s.unsqueeze(1));
+      k_st.mul_(r_s.unsqueeze(2) * r_t.unsqueeze(1));
+      k_tt.mul_(r_t.unsqueeze(2) * r_t.unsqueeze(1));
       P::add_sum_of_squares(k_ss.view({batch, -1}), ws * ws, per_sample);
       P::add_sum_of_squares(k_st.view({batch, -1}), 2.0 * ws * wt, per_sample);
       P::add_sum_of_squares(k_tt.view({batch, -1}), wt * wt, per_sample);
@@ -195,6 +229,8 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_backward_impl(const at::Tensor& grad
   if (kind == NstKernel::Gaussian) {
     rows = normalize_rows(fs, ft, gd, acc);
     norms = rows.norms;
+  } else if (kind == NstKernel::PolyChannel) {
+    norms = nst_poly_channel_aux(aux, batch, cs, ct).norms;  // saved by the forward
   } else {
     norms = row_norms(fs, ft, acc);
   }
@@ -222,9 +258,8 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_backward_impl(const at::Tensor& grad
     }
     case NstKernel::PolyChannel: {
       factor = 4.0;
-      const auto k_ss = aux.narrow(0, 0, batch * cs * cs).view({batch, cs, cs});
-      const auto k_st = aux.narrow(0, batch * cs * cs, batch * cs * ct).view({batch, cs, ct});
-      const auto k_tt = aux.narrow(0, batch * cs * (cs + ct), batch * ct * ct).view({batch, ct, ct});
+      const auto layout = nst_poly_channel_aux(aux, batch, cs, ct);
+      const auto &k_ss = layout.k_ss, &k_st = layout.k_st, &k_tt = layout.k_tt;
       // G_s = K_ss X_s w_s + K_st X_t w_t;  G_t = K_ts X_s w_s + K_tt X_t w_t;  K X = (K diag(r)) f
       const std::array<at::Tensor, 2> k_self{k_ss, k_tt}, k_cross{k_st, k_st.transpose(1, 2)};
       for (int part = 0; part < 2; ++part) {
