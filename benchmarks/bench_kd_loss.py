@@ -122,3 +122,20 @@ def test_kd_loss(benchmark, impl, k, device, dtype):
         info={"shape_key": f"K{k}", "shape_index": list(KD_CLASSES).index(k), "temperature": TEMPERATURE, "alpha": ALPHA},
     )
     run_case(benchmark, case)
+
+
+# Paired: kdfast and PyTorch's eager formulation in alternation on the same inputs (see
+# harness.time_paired); the ratio the README quotes for small K, where single cells are noisy.
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("k", _selected())
+def test_paired_vs_torch(benchmark, k, device, dtype):
+    dt = getattr(torch, dtype)
+    key = "CUDA" if device == "cuda" else "CPU"
+    if not _ext.has_kernel("kd_loss", key):
+        pytest.skip(f"kdfast built without {key} kernels for kd_loss")
+    torch.manual_seed(0)
+    inputs = ((3 * torch.randn(BATCH, k, dtype=dt, device=device)).requires_grad_(),
+              3 * torch.randn(BATCH, k, dtype=dt, device=device), torch.randint(0, k, (BATCH,), device=device))
+    harness.time_paired(benchmark, f"paired kd B{BATCH} K{k} {dtype} {device}", KD_IMPLS["kdfast"], KD_IMPLS["torch"],
+                        inputs, device, {"loss": "kd", "shape": f"B{BATCH} K{k}", "dtype": dtype,
+                                         "baseline": "PyTorch (log_softmax + kl_div + cross_entropy)"})

@@ -34,9 +34,6 @@ benchmark JSON under "kdfast" -> "not_run"; report.py shows them as OOM cells.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
@@ -286,13 +283,8 @@ def test_fsp(benchmark, impl, shape_key, device, dtype):
 
 
 # ============================================================================== paired: kdfast vs bmm
-# The cells above time each formulation on its own, one after another; on a shared machine the
-# millisecond cells then move by up to +-30% between runs, more than the differences measured at
-# the small CIFAR shapes. Here kdfast and the bmm formulation run in alternation on the same inputs
-# (the order swapped every round), and the ratio is taken per round: slow drift cancels.
-PAIRED_ROUNDS = 3 if QUICK else 100
-
-
+# The cells above time each formulation on its own, one after another; harness.time_paired runs
+# kdfast and the bmm formulation in alternation on the same inputs and takes the ratio per round.
 def _paired_params():
     out = []
     for p in DEVICE_DTYPES:
@@ -305,46 +297,21 @@ def _paired_params():
 
 @pytest.mark.parametrize("loss, shape_key, device, dtype", _paired_params())
 def test_paired_vs_bmm(benchmark, loss, shape_key, device, dtype):
-    """Median over rounds of (bmm time / kdfast time) in the same round: > 1 means kdfast is faster."""
     dt = getattr(torch, dtype)
     if loss == "fsp":
         _, (b, ca, ha, cb, hb) = FSP_SHAPES[shape_key]
         label = _fsp_label(b, ca, ha, cb, hb)
         inputs = (_randn((b, ca, ha, ha), dt, device, True), _randn((b, cb, hb, hb), dt, device, True),
                   _randn((b, ca, ha, ha), dt, device), _randn((b, cb, hb, hb), dt, device))
-        fns = {"kdfast": ops.fsp_loss, "bmm": baselines.fsp_loss_bmm}
+        kdfast_fn, bmm_fn = ops.fsp_loss, baselines.fsp_loss_bmm
     else:
         _, (b, cs, hs, ct, ht) = NST_SHAPES[shape_key]
         label = _nst_label(b, cs, hs, ct, ht)
         inputs = (_randn((b, cs, hs, hs), dt, device, True), _randn((b, ct, ht, ht), dt, device))
-        fns = {"kdfast": NST_POLY_IMPLS["kdfast"], "bmm": NST_POLY_IMPLS["bmm"]}
+        kdfast_fn, bmm_fn = NST_POLY_IMPLS["kdfast"], NST_POLY_IMPLS["bmm"]
     unsupported = _kdfast_unsupported("fsp_loss" if loss == "fsp" else "nst_loss", device)
     if unsupported:
         pytest.skip(unsupported)
-    wrt = tuple(x for x in inputs if x.requires_grad)
-    times = {impl: [] for impl in fns}
-    order = list(fns)
-
-    def call(impl):
-        t0 = time.perf_counter()
-        torch.autograd.grad(fns[impl](*inputs), wrt)
-        harness.synchronize(device)
-        times[impl].append(time.perf_counter() - t0)
-
-    def one_round():
-        order.reverse()
-        for impl in order:
-            call(impl)
-
-    for impl in fns:  # warm-up
-        call(impl)
-        times[impl].clear()
-    benchmark.group = f"paired {loss} {label} {dtype} {device}"
-    benchmark.pedantic(one_round, rounds=PAIRED_ROUNDS, iterations=1)
-    ratios = sorted(b_ / k for b_, k in zip(times["bmm"], times["kdfast"]))
-    benchmark.extra_info.update({
-        "suite": "paired", "loss": loss, "shape": label, "shape_key": shape_key, "dtype": dtype, "device": device,
-        "rounds": len(ratios), "median_s": {impl: statistics.median(ts) for impl, ts in times.items()},
-        "ratio_bmm_over_kdfast": statistics.median(ratios),
-        "ratio_q1": ratios[len(ratios) // 4], "ratio_q3": ratios[(3 * len(ratios)) // 4], "status": "ok",
-    })
+    harness.time_paired(benchmark, f"paired {loss} {label} {dtype} {device}", kdfast_fn, bmm_fn, inputs, device,
+                        {"loss": loss, "shape": label, "shape_key": shape_key, "dtype": dtype,
+                         "baseline": "bmm (plain PyTorch)"})

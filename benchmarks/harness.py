@@ -13,6 +13,7 @@ import gc
 import contextlib
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -354,6 +355,46 @@ def time_rounds(benchmark, step, device: str, first_call_s: float) -> None:
     if others is not None and others >= OTHERS_WARN_PCT:
         noise.append(f"other processes {others:.0f}% of the CPUs")
     info["status"] = f"ok (noisy: {', '.join(noise)} while timing)" if noise else "ok"
+
+PAIRED_ROUNDS = 100
+
+
+def time_paired(benchmark, group: str, kdfast_fn, baseline_fn, inputs, device: str, info: dict) -> None:
+    """kdfast and one baseline, forward + backward (torch.autograd.grad w.r.t. the inputs that
+    require grad), run in alternation on the same inputs, the order swapped every round; records the
+    median over rounds of (baseline time / kdfast time) in the same round (> 1: kdfast faster) and its
+    quartiles. Single cells timed one after another move by up to about 30% between runs on a shared
+    machine; slow drift cancels in the per-round ratio. The suite key "paired" keeps these rows out
+    of report.py's per-formulation tables (report.paired_table shows them)."""
+    fns = {"kdfast": kdfast_fn, "baseline": baseline_fn}
+    wrt = tuple(x for x in inputs if x.requires_grad)
+    times = {name: [] for name in fns}
+    order = list(fns)
+
+    def call(name):
+        t0 = time.perf_counter()
+        torch.autograd.grad(fns[name](*inputs), wrt)
+        synchronize(device)
+        times[name].append(time.perf_counter() - t0)
+
+    def one_round():
+        order.reverse()
+        for name in order:
+            call(name)
+
+    for name in fns:  # warm-up, not recorded
+        call(name)
+        times[name].clear()
+    benchmark.group = group
+    benchmark.pedantic(one_round, rounds=QUICK_ROUNDS if QUICK else PAIRED_ROUNDS, iterations=1)
+    ratios = sorted(b / k for b, k in zip(times["baseline"], times["kdfast"]))
+    benchmark.extra_info.update({
+        **info, "suite": "paired", "device": device, "rounds": len(ratios), "threads": torch.get_num_threads(),
+        "median_s": {name: statistics.median(ts) for name, ts in times.items()},
+        "ratio": statistics.median(ratios), "ratio_q1": ratios[len(ratios) // 4],
+        "ratio_q3": ratios[(3 * len(ratios)) // 4], "status": "ok",
+    })
+
 
 def _check_finite(grads, case: Case) -> None:
     for g in grads:
