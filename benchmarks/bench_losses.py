@@ -312,6 +312,7 @@ def test_paired_vs_bmm(benchmark, loss, shape_key, device, dtype):
     unsupported = _kdfast_unsupported("fsp_loss" if loss == "fsp" else "nst_loss", device)
     if unsupported:
         pytest.skip(unsupported)
-    harness.time_paired(benchmark, f"paired {loss} {label} {dtype} {device}", kdfast_fn, bmm_fn, inputs, device,
+    harness.time_paired(benchmark, f"paired {loss} {label} {dtype} {device}", harness.grad_step(kdfast_fn, inputs),
+                        harness.grad_step(bmm_fn, inputs), device,
                         {"loss": loss, "shape": label, "shape_key": shape_key, "dtype": dtype,
                          "baseline": "bmm (plain PyTorch)"})

@@ -282,6 +282,47 @@ def test_tucker_conv2d(benchmark, impl, mode, shape, frac, device, dtype):
     run_tucker_case(benchmark, impl, mode, shape, frac, device, dtype)
 
 
+@pytest.mark.parametrize("mode, shape, frac, device, dtype", [
+    pytest.param(mode, shape, frac, device, dtype, id=f"{mode}-{shape[0]}-r{frac:g}-{harness.dtype_name(dtype)}-{device}")
+    for device in harness.devices() for dtype in _dtypes(device) for shape in _shapes()
+    for frac in RANK_FRACTIONS for mode in MODES
+])
+def test_paired_vs_sequential(benchmark, mode, shape, frac, device, dtype):
+    """kdfast's op and the 3-conv nn.Sequential (same weights) in alternation (harness.time_paired):
+    the per-cell table above is too noisy on a shared CPU to tell a few percent apart."""
+    label, _tier, n, c, o, h, stride = shape
+    r_in, r_out = max(1, round(frac * c)), max(1, round(frac * o))
+    oh = (h + 2 - 3) // stride + 1
+    elem = torch.finfo(dtype).bits // 8
+    budget, _ = harness.memory_budget(device)
+    if 2 * (n * c * h * h * elem + _est_bytes(n, c, o, h, oh, r_in, r_out, elem, "sequential", mode)) > budget:
+        pytest.skip("estimated peak memory above the budget")
+    torch.manual_seed(0)
+    factors = Factors(c, o, r_in, r_out, stride, device, dtype)
+    kdfast_fn, kdfast_params = factors.kdfast(), factors.params()
+    seq, seq_params = factors.sequential()
+    x = torch.randn(n, c, h, h, device=device, dtype=dtype, requires_grad=(mode == "fwd+bwd"))
+    grad_y = torch.randn(n, o, oh, oh, device=device, dtype=dtype)
+
+    def step(fn, params):
+        if mode == "fwd":
+            def run():
+                with torch.no_grad():
+                    fn(x)
+        else:
+            def run():
+                torch.autograd.grad(fn(x), [x] + params, grad_y)
+        return run
+
+    try:
+        harness.time_paired(benchmark, f"paired tucker {mode} {label} r{frac:g} {harness.dtype_name(dtype)} {device}",
+                            step(kdfast_fn, kdfast_params), step(seq, seq_params), device,
+                            {"loss": f"tucker {mode}", "shape": f"{label} r{frac:g}", "dtype": harness.dtype_name(dtype),
+                             "baseline": "3-conv nn.Sequential"})
+    finally:
+        harness.release_memory(device)
+
+
 # =============================================================================================== report
 def report(paths, out=None) -> str:
     """Markdown tables: per group the median of each formulation and its time / kdfast's time."""

@@ -359,21 +359,20 @@ def time_rounds(benchmark, step, device: str, first_call_s: float) -> None:
 PAIRED_ROUNDS = 100
 
 
-def time_paired(benchmark, group: str, kdfast_fn, baseline_fn, inputs, device: str, info: dict) -> None:
-    """kdfast and one baseline, forward + backward (torch.autograd.grad w.r.t. the inputs that
-    require grad), run in alternation on the same inputs, the order swapped every round; records the
+def time_paired(benchmark, group: str, kdfast_step, baseline_step, device: str, info: dict) -> None:
+    """Two zero-argument steps (kdfast's and one baseline's, e.g. forward + backward of the same
+    computation on the same inputs) run in alternation, the order swapped every round; records the
     median over rounds of (baseline time / kdfast time) in the same round (> 1: kdfast faster) and its
     quartiles. Single cells timed one after another move by up to about 30% between runs on a shared
     machine; slow drift cancels in the per-round ratio. The suite key "paired" keeps these rows out
     of report.py's per-formulation tables (report.paired_table shows them)."""
-    fns = {"kdfast": kdfast_fn, "baseline": baseline_fn}
-    wrt = tuple(x for x in inputs if x.requires_grad)
-    times = {name: [] for name in fns}
-    order = list(fns)
+    steps = {"kdfast": kdfast_step, "baseline": baseline_step}
+    times = {name: [] for name in steps}
+    order = list(steps)
 
     def call(name):
         t0 = time.perf_counter()
-        torch.autograd.grad(fns[name](*inputs), wrt)
+        steps[name]()
         synchronize(device)
         times[name].append(time.perf_counter() - t0)
 
@@ -382,7 +381,7 @@ def time_paired(benchmark, group: str, kdfast_fn, baseline_fn, inputs, device: s
         for name in order:
             call(name)
 
-    for name in fns:  # warm-up, not recorded
+    for name in steps:  # warm-up, not recorded
         call(name)
         times[name].clear()
     benchmark.group = group
@@ -394,6 +393,13 @@ def time_paired(benchmark, group: str, kdfast_fn, baseline_fn, inputs, device: s
         "ratio": statistics.median(ratios), "ratio_q1": ratios[len(ratios) // 4],
         "ratio_q3": ratios[(3 * len(ratios)) // 4], "status": "ok",
     })
+
+
+def grad_step(loss_fn, inputs):
+    """A step for time_paired: loss_fn(*inputs) and torch.autograd.grad w.r.t. the inputs that
+    require grad (nothing accumulates into .grad between rounds)."""
+    wrt = tuple(x for x in inputs if x.requires_grad)
+    return lambda: torch.autograd.grad(loss_fn(*inputs), wrt)
 
 
 def _check_finite(grads, case: Case) -> None:

@@ -18,7 +18,7 @@ import numbers
 import torch
 from torch import nn
 
-from . import _checks, ops
+from . import _checks, _ext, ops
 
 _RANK_OPTIONS = ("weaken", "min_rank", "align")
 
@@ -161,8 +161,9 @@ class TuckerConv2d(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, first, core, last = x.to(dtype), first.to(dtype), core.to(dtype), last.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        return ops.tucker_conv2d(x, first, core, last, bias, self.stride, self.padding, self.dilation,
-                                 save_intermediates=self.save_intermediates)
+        _ext.require_ops()
+        return ops._tucker_conv2d_call(x, first, core, last, bias, self.stride, self.padding, self.dilation,
+                                       self.save_intermediates)
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense kernel (O, C, kh, kw) = core x_0 last x_1 first^T."""
