@@ -349,6 +349,11 @@ def report(paths, out=None) -> str:
         lines.append(f"| {group} | {k['info'].get('path', '')} | {report_mod.fmt_ms(k['median'])} | " + " | ".join(cells)
                      + f" | {gbps:,.1f} | {f'{100 * gbps / copy:.0f}%' if copy else '—'} |")
     text = "\n".join(lines) + "\n\nRatios > 1: kdfast faster. GB/s: (x bytes + y bytes) / kdfast time.\n"
+    if not groups:  # a run of test_paired_vs_sequential only
+        text = ""
+    paired = report_mod.paired_table(paths)
+    if paired:
+        text += "\n" + "\n".join(paired)
     if out:
         with open(out, "w") as fh:
             fh.write(text)
