@@ -230,7 +230,7 @@ def test_train_step(benchmark, device, teacher_name, batch, loss_set, impl):
 
 
 def _paired_setups():
-    return sorted({p.values[:4] for p in _setups()}, key=lambda v: (v[0], SETUPS.index(next(s for s in SETUPS if s[0] == v[1])), v[3]))
+    return list(dict.fromkeys(p.values[:4] for p in _setups()))  # _setups() order, one per implementation set
 
 
 @pytest.mark.parametrize("device, teacher_name, batch, loss_set", _paired_setups())
@@ -241,16 +241,6 @@ def test_train_step_interleaved(benchmark, device, teacher_name, batch, loss_set
     rounds of (its step / kdfast's step in the same round): the paired ratio the README quotes."""
     benchmark.group = f"train-step-interleaved {loss_set} {teacher_name} B{batch} float32 {device}"
     cases = {impl: _Case(device, teacher_name, batch, loss_set, impl) for impl in IMPLS}
-    times = {impl: [] for impl in IMPLS}
-    order = list(IMPLS)
-
-    def one_round():
-        order.append(order.pop(0))
-        for impl in order:
-            t0 = time.perf_counter()
-            cases[impl].step()
-            times[impl].append(time.perf_counter() - t0)
-
     try:
         t0 = time.perf_counter()
         for case in cases.values():  # warm-up: first calls pay allocator and oneDNN setup
@@ -258,7 +248,7 @@ def test_train_step_interleaved(benchmark, device, teacher_name, batch, loss_set
         round_s = time.perf_counter() - t0
         # About 8 x the per-case time budget, as all formulations share the rounds; 8..40 rounds.
         rounds = 3 if QUICK else int(min(40, max(8, math.ceil(8 * harness.TARGET_SECONDS / round_s))))
-        benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+        times = harness.time_interleaved(benchmark, {impl: case.step for impl, case in cases.items()}, device, rounds)
     finally:
         for case in cases.values():
             case.remove()

@@ -359,33 +359,37 @@ def time_rounds(benchmark, step, device: str, first_call_s: float) -> None:
 PAIRED_ROUNDS = 100
 
 
-def time_paired(benchmark, group: str, kdfast_step, baseline_step, device: str, info: dict) -> None:
-    """Two zero-argument steps (kdfast's and one baseline's, e.g. forward + backward of the same
-    computation on the same inputs) run in alternation, the order swapped every round; records the
-    median over rounds of (baseline time / kdfast time) in the same round (> 1: kdfast faster) and its
-    quartiles. Single cells timed one after another move by up to about 30% between runs on a shared
-    machine; slow drift cancels in the per-round ratio. The suite key "paired" keeps these rows out
-    of report.py's per-formulation tables (report.paired_table shows them)."""
-    steps = {"kdfast": kdfast_step, "baseline": baseline_step}
+def time_interleaved(benchmark, steps: dict, device: str, rounds: int) -> dict:
+    """Time zero-argument ``steps`` {name: step} in turns, ``rounds`` rounds, the order rotated by one
+    every round, so slow drift of a shared machine hits every step alike. Returns {name: [seconds
+    per round]}; the caller has warmed the steps up."""
     times = {name: [] for name in steps}
     order = list(steps)
 
-    def call(name):
-        t0 = time.perf_counter()
-        steps[name]()
-        synchronize(device)
-        times[name].append(time.perf_counter() - t0)
-
     def one_round():
-        order.reverse()
+        order.append(order.pop(0))
         for name in order:
-            call(name)
+            t0 = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
 
-    for name in steps:  # warm-up, not recorded
-        call(name)
-        times[name].clear()
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    return times
+
+
+def time_paired(benchmark, group: str, kdfast_step, baseline_step, device: str, info: dict) -> None:
+    """Two zero-argument steps (kdfast's and one baseline's, e.g. forward + backward of the same
+    computation on the same inputs) timed in alternation (time_interleaved); records the median over
+    rounds of (baseline time / kdfast time) in the same round (> 1: kdfast faster) and its quartiles.
+    Single cells timed one after another move by up to about 30% between runs on a shared machine;
+    slow drift cancels in the per-round ratio. The suite key "paired" keeps these rows out of
+    report.py's per-formulation tables (report.paired_table shows them)."""
+    for step in (kdfast_step, baseline_step):  # warm-up, not recorded
+        step()
     benchmark.group = group
-    benchmark.pedantic(one_round, rounds=QUICK_ROUNDS if QUICK else PAIRED_ROUNDS, iterations=1)
+    times = time_interleaved(benchmark, {"kdfast": kdfast_step, "baseline": baseline_step}, device,
+                             QUICK_ROUNDS if QUICK else PAIRED_ROUNDS)
     ratios = sorted(b / k for b, k in zip(times["baseline"], times["kdfast"]))
     benchmark.extra_info.update({
         **info, "suite": "paired", "device": device, "rounds": len(ratios), "threads": torch.get_num_threads(),

@@ -12,13 +12,18 @@ REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def feature_map(name: str, x) -> None:
+def _float_tensor(name: str, x, ndim: int, what: str) -> None:
+    """x is a floating-point torch.Tensor with ``ndim`` dims; ``what`` names the expected layout."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be a 4-D feature map (B, C, H, W), got {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {what}, got {x.dim()}-D tensor of shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+
+
+def feature_map(name: str, x) -> None:
+    _float_tensor(name, x, 4, "a 4-D feature map (B, C, H, W)")
     b, c, h, w = x.shape
     if b == 0:
         raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)}); expected B >= 1")
@@ -157,12 +162,7 @@ def tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation) ->
 
 # ----------------------------------------------------------------------------------------- KD loss
 def logits(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D logits (B, K), got {x.dim()}-D tensor of shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    _float_tensor(name, x, 2, "2-D logits (B, K)")
     if x.shape[0] == 0:
         raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)}); expected B >= 1")
     if x.shape[1] == 0:

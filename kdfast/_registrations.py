@@ -143,7 +143,4 @@ def _kd_loss_fake(student_logits, teacher_logits, targets, temperature, alpha, t
 def _kd_loss_backward_fake(grad_loss, student_logits, teacher_logits, targets, stats, temperature, alpha, t2_scale,
                            ignore_index, reduction, output_mask):
     # Gradients come back contiguous (B, K), whatever the logits' strides.
-    def grad(needed, like):
-        return like.new_empty(like.shape) if needed else like.new_empty((0,))
-
-    return grad(output_mask[0], student_logits), grad(output_mask[1], teacher_logits)
+    return _grad_or_empty(output_mask[0], student_logits), _grad_or_empty(output_mask[1], teacher_logits)

@@ -34,6 +34,17 @@ def grads(loss_fn, inputs, grad_out):
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def load_ranks_assert_identical(out_dir, parts):
+    """Load the two workers' rank0.pt / rank1.pt from ``out_dir``, assert every tensor of each state
+    dict in ``parts`` is equal on both ranks, and return (rank0, rank1)."""
+    r0 = torch.load(os.path.join(out_dir, "rank0.pt"), weights_only=True)
+    r1 = torch.load(os.path.join(out_dir, "rank1.pt"), weights_only=True)
+    for part in parts:
+        for k in r0[part]:
+            assert torch.equal(r0[part][k], r1[part][k]), f"{part}.{k} differs between ranks"
+    return r0, r1
+
+
 def run_torchrun(worker: str, out_dir, nproc: int = 2, timeout: int = 180) -> None:
     """Run tests/<worker> with ``torchrun --standalone --nproc_per_node nproc`` (CPU processes, gloo),
     passing ``out_dir`` as its argument; fail with the tail of its output if it does not exit 0."""

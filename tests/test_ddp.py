@@ -13,18 +13,14 @@ import pytest
 import torch
 
 from distill_ddp_worker import build
-from helpers import run_torchrun
+from helpers import load_ranks_assert_identical, run_torchrun
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 def test_ddp_two_processes_match_single_process(tmp_path):
     run_torchrun("distill_ddp_worker.py", tmp_path)
 
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    for part in ("student", "hint"):
-        for k in r0[part]:
-            assert torch.equal(r0[part][k], r1[part][k]), f"{part}.{k} differs between ranks"
+    r0, r1 = load_ranks_assert_identical(tmp_path, ("student", "hint"))
 
     # Single process, same global batch (8) and seed.
     single_dir = tmp_path / "single"

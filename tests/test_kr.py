@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from kdfast.kr import (Aggregator, KnowledgeAggregation, KRDistiller, aggregation_loss, capture_feature_shapes,
                        group_layers)
-from helpers import run_torchrun
+from helpers import load_ranks_assert_identical, run_torchrun
 from kdfast.losses import KDLoss
 
 
@@ -216,9 +216,5 @@ def test_kr_distiller_ddp_ranks_identical(tmp_path):
     # torchrun, 2 CPU processes (gloo): the student (DDP), the aggregators (their own DDP) and the
     # sparse-recoding thresholds end identical on both ranks.
     run_torchrun("kr_ddp_worker.py", tmp_path)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    for part in ("student", "aggregation"):
-        for k in r0[part]:
-            assert torch.equal(r0[part][k], r1[part][k]), f"{part}.{k} differs between ranks"
+    r0, r1 = load_ranks_assert_identical(tmp_path, ("student", "aggregation"))
     assert torch.equal(r0["taus"], r1["taus"])

@@ -177,9 +177,9 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_impl(const at::Tensor& fs, const at:
       P::bmm_out(k_ss, raw_s, raw_s.transpose(1, 2));
       P::bmm_out(k_st, raw_s, raw_t.transpose(1, 2));
       P::bmm_out(k_tt, raw_t, raw_t.transpose(1, 2));
-      k_ss.mul_(r_s.unsqueeze(2) * r_s.unsqueeze(1));
-      k_st.mul_(r_s.unsqueeze(2) * r_t.unsqueeze(1));
-      k_tt.mul_(r_t.unsqueeze(2) * r_t.unsqueeze(1));
+      k_ss.mul_(r_s.unsqueeze(2)).mul_(r_s.unsqueeze(1));
+      k_st.mul_(r_s.unsqueeze(2)).mul_(r_t.unsqueeze(1));
+      k_tt.mul_(r_t.unsqueeze(2)).mul_(r_t.unsqueeze(1));
       P::add_sum_of_squares(k_ss.view({batch, -1}), ws * ws, per_sample);
       P::add_sum_of_squares(k_st.view({batch, -1}), 2.0 * ws * wt, per_sample);
       P::add_sum_of_squares(k_tt.view({batch, -1}), wt * wt, per_sample);
