@@ -5,9 +5,9 @@
 Formulations (one pytest-benchmark group per (K, dtype, device), side by side):
 * ``kdfast``: kdfast.ops.kd_loss (one fused kernel forward, one backward; saves (B, 5) row statistics);
 * ``torch``: F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, batchmean) + F.cross_entropy
-  (kdfast.baselines.kd_loss_torch);
+  (kdfast.testing.baselines.kd_loss_torch);
 * ``repdistiller``: RepDistiller's DistillKL, kl_div(log_softmax(s/T), softmax(t/T), sum) * T^2 / B,
-  + cross_entropy (kdfast.baselines.repdistiller_kd_loss) — also the form most KD code bases use;
+  + cross_entropy (kdfast.testing.baselines.repdistiller_kd_loss) — also the form most KD code bases use;
 * ``torch_compile``: the ``torch`` formulation under torch.compile (inductor, dynamic=False), the
   pure-PyTorch route Liger-Kernel's chunked distillation losses take (its Triton kernels are
   CUDA-only; Liger applies no T^2, which does not change the cost).
@@ -31,7 +31,8 @@ import torch
 
 import harness
 from harness import QUICK, Case, run_case
-from kdfast import _ext, baselines, ops
+from kdfast import _ext, ops
+from kdfast.testing import baselines
 
 F32 = 4  # bytes
 TEMPERATURE, ALPHA = 4.0, 0.9

@@ -39,7 +39,8 @@ import torch
 
 import harness
 from harness import QUICK, Case, run_case
-from kdfast import _ext, baselines, ops
+from kdfast import _ext, ops
+from kdfast.testing import baselines
 
 F32 = 4  # bytes
 

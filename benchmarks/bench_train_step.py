@@ -39,7 +39,8 @@ from torch import nn
 
 import harness
 from harness import QUICK
-from kdfast import baselines, models
+from kdfast import models
+from kdfast.testing import baselines
 from kdfast.distill import FeatureTap
 
 TEMPERATURE, KD_WEIGHT, CE_WEIGHT, NST_WEIGHT = 4.0, 0.9, 0.1, 50.0

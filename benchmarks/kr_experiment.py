@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 from kdfast import data  # noqa: E402
 from kdfast.distill import Distiller, evaluate  # noqa: E402
-from kdfast.kr import KRDistiller  # noqa: E402
+from kdfast.methods.kr import KRDistiller  # noqa: E402
 from kdfast.losses import HintLoss, KDLoss  # noqa: E402
 
 

@@ -8,14 +8,14 @@ from . import _ext
 if _ext.is_loaded():
     from . import _registrations  # noqa: F401  (fake kernels for torch.compile)
 
-from . import ops, reference  # noqa: E402
+from . import ops  # noqa: E402
 
 __version__ = "0.1.0"
 
 # Subpackages and top-level shortcuts are imported on first use, so `import kdfast` stays cheap
 # (no tensorly, scikit-learn or matplotlib import) and one broken optional part cannot break the rest.
 _SUBMODULES = {
-    "attacks", "checkpoint", "cost", "data", "decomposition", "demo", "distill", "evbmf", "hooks", "kr",
+    "attacks", "cli", "cost", "data", "decomposition", "distill", "evbmf", "methods", "model_file",
     "losses", "models", "nn", "robustness",
 }
 _SHORTCUTS = {
@@ -37,4 +37,4 @@ def __dir__():
     return sorted(set(globals()) | _SUBMODULES | set(_SHORTCUTS))
 
 
-__all__ = ["ops", "reference", "__version__", *sorted(_SUBMODULES), *sorted(_SHORTCUTS)]
+__all__ = ["ops", "__version__", *sorted(_SUBMODULES), *sorted(_SHORTCUTS)]

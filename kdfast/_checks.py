@@ -245,7 +245,7 @@ def sparse_recoding_args(grads, params, taus, boost, damp, shrink, tau_rate) -> 
         if g.dtype != first.dtype:
             raise TypeError(
                 f"all tensors must share one dtype: grads[0] is {first.dtype} but grads[{i}] is {g.dtype} "
-                "(kdfast.hooks.SparseRecoding groups tensors by device and dtype)"
+                "(kdfast.methods.kr.SparseRecoding groups tensors by device and dtype)"
             )
         if g.device != first.device:
             raise ValueError(f"device mismatch: grads[0] is on {first.device} but grads[{i}] is on {g.device}")

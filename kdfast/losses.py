@@ -10,7 +10,7 @@ Loss-call protocol (what :class:`kdfast.distill.Distiller` relies on):
   ``forward(student_logits, targets)``.
 
 Where two feature maps of a pair differ in spatial size, the larger is adaptive-average-pooled to
-the smaller (RepDistiller's convention; see kdfast.reference.pool_to_common).
+the smaller (RepDistiller's convention; see kdfast._spatial.pool_to_common).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks, ops
-from .reference import pool_to_common
+from ._spatial import pool_to_common
 
 __all__ = ["KDLoss", "LogitMSELoss", "ATLoss", "HintLoss", "NSTLoss", "FSPLoss", "attention_map", "as_pairs"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _ext
-from .reference import pool_to_common
+from ._spatial import pool_to_common
 
 __all__ = ["fsp_matrix", "fsp_loss", "nst_loss", "nst_poly_form", "kd_loss", "sparse_recoding_"]
 
@@ -86,7 +86,7 @@ def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation
 
     x (N, C, H, W); first (R_in, C); core (R_out, R_in, kh, kw); last (O, R_out); bias (O,) or None.
     stride / padding (zeros) / dilation: int or pair, applied by the core. Returns (N, O, H_out, W_out)
-    exactly as ``F.conv2d`` sizes it. Equals :func:`kdfast.reference.tucker_conv2d`.
+    exactly as ``F.conv2d`` sizes it. Equals :func:`kdfast.testing.reference.tucker_conv2d`.
 
     CPU float32/float64 runs a fused tiled kernel (the R_in/R_out intermediates of a tile stay in
     cache) where it measured faster than three oneDNN convolutions, otherwise the composition;

@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from kdfast.kr import KRDistiller
+from kdfast.methods.kr import KRDistiller
 from kdfast.losses import KDLoss
 from test_kr import S_LAYERS, T_LAYERS, Student, Teacher, _data
 

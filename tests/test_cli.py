@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from kdfast import checkpoint
-from kdfast.__main__ import main, parse_eps, parse_ranks
+from kdfast import model_file as checkpoint
+from kdfast.cli.main import main, parse_eps, parse_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,8 @@ def test_checkpoints_load_weights_only_and_reproduce_accuracy(demo_dir):
     raw = torch.load(demo_dir / "student_kd.pt", weights_only=True)
     assert raw["format"] == checkpoint.MODEL_FORMAT and raw["tucker"] and raw["data"]["name"] == "digits"
     model, ckpt = checkpoint.load_model(demo_dir / "student_kd.pt")
-    from kdfast import data, demo
+    from kdfast import data
+    from kdfast.cli import demo
     from kdfast.distill import evaluate
 
     # the tiny demo evaluates on a fixed 96-image subset of the test split: the reloaded model

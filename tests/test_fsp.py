@@ -4,7 +4,8 @@ import torch
 from conftest import DEVICES
 from helpers import LAYOUTS, feature_map, grads
 
-from kdfast import baselines, ops, reference
+from kdfast import ops
+from kdfast.testing import baselines, reference
 
 # (B, Ca, Cb, (Ha, Wa), (Hb, Wb), teacher (Ht, Wt) scale): batch 1, odd sizes, H != W, pooled pairs,
 # teacher at another resolution than the student.

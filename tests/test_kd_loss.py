@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from conftest import DEVICES
 from helpers import grads
 
-from kdfast import ops, reference
+from kdfast import ops
+from kdfast.testing import reference
 
 # (B, K): batch 1, odd K, K = 1, K smaller and larger than a vector, a 32k-wide row.
 SHAPES = [(1, 10), (3, 1), (4, 7), (5, 33), (2, 1001), (2, 32768)]
@@ -71,7 +72,7 @@ def test_non_contiguous_logits(layout):
 
 def test_against_torch_kl_div_composition():
     """alpha = 1 equals torch's own F.kl_div(log_softmax, log_softmax, log_target=True) * T^2 (batchmean);
-    alpha = 0 equals F.cross_entropy (mean over non-ignored rows); independent of kdfast.reference."""
+    alpha = 0 equals F.cross_entropy (mean over non-ignored rows); independent of kdfast.testing.reference."""
     s, t = _logits(7, 19), _logits(7, 19)
     y = _targets(7, 19, ignore_first=True)
     T = 4.0

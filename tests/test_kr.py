@@ -1,10 +1,10 @@
-"""kdfast.kr: knowledge aggregation and KRDistiller."""
+"""kdfast.methods.kr: knowledge aggregation and KRDistiller."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdfast.kr import (Aggregator, KnowledgeAggregation, KRDistiller, aggregation_loss, capture_feature_shapes,
+from kdfast.methods.kr import (Aggregator, KnowledgeAggregation, KRDistiller, aggregation_loss, capture_feature_shapes,
                        group_layers)
 from helpers import load_ranks_assert_identical, run_torchrun
 from kdfast.losses import KDLoss

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdfast import losses, ops, reference
+from kdfast import losses, ops
+from kdfast.testing import reference
 
 
 def test_protocol_attributes():

@@ -4,7 +4,8 @@ import torch
 from conftest import DEVICES
 from helpers import LAYOUTS, feature_map, grads
 
-from kdfast import baselines, ops, reference
+from kdfast import ops
+from kdfast.testing import baselines, reference
 
 # (B, Cs, Ct, (Hs, Ws), (Ht, Wt)): batch 1, odd sizes, H != W, Cs != Ct, pooled spatial mismatch,
 # 1x1 maps, more channels than positions (spatial poly form), > 64 rows (several gaussian tiles).

@@ -1,4 +1,4 @@
-"""kdfast.ops.sparse_recoding_ against the reference, and kdfast.hooks.SparseRecoding."""
+"""kdfast.ops.sparse_recoding_ against the reference, and kdfast.methods.kr.SparseRecoding."""
 import os
 import subprocess
 import sys
@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import DEVICES
 
-from kdfast import ops, reference
-from kdfast.hooks import SparseRecoding
+from kdfast import ops
+from kdfast.testing import reference
+from kdfast.methods.kr import SparseRecoding
 
 # Odd sizes, a 0-d-like (1,) tensor, a tensor longer than one CPU chunk (2^16) and one CUDA chunk
 # (2^14) with a ragged tail, a conv weight.
@@ -327,7 +328,7 @@ def test_hook_errors():
 _DDP_SCRIPT = textwrap.dedent(
     """
     import os, sys, torch, torch.distributed as dist
-    from kdfast.hooks import SparseRecoding
+    from kdfast.methods.kr import SparseRecoding
     rank, world, port = int(sys.argv[1]), 2, sys.argv[2]
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + port, rank=rank, world_size=world)
     torch.set_num_threads(1)

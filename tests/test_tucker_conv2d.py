@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import DEVICES
 from helpers import LAYOUTS, feature_map
 
-from kdfast import ops, reference
+from kdfast import ops
+from kdfast.testing import reference
 
 _tucker_conv2d = ops.tucker_conv2d
 

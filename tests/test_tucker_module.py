@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdfast import reference
+from kdfast.testing import reference
 from kdfast.nn import TuckerConv2d, resolve_ranks
 from helpers import feature_map
 

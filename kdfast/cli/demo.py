@@ -20,7 +20,7 @@ digits data embedded in scikit-learn (kdfast.data, 1,347 train / 450 test images
    the paired (same-seed) difference of each method to CE, so the comparison is not one seed's luck.
 
 Writes to the output directory: report.md, results.json, training_curves.png, robustness.png and
-model checkpoints (kdfast.checkpoint format: `kdfast robustness --checkpoint` and `kdfast
+model checkpoints (kdfast.model_file format: `kdfast robustness --checkpoint` and `kdfast
 decompose --checkpoint` read them). One seed, one small data set: the differences between the
 students are indicative, not significant; the report says so.
 """
@@ -111,7 +111,7 @@ def feature_layers_for(model: nn.Module) -> list[str]:
 
 
 def _losses(method: str):
-    from .losses import ATLoss, KDLoss, NSTLoss
+    from ..losses import ATLoss, KDLoss, NSTLoss
 
     if method == "ce":
         return {"ce": nn.CrossEntropyLoss()}
@@ -145,9 +145,10 @@ def _report_to_dict(report) -> dict:
 # =============================================================================================== run
 def run_demo(cfg: DemoConfig) -> dict:
     """Runs the experiment; returns the results dict (also written to cfg.out/results.json)."""
-    from . import checkpoint, cost, data, models
-    from .distill import Distiller, evaluate, seed_everything
-    from .robustness import plot_reports, robustness_report
+    from .. import cost, data, models
+    from .. import model_file as checkpoint
+    from ..distill import Distiller, evaluate, seed_everything
+    from ..robustness import plot_reports, robustness_report
 
     start = time.perf_counter()
     device = torch.device(cfg.device)

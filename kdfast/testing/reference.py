@@ -9,17 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._spatial import pool_to_common  # noqa: F401  (the runtime convention; re-exported for the tests)
+
 NORMALIZE_EPS = 1e-12
-
-
-def pool_to_common(x: torch.Tensor, y: torch.Tensor):
-    """Adaptive-average-pool each map to (min H, min W) of the two; maps already that size are kept."""
-    size = (min(x.shape[2], y.shape[2]), min(x.shape[3], y.shape[3]))
-    if tuple(x.shape[2:]) != size:
-        x = F.adaptive_avg_pool2d(x, size)
-    if tuple(y.shape[2:]) != size:
-        y = F.adaptive_avg_pool2d(y, size)
-    return x, y
 
 
 def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:

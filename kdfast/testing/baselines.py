@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import pool_to_common
+from .._spatial import pool_to_common
 
 
 def _rows(x):

@@ -1,0 +1,349 @@
+"""The ``kdfast`` command line (also ``python -m kdfast``).
+
+    kdfast info                                     what was built: versions, kernels per op
+    kdfast demo [--out DIR] [--device cpu|cuda] [--epochs N] [--seed S]
+                                                    teacher -> Tucker student -> CE / KD fine-tuning
+                                                    -> robustness (kdfast.cli.demo); report in DIR
+    kdfast distill --config run.yaml                a training run described by a YAML file
+                                                    (kdfast.distill.config.run_config)
+    kdfast robustness --checkpoint FILE [--eps 0,2/255,8/255] [--pgd-steps N] ...
+                                                    clean / FGSM / PGD accuracy of a saved model
+    kdfast decompose --checkpoint FILE [--ranks evbmf|0.5|R_OUT,R_IN] [--out FILE]
+                                                    Tucker-2 decompose a saved model
+
+The checkpoints are kdfast model checkpoints (kdfast.model_file: model name + kwargs + Tucker
+layer structure + state dict, loadable with torch.load(weights_only=True)); `kdfast demo` and
+`kdfast decompose` write them. Bad arguments exit with status 2 and a message naming the argument.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from fractions import Fraction
+
+
+class CLIError(Exception):
+    """A user error found after parsing (bad file, bad value): printed as ``kdfast <cmd>: error: ...``."""
+
+
+# =============================================================================================== parsing helpers
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def parse_eps(text: str) -> list[float]:
+    """'0,2/255,8/255' or '0 0.01 0.03' -> [0.0, 0.00784..., ...] (fractions allowed)."""
+    parts = [p for p in text.replace(",", " ").split() if p]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected at least one epsilon, e.g. 0,2/255,8/255")
+    out = []
+    for p in parts:
+        try:
+            value = float(Fraction(p))
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"bad epsilon {p!r}: expected a number or a fraction such as 8/255") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"bad epsilon {p!r}: must be >= 0")
+        out.append(value)
+    return out
+
+
+def parse_ranks(text: str):
+    """'evbmf' | a fraction in (0, 1] such as '0.5' | 'R_OUT,R_IN' (the same pair for every layer)."""
+    if text == "evbmf":
+        return "evbmf"
+    if "," in text:
+        parts = text.split(",")
+        try:
+            pair = tuple(int(p) for p in parts)
+        except ValueError:
+            pair = ()
+        if len(pair) != 2 or min(pair) < 1:
+            raise argparse.ArgumentTypeError(f"bad ranks {text!r}: expected 'evbmf', a fraction in (0, 1] or 'R_OUT,R_IN' with positive ints")
+        return pair
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad ranks {text!r}: expected 'evbmf', a fraction in (0, 1] or 'R_OUT,R_IN'") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"bad ranks {text!r}: a fraction must be in (0, 1]")
+    return value
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; expected cpu, cuda or cuda:N")
+    return text
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: CUDA is not available (torch {torch.__version__})")
+
+
+# =============================================================================================== parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdfast", description="kdfast: fast knowledge distillation for CNNs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,demo,distill,robustness,decompose}")
+    sub.add_parser("info", help="version, the torch it was built against, compiled kernels per op")
+
+    demo = sub.add_parser(
+        "demo",
+        help="teacher -> Tucker-decomposed student -> CE vs KD fine-tuning -> robustness, on the embedded digits data",
+        description="Reproduces the protocol of Sadhukhan et al. (ICIP 2020) on scikit-learn's digits: trains a "
+        "teacher, Tucker-2 decomposes it, fine-tunes the decomposed student with CE, KD, KD+NST and KD+AT, and "
+        "reports accuracy, FGSM/PGD robustness, parameters, MACs and latency (report.md, results.json, PNGs, "
+        "checkpoints in --out).",
+    )
+    demo.add_argument("--out", default="demo-output", help="output directory (default demo-output)")
+    demo.add_argument("--device", default="cpu", type=_device, help="cpu (default), cuda or cuda:N")
+    demo.add_argument("--epochs", type=_positive_int, default=None,
+                      help="teacher epochs; each student is fine-tuned ceil(N/2) epochs (default 12 and 6)")
+    demo.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    demo.add_argument("--model", default=None, help="teacher architecture, a kdfast.models name (default vgg8)")
+    demo.add_argument("--width", type=_positive_float, default=None, help="width multiplier of the teacher (default 0.25)")
+    demo.add_argument("--ranks", type=parse_ranks, default=None,
+                      help="Tucker ranks: evbmf (default), a fraction in (0, 1], or R_OUT,R_IN")
+    demo.add_argument("--repeats", type=_positive_int, default=None,
+                      help="fine-tuning runs per method with seeds S, S+1, ... (default 3): mean and spread of the comparison")
+    demo.add_argument("--latency-batch", type=_positive_int, default=None, help="batch size of the latency measurement (default 64)")
+    # Seconds-long run for the test suite: tiny model, data subset, 2-step PGD. Not part of the user interface.
+    demo.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+
+    distill = sub.add_parser("distill", help="run a distillation described by a YAML config (kdfast.distill.config)")
+    distill.add_argument("--config", required=True, help="path of the YAML file")
+    distill.add_argument("--model-out", default=None,
+                         help="model checkpoint of the trained student (default: <save_student>_model.pt when the "
+                         "config sets save_student)")
+
+    rob = sub.add_parser("robustness", help="clean, FGSM and PGD accuracy of a saved model on its test data")
+    rob.add_argument("--checkpoint", required=True, help="kdfast model checkpoint (.pt)")
+    rob.add_argument("--eps", type=parse_eps, default=None,
+                     help="L-inf radii in pixel units of [0, 1] images (default 0,1/255,2/255,4/255,8/255)")
+    rob.add_argument("--pgd-steps", type=_positive_int, default=10, help="PGD iterations (default 10)")
+    rob.add_argument("--step-size", type=_positive_float, default=None, help="PGD step in pixel units (default 2.5 eps / steps)")
+    rob.add_argument("--data", choices=("digits", "cifar10", "cifar100", "mnist"), default=None,
+                     help="dataset (default: the one recorded in the checkpoint)")
+    rob.add_argument("--root", default=None, help="directory of the CIFAR / MNIST files")
+    rob.add_argument("--image-size", type=_positive_int, default=None, help="resize images (default: as recorded)")
+    rob.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch size (default 256)")
+    rob.add_argument("--max-batches", type=_positive_int, default=None, help="evaluate the first N batches only")
+    rob.add_argument("--device", default="cpu", type=_device, help="cpu (default), cuda or cuda:N")
+    rob.add_argument("--plot", default=None, help="write accuracy vs eps as a PNG here")
+    rob.add_argument("--json", default=None, help="write the report as JSON here")
+    rob.add_argument("--seed", type=_non_negative_int, default=0, help="seed of PGD's random start (default 0)")
+
+    dec = sub.add_parser("decompose", help="Tucker-2 decompose the convolutions of a saved model")
+    dec.add_argument("--checkpoint", required=True, help="kdfast model checkpoint (.pt)")
+    dec.add_argument("--ranks", type=parse_ranks, default="evbmf", help="evbmf (default), a fraction in (0, 1], or R_OUT,R_IN")
+    dec.add_argument("--out", default=None, help="output checkpoint (default: <checkpoint>_tucker.pt)")
+    dec.add_argument("--eval", action="store_true", help="also report test accuracy before and after (on the recorded data)")
+    dec.add_argument("--root", default=None, help="directory of the CIFAR / MNIST files (with --eval)")
+    return parser
+
+
+# =============================================================================================== commands
+def cmd_info(args) -> int:
+    from .. import info
+
+    print(info.render())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    _check_device(args.device)
+    if args.model is not None:
+        from .. import models
+
+        if args.model.strip().lower() not in models.available():
+            raise CLIError(f"--model {args.model!r} is not a kdfast model; available: {', '.join(models.available())}")
+    from .demo import main_demo
+
+    return main_demo(args)
+
+
+def cmd_distill(args) -> int:
+    if not os.path.isfile(args.config):
+        raise CLIError(f"--config {args.config!r}: no such file")
+    from ..distill import config
+
+    try:
+        cfg = config.load_config(args.config)
+    except ValueError as exc:  # ConfigError names the offending key
+        raise CLIError(str(exc)) from None
+    history = config.run_config(args.config)
+    for record in history:
+        print(json.dumps(record, default=str))
+    if cfg.get("save_student"):
+        # run_config writes the student's state dict; wrap it in a model checkpoint next to it so that
+        # `kdfast robustness` / `kdfast decompose` can rebuild the model.
+        out = args.model_out or os.path.splitext(cfg["save_student"])[0] + "_model.pt"
+        print(f"wrote {_wrap_state_dict(cfg, out, args.config)}")
+    elif args.model_out:
+        raise CLIError("--model-out needs save_student in the config (the trained student's weights)")
+    return 0
+
+
+# Dataset facts needed to rebuild a config's student without loading the data.
+_DATA_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+_DATA_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3, "cifar100": 3}
+
+
+def _wrap_state_dict(cfg: dict, out: str, config_path: str) -> str:
+    import torch
+
+    from .. import model_file as checkpoint
+
+    spec = dict(cfg["student"])
+    name = spec.pop("name")
+    spec.pop("weights", None)
+    data_name = cfg["data"]["name"]
+    spec.setdefault("num_classes", _DATA_CLASSES.get(data_name, 10))
+    spec.setdefault("in_channels", _DATA_CHANNELS.get(data_name, 3))
+    model = checkpoint.build_model(name, spec)
+    model.load_state_dict(torch.load(cfg["save_student"], map_location="cpu", weights_only=True))
+    data_info = {"name": data_name, "root": cfg["data"]["root"], "image_size": cfg["data"]["image_size"]}
+    return checkpoint.save_model(out, model, name, spec, data_info, {"config": os.path.abspath(config_path)})
+
+
+def _test_loader(ckpt: dict, args, batch_size: int):
+    from .. import data
+
+    recorded = dict(ckpt.get("data") or {})
+    name = getattr(args, "data", None) or recorded.get("name")
+    if name is None:
+        raise CLIError("the checkpoint records no dataset: pass --data (and --root for cifar10/cifar100/mnist)")
+    root = getattr(args, "root", None) or recorded.get("root")
+    image_size = getattr(args, "image_size", None) or recorded.get("image_size")
+    try:
+        test_set = data.load(name, root=root, split="test", image_size=image_size)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    import torch
+
+    return test_set, torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False)
+
+
+def _load(path: str):
+    from .. import model_file as checkpoint
+
+    try:
+        return checkpoint.load_model(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(f"--checkpoint: {exc}") from None
+
+
+def cmd_robustness(args) -> int:
+    _check_device(args.device)
+    from ..robustness import DEFAULT_EPS, robustness_report
+
+    model, ckpt = _load(args.checkpoint)
+    test_set, loader = _test_loader(ckpt, args, args.batch_size)
+    model = model.to(args.device)
+    eps = args.eps if args.eps is not None else list(DEFAULT_EPS)
+    report = robustness_report(
+        model, loader, eps=eps, pgd_steps=args.pgd_steps, step_size=args.step_size, clamp=test_set.clamp_range,
+        std=test_set.std, plot=args.plot, device=args.device, max_batches=args.max_batches, seed=args.seed,
+        name=os.path.basename(args.checkpoint),
+    )
+    print(report)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({**report.to_dict(), "checkpoint": args.checkpoint, "data": test_set.name}, fh, indent=1)
+    return 0
+
+
+def cmd_decompose(args) -> int:
+    import kdfast
+
+    from .. import cost
+    from .. import model_file as checkpoint
+    from ..distill import evaluate
+
+    model, ckpt = _load(args.checkpoint)
+    if ckpt["tucker"]:
+        raise CLIError(f"--checkpoint {args.checkpoint!r} is already Tucker-decomposed ({len(ckpt['tucker'])} layers)")
+    data_info = dict(ckpt.get("data") or {})
+    in_channels = ckpt["model_kwargs"].get("in_channels", 3)
+    size = data_info.get("image_size") or 32
+    shape = (1, in_channels, size, size)
+    before = {"parameters": cost.parameters(model), "macs": cost.macs(model, shape)}
+    try:
+        student, report = kdfast.decompose(model, ranks=args.ranks, input_shape=shape[1:])
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--ranks {args.ranks!r}: {exc}") from None
+    after = {"parameters": cost.parameters(student), "macs": cost.macs(student, shape)}
+    print(report)
+    print(
+        f"parameters {before['parameters']:,} -> {after['parameters']:,} ({after['parameters'] / before['parameters']:.2f}x); "
+        f"MACs/image at {size}x{size} {before['macs']:,} -> {after['macs']:,} ({after['macs'] / before['macs']:.2f}x)"
+    )
+    meta = {"decomposed_from": os.path.abspath(args.checkpoint), "ranks": str(args.ranks), "before": before, "after": after}
+    if args.eval:
+        _, loader = _test_loader(ckpt, args, 256)
+        meta["test_accuracy_before"] = evaluate(model, loader, device="cpu")["accuracy"]
+        meta["test_accuracy_after"] = evaluate(student, loader, device="cpu")["accuracy"]
+        print(f"test accuracy {100 * meta['test_accuracy_before']:.2f}% -> {100 * meta['test_accuracy_after']:.2f}% (before fine-tuning)")
+    out = args.out or os.path.splitext(args.checkpoint)[0] + "_tucker.pt"
+    checkpoint.save_model(out, student, ckpt["model"], ckpt["model_kwargs"], data_info, meta)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {
+    "info": cmd_info,
+    "demo": cmd_demo,
+    "distill": cmd_distill,
+    "robustness": cmd_robustness,
+    "decompose": cmd_decompose,
+}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CLIError as exc:
+        print(f"kdfast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The methods wing: one paper's method per module, and the registry that names them.
+
+Every registered module (``kdfast.methods.<module>``) defines:
+
+* ``NAME`` (str), ``TITLE`` (one line), ``PAPER`` (authors, title, venue; the public code it follows);
+* ``OPTIONS``: ``{option name: default}``, the keyword options :func:`build` accepts (YAML ``method_options``);
+* ``build(teacher, student, **options) -> kdfast.distill.Distiller``: a ready engine (call ``fit``);
+* ``run_experiment(out_dir, quick=False, device="cpu") -> dict``: the method's full experiment on the
+  embedded digits data; writes ``report.md``, ``results.json`` and PNG plots into ``out_dir``;
+* ``demo_section(ctx: kdfast.methods.base.DemoContext) -> kdfast.methods.base.DemoSection``: the
+  method's compact section of ``kdfast demo`` (within ``ctx.budget_s`` seconds on 2 CPU cores).
+
+Modules are imported on first use, so ``kdfast.methods.available()`` imports none of them.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any, Dict, List
+
+# name -> module; the order is the demo tour's order (source papers first to last).
+_REGISTRY: Dict[str, str] = {
+    "kd": "kdfast.methods.kd",
+    "kr": "kdfast.methods.kr",
+}
+
+
+def available() -> List[str]:
+    """Names of the registered methods, in the demo tour's order."""
+    return list(_REGISTRY)
+
+
+def get(name: str) -> ModuleType:
+    """The module of method ``name`` (see this package's docstring for what it defines)."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(available())}")
+    return importlib.import_module(_REGISTRY[name])
+
+
+def check_options(name: str, options: Dict[str, Any]) -> None:
+    """Raise ValueError naming the bad options of method ``name`` and listing the valid ones."""
+    valid = get(name).OPTIONS
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"method {name!r} has no option(s) {', '.join(unknown)}; valid options: "
+                         + ", ".join(f"{k} (default {v!r})" for k, v in valid.items()))
+
+
+def build(name: str, teacher, student, **options):
+    """A ready engine (:class:`kdfast.distill.Distiller` or subclass) for method ``name``."""
+    check_options(name, options)
+    return get(name).build(teacher, student, **options)
+
+
+__all__ = ["available", "build", "check_options", "get"]
