@@ -1,0 +1,443 @@
+"""BSS (Heo et al., AAAI 2019): base-sample selection, target sampling, the boundary attack, the
+loss and its weights against the float64 re-statement of the official rules (kdfast.testing.reference),
+the official per-element formulation (kdfast.testing.baselines), a statistical test of the sampler,
+and bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import feature_map
+from torch import nn
+
+from kdfast.methods import bss
+from kdfast.testing import baselines, reference
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+DEVICES = ["cpu", CUDA]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+class SmallCNN(nn.Module):
+    """conv-BN-relu-conv-relu-pool-linear: a teacher with batch norm (eval mode in the attack)."""
+
+    def __init__(self, c=3, k=7, width=6):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, stride=2)
+        self.fc = nn.Linear(2 * width, k)
+        with torch.no_grad():  # non-trivial running statistics
+            self.bn.running_mean.uniform_(-0.2, 0.2)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv1(x)))
+        return self.fc(F.relu(self.conv2(x)).mean(dim=(2, 3)))
+
+
+class Counting(nn.Module):
+    """Wraps a teacher and records the batch size of every call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        return self.net(x)
+
+
+class Linear2(nn.Module):
+    """Two-class linear teacher f(x) = W flatten(x): grad_x (f_1 - f_0) = W_1 - W_0 everywhere."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w, requires_grad=False)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w.t()
+
+
+def _teacher(c=3, k=7, dtype=torch.float64, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    return SmallCNN(c, k).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _attack_inputs(teacher, shape, dtype=torch.float64, device="cpu", layout="contiguous", seed=1):
+    torch.manual_seed(seed)
+    x = feature_map(shape, dtype=dtype, device=device, layout=layout)
+    with torch.no_grad():
+        t_logits = teacher(x)
+    return x, bss.sample_target_classes(t_logits, torch.Generator(device=device).manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ weights, loss
+@pytest.mark.parametrize("epochs", [1, 3, 7, 80])
+def test_weights_match_reference(epochs):
+    for e in range(1, epochs + 1):
+        assert bss.bss_weights(e, epochs) == pytest.approx(reference.bss_weights(e, epochs), abs=1e-15)
+    assert bss.bss_weights(epochs, epochs) == (1.0, 0.0)
+
+
+def test_weights_schedule_points():
+    assert bss.bss_weights(1, 80) == pytest.approx((3 * 79 / 80 + 1, 2 * (1 - 4 / 240)))
+    assert bss.bss_weights(60, 80)[1] == 0.0 and bss.bss_weights(59, 80)[1] > 0.0  # zero for the last quarter
+
+
+@pytest.mark.parametrize("args", [(0, 10), (11, 10), (1, 0), (1.0, 10), (True, 3)])
+def test_weights_bad_input(args):
+    with pytest.raises(ValueError, match="epoch"):
+        bss.bss_weights(*args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 10), (5, 3), (64, 100)], ids=str)
+def test_soft_cross_entropy_matches_reference(device, shape):
+    s = (3 * torch.randn(*shape, dtype=torch.float64, device=device)).requires_grad_()
+    t = 3 * torch.randn(*shape, dtype=torch.float64, device=device)
+    out = bss.bss_loss(s, t, temperature=3.0)
+    ref = reference.bss_soft_ce(s, t, 3.0)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    (g,) = torch.autograd.grad(out, s)
+    (r,) = torch.autograd.grad(ref, s)
+    torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)
+
+
+def test_soft_cross_entropy_gradcheck_and_no_teacher_gradient():
+    s = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: bss.soft_cross_entropy(a, t, 2.5), (s,))
+    bss.soft_cross_entropy(s, t).backward()
+    assert t.grad is None  # the teacher side is a target
+
+
+def test_soft_cross_entropy_no_rows_is_zero_with_graph():
+    s = torch.randn(0, 5, requires_grad=True)
+    out = bss.bss_loss(s, torch.randn(0, 5))
+    assert out.item() == 0.0 and out.requires_grad
+
+
+def test_soft_cross_entropy_bad_input():
+    with pytest.raises(ValueError, match="same shape"):
+        bss.soft_cross_entropy(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="temperature"):
+        bss.soft_cross_entropy(torch.randn(3, 4), torch.randn(3, 4), temperature=0)
+    with pytest.raises(ValueError, match="2-D"):
+        bss.soft_cross_entropy(torch.randn(3), torch.randn(3))
+
+
+# ------------------------------------------------------------------------------------------ base samples
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,k", [(1, 10), (7, 3), (33, 10), (200, 10)])
+@pytest.mark.parametrize("max_samples", [None, 1, 5, 64])
+@pytest.mark.parametrize("both", [False, True])
+def test_select_base_samples_matches_reference(device, n, k, max_samples, both):
+    t = 2 * torch.randn(n, k, dtype=torch.float64, device=device)
+    s = 2 * torch.randn(n, k, dtype=torch.float64, device=device)
+    y = torch.where(torch.rand(n, device=device) < 0.7, t.argmax(1), torch.randint(0, k, (n,), device=device))
+    out = bss.select_base_samples(t, s, y, max_samples, require_student_correct=both)
+    ref = reference.bss_select_base_samples(t.cpu(), s.cpu(), y.cpu(), max_samples, both)
+    assert out.dtype == torch.int64 and out.device.type == device
+    assert out.cpu().tolist() == ref.tolist()
+
+
+def test_select_base_samples_float32_and_non_contiguous_logits():
+    t64, s64 = 2 * torch.randn(10, 90, dtype=torch.float64), 2 * torch.randn(10, 90, dtype=torch.float64)
+    y = t64.argmax(0)  # (90,)
+    t, s = t64.float().t(), s64.float().t()  # (90, 10), column-major
+    assert not t.is_contiguous()
+    out = bss.select_base_samples(t, s, y, 16)
+    assert out.tolist() == reference.bss_select_base_samples(t64.t(), s64.t(), y, 16).tolist()
+
+
+def test_select_base_samples_none_qualifies_and_single():
+    t = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    s = torch.zeros(2, 3)
+    empty = bss.select_base_samples(t, s, torch.tensor([1, 2]))
+    assert empty.dtype == torch.int64 and empty.shape == (0,)
+    # One base sample: a 1-element index (the official squeeze() made it 0-d and crashed on .shape[0]).
+    one = bss.select_base_samples(t, s, torch.tensor([0, 2]))
+    assert one.tolist() == [0]
+
+
+def test_select_base_samples_keeps_the_largest_scores():
+    t = torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [5.0, 0, 0]])
+    s = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 1.0]])  # scores: 0, large, medium
+    assert bss.select_base_samples(t, s, torch.zeros(3, dtype=torch.int64), 2).tolist() == [1, 2]
+    assert bss.select_base_samples(t, s, torch.zeros(3, dtype=torch.int64), 3).tolist() == [0, 1, 2]
+
+
+def test_select_base_samples_bad_input():
+    t, s = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="max_samples"):
+        bss.select_base_samples(t, s, torch.zeros(4, dtype=torch.int64), 0)
+    with pytest.raises(TypeError, match="targets must be int64"):
+        bss.select_base_samples(t, s, torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"targets must have shape \(4,\)"):
+        bss.select_base_samples(t, s, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="same shape"):
+        bss.select_base_samples(t, torch.randn(4, 5), torch.zeros(4, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------------------------------ target classes
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,k", [(1, 2), (9, 3), (64, 10), (5, 100)])
+def test_target_classes_match_reference_for_given_uniforms(device, dtype, n, k):
+    t = (2 * torch.randn(n, k, dtype=torch.float64, device=device)).to(dtype)
+    u = torch.rand(n, dtype=torch.float64, device=device)
+    out = bss.sample_target_classes(t, uniforms=u)
+    assert out.dtype == torch.int64 and out.device.type == device
+    assert out.cpu().tolist() == reference.bss_target_from_uniform(t.cpu(), u.cpu()).tolist()
+    assert not (out == t.argmax(1)).any()
+
+
+def test_target_classes_generator_reproducible_and_never_top1():
+    t = 3 * torch.randn(500, 10)
+    a = bss.sample_target_classes(t, torch.Generator().manual_seed(3))
+    b = bss.sample_target_classes(t, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not (a == t.argmax(1)).any()
+    assert bss.sample_target_classes(torch.randn(0, 4)).shape == (0,)
+
+
+def test_target_classes_extreme_logits_pick_a_valid_class():
+    # Non-top probabilities underflow to 0 in float32: the official ">=" rule picks the second-ranked class.
+    t = torch.tensor([[200.0, 0.0, -5.0], [0.0, -300.0, 400.0]])
+    out = bss.sample_target_classes(t, torch.Generator().manual_seed(0))
+    assert out.tolist() == [1, 0]
+
+
+def _chi_square(counts, expected):
+    mask = expected > 0
+    return float(((counts[mask] - expected[mask]) ** 2 / expected[mask]).sum())
+
+
+def test_target_sampling_distribution_chi_square():
+    """Fixed seed: 5 rows x 4000 draws of K = 6 classes; the chi-square statistic against the official
+    probabilities q_k / sum_{k' != b} q_k' stays under the 1e-6 tail bound (df = 5 x 4), which a sampler
+    with any of the plausible mistakes below exceeds."""
+    from scipy.stats import chi2
+
+    rows, reps, k = 5, 4000, 6
+    torch.manual_seed(0)
+    logits = torch.randn(rows, k, dtype=torch.float64) * 1.5
+    t = logits.repeat_interleave(reps, dim=0)
+    p = reference.bss_target_probabilities(logits)                # (rows, K)
+    expected = reps * p
+    bound = chi2.ppf(1 - 1e-6, df=rows * (k - 2))
+
+    def statistic(draws):
+        counts = F.one_hot(draws.view(rows, reps), k).sum(1).double()
+        if (counts[expected == 0] > 0).any():                     # drew the top-1 class
+            return float("inf")
+        return _chi_square(counts, expected)
+
+    good = bss.sample_target_classes(t, torch.Generator().manual_seed(1234))
+    assert statistic(good) < bound
+
+    # The test's power: the same statistic rejects wrong samplers at the same bound.
+    g = torch.Generator().manual_seed(1234)
+    q = F.softmax(t, 1)
+    others = q.clone()
+    others[torch.arange(t.shape[0]), t.argmax(1)] = 0
+    uniform_others = torch.multinomial((others > 0).double(), 1, generator=g).squeeze(1)
+    with_top1 = torch.multinomial(q, 1, generator=g).squeeze(1)
+    tempered = torch.multinomial(F.softmax(t / 2, 1) * (others > 0), 1, generator=g).squeeze(1)  # wrong T
+    u = torch.rand(t.shape[0], generator=g, dtype=torch.float64)
+    q_sorted, classes = q.sort(1, descending=True)
+    cdf = q_sorted[:, 1:].cumsum(1)
+    pos = (cdf < (u * cdf[:, -1]).unsqueeze(1)).sum(1)
+    off_by_one = classes[:, 1:].gather(1, (pos + 1).clamp(max=k - 2).unsqueeze(1)).squeeze(1)
+    for wrong in (uniform_others, with_top1, tempered, off_by_one):
+        assert statistic(wrong) > bound
+
+
+def test_target_classes_bad_input():
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        bss.sample_target_classes(torch.randn(3, 1))
+    with pytest.raises(ValueError, match="uniforms"):
+        bss.sample_target_classes(torch.randn(3, 4), uniforms=torch.rand(2))
+    with pytest.raises(ValueError, match="either generator or uniforms"):
+        bss.sample_target_classes(torch.randn(3, 4), torch.Generator(), uniforms=torch.rand(3))
+    with pytest.raises(TypeError, match="floating-point"):
+        bss.sample_target_classes(torch.ones(3, 4, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------------------------------ the attack
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 3, 5, 5), (6, 3, 7, 9), (17, 2, 8, 8)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shrink_below", [0.0, 0.75, 1.0])
+def test_attack_matches_reference(device, shape, layout, shrink_below):
+    teacher = _teacher(c=shape[1], device=device)
+    x, k = _attack_inputs(teacher, shape, device=device, layout=layout)
+    x0 = x.clone()
+    counting = Counting(teacher)
+    out = bss.bss_attack(counting, x, k, shrink_below=shrink_below)
+    ref, calls = reference.bss_attack(teacher, x, k)
+    assert out.dtype == x.dtype and out.shape == x.shape and not out.requires_grad
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert torch.equal(x, x0)  # the input is not modified
+    assert len(counting.sizes) == calls  # one teacher call per step, the same early stop
+    if shrink_below == 0.0:
+        assert set(counting.sizes) == {shape[0]}
+
+
+def test_attack_matches_official_formulation():
+    teacher = _teacher()
+    x, k = _attack_inputs(teacher, (12, 3, 8, 8))
+    official = baselines.bss_official_attack(teacher, x, k)
+    # the official code multiplies by a float32 step size (0.3 rounded): agreement to float32 precision
+    torch.testing.assert_close(bss.bss_attack(teacher, x, k), official, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps,step_size", [(1, 0.3), (3, 1.0), (25, 0.05)])
+def test_attack_steps_and_step_size(steps, step_size):
+    teacher = _teacher()
+    x, k = _attack_inputs(teacher, (9, 3, 6, 6))
+    out = bss.bss_attack(teacher, x, k, steps=steps, step_size=step_size, clamp=(-1.0, 1.5))
+    ref, _ = reference.bss_attack(teacher, x, k, steps=steps, step_size=step_size, clamp=(-1.0, 1.5))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def _linear_case():
+    """Two classes, D = 4: grad_x (f_1 - f_0) = g with ||g|| = 3, so step_size 0.3 gives
+    L_{i+1} + 1e-4 = 0.1 (L_i + 1e-4) for the margin L = f_0 - f_1 of a sample that moves (no clamp)."""
+    g = torch.tensor([2.0, 1.0, 2.0, 0.0], dtype=torch.float64)     # ||g|| = 3
+    w = torch.stack([torch.zeros(4, dtype=torch.float64), g])        # f_0 = 0, f_1 = g . x
+    direction = g / 3
+    margins = torch.tensor([0.0005, 0.05, 5e6], dtype=torch.float64)  # cross after 1, 3, never (10 steps)
+    x = (-margins[:, None] / 3) * direction + torch.tensor([0.0, 0.0, 0.0, 0.7], dtype=torch.float64)
+    return Linear2(w), x.view(3, 1, 2, 2), margins
+
+
+def test_attack_early_stop_and_the_sample_that_stops_first():
+    teacher, x, margins = _linear_case()
+    target = torch.ones(3, dtype=torch.int64)
+    counting = Counting(teacher)
+    out = bss.bss_attack(counting, x, target, clamp=None)
+    ref, calls = reference.bss_attack(teacher, x, target, clamp=None)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    margin_out = -(teacher(out)[:, 1] - teacher(out)[:, 0])
+    # sample 0 stopped after 1 step, sample 1 after 3 (each just past the boundary); sample 2 moved 10 times
+    expected = torch.stack([0.1 * (margins[0] + 1e-4), 0.1**3 * (margins[1] + 1e-4),
+                            0.1**10 * (margins[2] + 1e-4)]) - 1e-4
+    torch.testing.assert_close(margin_out, expected, rtol=1e-9, atol=1e-8)
+    assert (margin_out[:2] < 0).all() and margin_out[2] > 0
+    assert calls == 10 and len(counting.sizes) == 10
+    # shrink at the first stop: 3 rows at steps 0-1, then 2 (sample 0 dropped), then 1 after step 3
+    assert counting.sizes == [3, 3, 2, 2, 1, 1, 1, 1, 1, 1]
+
+    # Without the never-crossing sample the attack ends early: steps 0-2 move, step 3 sees all stopped.
+    counting = Counting(teacher)
+    out2 = bss.bss_attack(counting, x[:2], target[:2], clamp=None, shrink_below=0.0)
+    assert counting.sizes == [2, 2, 2, 2]
+    torch.testing.assert_close(out2, out[:2], rtol=1e-12, atol=1e-14)
+
+
+def test_attack_clamps_every_step():
+    teacher, x, _ = _linear_case()
+    target = torch.ones(3, dtype=torch.int64)
+    x = x.clone()
+    x[0, 0, 1, 1] = 4.0  # outside the range before the attack: clamped at the first step (official)
+    out = bss.bss_attack(teacher, x, target, clamp=(-0.5, 0.5))
+    ref, _ = reference.bss_attack(teacher, x, target, clamp=(-0.5, 0.5))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-14)
+    assert out.max() <= 0.5 and out.min() >= -0.5
+    assert (out == 0.5).any() and out[0, 0, 1, 1] == 0.5
+
+
+def test_attack_zero_gradient_moves_nothing():
+    class Flat(nn.Module):  # logits (1, 0) whatever x is: the gradient is zero
+        def forward(self, x):
+            zero = 0.0 * x.flatten(1).sum(1)
+            return torch.stack([zero + 1.0, zero], dim=1)
+
+    x = torch.rand(2, 1, 2, 2, dtype=torch.float64)
+    out = bss.bss_attack(Flat(), x, torch.ones(2, dtype=torch.int64))
+    assert torch.equal(out, x)  # the official code would give NaN (0 / 0)
+
+
+def test_attack_no_gradient_into_teacher_and_modes_restored():
+    wrapper = Counting(_teacher())  # in train mode, its teacher in eval mode: both modes are kept
+    x, k = _attack_inputs(wrapper.net, (3, 3, 6, 6))
+    bss.bss_attack(wrapper, x, k)
+    assert wrapper.training and not wrapper.net.training and not wrapper.net.bn.training
+
+    teacher = _teacher().train()
+    teacher.requires_grad_(True)
+    x, k = _attack_inputs(teacher.eval(), (5, 3, 6, 6))
+    teacher.train()
+    out = bss.bss_attack(teacher, x, k)
+    assert teacher.training and all(p.grad is None for p in teacher.parameters())
+    ref, _ = reference.bss_attack(teacher.eval(), x, k)  # the attack ran in eval mode
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_attack_empty_batch_calls_no_teacher():
+    counting = Counting(_teacher())
+    out = bss.bss_attack(counting, torch.randn(0, 3, 4, 4), torch.zeros(0, dtype=torch.int64))
+    assert out.shape == (0, 3, 4, 4) and counting.sizes == []
+
+
+def test_attack_under_no_grad_context():
+    teacher = _teacher()
+    x, k = _attack_inputs(teacher, (4, 3, 6, 6))
+    with torch.no_grad():
+        out = bss.bss_attack(teacher, x, k)
+    torch.testing.assert_close(out, reference.bss_attack(teacher, x, k)[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_attack_autocast_teacher_in_low_precision_update_in_float32(device, input_dtype):
+    amp = torch.bfloat16
+    teacher = _teacher(dtype=torch.float32, device=device)
+    x, k = _attack_inputs(teacher, (6, 3, 8, 8), dtype=torch.float32, device=device)
+    x = x.to(input_dtype)
+    seen = []
+    hook = teacher.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    with torch.autocast(device, dtype=amp):
+        one = bss.bss_attack(teacher, x, k, steps=1)
+        full = bss.bss_attack(teacher, x, k)
+    hook.remove()
+    assert all(i == torch.float32 and o == amp for i, o in seen)  # float32 x in, autocast-dtype logits out
+    assert one.dtype == input_dtype and full.dtype == input_dtype and torch.isfinite(full.float()).all()
+    # one step by hand: the update computed in float32 from the autocast logits
+    xs = x.float().requires_grad_()
+    with torch.autocast(device, dtype=amp):
+        logits = teacher(xs).float()
+    b = logits.argmax(1)
+    f_b, f_k = logits.gather(1, b[:, None])[:, 0], logits.gather(1, k[:, None])[:, 0]
+    (g,) = torch.autograd.grad((f_k - f_b).sum(), xs)
+    step = 0.3 * ((f_b - f_k).detach() + 1e-4) / g.flatten(1).norm(dim=1)
+    expected = (xs.detach() + step.view(-1, 1, 1, 1) * g).clamp(-2.5, 2.5)
+    torch.testing.assert_close(one.float(), expected.to(input_dtype).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_attack_bad_input():
+    teacher = _teacher(k=4)
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        top = teacher(x).argmax(1)
+    ok = (top + 1) % 4
+    with pytest.raises(TypeError, match="target_classes must be int64"):
+        bss.bss_attack(teacher, x, ok.int())
+    with pytest.raises(ValueError, match=r"target_classes must have shape \(3,\)"):
+        bss.bss_attack(teacher, x, ok[:2])
+    with pytest.raises(ValueError, match=r"target_classes must be in \[0, 4\)"):
+        bss.bss_attack(teacher, x, ok + 4)
+    with pytest.raises(ValueError, match="must differ from the teacher's top-1"):
+        bss.bss_attack(teacher, x, top)
+    with pytest.raises(ValueError, match="steps"):
+        bss.bss_attack(teacher, x, ok, steps=0)
+    with pytest.raises(ValueError, match="step_size"):
+        bss.bss_attack(teacher, x, ok, step_size=-0.1)
+    with pytest.raises(ValueError, match="clamp"):
+        bss.bss_attack(teacher, x, ok, clamp=(1.0, -1.0))
+    with pytest.raises(ValueError, match="shrink_below"):
+        bss.bss_attack(teacher, x, ok, shrink_below=1.5)
+    with pytest.raises(ValueError, match="x must be a floating-point"):
+        bss.bss_attack(teacher, torch.ones(3, 3, 5, 5, dtype=torch.int64), ok)
+    with pytest.raises(ValueError, match="must return logits"):
+        bss.bss_attack(lambda z: z.flatten(1).sum(1), x, ok)
