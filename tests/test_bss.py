@@ -441,3 +441,156 @@ def test_attack_bad_input():
         bss.bss_attack(teacher, torch.ones(3, 3, 5, 5, dtype=torch.int64), ok)
     with pytest.raises(ValueError, match="must return logits"):
         bss.bss_attack(lambda z: z.flatten(1).sum(1), x, ok)
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+from distill_helpers import TinyNet, synthetic  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from kdfast.distill import Distiller  # noqa: E402
+from kdfast.methods.bss import BSSDistiller, SoftCrossEntropy  # noqa: E402
+
+DDP_GLOBAL_BATCH = 8
+
+
+def _labelled_by_teacher(teacher, n=32, agree=0.75, seed=0):
+    """Synthetic images whose label is the teacher's prediction for ``agree`` of them (base samples)."""
+    x, y = synthetic(n, seed=seed).tensors
+    with torch.no_grad():
+        pred = teacher(x).argmax(1)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.where(torch.rand(n, generator=g) < agree, pred, y)
+    return TensorDataset(x, y)
+
+
+def build_ddp_case(world_size):
+    """TinyNet teacher/student (no BatchNorm), max_samples 3 of a global batch of 8 (the selection
+    truncates across ranks), BSS weight > 0 in both epochs."""
+    torch.manual_seed(1)
+    teacher, student = TinyNet(8), TinyNet(4)
+    data = _labelled_by_teacher(teacher)
+    d = BSSDistiller(teacher, student, max_samples=3, attack_steps=4, step_size=0.5, schedule_epochs=8,
+                     lr=0.1, seed=5, device="cpu", progress=False)
+    loader = DataLoader(data, batch_size=DDP_GLOBAL_BATCH // world_size, shuffle=True)
+    return d, loader, student
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_bss_ddp_matches_single_process(tmp_path):
+    from helpers import load_ranks_assert_identical, run_torchrun
+
+    run_torchrun("bss_ddp_worker.py", tmp_path)
+    r0, r1 = load_ranks_assert_identical(tmp_path, ("student",))
+    d, loader, student = build_ddp_case(1)
+    history = d.fit(loader, epochs=2)
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(r0["student"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for a, b in zip(r0["history"], history):
+        for key in ("loss", "loss/ce", "loss/kd", "loss/bss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+        assert a["loss/bss"] > 0
+    # each rank attacked its own part of the global selection: together the single process's samples
+    assert r0["stats"]["attacked"] + r1["stats"]["attacked"] == d.bss_epoch_stats["attacked"] > 0
+    assert r0["stats"]["attacked"] > 0 and r1["stats"]["attacked"] > 0
+    assert d.bss_epoch_stats["attacked"] <= 3 * d.bss_epoch_stats["steps"]
+
+
+def _plain_kd(teacher, student, epochs, **kw):
+    """CE + the official soft-CE KD with the BSS schedule's KD weight, on the plain engine."""
+    from kdfast.methods.bss import _weights
+
+    return Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(),
+                                        "kd": (SoftCrossEntropy(3.0), lambda e: _weights(e + 1, epochs)[0])},
+                     epochs=epochs, **kw)
+
+
+def test_step_without_base_samples_is_a_normal_kd_step():
+    torch.manual_seed(2)
+    teacher, student = TinyNet(8), TinyNet(4)
+    x, _ = synthetic(16).tensors
+    with torch.no_grad():
+        wrong = (teacher(x).argmax(1) + 1) % 5  # the teacher is never right: no base sample
+    data = TensorDataset(x, wrong)
+    student2 = TinyNet(4)
+    student2.load_state_dict(student.state_dict())
+    kw = dict(lr=0.1, seed=3, device="cpu", progress=False)
+    d = BSSDistiller(teacher, student, epochs=2, **kw)
+    h = d.fit(DataLoader(data, batch_size=4, shuffle=True))
+    ref = _plain_kd(teacher, student2, 2, **kw)
+    ref.fit(DataLoader(data, batch_size=4, shuffle=True))
+    assert d.bss_epoch_stats["bss_steps"] == 0 and all(r["loss/bss"] == 0 for r in h)
+    for (k, v), v2 in zip(student.state_dict().items(), student2.state_dict().values()):
+        torch.testing.assert_close(v, v2, rtol=0, atol=0, msg=k)
+
+
+def test_bss_step_matches_manual_official_step():
+    """One step on one batch = CE + kd_w softCE + bss_w softCE(attacked) by hand, with the same draws."""
+    torch.manual_seed(4)
+    teacher, student = TinyNet(8).double(), TinyNet(4).double()
+    data = _labelled_by_teacher(teacher.float(), n=12, agree=0.8, seed=1)
+    teacher.double()
+    x, y = data.tensors[0].double(), data.tensors[1]
+    manual = TinyNet(4).double()
+    manual.load_state_dict(student.state_dict())
+    d = BSSDistiller(teacher, student, max_samples=5, epochs=10, lr=0.1, momentum=0.0, weight_decay=0.0,
+                     seed=9, device="cpu", progress=False)
+    d.on_epoch_start(0)
+    out = d.training_step((x, y))
+    assert out["parts"]["bss"] > 0
+    # by hand, from the official rules (float64 oracle)
+    kd_w, bss_w = reference.bss_weights(1, 10)
+    t, s = teacher(x), manual(x)
+    loss = F.cross_entropy(s, y) + kd_w * reference.bss_soft_ce(s, t, 3.0)
+    idx = reference.bss_select_base_samples(t.detach(), s.detach(), y, 5)
+    assert idx.numel() > 0
+    from kdfast.distill.trainer import _mix
+    u = torch.rand(12, generator=torch.Generator().manual_seed(_mix(9, 0, 7)))[idx]
+    k = reference.bss_target_from_uniform(t.detach()[idx], u)
+    x_adv, _ = reference.bss_attack(teacher, x[idx], k)
+    loss = loss + bss_w * reference.bss_soft_ce(manual(x_adv), teacher(x_adv).detach(), 3.0)
+    loss.backward()
+    with torch.no_grad():
+        for p in manual.parameters():
+            p -= 0.1 * p.grad
+    # the engine computes the losses in float32 (from float64 logits here): float32 agreement
+    for (name, a), b in zip(student.state_dict().items(), manual.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bss_weight_zero_in_last_quarter_skips_the_attack():
+    torch.manual_seed(5)
+    teacher, student = TinyNet(8), TinyNet(4)
+    data = _labelled_by_teacher(teacher, n=8)
+    d = BSSDistiller(teacher, student, epochs=4, lr=0.05, device="cpu", progress=False)
+    h = d.fit(DataLoader(data, batch_size=4))
+    assert [r["loss/bss"] > 0 for r in h] == [True, True, False, False]  # beta(3/4) = beta(1) = 0
+    assert d.bss_epoch_stats["bss_steps"] == 0
+
+
+def test_bss_bf16_autocast_step():
+    torch.manual_seed(6)
+    teacher, student = TinyNet(8), TinyNet(4)
+    data = _labelled_by_teacher(teacher, n=16, agree=1.0)
+    seen = []
+    teacher.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype, i[0].requires_grad)))
+    before = [p.detach().clone() for p in student.parameters()]
+    d = BSSDistiller(teacher, student, epochs=4, amp="bf16", lr=0.05, device="cpu", progress=False)
+    h = d.fit(DataLoader(data, batch_size=8))
+    attack_calls = [s for s in seen if s[2]]  # the attack's calls differentiate w.r.t. the input
+    assert attack_calls and all(i == torch.float32 and o == torch.bfloat16 for i, o, _ in attack_calls)
+    assert h[0]["loss/bss"] > 0 and all(torch.isfinite(torch.tensor(r["loss"])) for r in h)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_build_defaults_and_bad_options():
+    torch.manual_seed(7)
+    d = bss.build(TinyNet(8), TinyNet(4), device="cpu", progress=False)
+    assert d.epochs == 80 and d.temperature == 3.0 and d.max_samples == 64 and d.attack["steps"] == 10
+    assert d.scheduler is None and d._sched_spec["milestones"] == [40, 60]
+    assert d.optimizer.param_groups[0]["lr"] == 0.1 and d.optimizer.param_groups[0]["weight_decay"] == 1e-4
+    with pytest.raises(ValueError, match="max_samples"):
+        BSSDistiller(TinyNet(8), TinyNet(4), max_samples=0, device="cpu")
+    with pytest.raises(ValueError, match="temperature"):
+        BSSDistiller(TinyNet(8), TinyNet(4), temperature=-1.0, device="cpu")
+    with pytest.raises(ValueError, match="needs a teacher"):
+        BSSDistiller(None, TinyNet(4), device="cpu")

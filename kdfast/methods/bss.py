@@ -80,7 +80,11 @@ def bss_weights(epoch: int, epochs: int) -> Tuple[float, float]:
     _positive_int("epochs", epochs)
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= epochs:
         raise ValueError(f"epoch must be an int in 1..epochs={epochs} (counted from 1), got {epoch!r}")
-    e = epoch / epochs
+    return _weights(epoch, epochs)
+
+
+def _weights(epoch: int, epochs: int) -> Tuple[float, float]:
+    e = epoch / epochs  # past the last epoch: (1, 0)
     return max(3.0 * (1.0 - e), 0.0) + 1.0, max(2.0 * (1.0 - 4.0 / 3.0 * e), 0.0)
 
 
@@ -202,7 +206,7 @@ def _l2_rows(g: torch.Tensor) -> torch.Tensor:
 
 def bss_attack(teacher: nn.Module, x: torch.Tensor, target_classes: torch.Tensor, steps: int = 10,
                step_size: float = 0.3, clamp: Optional[Tuple[float, float]] = (-2.5, 2.5), *,
-               shrink_below: float = 0.75) -> torch.Tensor:
+               shrink_below: float = 0.75, stats: Optional[dict] = None) -> torch.Tensor:
     """Boundary-supporting samples: ``x`` moved toward the teacher's boundary between its top-1 class
     ``b`` (at the start) and ``target_classes`` (official ``AttackBSS``, targeted, L2, no epsilon-ball).
 
@@ -220,6 +224,9 @@ def bss_attack(teacher: nn.Module, x: torch.Tensor, target_classes: torch.Tensor
     AMP: the teacher runs under the caller's autocast (its dtype); the gradient, the step and ``x``
     stay in float32 (float64 inputs stay float64). The teacher is put in eval mode for the call (and
     restored); no gradient reaches its weights. Returns a new tensor like ``x`` (no grad).
+
+    ``stats``: a dict to fill with ``"moving"``, the number of still-moving samples at each teacher
+    call (the number of calls is its length).
     """
     if not isinstance(teacher, nn.Module) and not callable(teacher):
         raise TypeError(f"teacher must be an nn.Module (or a callable returning logits), got {type(teacher).__name__}")
@@ -238,6 +245,8 @@ def bss_attack(teacher: nn.Module, x: torch.Tensor, target_classes: torch.Tensor
     if not (isinstance(shrink_below, (int, float)) and 0.0 <= shrink_below <= 1.0):
         raise ValueError(f"shrink_below must be in [0, 1], got {shrink_below!r}")
 
+    if stats is not None:
+        stats["moving"] = []
     n = x.shape[0]
     work_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = x.detach().to(work_dtype, copy=True)
@@ -274,6 +283,8 @@ def bss_attack(teacher: nn.Module, x: torch.Tensor, target_classes: torch.Tensor
                                          "(the attack moves toward the boundary between the two)")
                 moving = pred == base
                 n_moving = xs.shape[0] if step == 0 else int(moving.sum())  # early-stop test: one sync per step
+                if stats is not None:
+                    stats.setdefault("moving", []).append(n_moving)
                 if n_moving == 0:
                     break
                 f_b = logits.gather(1, base.unsqueeze(1)).squeeze(1)
@@ -305,3 +316,173 @@ def bss_attack(teacher: nn.Module, x: torch.Tensor, target_classes: torch.Tensor
             m.training = mode
     return out.to(x.dtype)
 
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+from ..distill.trainer import Distiller, _autocast, _mix, split_batch  # noqa: E402
+
+#: The method's options (``build`` keywords) and their defaults: the official code's values.
+OPTIONS = {
+    "temperature": 3.0,               # T of the clean KD and the BSS terms (no T^2)
+    "max_samples": 64,                # base samples per (global) batch
+    "attack_steps": 10,
+    "step_size": 0.3,
+    "clamp": (-2.5, 2.5),             # pixel range in normalised space (CIFAR normalisation)
+    "require_student_correct": False, # the paper's "teacher and student both correct"
+    "shrink_below": 0.75,             # see bss_attack
+    "epochs": 80,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "milestones": None,               # None: LR x0.1 at epochs E/2 and 3E/4 (official 40, 60 of 80)
+}
+
+
+class SoftCrossEntropy(nn.Module):
+    """The official clean KD term as an engine loss: ``soft_cross_entropy(s, t, T)`` (no T^2)."""
+
+    kdfast_inputs = "logits"
+
+    def __init__(self, temperature: float = 3.0):
+        super().__init__()
+        self.temperature = float(temperature)
+
+    def forward(self, student_logits, teacher_logits, targets=None):
+        return soft_cross_entropy(student_logits, teacher_logits, self.temperature)
+
+
+class BSSDistiller(Distiller):
+    """BSS training on the :class:`kdfast.distill.Distiller` engine (data order, DDP, AMP, checkpoints).
+
+    Each step: ``CE(z_S, y) + kd_w(e) * softCE_T(z_S, z_T)`` on the clean batch (the engine's losses
+    ``"ce"`` and ``"kd"``), plus, while ``bss_w(e) > 0``, ``bss_w(e) * softCE_T(z_S(x_hat), z_T(x_hat))``
+    over the boundary-supporting samples ``x_hat`` (:func:`select_base_samples`,
+    :func:`sample_target_classes`, :func:`bss_attack`), with the weights of :func:`bss_weights` over
+    ``schedule_epochs`` (default: ``epochs``). A step where no sample qualifies has no BSS term.
+
+    The adversarial forward runs the student in train mode on the attacked batch alone (its BatchNorm
+    sees that batch's statistics and updates its running statistics with them, as in the official code).
+
+    DDP: each rank attacks the base samples of its own shard, and the step equals one process on the
+    global batch: the base samples are chosen among the whole global batch (the ranks exchange each
+    sample's eligibility and distill score, so ``max_samples`` counts over the global batch), the
+    uniforms of the target draws come from a generator seeded by (seed, step) and indexed by the sample's
+    position in the global batch (rank r's row i is global row ``i * world_size + r``, the order of the
+    engine's DistributedSampler), and each rank's BSS term is scaled by ``world_size * n_rank / N`` so
+    DDP's gradient average is the mean over all ``N`` attacked samples. Exact equality with one process
+    also needs a student without BatchNorm (per-rank statistics otherwise), as for any DDP run. The
+    ranks' batches must have equal sizes (the engine's sampler guarantees it).
+
+    AMP: the attack's teacher forward runs in the autocast dtype, its update in float32; the losses
+    are computed in float32.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, temperature: float = 3.0,
+                 max_samples: Optional[int] = 64, attack_steps: int = 10, step_size: float = 0.3,
+                 clamp: Optional[Tuple[float, float]] = (-2.5, 2.5), require_student_correct: bool = False,
+                 shrink_below: float = 0.75, schedule_epochs: Optional[int] = None, **kwargs):
+        if teacher is None:
+            raise ValueError("BSSDistiller needs a teacher")
+        _positive_int("max_samples", max_samples, allow_none=True)
+        _positive_int("attack_steps", attack_steps)
+        _positive_int("schedule_epochs", schedule_epochs, allow_none=True)
+        if "losses" in kwargs:
+            raise ValueError("BSSDistiller defines its own losses (CE + soft-CE KD + BSS); do not pass losses")
+        self.temperature = float(temperature)
+        self.max_samples = max_samples
+        self.attack = dict(steps=attack_steps, step_size=step_size, shrink_below=shrink_below,
+                           clamp=None if clamp is None else tuple(float(c) for c in clamp))
+        self.require_student_correct = bool(require_student_correct)
+        self.schedule_epochs = schedule_epochs or kwargs.get("epochs", 1)
+        self._bss_weight = _weights(1, self.schedule_epochs)[1]
+        kd_weight = lambda epoch: _weights(epoch + 1, self.schedule_epochs)[0]  # noqa: E731 (0-based epoch)
+        super().__init__(teacher, student, {"ce": nn.CrossEntropyLoss(),
+                                            "kd": (SoftCrossEntropy(temperature), kd_weight)}, **kwargs)
+        #: per epoch: steps, steps with a BSS term, attacked samples, teacher calls of the attacks (this rank)
+        self.bss_epoch_stats: dict = {}
+        # validated once here rather than at the first step
+        soft_cross_entropy(torch.zeros(1, 2), torch.zeros(1, 2), self.temperature)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self._bss_weight = _weights(epoch + 1, self.schedule_epochs)[1]
+        self.bss_epoch_stats = {"steps": 0, "bss_steps": 0, "attacked": 0, "teacher_calls": 0}
+        super().on_epoch_start(epoch)
+
+    # ------------------------------------------------------------------ one step
+    def _global_base_samples(self, t_logits, s_logits, targets) -> Tuple[torch.Tensor, int]:
+        """(local row indices of this rank's base samples, number N of base samples in the global batch)."""
+        mask = base_sample_mask(t_logits, s_logits, targets, require_student_correct=self.require_student_correct)
+        scores = distill_scores(t_logits, s_logits, targets).float()
+        if self.world_size == 1:
+            idx = top_scored(mask, scores, self.max_samples)
+            return idx, idx.numel()
+        import torch.distributed as dist
+
+        local = torch.stack([mask.float(), scores])                          # (2, B)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)  # (gloo has no all_gather_into_tensor)
+        gathered = torch.stack(parts)                                        # (W, 2, B)
+        # global row i * W + r = rank r's row i (DistributedSampler's interleaving)
+        g_mask = gathered[:, 0].t().reshape(-1) > 0.5
+        g_scores = gathered[:, 1].t().reshape(-1)
+        chosen = top_scored(g_mask, g_scores, self.max_samples)
+        mine = chosen[chosen % self.world_size == self.rank] // self.world_size
+        return mine, chosen.numel()
+
+    def _uniforms(self, batch_size: int) -> torch.Tensor:
+        """This rank's (batch_size,) uniforms of the target draws, from the global batch's stream."""
+        gen = torch.Generator(device=self.device).manual_seed(_mix(self.seed, self.step, 7) % (2**63))
+        u = torch.rand(batch_size * self.world_size, generator=gen, device=self.device)
+        return u.view(batch_size, self.world_size)[:, self.rank]
+
+    def bss_term(self, inputs, targets, t_logits, s_logits) -> Optional[torch.Tensor]:
+        """The BSS loss of this rank (scaled for DDP), or None when no sample of the global batch qualifies."""
+        idx, n_global = self._global_base_samples(t_logits, s_logits.detach(), targets)
+        if n_global == 0:
+            return None
+        self.bss_epoch_stats["bss_steps"] += 1
+        self.bss_epoch_stats["attacked"] += idx.numel()
+        if idx.numel() == 0:  # other ranks attack; this one adds nothing
+            return s_logits.sum() * 0.0
+        u = self._uniforms(inputs.shape[0])[idx]
+        target_classes = sample_target_classes(t_logits[idx], uniforms=u)
+        stats: dict = {}
+        with _autocast(self.device, self.amp):
+            x_adv = bss_attack(self.teacher, inputs[idx], target_classes, stats=stats, **self.attack)
+            with torch.no_grad():
+                t_adv = self.teacher(x_adv)
+            s_adv = self.student(x_adv)
+        self.bss_epoch_stats["teacher_calls"] += len(stats["moving"])
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            loss = soft_cross_entropy(s_adv.float(), t_adv.float(), self.temperature)
+        return loss * (idx.numel() * self.world_size / n_global)
+
+    def training_step(self, batch):
+        inputs, targets, index = split_batch(batch)
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        t_logits, t_feats = self.teacher_forward(inputs, index)
+        logits, total, parts = self.model(inputs, targets, t_logits, t_feats, self._current_weights)
+        self.bss_epoch_stats["steps"] += 1
+        bss_value = total.new_zeros(())
+        if self._bss_weight > 0:
+            term = self.bss_term(inputs, targets, t_logits, logits)
+            if term is not None:
+                total = total + self._bss_weight * term
+                bss_value = term.detach()
+        self.backward_step(total)
+        return {"loss": total, "parts": {**parts, "bss": bss_value}, "logits": logits, "targets": targets}
+
+
+def build(teacher: nn.Module, student: nn.Module, **options) -> BSSDistiller:
+    """A ready :class:`BSSDistiller` with the official defaults (:data:`OPTIONS`); other keywords go to
+    the Distiller (``device``, ``amp``, ``seed``, ``batch_size``, ``checkpoint_dir``, ``resume``, ...)."""
+    method = {k: options.pop(k) for k in list(options) if k in OPTIONS}
+    cfg = {**OPTIONS, **method}
+    epochs = cfg["epochs"]
+    milestones = cfg["milestones"] or sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
+    return BSSDistiller(teacher, student, temperature=cfg["temperature"], max_samples=cfg["max_samples"],
+                        attack_steps=cfg["attack_steps"], step_size=cfg["step_size"], clamp=cfg["clamp"],
+                        require_student_correct=cfg["require_student_correct"], shrink_below=cfg["shrink_below"],
+                        epochs=epochs, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                        schedule="step", milestones=list(milestones), gamma=0.1, **options)
