@@ -586,7 +586,7 @@ def test_build_defaults_and_bad_options():
     torch.manual_seed(7)
     d = bss.build(TinyNet(8), TinyNet(4), device="cpu", progress=False)
     assert d.epochs == 80 and d.temperature == 3.0 and d.max_samples == 64 and d.attack["steps"] == 10
-    assert d.scheduler is None and d._sched_spec["milestones"] == [40, 60]
+    assert d.scheduler is None and list(d._student_spec.milestones) == [40, 60]
     assert d.optimizer.param_groups[0]["lr"] == 0.1 and d.optimizer.param_groups[0]["weight_decay"] == 1e-4
     with pytest.raises(ValueError, match="max_samples"):
         BSSDistiller(TinyNet(8), TinyNet(4), max_samples=0, device="cpu")

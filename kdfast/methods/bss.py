@@ -485,4 +485,4 @@ def build(teacher: nn.Module, student: nn.Module, **options) -> BSSDistiller:
                         attack_steps=cfg["attack_steps"], step_size=cfg["step_size"], clamp=cfg["clamp"],
                         require_student_correct=cfg["require_student_correct"], shrink_below=cfg["shrink_below"],
                         epochs=epochs, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                        schedule="step", milestones=list(milestones), gamma=0.1, **options)
+                        **{"schedule": "step", "milestones": list(milestones), "gamma": 0.1, **options})
