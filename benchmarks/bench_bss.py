@@ -1,7 +1,7 @@
 """BSS (Heo et al., AAAI 2019): target sampling + boundary attack, kdfast against the official
 formulation, and (``test_bss_training_step``) one BSS training step against one KD step.
 
-Attack cases: the teacher's logits of the base samples are given; one step = draw one target class
+``test_bss_attack``: the teacher's logits of the base samples are given; one step = draw one target class
 per base sample + run the attack (up to 10 teacher forward + backward passes). Formulations:
 
 | impl | target sampling | attack |
@@ -21,6 +21,13 @@ Setups: "digits": the kdfast demo's teacher (vgg8 width 0.25, trained 8 epochs o
 against an untrained student), so samples stop at realistic steps; "cifar-resnet26": the official
 teacher architecture (ResNet-26, untrained) on 64 random 32x32 inputs (per-step cost at the
 official shapes; an untrained teacher's samples stop early).
+
+``test_bss_training_step``: one ``BSSDistiller.training_step`` (CE + soft-CE KD on the clean batch,
+the attack on up to ``max_samples`` base samples, teacher and student forward on them, backward, SGD
+step) against one step of the same recipe without the BSS term (``bss.kd_baseline``, the official
+"Hinton" baseline): digits (vgg8 width 0.25 trained teacher -> vgg8 width 0.125, batch 64, 16 base
+samples, the official 64 of 256 scaled) and, full mode only, the official CIFAR shapes (ResNet-26 ->
+ResNet-8, batch 256, 64 base samples; untrained models, labels = the teacher's predictions).
 
 Timings are paired (harness.time_interleaved: the formulations in turns, the order rotated every
 round); the report gives the median over rounds of official time / kdfast time.
@@ -146,6 +153,58 @@ def test_bss_attack(benchmark, setup):
         "ratio_q3": {name: r[(3 * len(r)) // 4] for name, r in ratios.items()},
         "moving_per_step": _stop_profile(teacher, x, t_logits, seed), "max_abs_deviation": deviation,
     })
+
+
+def _step_setups():
+    """{name: (teacher, student factory, batch, max_samples, clamp)} for the training-step comparison."""
+    from kdfast import models
+    from kdfast.methods import base
+
+    out = {}
+    teacher, _, _ = _digits_setup()
+    train, _ = base.digits()
+    kwargs = {"num_classes": 10, "in_channels": 1}
+    out["digits vgg8/0.25 -> vgg8/0.125, batch 64"] = (
+        teacher, lambda: models.build("vgg8", **kwargs, width_mult=0.125),
+        (train.images[:64], train.labels[:64]), 16, bss._clamp_range(train))
+    if not QUICK:
+        t26, _, _ = _cifar_setup()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(256, 3, 32, 32, generator=g)
+        with torch.no_grad():
+            y = t26(x).argmax(1)  # an untrained teacher: label = its prediction, so base samples exist
+        out["cifar resnet26 -> resnet8, batch 256 (official)"] = (
+            t26, lambda: models.build("resnet8", num_classes=10), (x, y), 64, (-2.5, 2.5))
+    return out
+
+
+@pytest.mark.parametrize("setup", ["digits", "cifar"] if not QUICK else ["digits"])
+def test_bss_training_step(benchmark, setup):
+    """One BSS training step (BSSDistiller.training_step) against one KD step (the same recipe without
+    the BSS term) on the same teacher, student initialisation and batch; timed in turns."""
+    name, (teacher, make_student, batch, max_samples, clamp) = [
+        (k, v) for k, v in _step_setups().items() if k.startswith(setup)][0]
+    engine = dict(epochs=100, lr=0.01, device="cpu", progress=False)
+    torch.manual_seed(0)
+    kd = bss.kd_baseline(teacher, make_student(), **engine)
+    torch.manual_seed(0)
+    bs = bss.BSSDistiller(teacher, make_student(), max_samples=max_samples, clamp=clamp, **engine)
+    for e in (kd, bs):
+        e.on_epoch_start(0)
+        e.training_step(batch)  # warm-up
+    benchmark.group = f"bss training step {setup}"
+    times = harness.time_interleaved(benchmark, {"kd": lambda: kd.training_step(batch),
+                                                 "bss": lambda: bs.training_step(batch)}, "cpu", ROUNDS)
+    ratios = sorted(b / k for b, k in zip(times["bss"], times["kd"]))
+    st = bs.bss_epoch_stats
+    benchmark.extra_info.update({
+        "suite": "bss-step", "setup": name, "rounds": ROUNDS, "threads": torch.get_num_threads(),
+        "median_s": {k: statistics.median(v) for k, v in times.items()}, "ratio": statistics.median(ratios),
+        "ratio_q1": ratios[len(ratios) // 4], "ratio_q3": ratios[(3 * len(ratios)) // 4],
+        "base_samples": round(st["attacked"] / max(1, st["bss_steps"]), 1),
+        "attack_steps": round(st["teacher_calls"] / max(1, st["bss_steps"]), 1)})
+    kd.close()
+    bs.close()
 
 
 # ================================================================================== report

@@ -252,6 +252,18 @@ def test_target_sampling_distribution_chi_square():
         assert statistic(wrong) > bound
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_target_sampling_has_no_host_sync_on_cuda():
+    t = torch.randn(64, 10, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        out = bss.sample_target_classes(t, g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out.shape == (64,)
+
+
 def test_target_classes_bad_input():
     with pytest.raises(ValueError, match="at least 2 classes"):
         bss.sample_target_classes(torch.randn(3, 1))

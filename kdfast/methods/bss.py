@@ -706,6 +706,9 @@ def _experiment(cfg: ExperimentConfig, out_dir: str, device, teacher=None, model
             for seed in cfg.seeds:
                 for method in METHODS:
                     runs.append(_run(method, teacher, model_kwargs, train, test, cfg, fraction, seed, device, clamp))
+                    r = runs[-1]
+                    print(f"bss experiment: {METHODS[method]:>3} {100 * fraction:5.1f}% data seed {seed}: "
+                          f"{100 * r['accuracy']:.2f}% ({r['steps']} steps, {r['time_s']:.1f} s)", flush=True)
         summary = {m: {} for m in METHODS}
         paired = {m: {} for m in METHODS if m != "ce"}
         for method in METHODS:
