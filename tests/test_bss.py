@@ -569,6 +569,27 @@ def test_bss_step_matches_manual_official_step():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_bss_resume_is_exact(tmp_path):
+    """Two epochs in one run = one epoch, then a new BSSDistiller resuming from the checkpoint (the
+    target draws are a function of (seed, step), so nothing else needs saving)."""
+    def make(ckpt, resume):
+        torch.manual_seed(3)
+        teacher, student = TinyNet(8), TinyNet(4)
+        d = BSSDistiller(teacher, student, max_samples=4, schedule_epochs=8, epochs=2, lr=0.1, seed=2, device="cpu",
+                         progress=False, checkpoint_dir=str(ckpt), resume=resume)
+        return d, student, DataLoader(_labelled_by_teacher(teacher, n=16), batch_size=4, shuffle=True)
+
+    d, full, loader = make(tmp_path / "a", False)
+    d.fit(loader)
+    d, _, loader = make(tmp_path / "b", False)
+    d.fit(loader, epochs=1)
+    d, resumed, loader = make(tmp_path / "b", True)
+    history = d.fit(loader)
+    assert len(history) == 2 and history[1]["loss/bss"] > 0
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_bss_weight_zero_in_last_quarter_skips_the_attack():
     torch.manual_seed(5)
     teacher, student = TinyNet(8), TinyNet(4)

@@ -400,7 +400,7 @@ class BSSDistiller(Distiller):
         super().__init__(teacher, student, {"ce": nn.CrossEntropyLoss(),
                                             "kd": (SoftCrossEntropy(temperature), kd_weight)}, **kwargs)
         #: per epoch: steps, steps with a BSS term, attacked samples, teacher calls of the attacks (this rank)
-        self.bss_epoch_stats: dict = {}
+        self.bss_epoch_stats: dict = {"steps": 0, "bss_steps": 0, "attacked": 0, "teacher_calls": 0}
         # validated once here rather than at the first step
         soft_cross_entropy(torch.zeros(1, 2), torch.zeros(1, 2), self.temperature)
 
