@@ -122,3 +122,51 @@ def repdistiller_kd_loss(s, t, targets, temperature: float = 4.0, alpha: float =
     if alpha < 1:
         loss = loss + (1 - alpha) * F.cross_entropy(s, targets)
     return loss
+
+
+# ------------------------------------------------------------------------------- BSS (official formulation)
+# bhheo/BSS_distillation (586b1411) as it computes target sampling and the attack, restated in current
+# PyTorch (Variable / zero_gradients are gone): per-element Python loops with a host read per element
+# for the sampling, the whole base-sample batch through the teacher at every attack step.
+def bss_official_target_classes(t_logits):
+    """train_BSS_distillation.py: default = the second-ranked class; uniform u times the sum of the
+    non-top softmax; double loop over (sample, class) with one host read per comparison."""
+    attack_class = t_logits.sort(dim=1, descending=True)[1][:, 1].clone()
+    class_score, class_idx = F.softmax(t_logits, 1).sort(dim=1, descending=True)
+    class_score, class_idx = class_score[:, 1:], class_idx[:, 1:]
+    rand_seed = (class_score.sum(dim=1) * torch.rand([t_logits.shape[0]], device=t_logits.device)).unsqueeze(1)
+    prob = class_score.cumsum(dim=1)
+    for k in range(t_logits.shape[0]):
+        for c in range(prob.shape[1]):
+            if (prob[k, c] >= rand_seed[k]).cpu().numpy():
+                attack_class[k] = class_idx[k, c]
+                break
+    return attack_class
+
+
+def bss_official_attack(teacher, inputs, target, num_steps: int = 10, step_alpha: float = 0.3):
+    """attacks/attack_BSS.py AttackBSS.run (targeted, norm=2): every step the whole batch goes through
+    the teacher, the stop test reads the host, perturbation divided by the per-sample L2 norm, clamp to
+    [-2.5, 2.5]."""
+    x = inputs.clone().requires_grad_(True)
+    gt = None
+    input_adv = inputs
+    for step in range(num_steps):
+        x.grad = None
+        output = teacher(x)
+        if step == 0:
+            gt = output.detach().max(1)[1]
+        score_gt = output.gather(1, gt.unsqueeze(1))
+        score_target = output.gather(1, target.unsqueeze(1))
+        (score_target - score_gt).sum().backward()
+        alpha = step_alpha * (gt == output.detach().max(1)[1]).float()
+        alpha = alpha.view(-1, 1, 1, 1)
+        if alpha.sum() == 0:
+            break
+        pert = (score_gt.detach() - score_target.detach()).unsqueeze(1).unsqueeze(1)
+        grad = x.grad.detach()
+        norm = grad.flatten(1).pow(2).sum(1).sqrt().view(-1, 1, 1, 1)
+        step_adv = x.detach() + alpha * (pert + 1e-4) * grad / norm
+        input_adv = torch.clamp(inputs + (step_adv - inputs), -2.5, 2.5)
+        x = input_adv.clone().requires_grad_(True)
+    return input_adv

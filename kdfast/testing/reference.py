@@ -125,3 +125,94 @@ def sparse_recoding_(grads, params, taus, boost: float, damp: float, shrink: flo
         if theta.numel() > 0:
             mean = th.abs().sum(dtype=torch.float64) / theta.numel()
             taus[i] = (taus[i].double() + tau_rate * (mean - taus[i].double())).float()
+
+
+# ------------------------------------------------------------------ BSS (Heo et al., AAAI 2019)
+# The rules of the official code (bhheo/BSS_distillation, train_BSS_distillation.py and
+# attacks/attack_BSS.py), restated in float64 one rule at a time, with no concern for speed.
+def bss_weights(epoch: int, epochs: int):
+    """(clean-KD weight, BSS weight) of epoch 1..E: max(3(1 - e/E), 0) + 1 and max(2(1 - 4e/(3E)), 0)."""
+    return max(3 * (1 - epoch / epochs), 0) + 1, max(2 * (1 - 4 / 3 * epoch / epochs), 0) + 0
+
+
+def bss_soft_ce(s_logits, t_logits, temperature: float = 3.0):
+    """-(1/N) sum_n sum_c softmax(t/T)_nc log softmax(s/T)_nc (the official KD and BSS terms, no T^2)."""
+    s, t = s_logits.double(), t_logits.double()
+    return -(F.softmax(t / temperature, 1) * F.log_softmax(s / temperature, 1)).sum() / s.shape[0]
+
+
+def bss_select_base_samples(t_logits, s_logits, targets, max_samples=64, require_student_correct=False):
+    """Indices of the samples whose teacher top-1 is the label (and the student's too if asked); above
+    max_samples, the max_samples largest distill scores sum_{c != y} (softmax(t) - softmax(s))^2 (T = 1),
+    in descending score order (ties: lower index first); otherwise all, in index order."""
+    t, s = t_logits.double(), s_logits.double()
+    keep = [n for n in range(t.shape[0]) if int(t[n].argmax()) == int(targets[n])
+            and (not require_student_correct or int(s[n].argmax()) == int(targets[n]))]
+    if max_samples is None or len(keep) <= max_samples:
+        return torch.tensor(keep, dtype=torch.int64)
+    diff = (F.softmax(t, 1) - F.softmax(s, 1)) ** 2
+    score = {n: float(diff[n].sum() - diff[n, targets[n]]) for n in keep}
+    ranked = sorted(keep, key=lambda n: (-score[n], n))
+    return torch.tensor(ranked[:max_samples], dtype=torch.int64)
+
+
+def bss_target_probabilities(t_logits):
+    """(N, K) probability of each class being the target: q_k / sum_{k' != b} q_k' for k != b, 0 for the
+    teacher's top-1 b, q = softmax(t)."""
+    q = F.softmax(t_logits.double(), 1)
+    top = q.argmax(1)
+    q = q.clone()
+    q[torch.arange(q.shape[0]), top] = 0.0
+    return q / q.sum(1, keepdim=True)
+
+
+def bss_target_from_uniform(t_logits, uniforms):
+    """The class drawn by inverse-CDF sampling for each row's uniform u in [0, 1): classes other than
+    the top-1 in order of decreasing softmax, the first whose cumulative probability reaches u times
+    the total."""
+    out = []
+    for row, u in zip(t_logits.double(), uniforms.double()):
+        q = F.softmax(row, 0)
+        order = sorted(range(q.numel()), key=lambda c: -float(q[c]))[1:]
+        total = sum(float(q[c]) for c in order)
+        acc, pick = 0.0, order[-1]
+        for c in order:
+            acc += float(q[c])
+            if acc >= float(u) * total:
+                pick = c
+                break
+        out.append(pick)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def bss_attack(teacher, x, target_classes, steps: int = 10, step_size: float = 0.3, clamp=(-2.5, 2.5),
+               overshoot: float = 1e-4):
+    """The official AttackBSS (targeted, L2), whole batch every step, float64.
+
+    b = argmax f(x^0). Step i: a_n = 1[argmax f(x^i)_n = b_n]; if every a_n = 0, stop; otherwise
+    g = grad_x sum_n (f_k - f_b)(x^i), x^{i+1} = clamp(x^i + step_size a (f_b - f_k + overshoot) g / ||g||_2)
+    with the per-sample L2 norm over all non-batch dims (a zero norm moves nothing). At most ``steps``.
+    Returns (x_final, number of teacher calls).
+    """
+    x = x.detach().double().clone()
+    base, calls = None, 0
+    for step in range(steps):
+        xv = x.clone().requires_grad_(True)
+        out = teacher(xv).double()
+        calls += 1
+        if step == 0:
+            base = out.argmax(1)
+        active = (out.argmax(1) == base).double()
+        if active.sum() == 0:
+            break
+        f_b = out.gather(1, base[:, None])[:, 0]
+        f_k = out.gather(1, target_classes[:, None])[:, 0]
+        (g,) = torch.autograd.grad((f_k - f_b).sum(), xv)
+        norm = g.flatten(1).pow(2).sum(1).sqrt()
+        scale = step_size * active * (f_b - f_k).detach() + step_size * active * overshoot
+        scale = torch.where(norm > 0, scale / torch.where(norm > 0, norm, torch.ones_like(norm)),
+                            torch.zeros_like(norm))
+        x = x + scale.view(-1, *([1] * (x.dim() - 1))) * g
+        if clamp is not None:
+            x = x.clamp(clamp[0], clamp[1])
+    return x, calls
