@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..distill import Auxiliary, Distiller, NoiseSource
+
 __all__ = ["Generator", "GeneratorCollapse", "CollapseMonitor", "PenultimateTap", "class_histogram",
            "collapse_reason", "mean_pairwise_distance", "OFFICIAL_BN_EPS"]
 
@@ -228,3 +230,169 @@ def entropy_bits(histogram: Sequence[float]) -> float:
     p = torch.as_tensor(list(histogram), dtype=torch.float64)
     p = p[p > 0]
     return float(-(p * p.log2()).sum())
+
+
+# ------------------------------------------------------------------------------------------ engine
+def infer_num_classes(teacher: nn.Module, image_shape: Sequence[int]) -> int:
+    """Number of classes of ``teacher``: the width of its output on one dummy batch."""
+    param = next(iter(teacher.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            out = teacher(torch.zeros(2, *image_shape, device=device))
+    finally:
+        teacher.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ValueError(f"the teacher must return (B, K) logits for images of shape {tuple(image_shape)}, got "
+                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    return int(out.shape[1])
+
+
+def _autocast(device: torch.device, amp: Optional[str]):
+    if amp is None:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+
+class _Frozen:
+    """``with _Frozen(module):`` parameters temporarily without requires_grad (no weight gradients are
+    computed through it; gradients still flow to its input)."""
+
+    def __init__(self, module: nn.Module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
+ENGINE_OPTIONS = {
+    # engine settings every data-free method accepts (kdfast.distill.Distiller's meaning)
+    "seed": 0, "device": None, "amp": None, "checkpoint_dir": None, "resume": False, "log_path": None,
+    "progress": False,
+}
+
+
+def _kd(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float, t2_scale: bool) -> torch.Tensor:
+    from .. import ops
+
+    return ops.kd_loss(s_logits, t_logits, None, temperature, 1.0, t2_scale)
+
+
+class GeneratorDistiller(Distiller):
+    """Base of the data-free engines: the generator is the auxiliary trainable ``"generator"``
+    (Adam, as all three official codes), batches are latent noise from a :class:`NoiseSource`, the
+    frozen teacher runs with gradients flowing to its input images, and a :class:`CollapseMonitor`
+    stops the run when the generator collapses.
+
+    ``fit(train=None, ...)``: with ``train=None`` the engine draws its own noise
+    (:meth:`noise_source`: ``batch_size`` x latent per step, ``steps_per_epoch`` steps).
+    """
+
+    #: noise vectors drawn per optimisation iteration, in units of the batch size (DFAD: 6)
+    draws_per_step = 1
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, generator: nn.Module, num_classes: int,
+                 batch_size: int, steps_per_epoch: int, gen_lr: Optional[float] = None,
+                 gen_betas=(0.9, 0.999), train_generator: bool = True, **engine_kwargs):
+        if teacher is None:
+            raise ValueError("data-free distillation needs a teacher (the generator is trained against it)")
+        if not isinstance(generator, nn.Module):
+            raise TypeError(f"generator must be a torch.nn.Module, got {type(generator).__name__}")
+        latent = getattr(generator, "latent_dim", None)
+        if not isinstance(latent, int):
+            raise ValueError("generator must have an int attribute latent_dim (the size of its noise vector)")
+        self.latent_dim = latent
+        self.noise_batch = _positive_int("batch_size", batch_size)
+        self.steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch)
+        auxiliaries = {}
+        if train_generator:
+            if not (isinstance(gen_lr, (int, float)) and gen_lr > 0):
+                raise ValueError(f"gen_lr must be a positive number, got {gen_lr!r}")
+            auxiliaries["generator"] = Auxiliary(generator, optimizer="adam", lr=float(gen_lr),
+                                                 betas=tuple(gen_betas), weight_decay=0.0)
+        super().__init__(teacher, student, losses={}, auxiliaries=auxiliaries, **engine_kwargs)
+        if train_generator:
+            self.generator = self.auxiliaries["generator"].module
+        else:
+            self.generator = generator.to(self.device).eval().requires_grad_(False)
+        self.monitor = CollapseMonitor(num_classes)
+
+    def noise_source(self) -> "NoiseSource":
+        return NoiseSource(self.noise_batch * self.draws_per_step, (self.latent_dim,), self.steps_per_epoch)
+
+    def fit(self, train=None, epochs=None, eval_loader=None):
+        source = self.noise_source() if train is None else train
+        try:
+            return super().fit(source, epochs=epochs, eval_loader=eval_loader)
+        except FloatingPointError:
+            # The engine's own end-of-epoch NaN check fired first: name the generator if it is the cause.
+            self.monitor.check(self.epoch)
+            raise
+
+    # -- building blocks
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        gen = self.auxiliary_model("generator") if "generator" in self.auxiliaries else self.generator
+        with _autocast(self.device, self.amp):
+            return gen(z.to(self.device, non_blocking=True)).float()
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher logits (float32); gradients flow to ``x`` when it requires grad (teacher frozen)."""
+        with _autocast(self.device, self.amp):
+            return self.teacher(x).float()
+
+    def student_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Student logits through the engine's (DDP-synchronised) student module."""
+        with _autocast(self.device, self.amp):
+            return self.student_model()(x).float()
+
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        self.monitor.reset()
+
+    def on_epoch_end(self, epoch: int, record) -> None:
+        record["class_counts"] = self.monitor.check(epoch)["class_counts"]
+        super().on_epoch_end(epoch, record)
+
+
+class NoiseKD(GeneratorDistiller):
+    """The lower bound: KD on Gaussian-noise images (no generator training): the 'generator' is
+    the identity on image-shaped noise N(0, I), the student learns KD(T) from the teacher on it."""
+
+    def __init__(self, teacher, student, *, image_shape: Sequence[int], num_classes: int, batch_size: int,
+                 steps_per_epoch: int, temperature: float = 4.0, **engine_kwargs):
+        self.temperature = float(temperature)
+        super().__init__(teacher, student, generator=_GaussianImages(image_shape), num_classes=num_classes,
+                         batch_size=batch_size, steps_per_epoch=steps_per_epoch, train_generator=False,
+                         **engine_kwargs)
+
+    def noise_source(self):
+        return NoiseSource(self.noise_batch, tuple(self.generator.image_shape), self.steps_per_epoch)
+
+    def training_step(self, batch):
+        x = batch.to(self.device, non_blocking=True)
+        with torch.no_grad():
+            t_logits = self.teacher_logits(x)
+        self.monitor.update(t_logits, x)
+        s_logits = self.student_logits(x)
+        loss = _kd(s_logits, t_logits, self.temperature, True)
+        self.backward_step(loss, "student")
+        return {"loss": loss.detach(), "parts": {"kd": loss.detach()}, "logits": s_logits.detach(), "targets": None}
+
+
+class _GaussianImages(nn.Module):
+    """Stand-in generator of NoiseKD: its 'latent' vector is the flattened image."""
+
+    def __init__(self, image_shape):
+        super().__init__()
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.latent_dim = int(torch.tensor(self.image_shape).prod())
+
+    def forward(self, z):
+        return z.view(z.shape[0], *self.image_shape)

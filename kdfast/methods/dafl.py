@@ -69,3 +69,67 @@ def generator_objective(losses: Dict[str, torch.Tensor], oh: float = 1.0, ie: fl
                         a: float = 0.1) -> torch.Tensor:
     """oh * one_hot + ie * info_entropy + a * activation (official MNIST weights 1 / 5 / 0.1)."""
     return oh * losses["one_hot"] + ie * losses["info_entropy"] + a * losses["activation"]
+
+
+# ------------------------------------------------------------------------------------------ engine
+from ._datafree import ENGINE_OPTIONS, Generator, GeneratorDistiller, PenultimateTap, _kd, infer_num_classes  # noqa: E402
+
+#: Official MNIST settings (DAFL-train.py, README): batch 512, 200 epochs x 120 iterations, latent 100,
+#: generator Adam lr 0.2, student Adam lr 2e-3, oh / ie / a = 1 / 5 / 0.1, generator widths 128 / 64.
+#: Scaled for kdfast's digits (16x16x1, vgg8-0.25 teacher, 1,347 training images) and 2 CPU cores:
+#: batch 128, generator widths 32 / 16 (ngf 16), 20 epochs; the rest as the code.
+OPTIONS = {
+    "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": True,
+    "batch_size": 128, "steps_per_epoch": 120, "epochs": 20,
+    "lr_g": 0.2, "lr_s": 2e-3, "oh": 1.0, "ie": 5.0, "a": 0.1, "feature_layer": None,
+    **ENGINE_OPTIONS,
+}
+
+
+class DAFLDistiller(GeneratorDistiller):
+    """DAFL training (DAFL-train.py): per step, one noise batch z; x = G(z); the generator loss
+    oh * one_hot + ie * info_entropy + a * activation on the teacher's logits and penultimate features
+    of x; the student's KD at T = 1 (KL, no T^2) against the teacher on x.detach(); both updated from
+    the same forward (the official single backward, then optimizer_G.step() and optimizer_S.step()).
+
+    Args: teacher, student; generator (latent_dim attribute); num_classes; batch_size,
+    steps_per_epoch (noise per epoch); gen_lr; oh, ie, a; feature_layer (the teacher layer whose input
+    is the penultimate feature; default its last nn.Linear); the remaining keywords go to
+    :class:`kdfast.distill.Distiller` (student optimizer, lr, epochs, seed, checkpoints, ...).
+    """
+
+    def __init__(self, teacher, student, *, generator, num_classes, batch_size, steps_per_epoch, gen_lr,
+                 oh=1.0, ie=5.0, a=0.1, feature_layer=None, **engine_kwargs):
+        super().__init__(teacher, student, generator=generator, num_classes=num_classes, batch_size=batch_size,
+                         steps_per_epoch=steps_per_epoch, gen_lr=gen_lr, **engine_kwargs)
+        self.weights = {"oh": float(oh), "ie": float(ie), "a": float(a)}
+        self.tap = PenultimateTap(self.teacher, feature_layer)
+
+    def training_step(self, batch):
+        x = self.generate(batch)
+        t_logits = self.teacher_logits(x)
+        losses = generator_losses(t_logits, self.tap.pop().float())
+        loss_g = generator_objective(losses, **self.weights)
+        self.monitor.update(t_logits, x)
+        s_logits = self.student_logits(x.detach())
+        loss_s = _kd(s_logits, t_logits.detach(), 1.0, False)
+        self.backward_step(loss_s, "student", update_scaler=False)
+        self.backward_step(loss_g, "generator")
+        parts = {"kd": loss_s.detach(), "generator": loss_g.detach(), **{k: v.detach() for k, v in losses.items()}}
+        return {"loss": loss_s.detach(), "parts": parts, "logits": s_logits.detach(), "targets": None}
+
+    def close(self) -> None:
+        self.tap.remove()
+        super().close()
+
+
+def build(teacher, student, **options) -> DAFLDistiller:
+    """A DAFL engine with a fresh :class:`~kdfast.methods._datafree.Generator` (see OPTIONS)."""
+    o = {**OPTIONS, **options}
+    generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"])
+    num_classes = infer_num_classes(teacher, generator.image_shape)
+    return DAFLDistiller(
+        teacher, student, generator=generator, num_classes=num_classes, batch_size=o["batch_size"],
+        steps_per_epoch=o["steps_per_epoch"], gen_lr=o["lr_g"], oh=o["oh"], ie=o["ie"], a=o["a"],
+        feature_layer=o["feature_layer"], optimizer="adam", lr=o["lr_s"], weight_decay=0.0, epochs=o["epochs"],
+        **{k: o[k] for k in ENGINE_OPTIONS})

@@ -75,3 +75,106 @@ def generator_objective(losses: Mapping[str, torch.Tensor],
     prev_cd = prev_cd.detach() if isinstance(prev_cd, torch.Tensor) else prev_cd
     return (torch.exp(losses["one_hot"] - prev_oh) + torch.exp(losses["class_diversity"] - prev_cd)
             + losses["sample_diversity"])
+
+
+# ------------------------------------------------------------------------------------------ engine
+from ._datafree import ENGINE_OPTIONS, Generator, GeneratorDistiller, _kd, infer_num_classes  # noqa: E402
+from ..distill import Stage, StagedRun  # noqa: E402
+
+#: Official MNIST settings (generator-train.py, student-train.py): batch 512, generator 20 epochs x
+#: 120 iterations Adam lr 1e-3, student 1000 epochs x 120 iterations Adam lr 2e-3 wd 0, KD T = 10
+#: with T^2, latent 100, DAFL-style generator (BN eps 0.8) put in eval mode for the student stage.
+#: Scaled for kdfast's digits and 2 CPU cores: batch 128, ngf 16, 4 generator epochs, 20 student
+#: epochs; the rest as the code.
+OPTIONS = {
+    "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": True,
+    "batch_size": 128, "steps_per_epoch": 120, "generator_epochs": 4, "epochs": 20,
+    "lr_g": 1e-3, "lr_s": 2e-3, "temperature": 10.0, "refresh_iteration": 1,
+    **ENGINE_OPTIONS,
+}
+
+
+class RDSKDGeneratorStage(GeneratorDistiller):
+    """Stage 1 (generator-train.py): only the generator learns, against the frozen teacher. Each
+    batch z is generated in one call and the teacher sees the whole batch in ONE pass (the official
+    code makes two, one per half: identical results with an eval-mode teacher); the losses of the two
+    halves are combined by :func:`generator_objective`. The reference values ("previous") are
+    refreshed after iteration ``refresh_iteration`` of every epoch (the code: ``if i == 1``) and are
+    part of the checkpoint, so a resumed run is exact. The student is not touched."""
+
+    def __init__(self, teacher, student, *, refresh_iteration: int = 1, **kwargs):
+        super().__init__(teacher, student, **kwargs)
+        if self.noise_batch < 2 or self.noise_batch % 2:
+            raise ValueError(f"batch_size must be even (two halves), got {self.noise_batch}")
+        self.refresh_iteration = int(refresh_iteration)
+        self.previous = {}
+        self._iteration = 0
+
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        self._iteration = 0
+
+    def training_step(self, batch):
+        x = self.generate(batch)
+        t_logits = self.teacher_logits(x)
+        half = x.shape[0] // 2
+        losses = generator_losses(t_logits[:half], t_logits[half:], x[:half], x[half:])
+        loss = generator_objective(losses, self.previous)
+        self.monitor.update(t_logits, x)
+        self.backward_step(loss, "generator")
+        if self._iteration == self.refresh_iteration:
+            self.previous = {"one_hot": losses["one_hot"].detach(), "class_diversity": losses["class_diversity"].detach()}
+        self._iteration += 1
+        return {"loss": loss.detach(), "parts": {k: v.detach() for k, v in losses.items()},
+                "logits": t_logits.detach(), "targets": None}
+
+    def checkpoint_state(self):
+        return {**super().checkpoint_state(), "rdskd_previous": dict(self.previous)}
+
+    def load_checkpoint_state(self, ckpt) -> None:
+        super().load_checkpoint_state(ckpt)
+        self.previous = {k: v.to(self.device) for k, v in (ckpt.get("rdskd_previous") or {}).items()}
+
+
+class RDSKDStudentStage(GeneratorDistiller):
+    """Stage 2 (student-train.py): the student learns KD at T with the T^2 factor from the teacher on
+    images of the frozen, eval-mode generator (generator and teacher under no_grad)."""
+
+    def __init__(self, teacher, student, *, temperature: float = 10.0, **kwargs):
+        super().__init__(teacher, student, train_generator=False, **kwargs)
+        self.temperature = float(temperature)
+
+    def training_step(self, batch):
+        with torch.no_grad():
+            x = self.generate(batch)
+            t_logits = self.teacher_logits(x)
+        self.monitor.update(t_logits, x)
+        s_logits = self.student_logits(x)
+        loss = _kd(s_logits, t_logits, self.temperature, True)
+        self.backward_step(loss, "student")
+        return {"loss": loss.detach(), "parts": {"kd": loss.detach()}, "logits": s_logits.detach(), "targets": None}
+
+
+def build(teacher, student, **options):
+    """RDSKD as a :class:`kdfast.distill.StagedRun`: stage "generator" then stage "student" (see OPTIONS).
+    The generator is ``run.generator``."""
+    o = {**OPTIONS, **options}
+    generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"])
+    num_classes = infer_num_classes(teacher, generator.image_shape)
+    common = dict(generator=generator, num_classes=num_classes, batch_size=o["batch_size"],
+                  steps_per_epoch=o["steps_per_epoch"], optimizer="adam", lr=o["lr_s"], weight_decay=0.0,
+                  **{k: o[k] for k in ENGINE_OPTIONS if k not in ("checkpoint_dir", "resume")})
+
+    def generator_stage():
+        return RDSKDGeneratorStage(teacher, student, gen_lr=o["lr_g"], refresh_iteration=o["refresh_iteration"],
+                                   epochs=o["generator_epochs"], **common)
+
+    def student_stage():
+        generator.eval()
+        return RDSKDStudentStage(teacher, student, temperature=o["temperature"], epochs=o["epochs"], **common)
+
+    run = StagedRun([Stage("generator", epochs=o["generator_epochs"], build=generator_stage),
+                     Stage("student", epochs=o["epochs"], build=student_stage)],
+                    checkpoint_dir=o["checkpoint_dir"], resume=o["resume"])
+    run.generator = generator
+    return run
