@@ -133,3 +133,19 @@ def build(teacher, student, **options) -> DAFLDistiller:
         steps_per_epoch=o["steps_per_epoch"], gen_lr=o["lr_g"], oh=o["oh"], ie=o["ie"], a=o["a"],
         feature_layer=o["feature_layer"], optimizer="adam", lr=o["lr_s"], weight_decay=0.0, epochs=o["epochs"],
         **{k: o[k] for k in ENGINE_OPTIONS})
+
+
+# ------------------------------------------------------------------------------------------ experiment
+def run_experiment(out_dir: str, quick: bool = False, device="cpu") -> dict:
+    """The data-free experiment for DAFL, DFAD and RDSKD together (``kdfast experiment datafree``):
+    see :mod:`kdfast.methods._datafree_experiment`."""
+    from ._datafree_experiment import run_experiment as run
+
+    return run(out_dir, quick=quick, device=device)
+
+
+def demo_section(ctx):
+    """ONE demo section for the three data-free methods (DAFL, DFAD, RDSKD)."""
+    from ._datafree_experiment import demo_section as section
+
+    return section(ctx)
