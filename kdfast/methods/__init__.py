@@ -24,6 +24,9 @@ from typing import Any, Dict, List
 _REGISTRY: Dict[str, str] = {
     "kd": "kdfast.methods.kd",
     "kr": "kdfast.methods.kr",
+    "dafl": "kdfast.methods.dafl",
+    "dfad": "kdfast.methods.dfad",
+    "rdskd": "kdfast.methods.rdskd",
 }
 
 

@@ -165,8 +165,9 @@ class CollapseMonitor:
     rank must call it), so that all ranks stop together.
     """
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, one_class_is_collapse: bool = True):
         self.num_classes = _positive_int("num_classes", num_classes)
+        self.one_class_is_collapse = bool(one_class_is_collapse)
         self.counts: Optional[torch.Tensor] = None
         self.bad: Optional[torch.Tensor] = None
 
@@ -185,9 +186,10 @@ class CollapseMonitor:
             bad = bad | ~torch.isfinite(images.detach()).all()
         self.bad |= bad
 
-    def check(self, epoch: int, what: str = "generator") -> Dict[str, object]:
-        """Raise :class:`GeneratorCollapse` if this epoch collapsed; else return its class counts and
-        reset for the next epoch. ``epoch`` is printed as given (kdfast logs 0-based epochs)."""
+    def check(self, epoch: int, what: str = "generator", one_class: bool = True) -> Dict[str, object]:
+        """Raise :class:`GeneratorCollapse` if this epoch collapsed (NaN/inf; or, with ``one_class``,
+        a single class all epoch); else return its class counts and reset for the next epoch.
+        ``epoch`` is printed as given (kdfast logs 0-based epochs)."""
         if self.counts is None:
             return {"class_counts": None}
         stats = torch.cat([self.counts, self.bad.to(torch.int64).view(1)])
@@ -196,7 +198,8 @@ class CollapseMonitor:
         stats = stats.cpu()
         counts, nonfinite = stats[:-1], bool(stats[-1] > 0)
         self.reset()
-        reason = collapse_reason(counts, nonfinite)
+        one_class = one_class and self.one_class_is_collapse
+        reason = collapse_reason(counts if one_class else torch.zeros(0, dtype=torch.int64), nonfinite)
         if reason is not None:
             raise GeneratorCollapse(
                 f"the {what} collapsed in epoch {epoch} (0-based): {reason}. Training stopped; the last good "
@@ -272,11 +275,13 @@ class _Frozen:
             p.requires_grad_(True)
 
 
-ENGINE_OPTIONS = {
-    # engine settings every data-free method accepts (kdfast.distill.Distiller's meaning)
-    "seed": 0, "device": None, "amp": None, "checkpoint_dir": None, "resume": False, "log_path": None,
-    "progress": False,
-}
+def split_options(options, method_options, engine_defaults):
+    """(method options with defaults filled in, engine keywords): the keys of ``method_options`` are the
+    method's; every other key is a :class:`~kdfast.distill.Distiller` keyword (validated by it), with the
+    method's ``engine_defaults`` (its official optimizer, learning rate, epochs) where not given."""
+    method = {**method_options, **{k: v for k, v in options.items() if k in method_options}}
+    engine = {**engine_defaults, **{k: v for k, v in options.items() if k not in method_options}}
+    return method, engine
 
 
 def _kd(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float, t2_scale: bool) -> torch.Tensor:
@@ -293,6 +298,11 @@ class GeneratorDistiller(Distiller):
 
     ``fit(train=None, ...)``: with ``train=None`` the engine draws its own noise
     (:meth:`noise_source`: ``batch_size`` x latent per step, ``steps_per_epoch`` steps).
+
+    Collapse: NaN/inf in the generated images or the teacher's logits stops the run at the end of the
+    epoch; so does an epoch whose samples the teacher put all in one class, except during the first
+    ``collapse_warmup`` epochs (an untrained generator makes noise, which a teacher often puts in a
+    single class).
     """
 
     #: noise vectors drawn per optimisation iteration, in units of the batch size (DFAD: 6)
@@ -300,7 +310,7 @@ class GeneratorDistiller(Distiller):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, generator: nn.Module, num_classes: int,
                  batch_size: int, steps_per_epoch: int, gen_lr: Optional[float] = None,
-                 gen_betas=(0.9, 0.999), train_generator: bool = True, **engine_kwargs):
+                 gen_betas=(0.9, 0.999), train_generator: bool = True, collapse_warmup: int = 1, **engine_kwargs):
         if teacher is None:
             raise ValueError("data-free distillation needs a teacher (the generator is trained against it)")
         if not isinstance(generator, nn.Module):
@@ -323,6 +333,9 @@ class GeneratorDistiller(Distiller):
         else:
             self.generator = generator.to(self.device).eval().requires_grad_(False)
         self.monitor = CollapseMonitor(num_classes)
+        if isinstance(collapse_warmup, bool) or not isinstance(collapse_warmup, int) or collapse_warmup < 0:
+            raise ValueError(f"collapse_warmup must be an int >= 0, got {collapse_warmup!r}")
+        self.collapse_warmup = collapse_warmup
 
     def noise_source(self) -> "NoiseSource":
         return NoiseSource(self.noise_batch * self.draws_per_step, (self.latent_dim,), self.steps_per_epoch)
@@ -333,7 +346,7 @@ class GeneratorDistiller(Distiller):
             return super().fit(source, epochs=epochs, eval_loader=eval_loader)
         except FloatingPointError:
             # The engine's own end-of-epoch NaN check fired first: name the generator if it is the cause.
-            self.monitor.check(self.epoch)
+            self.monitor.check(self.epoch, "generator" if "generator" in self.auxiliaries else "frozen generator")
             raise
 
     # -- building blocks
@@ -348,16 +361,21 @@ class GeneratorDistiller(Distiller):
             return self.teacher(x).float()
 
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Student logits through the engine's (DDP-synchronised) student module."""
-        with _autocast(self.device, self.amp):
-            return self.student_model()(x).float()
+        """Student logits through the engine's trainable module (DDP-synchronised under torchrun; it
+        applies autocast itself). No loss modules: the method computes its losses."""
+        return self.model(x, None, None, {}, {})[0].float()
 
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
+        # the engine puts the student in train mode; a trained generator too (BN batch statistics, as
+        # the official loops), a frozen one stays as it was given (RDSKD's student stage: eval mode)
+        if "generator" in self.auxiliaries:
+            self.generator.train()
         self.monitor.reset()
 
     def on_epoch_end(self, epoch: int, record) -> None:
-        record["class_counts"] = self.monitor.check(epoch)["class_counts"]
+        what = "generator" if "generator" in self.auxiliaries else "frozen generator"
+        record["class_counts"] = self.monitor.check(epoch, what, one_class=epoch >= self.collapse_warmup)["class_counts"]
         super().on_epoch_end(epoch, record)
 
 
@@ -371,6 +389,8 @@ class NoiseKD(GeneratorDistiller):
         super().__init__(teacher, student, generator=_GaussianImages(image_shape), num_classes=num_classes,
                          batch_size=batch_size, steps_per_epoch=steps_per_epoch, train_generator=False,
                          **engine_kwargs)
+        # noise is no generator: a teacher may well put all of it in one class; only NaN stops the run
+        self.monitor.one_class_is_collapse = False
 
     def noise_source(self):
         return NoiseSource(self.noise_batch, tuple(self.generator.image_shape), self.steps_per_epoch)

@@ -72,18 +72,20 @@ def generator_objective(losses: Dict[str, torch.Tensor], oh: float = 1.0, ie: fl
 
 
 # ------------------------------------------------------------------------------------------ engine
-from ._datafree import ENGINE_OPTIONS, Generator, GeneratorDistiller, PenultimateTap, _kd, infer_num_classes  # noqa: E402
+from ._datafree import Generator, GeneratorDistiller, PenultimateTap, _kd, infer_num_classes, split_options  # noqa: E402
 
 #: Official MNIST settings (DAFL-train.py, README): batch 512, 200 epochs x 120 iterations, latent 100,
 #: generator Adam lr 0.2, student Adam lr 2e-3, oh / ie / a = 1 / 5 / 0.1, generator widths 128 / 64.
 #: Scaled for kdfast's digits (16x16x1, vgg8-0.25 teacher, 1,347 training images) and 2 CPU cores:
-#: batch 128, generator widths 32 / 16 (ngf 16), 20 epochs; the rest as the code.
+#: batch 128, generator widths 32 / 16 (ngf 16), 20 epochs; the rest as the code. ``batch_size`` is the
+#: noise batch per step; the engine's keywords (lr, epochs, seed, checkpoint_dir, ...) pass through, with
+#: ENGINE_DEFAULTS (the official student optimizer) where not given.
 OPTIONS = {
     "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": True,
-    "batch_size": 128, "steps_per_epoch": 120, "epochs": 20,
-    "lr_g": 0.2, "lr_s": 2e-3, "oh": 1.0, "ie": 5.0, "a": 0.1, "feature_layer": None,
-    **ENGINE_OPTIONS,
+    "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 120, "lr_g": 0.2, "oh": 1.0, "ie": 5.0, "a": 0.1,
+    "feature_layer": None,
 }
+ENGINE_DEFAULTS = {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "epochs": 20}
 
 
 class DAFLDistiller(GeneratorDistiller):
@@ -125,14 +127,13 @@ class DAFLDistiller(GeneratorDistiller):
 
 def build(teacher, student, **options) -> DAFLDistiller:
     """A DAFL engine with a fresh :class:`~kdfast.methods._datafree.Generator` (see OPTIONS)."""
-    o = {**OPTIONS, **options}
+    o, engine = split_options(options, OPTIONS, ENGINE_DEFAULTS)
     generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"])
     num_classes = infer_num_classes(teacher, generator.image_shape)
     return DAFLDistiller(
         teacher, student, generator=generator, num_classes=num_classes, batch_size=o["batch_size"],
         steps_per_epoch=o["steps_per_epoch"], gen_lr=o["lr_g"], oh=o["oh"], ie=o["ie"], a=o["a"],
-        feature_layer=o["feature_layer"], optimizer="adam", lr=o["lr_s"], weight_decay=0.0, epochs=o["epochs"],
-        **{k: o[k] for k in ENGINE_OPTIONS})
+        feature_layer=o["feature_layer"], collapse_warmup=o["collapse_warmup"], **engine)
 
 
 # ------------------------------------------------------------------------------------------ experiment

@@ -31,18 +31,18 @@ def discrepancy(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ engine
-from ._datafree import ENGINE_OPTIONS, Generator, GeneratorDistiller, _Frozen, infer_num_classes  # noqa: E402
+from ._datafree import Generator, GeneratorDistiller, _Frozen, infer_num_classes, split_options  # noqa: E402
 from ..distill import unwrap_model  # noqa: E402
 
 #: Official MNIST settings (DFAD_mnist.py): batch 512, 40 epochs x 50 iterations, nz 100, student SGD
 #: lr 0.01 momentum 0.9 wd 1e-4, generator Adam lr 1e-3, GeneratorA (ngf 64, default BN eps).
 #: Scaled for kdfast's digits and 2 CPU cores: batch 128, ngf 16, 10 epochs; the rest as the code.
+#: ``batch_size`` is the noise batch of each of the 6 draws per step; engine keywords pass through.
 OPTIONS = {
     "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": False,
-    "batch_size": 128, "steps_per_epoch": 50, "epochs": 10, "student_steps": STUDENT_STEPS,
-    "lr_g": 1e-3, "lr_s": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
-    **ENGINE_OPTIONS,
+    "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 50, "student_steps": STUDENT_STEPS, "lr_g": 1e-3,
 }
+ENGINE_DEFAULTS = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 10}
 
 
 class DFADDistiller(GeneratorDistiller):
@@ -92,11 +92,10 @@ class DFADDistiller(GeneratorDistiller):
 
 def build(teacher, student, **options) -> DFADDistiller:
     """A DFAD engine with a fresh GeneratorA-style :class:`~kdfast.methods._datafree.Generator` (see OPTIONS)."""
-    o = {**OPTIONS, **options}
+    o, engine = split_options(options, OPTIONS, ENGINE_DEFAULTS)
     generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"])
     num_classes = infer_num_classes(teacher, generator.image_shape)
     return DFADDistiller(
         teacher, student, generator=generator, num_classes=num_classes, batch_size=o["batch_size"],
         steps_per_epoch=o["steps_per_epoch"], gen_lr=o["lr_g"], student_steps=o["student_steps"],
-        optimizer="sgd", lr=o["lr_s"], momentum=o["momentum"], weight_decay=o["weight_decay"], epochs=o["epochs"],
-        **{k: o[k] for k in ENGINE_OPTIONS})
+        collapse_warmup=o["collapse_warmup"], **engine)

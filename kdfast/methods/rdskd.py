@@ -78,20 +78,22 @@ def generator_objective(losses: Mapping[str, torch.Tensor],
 
 
 # ------------------------------------------------------------------------------------------ engine
-from ._datafree import ENGINE_OPTIONS, Generator, GeneratorDistiller, _kd, infer_num_classes  # noqa: E402
-from ..distill import Stage, StagedRun  # noqa: E402
+from ._datafree import Generator, GeneratorDistiller, _kd, infer_num_classes, split_options  # noqa: E402
+from ..distill import NoiseSource, Stage, StagedRun  # noqa: E402
 
 #: Official MNIST settings (generator-train.py, student-train.py): batch 512, generator 20 epochs x
 #: 120 iterations Adam lr 1e-3, student 1000 epochs x 120 iterations Adam lr 2e-3 wd 0, KD T = 10
 #: with T^2, latent 100, DAFL-style generator (BN eps 0.8) put in eval mode for the student stage.
 #: Scaled for kdfast's digits and 2 CPU cores: batch 128, ngf 16, 4 generator epochs, 20 student
-#: epochs; the rest as the code.
+#: epochs; the rest as the code. ``epochs`` (an engine keyword) is the student stage's; engine keywords
+#: pass through to both stages' engines, except checkpoint_dir / resume / log_path (the StagedRun's).
 OPTIONS = {
     "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": True,
-    "batch_size": 128, "steps_per_epoch": 120, "generator_epochs": 4, "epochs": 20,
-    "lr_g": 1e-3, "lr_s": 2e-3, "temperature": 10.0, "refresh_iteration": 1,
-    **ENGINE_OPTIONS,
+    "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 120, "generator_epochs": 4, "lr_g": 1e-3, "temperature": 10.0,
+    "refresh_iteration": 1,
 }
+ENGINE_DEFAULTS = {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "epochs": 20}
+_RUN_KEYS = ("checkpoint_dir", "resume", "log_path")
 
 
 class RDSKDGeneratorStage(GeneratorDistiller):
@@ -158,23 +160,25 @@ class RDSKDStudentStage(GeneratorDistiller):
 def build(teacher, student, **options):
     """RDSKD as a :class:`kdfast.distill.StagedRun`: stage "generator" then stage "student" (see OPTIONS).
     The generator is ``run.generator``."""
-    o = {**OPTIONS, **options}
+    o, engine = split_options(options, OPTIONS, ENGINE_DEFAULTS)
+    run_kw = {k: engine.pop(k) for k in _RUN_KEYS if k in engine}
+    epochs = engine.pop("epochs")
     generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"])
     num_classes = infer_num_classes(teacher, generator.image_shape)
     common = dict(generator=generator, num_classes=num_classes, batch_size=o["batch_size"],
-                  steps_per_epoch=o["steps_per_epoch"], optimizer="adam", lr=o["lr_s"], weight_decay=0.0,
-                  **{k: o[k] for k in ENGINE_OPTIONS if k not in ("checkpoint_dir", "resume")})
+                  steps_per_epoch=o["steps_per_epoch"], **engine)
 
     def generator_stage():
         return RDSKDGeneratorStage(teacher, student, gen_lr=o["lr_g"], refresh_iteration=o["refresh_iteration"],
-                                   epochs=o["generator_epochs"], **common)
+                                   epochs=o["generator_epochs"], collapse_warmup=o["collapse_warmup"], **common)
 
     def student_stage():
-        generator.eval()
-        return RDSKDStudentStage(teacher, student, temperature=o["temperature"], epochs=o["epochs"], **common)
+        generator.eval()  # student-train.py: generator.eval() (BN running statistics)
+        return RDSKDStudentStage(teacher, student, temperature=o["temperature"], epochs=epochs, collapse_warmup=0,
+                                 **common)
 
-    run = StagedRun([Stage("generator", epochs=o["generator_epochs"], build=generator_stage),
-                     Stage("student", epochs=o["epochs"], build=student_stage)],
-                    checkpoint_dir=o["checkpoint_dir"], resume=o["resume"])
+    noise = NoiseSource(o["batch_size"], (o["latent_dim"],), o["steps_per_epoch"])
+    run = StagedRun([Stage("generator", epochs=o["generator_epochs"], build=generator_stage, train=noise, eval=False),
+                     Stage("student", epochs=epochs, build=student_stage, train=noise)], **run_kw)
     run.generator = generator
     return run
