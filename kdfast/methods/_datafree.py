@@ -136,7 +136,12 @@ class PenultimateTap:
 
 # ------------------------------------------------------------------------------------------ collapse
 class GeneratorCollapse(RuntimeError):
-    """The generator collapsed: NaN/inf samples, or one class only for a whole epoch."""
+    """The generator collapsed: NaN/inf samples, or one class only for a whole epoch. ``epoch`` and
+    ``class_counts`` (the teacher's classes of that epoch's samples) say where and how."""
+
+    def __init__(self, message: str, epoch: int = -1, class_counts=None):
+        super().__init__(message)
+        self.epoch, self.class_counts = epoch, class_counts
 
 
 def collapse_reason(class_counts: torch.Tensor, nonfinite: bool) -> Optional[str]:
@@ -204,7 +209,7 @@ class CollapseMonitor:
             raise GeneratorCollapse(
                 f"the {what} collapsed in epoch {epoch} (0-based): {reason}. Training stopped; the last good "
                 "checkpoint is the previous epoch's. Lower the generator's learning rate or change the loss "
-                "weights, then resume or restart.")
+                "weights, then resume or restart.", epoch=epoch, class_counts=counts.tolist())
         return {"class_counts": counts.tolist()}
 
 
@@ -310,7 +315,8 @@ class GeneratorDistiller(Distiller):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, generator: nn.Module, num_classes: int,
                  batch_size: int, steps_per_epoch: int, gen_lr: Optional[float] = None,
-                 gen_betas=(0.9, 0.999), train_generator: bool = True, collapse_warmup: int = 1, **engine_kwargs):
+                 gen_betas=(0.9, 0.999), gen_optimizer: str = "adam", train_generator: bool = True,
+                 collapse_warmup: int = 1, **engine_kwargs):
         if teacher is None:
             raise ValueError("data-free distillation needs a teacher (the generator is trained against it)")
         if not isinstance(generator, nn.Module):
@@ -325,8 +331,9 @@ class GeneratorDistiller(Distiller):
         if train_generator:
             if not (isinstance(gen_lr, (int, float)) and gen_lr > 0):
                 raise ValueError(f"gen_lr must be a positive number, got {gen_lr!r}")
-            auxiliaries["generator"] = Auxiliary(generator, optimizer="adam", lr=float(gen_lr),
-                                                 betas=tuple(gen_betas), weight_decay=0.0)
+            # Adam with PyTorch's default betas in all three official codes ("sgd": plain SGD, no momentum)
+            auxiliaries["generator"] = Auxiliary(generator, optimizer=gen_optimizer, lr=float(gen_lr),
+                                                 betas=tuple(gen_betas), momentum=0.0, weight_decay=0.0)
         super().__init__(teacher, student, losses={}, auxiliaries=auxiliaries, **engine_kwargs)
         if train_generator:
             self.generator = self.auxiliaries["generator"].module
@@ -375,7 +382,11 @@ class GeneratorDistiller(Distiller):
 
     def on_epoch_end(self, epoch: int, record) -> None:
         what = "generator" if "generator" in self.auxiliaries else "frozen generator"
-        record["class_counts"] = self.monitor.check(epoch, what, one_class=epoch >= self.collapse_warmup)["class_counts"]
+        try:
+            record["class_counts"] = self.monitor.check(epoch, what, one_class=epoch >= self.collapse_warmup)["class_counts"]
+        except GeneratorCollapse as err:  # the epoch's record (already in history) says so; no checkpoint is written
+            record["class_counts"], record["collapsed"] = err.class_counts, str(err)
+            raise
         super().on_epoch_end(epoch, record)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -42,7 +42,8 @@ class Config:
     grid: Dict[str, List[Dict[str, Any]]]   # method -> list of option overrides (sensitivity)
     diversity_samples: int = 512
     pgd_steps: int = 10
-    extra: Dict[str, Any] = field(default_factory=dict)
+    train_subset: Optional[int] = None      # tiny test runs: fewer training / test images
+    test_subset: Optional[int] = None
 
 
 def _grid(full: bool) -> Dict[str, List[Dict[str, Any]]]:
@@ -71,6 +72,16 @@ def config(quick: bool) -> Config:
         "dafl": {"steps_per_epoch": 120, "epochs": 20}, "dfad": {"steps_per_epoch": 50, "epochs": 10},
         "rdskd": {"steps_per_epoch": 120, "generator_epochs": 4, "epochs": 20}},
         grid=_grid(True), diversity_samples=1024, pgd_steps=10)
+
+
+def tiny_config() -> Config:
+    """A seconds-long configuration exercising every part of the experiment (tests)."""
+    return Config(seeds=[0], teacher_epochs=1, batch_size=8, schedule={
+        "kd_real": {"epochs": 1}, "kd_noise": {"steps_per_epoch": 2, "epochs": 1},
+        "dafl": {"steps_per_epoch": 2, "epochs": 1}, "dfad": {"steps_per_epoch": 1, "epochs": 1},
+        "rdskd": {"steps_per_epoch": 2, "generator_epochs": 1, "epochs": 1}},
+        grid={"dafl": [{"lr_g": 0.02}], "dfad": [], "rdskd": [{"batch_size": 0.5}]}, diversity_samples=16,
+        pgd_steps=1, train_subset=96, test_subset=48)
 
 
 def _student(kwargs):
@@ -285,11 +296,14 @@ def _label(overrides: Dict[str, Any]) -> str:
 
 def run_experiment(out_dir: str, quick: bool = False, device="cpu") -> Dict[str, Any]:
     """The data-free experiment; writes report.md, results.json and PNGs into ``out_dir``."""
+    return run(out_dir, config(quick), device=device, quick=quick)
+
+
+def run(out_dir: str, cfg: Config, device="cpu", quick: bool = False) -> Dict[str, Any]:
     os.makedirs(out_dir, exist_ok=True)
-    cfg = config(quick)
     t_start = time.perf_counter()
     device = torch.device(device)
-    train_set, test_set = base.digits(16)
+    train_set, test_set = base.digits(16, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
     teacher, model_kwargs, teacher_acc = base.train_teacher(train_set, test_set, name=TEACHER[0], width=TEACHER[1],
                                                             epochs=cfg.teacher_epochs, device=device)
     num_classes = train_set.num_classes

@@ -174,8 +174,8 @@ def build(teacher, student, **options):
 
     def student_stage():
         generator.eval()  # student-train.py: generator.eval() (BN running statistics)
-        return RDSKDStudentStage(teacher, student, temperature=o["temperature"], epochs=epochs, collapse_warmup=0,
-                                 **common)
+        return RDSKDStudentStage(teacher, student, temperature=o["temperature"], epochs=epochs,
+                                 collapse_warmup=o["collapse_warmup"], **common)
 
     noise = NoiseSource(o["batch_size"], (o["latent_dim"],), o["steps_per_epoch"])
     run = StagedRun([Stage("generator", epochs=o["generator_epochs"], build=generator_stage, train=noise, eval=False),
