@@ -50,8 +50,12 @@ def main(out_dir, method, kill_at=None, kill_stage=None):
     generator = engine.generator
     rank = int(os.environ.get("RANK", "0"))
     name = f"rank{rank}.pt" if ddp else "final.pt"
-    torch.save({"student": student.state_dict(), "generator": generator.state_dict(), "history": history,
-                "first_batch": first_batch}, os.path.join(out_dir, name))
+    if ddp:  # parameters only: BN running statistics are per rank under DDP (rank 0's are checkpointed)
+        state = {"student": dict(student.named_parameters()), "generator": dict(generator.named_parameters())}
+        state = {part: {k: v.detach() for k, v in d.items()} for part, d in state.items()}
+    else:
+        state = {"student": student.state_dict(), "generator": generator.state_dict()}
+    torch.save({**state, "history": history, "first_batch": first_batch}, os.path.join(out_dir, name))
     engine.close()
 
 
