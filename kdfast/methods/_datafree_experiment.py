@@ -84,6 +84,10 @@ def tiny_config() -> Config:
         pgd_steps=1, train_subset=96, test_subset=48)
 
 
+def _log(msg: str) -> None:
+    print(f"[datafree] {msg}", flush=True)
+
+
 def _student(kwargs):
     from .. import models
 
@@ -308,10 +312,14 @@ def run(out_dir: str, cfg: Config, device="cpu", quick: bool = False) -> Dict[st
                                                             epochs=cfg.teacher_epochs, device=device)
     num_classes = train_set.num_classes
 
+    _log(f"teacher {TEACHER[0]}-{TEACHER[1]}: {100 * teacher_acc:.2f}% ({time.perf_counter() - t_start:.0f} s)")
     runs: Dict[str, List[Dict[str, Any]]] = {m: [] for m in METHODS}
     for seed in cfg.seeds:
         for m in METHODS:
-            runs[m].append(train_one(m, teacher, model_kwargs, train_set, test_set, cfg, seed, device))
+            r = train_one(m, teacher, model_kwargs, train_set, test_set, cfg, seed, device)
+            runs[m].append(r)
+            _log(f"seed {seed} {m}: {100 * r['final_accuracy']:.2f}% in {r['time_s']:.0f} s"
+                 + (" (generator collapsed)" if r["collapsed"] else ""))
 
     # RDSKD's claim 1: spread of the final accuracy over a small grid (seed 0; "default" is the main run)
     grid: Dict[str, List[Dict[str, Any]]] = {}
@@ -321,6 +329,8 @@ def run(out_dir: str, cfg: Config, device="cpu", quick: bool = False) -> Dict[st
                     "overrides": {}}]
         for ov in cfg.grid[m]:
             r = train_one(m, teacher, model_kwargs, train_set, test_set, cfg, cfg.seeds[0], device, overrides=ov)
+            _log(f"grid {m} {_label(ov)}: {100 * r['final_accuracy']:.2f}% in {r['time_s']:.0f} s"
+                 + (" (generator collapsed)" if r["collapsed"] else ""))
             grid[m].append({"label": _label(ov), "final_accuracy": r["final_accuracy"], "collapsed": r["collapsed"],
                             "overrides": ov, "time_s": r["time_s"]})
 
