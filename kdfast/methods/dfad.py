@@ -99,3 +99,9 @@ def build(teacher, student, **options) -> DFADDistiller:
         teacher, student, generator=generator, num_classes=num_classes, batch_size=o["batch_size"],
         steps_per_epoch=o["steps_per_epoch"], gen_lr=o["lr_g"], student_steps=o["student_steps"],
         collapse_warmup=o["collapse_warmup"], **engine)
+
+
+# ------------------------------------------------------------------------------------------ experiment
+# One experiment and one demo section for the three data-free methods: DAFL's module holds them (the
+# demo tour shows a shared section once; `kdfast experiment dfad/rdskd/dafl` run the same experiment).
+from .dafl import demo_section, run_experiment  # noqa: E402,F401

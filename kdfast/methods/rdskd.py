@@ -182,3 +182,9 @@ def build(teacher, student, **options):
                      Stage("student", epochs=epochs, build=student_stage, train=noise)], **run_kw)
     run.generator = generator
     return run
+
+
+# ------------------------------------------------------------------------------------------ experiment
+# One experiment and one demo section for the three data-free methods: DAFL's module holds them (the
+# demo tour shows a shared section once; `kdfast experiment dfad/rdskd/dafl` run the same experiment).
+from .dafl import demo_section, run_experiment  # noqa: E402,F401
