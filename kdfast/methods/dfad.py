@@ -31,7 +31,7 @@ def discrepancy(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ engine
-from ._datafree import Generator, GeneratorDistiller, _Frozen, infer_num_classes, split_options  # noqa: E402
+from ._datafree import Generator, GeneratorDistiller, _autocast, _Frozen, infer_num_classes, split_options  # noqa: E402
 from ..distill import unwrap_model  # noqa: E402
 
 #: Official MNIST settings (DFAD_mnist.py): batch 512, 40 epochs x 50 iterations, nz 100, student SGD
@@ -84,8 +84,6 @@ class DFADDistiller(GeneratorDistiller):
                 "logits": s_logits.detach(), "targets": None}
 
     def forward_unsynced(self, module, x):
-        from ._datafree import _autocast
-
         with _autocast(self.device, self.amp):
             return module(x).float()
 
