@@ -25,6 +25,9 @@ _REGISTRY: Dict[str, str] = {
     "kd": "kdfast.methods.kd",
     "kr": "kdfast.methods.kr",
     "bss": "kdfast.methods.bss",
+    "dafl": "kdfast.methods.dafl",
+    "dfad": "kdfast.methods.dfad",
+    "rdskd": "kdfast.methods.rdskd",
 }
 
 

@@ -170,3 +170,116 @@ def bss_official_attack(teacher, inputs, target, num_steps: int = 10, step_alpha
         input_adv = torch.clamp(inputs + (step_adv - inputs), -2.5, 2.5)
         x = input_adv.clone().requires_grad_(True)
     return input_adv
+
+
+# ------------------------------------------------------------------------------- data-free KD
+# The generator losses and one training iteration of each method, written the way the official code
+# writes them (read in the repositories; no code copied): DAFL huawei-noah/Efficient-Computing
+# Data-Efficient-Model-Compression/DAFL/DAFL-train.py; RDSKD PengchaoHan/RDSKD generator-train.py and
+# student-train.py; DFAD VainF/Data-Free-Adversarial-Distillation DFAD_mnist.py. The iterations take
+# their noise z as an argument so that a benchmark can feed both sides the same draws.
+def _official_kdloss(y, teacher_scores):
+    # DAFL / RDSKD utils.kdloss: KL(softmax(t) || softmax(y)) summed, divided by the batch size.
+    return F.kl_div(F.log_softmax(y, dim=1), F.softmax(teacher_scores, dim=1), reduction="sum") / y.shape[0]
+
+
+def dafl_official_generator_losses(outputs_T, features_T):
+    """DAFL-train.py: (one_hot, activation, information_entropy) with log10 and .data argmax."""
+    pred = outputs_T.data.max(1)[1]
+    loss_activation = -features_T.abs().mean()
+    loss_one_hot = F.cross_entropy(outputs_T, pred)
+    softmax_o_T = F.softmax(outputs_T, dim=1).mean(dim=0)
+    loss_information_entropy = (softmax_o_T * torch.log10(softmax_o_T)).sum()
+    return loss_one_hot, loss_activation, loss_information_entropy
+
+
+def dafl_official_iteration(generator, teacher_with_features, student, optimizer_G, optimizer_S, z,
+                            oh=1.0, ie=5.0, a=0.1):
+    """One DAFL-train.py iteration: one backward of (generator losses + KD(student(G(z).detach()), T = 1)),
+    then optimizer_G.step() and optimizer_S.step(). ``teacher_with_features(x) -> (logits, features)``
+    stands for the official ``teacher(gen_imgs, out_feature=True)``."""
+    optimizer_G.zero_grad()
+    optimizer_S.zero_grad()
+    gen_imgs = generator(z)
+    outputs_T, features_T = teacher_with_features(gen_imgs)
+    loss_one_hot, loss_activation, loss_information_entropy = dafl_official_generator_losses(outputs_T, features_T)
+    loss = loss_one_hot * oh + loss_information_entropy * ie + loss_activation * a
+    loss_kd = _official_kdloss(student(gen_imgs.detach()), outputs_T.detach())
+    loss = loss + loss_kd
+    loss.backward()
+    optimizer_G.step()
+    optimizer_S.step()
+    return loss.detach()
+
+
+def rdskd_official_generator_losses(teacher, gen_imgs1, gen_imgs2):
+    """generator-train.py: two teacher passes (one per half), then one_hot and information entropy
+    (natural log) over the concatenated logits and the diversity-seeking loss."""
+    outputs_T1 = teacher(gen_imgs1)
+    outputs_T2 = teacher(gen_imgs2)
+    outputs_T = torch.cat((outputs_T1, outputs_T2))
+    pred = outputs_T.data.max(1)[1]
+    loss_one_hot = F.cross_entropy(outputs_T, pred)
+    mean_softmax_T = F.softmax(outputs_T, dim=1).mean(dim=0)
+    loss_information_entropy = (mean_softmax_T * torch.log(mean_softmax_T)).sum()
+    softmax_o_T1 = F.softmax(outputs_T1, dim=1)
+    softmax_o_T2 = F.softmax(outputs_T2, dim=1)
+    lz = torch.norm(gen_imgs2 - gen_imgs1) / torch.norm(softmax_o_T2 - softmax_o_T1)
+    loss_diversity_seeking = 1 / (lz + 1 * 1e-20)
+    return loss_one_hot, loss_information_entropy, loss_diversity_seeking
+
+
+def rdskd_official_generator_iteration(generator, teacher, optimizer_G, z, state, i):
+    """One generator-train.py iteration (``i``: iteration index in the 120-iteration epoch; ``state``:
+    dict holding loss_oh_prev / loss_ie_pre, initially 0). The code writes four ``.item()`` values
+    per iteration to a CSV file; the ``.item()`` calls (host syncs) are kept, the file I/O is not."""
+    optimizer_G.zero_grad()
+    gen_imgs = generator(z)
+    gen_imgs1, gen_imgs2 = torch.split(gen_imgs, z.shape[0] // 2, dim=0)
+    loss_one_hot, loss_information_entropy, loss_diversity_seeking = rdskd_official_generator_losses(
+        teacher, gen_imgs1, gen_imgs2)
+    loss = (torch.exp(loss_one_hot - state.get("loss_oh_prev", 0.0))
+            + torch.exp(loss_information_entropy - state.get("loss_ie_pre", 0.0)) + loss_diversity_seeking)
+    loss.backward()
+    optimizer_G.step()
+    if i == 1:
+        state["loss_oh_prev"] = loss_one_hot.detach()
+        state["loss_ie_pre"] = loss_information_entropy.detach()
+    _ = (loss_one_hot.item(), loss_information_entropy.item(), loss_diversity_seeking.item(), loss.item())
+    return loss.detach()
+
+
+def rdskd_official_student_iteration(generator, teacher, student, optimizer_S, z, temperature=10.0):
+    """One student-train.py iteration: the (eval-mode) generator and the teacher run with autograd
+    on (their graphs are built and discarded), KD at T with the T^2 factor on detached images."""
+    optimizer_S.zero_grad()
+    gen_imgs = generator(z)
+    outputs_T = teacher(gen_imgs)
+    T = float(temperature)
+    loss = T * T * _official_kdloss(student(gen_imgs.detach()) / T, outputs_T.detach() / T)
+    loss.backward()
+    optimizer_S.step()
+    return loss.detach()
+
+
+def dfad_official_iteration(generator, teacher, student, optimizer_S, optimizer_G, zs):
+    """One DFAD_mnist.py iteration: for each of the first len(zs) - 1 noise draws a student step on
+    L1(student(G(z).detach()), teacher(...).detach()), then a generator step on -L1 with the last draw.
+    The official teacher keeps requires_grad (never frozen), so its weight gradients are computed in
+    the generator step; pass the teacher as the code has it."""
+    for z in zs[:-1]:
+        optimizer_S.zero_grad()
+        fake = generator(z).detach()
+        t_logit = teacher(fake)
+        s_logit = student(fake)
+        loss_S = F.l1_loss(s_logit, t_logit.detach())
+        loss_S.backward()
+        optimizer_S.step()
+    optimizer_G.zero_grad()
+    fake = generator(zs[-1])
+    t_logit = teacher(fake)
+    s_logit = student(fake)
+    loss_G = -F.l1_loss(s_logit, t_logit)
+    loss_G.backward()
+    optimizer_G.step()
+    return loss_S.detach(), loss_G.detach()

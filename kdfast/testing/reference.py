@@ -6,6 +6,8 @@ the smaller before anything else (RepDistiller's convention, generalised to non-
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -216,3 +218,61 @@ def bss_attack(teacher, x, target_classes, steps: int = 10, step_size: float = 0
         if clamp is not None:
             x = x.clamp(clamp[0], clamp[1])
     return x, calls
+
+
+# ------------------------------------------------------------------ data-free KD (DAFL, RDSKD, DFAD)
+# Straight from the formulas in float64: CE as logsumexp minus the max logit, entropies with explicit
+# log bases, Frobenius norms as square roots of sums of squares.
+def _log_softmax64(z):
+    z = z.double()
+    return z - torch.logsumexp(z, dim=1, keepdim=True)
+
+
+def _one_hot_ce(z):
+    # CE(z, argmax z) = mean_i (logsumexp_k z_ik - max_k z_ik)
+    z = z.double()
+    return (torch.logsumexp(z, dim=1) - z.max(dim=1).values).mean()
+
+
+def _sum_p_log_p(z, log_base):
+    p = _log_softmax64(z).exp().mean(dim=0)
+    return (p * torch.log(p)).sum() / math.log(log_base)
+
+
+def dafl_generator_losses(t_logits, t_features):
+    """DAFL (Chen et al., ICCV 2019) as its code normalises: one_hot = CE(z, argmax z);
+    activation = -(1 / (B d)) sum |f| (mean over batch and features); info_entropy =
+    sum_k p_k log10 p_k with p the batch-mean softmax."""
+    f = t_features.double()
+    return {
+        "one_hot": _one_hot_ce(t_logits),
+        "activation": -f.abs().sum() / f.numel(),
+        "info_entropy": _sum_p_log_p(t_logits, 10.0),
+    }
+
+
+def rdskd_generator_losses(t_logits_1, t_logits_2, x_1, x_2):
+    """RDSKD (Han et al., ICASSP 2021) as its code computes them: one_hot and class_diversity
+    (natural log) over both halves; sample_diversity = 1 / (||x2 - x1||_F / ||p2 - p1||_F + 1e-20)."""
+    z = torch.cat([t_logits_1, t_logits_2]).double()
+    dx = (x_2.double() - x_1.double()).pow(2).sum().sqrt()
+    dp = (_log_softmax64(t_logits_2).exp() - _log_softmax64(t_logits_1).exp()).pow(2).sum().sqrt()
+    return {
+        "one_hot": _one_hot_ce(z),
+        "class_diversity": _sum_p_log_p(z, math.e),
+        "sample_diversity": 1.0 / (dx / dp + 1e-20),
+    }
+
+
+def rdskd_generator_objective(losses, previous=None):
+    """exp(one_hot - prev_one_hot) + exp(class_diversity - prev_class_diversity) + sample_diversity."""
+    previous = previous or {}
+    prev_oh = float(previous.get("one_hot", 0.0))
+    prev_cd = float(previous.get("class_diversity", 0.0))
+    return (torch.exp(losses["one_hot"].double() - prev_oh) + torch.exp(losses["class_diversity"].double() - prev_cd)
+            + losses["sample_diversity"].double())
+
+
+def dfad_discrepancy(s_logits, t_logits):
+    """DFAD (Fang et al. 2019) model discrepancy: (1 / (B K)) sum |z_S - z_T|."""
+    return (s_logits.double() - t_logits.double()).abs().sum() / s_logits.numel()
