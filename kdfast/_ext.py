@@ -37,6 +37,13 @@ def _read_build_info() -> dict | None:
 
 def _find_problem(load_error, built) -> str | None:
     if load_error is not None:
+        import glob
+        import os
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not glob.glob(os.path.join(here, "_C*.so")) and not glob.glob(os.path.join(here, "_C*.pyd")):
+            # Python words a missing submodule of a half-imported package as "a circular import".
+            return f"kdfast's compiled extension kdfast._C is not built (no _C*.so in {here})."
         return f"kdfast's compiled extension kdfast._C could not be loaded ({load_error!r})."
     installed = torch.__version__.split("+")[0]
     if built["torch"] != installed:

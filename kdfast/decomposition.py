@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 import numbers
 from dataclasses import asdict, dataclass, field
 
@@ -294,6 +295,12 @@ def decompose(
         sizes = _measure_sizes(model, selected, input_shape, example_input)
         report.macs_unit = "per sample"
 
+    if not selected:
+        # Not an error (a model may legitimately have nothing to decompose), but never silent.
+        reasons = sorted({r for _, r in report.skipped})
+        warnings.warn("decompose replaced no convolution" + (f" (skipped: {', '.join(map(str, reasons))})"
+                                                             if reasons else " (the model has no nn.Conv2d)"),
+                      stacklevel=2)
     replacements = {}
     for name, conv in selected.items():
         try:

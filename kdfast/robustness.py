@@ -83,8 +83,12 @@ def _fmt_eps(e: float) -> str:
     return f"{e:.4g}"
 
 
-def plot_reports(reports: list[RobustnessReport], path: str | os.PathLike, title: str | None = None) -> str:
-    """One PNG with FGSM (dashed) and PGD (solid) accuracy vs eps for several models."""
+def plot_reports(reports: list[RobustnessReport], path: str | os.PathLike, title: str | None = None,
+                 colors: list[str] | None = None) -> str:
+    """One PNG with FGSM (dashed) and PGD (solid) accuracy vs eps for several models.
+
+    ``colors``: one matplotlib colour per report (default C0, C1, ...), so a caller can keep one colour
+    per model across several figures. Pixel-unit eps are labelled in k/255 as the report tables."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,10 +96,16 @@ def plot_reports(reports: list[RobustnessReport], path: str | os.PathLike, title
 
     fig, ax = plt.subplots(figsize=(9.0, 4.2))
     for i, rep in enumerate(reports):
-        color = f"C{i}"
+        color = colors[i] if colors is not None else f"C{i}"
         ax.plot(rep.eps, [100 * a for a in rep.pgd], "-o", color=color, label=f"{rep.name} PGD-{rep.pgd_steps}")
         ax.plot(rep.eps, [100 * a for a in rep.fgsm], "--s", color=color, alpha=0.7, label=f"{rep.name} FGSM")
-    ax.set_xlabel(f"eps (L-inf, {reports[0].eps_units} units)" if reports else "eps")
+    if reports and reports[0].eps_units.startswith("pixel"):
+        ticks = sorted({e for rep in reports for e in rep.eps})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{e * 255:.3g}/255" if e else "0" for e in ticks])
+        ax.set_xlabel("eps (L-inf, pixel units of [0, 1] images)")
+    else:
+        ax.set_xlabel(f"eps (L-inf, {reports[0].eps_units} units)" if reports else "eps")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)

@@ -1,4 +1,4 @@
-"""kdfast.distill.config: YAML -> validated dict -> (Distiller, loaders) -> run; clear errors."""
+"""kdfast.cli.config: YAML -> validated dict -> (Distiller, loaders) -> run; clear errors."""
 import sys
 import types
 
@@ -8,8 +8,8 @@ import yaml
 
 import kdfast
 from distill_helpers import SoftKL
-from kdfast.distill import build_from_config, load_config, run_config
-from kdfast.distill.config import ConfigError, resolve_loss_class, validate_config
+from kdfast.cli.config import build_from_config, load_config, run_config
+from kdfast.cli.config import ConfigError, resolve_loss_class, validate_config
 
 BASE = {
     "seed": 1,

@@ -400,7 +400,7 @@ def _d(**kw):
     (dict(feature_layers={"at": ("conv1", "conv1")}), ValueError, r"names losses \['at'\]"),
     (dict(losses={"x": Recorder("probs")}), ValueError, "kdfast_inputs must be 'logits' or 'features'"),
     (dict(losses={"kd": lambda a, b: a}), TypeError, "must be an nn.Module"),
-    (dict(losses={}), ValueError, "non-empty dict"),
+    (dict(losses={}), ValueError, "losses is empty"),
     (dict(teacher=None), ValueError, "teacher is None"),
     (dict(amp="fp16"), ValueError, "amp='fp16' needs a CUDA device"),
     (dict(amp="fp8"), ValueError, "amp must be None"),

@@ -128,10 +128,10 @@ def test_kr_distiller_steps_update_own_parameters_only():
     # Phase 1 alone (student fixed): only the aggregators move.
     out = d.compute_loss(batch)
     fit = aggregation_loss(d.aggregation(out["teacher_features"]), [f.detach() for f in out["student_features"]])
-    d.aggregator_optimizer.zero_grad()
+    d.optimizers["aggregator"].zero_grad()
     fit.backward()
     assert all(p.grad is None for p in d.student.parameters())
-    d.aggregator_optimizer.step()
+    d.optimizers["aggregator"].step()
     assert all(torch.equal(a, b) for a, b in zip(student0, d.student.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(agg0, d.aggregation.parameters()))
 
@@ -144,7 +144,7 @@ def test_kr_distiller_steps_update_own_parameters_only():
     assert any(not torch.equal(a, b) for a, b in zip(agg1, d.aggregation.parameters()))
     # the student optimizer holds no aggregator parameter and vice versa
     s_ids = {id(p) for g in d.optimizer.param_groups for p in g["params"]}
-    a_ids = {id(p) for g in d.aggregator_optimizer.param_groups for p in g["params"]}
+    a_ids = {id(p) for g in d.optimizers["aggregator"].param_groups for p in g["params"]}
     assert not s_ids & a_ids and a_ids == {id(p) for p in d.aggregation.parameters()}
     d.close()
 
@@ -158,9 +158,9 @@ def test_kr_distiller_student_step_uses_recoded_gradients():
 
     out = ref.compute_loss(batch)
     fit = aggregation_loss(ref.aggregation(out["teacher_features"]), [f.detach() for f in out["student_features"]])
-    ref.aggregator_optimizer.zero_grad()
+    ref.optimizers["aggregator"].zero_grad()
     fit.backward()
-    ref.aggregator_optimizer.step()
+    ref.optimizers["aggregator"].step()
     with torch.no_grad():
         target = ref.aggregation(out["teacher_features"])
     loss = out["loss"] + ref.aggregation_weight * aggregation_loss(target, out["student_features"])
@@ -181,7 +181,9 @@ def test_kr_distiller_without_recoding_and_checkpoint(tmp_path):
     assert d.recoding is None
     d.fit(_data(16))
     ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
-    assert set(ckpt["kr"]) == {"aggregation", "aggregator_optimizer", "aggregator_scheduler", "sparse_recoding"}
+    assert set(ckpt["auxiliaries"]) == {"aggregator"}
+    assert set(ckpt["auxiliaries"]["aggregator"]) == {"module", "optimizer", "scheduler"}
+    assert ckpt["sparse_recoding"] is None
     d.close()
     # resume into a fresh distiller with recoding: aggregation state restored
     e = _distiller(checkpoint_dir=str(tmp_path), resume=True, epochs=2)

@@ -1,511 +1,128 @@
-"""`kdfast demo`: the experiment of Sadhukhan et al. (ICIP 2020) end to end, small enough for a laptop.
+"""`kdfast demo`: the tour of every source paper on the embedded digits data, one report.
 
-"Knowledge Distillation Inspired Fine-Tuning of Tucker Decomposed CNNs and Adversarial Robustness
-Analysis" proposes: decompose a trained CNN (the teacher) with Tucker-2, then fine-tune the
-decomposed network (the student) by distilling from the undecomposed teacher instead of by
-cross-entropy alone, and compare accuracy and adversarial robustness. The paper's datasets,
-models and numbers are not public (METHODS.md 9); this demo runs the same protocol on the
-digits data embedded in scikit-learn (kdfast.data, 1,347 train / 450 test images, 16x16):
+1. One teacher (kdfast.models vgg8 at width 0.25, trained with cross-entropy) shared by every section.
+2. One section per registered method (``kdfast.methods.available()``, in the registry's order), each
+   given the teacher, the data, the seeds and a time budget (:class:`kdfast.methods.base.DemoContext`).
+   The first, "kd", is the Tucker + KD + robustness protocol of Sadhukhan et al. (ICIP 2020).
+3. ``report.md`` (a section per paper), ``results.json`` (each section's numbers), the sections' PNGs
+   and model checkpoints in the output directory.
 
-1. train the teacher (kdfast.models, default vgg8 at width 0.25) with cross-entropy;
-2. decompose every 3x3 convolution but the stem (at least 16 channels in and out) with Tucker-2
-   (kdfast.decompose, EVBMF ranks by default): the student before fine-tuning;
-3. fine-tune copies of that student with kdfast.distill.Distiller, the same optimiser, schedule,
-   epochs and seed for each, only the loss differs:
-   CE (the usual fine-tuning, Kim et al. 2016), KD (Hinton, T = 4, 0.9 KD + 0.1 CE),
-   KD + NST (Huang & Wang, poly kernel, weight 50 as RepDistiller), KD + AT (beta = 1000);
-4. evaluate every model: clean accuracy, FGSM and PGD accuracy per epsilon (kdfast.robustness,
-   eps in pixel units of the [0, 1] images), parameters, MACs and measured inference latency;
-5. repeat each fine-tuning with ``repeats`` seeds (default 3) and report the mean, the spread and
-   the paired (same-seed) difference of each method to CE, so the comparison is not one seed's luck.
-
-Writes to the output directory: report.md, results.json, training_curves.png, robustness.png and
-model checkpoints (kdfast.model_file format: `kdfast robustness --checkpoint` and `kdfast
-decompose --checkpoint` read them). One seed, one small data set: the differences between the
-students are indicative, not significant; the report says so.
+The whole tour is sized for at most 6 minutes on 2 CPU cores; each section reports its own time.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
 import math
 import os
 import platform
 import time
-from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-DEFAULT_EPS = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
+from ..methods import base
 
-
-@dataclass
-class DemoConfig:
-    out: str = "demo-output"
-    device: str = "cpu"
-    seed: int = 0
-    teacher_epochs: int = 12
-    student_epochs: int = 6
-    model: str = "vgg8"
-    width: float = 0.25
-    image_size: int = 16
-    batch_size: int = 64
-    teacher_lr: float = 0.05
-    student_lr: float = 0.01  # low fine-tuning LR: a high one trades robustness for accuracy (METHODS 9)
-    ranks: str | float = "evbmf"
-    methods: tuple = ("ce", "kd", "kd_nst", "kd_at")
-    eps: tuple = DEFAULT_EPS
-    pgd_steps: int = 10
-    latency_batch: int = 64
-    latency_repeats: int = 30
-    repeats: int = 3  # fine-tuning runs per method (seeds seed, seed + 1, ...): spread of the comparison
-    train_subset: int | None = None  # first N training images (tiny runs)
-    test_subset: int | None = None
-    tiny: bool = False
-
-    @classmethod
-    def tiny_config(cls, **overrides) -> "DemoConfig":
-        """A seconds-long run exercising every step (tests): small model, data and attacks."""
-        base = dict(
-            teacher_epochs=1, student_epochs=1, width=0.125, train_subset=192, test_subset=96, eps=(0.0, 8 / 255),
-            pgd_steps=2, latency_batch=8, latency_repeats=3, repeats=2, tiny=True,
-        )
-        base.update(overrides)
-        return cls(**base)
+# Seconds each section may take on 2 CPU cores (the kd protocol has its own fixed size).
+SECTION_BUDGET_S = 45.0
 
 
-METHODS = {
-    # name: (label, description)
-    "ce": ("CE", "cross-entropy with the labels only (the usual fine-tuning of a decomposed network)"),
-    "kd": ("KD", "Hinton KD from the teacher: 0.9 T^2 KL(T=4) + 0.1 CE (kdfast.losses.KDLoss)"),
-    "kd_nst": ("KD+NST", "KD + 50 x NST (poly kernel) on the stage outputs (kdfast.losses.NSTLoss)"),
-    "kd_at": ("KD+AT", "KD + attention transfer, beta = 1000, on the stage outputs (kdfast.losses.ATLoss)"),
-}
-
-
-# =============================================================================================== helpers
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _subset(dataset, n):
-    if n is None or n >= len(dataset):
-        return dataset
-    # a stratified-enough prefix is not guaranteed; a fixed random subset is (seeded)
-    g = torch.Generator().manual_seed(1234)
-    idx = torch.randperm(len(dataset), generator=g)[:n].sort().values
-    sub = copy.copy(dataset)
-    sub.images, sub.labels = dataset.images[idx], dataset.labels[idx]
-    return sub
-
-
-def feature_layers_for(model: nn.Module) -> list[str]:
-    """Stage outputs used by the feature losses: RepDistiller's feat[1:-1] convention (for a
-    ResNet layer1..layer3; for a VGG block1..block4)."""
-    layers = list(getattr(model, "feature_layers", ()))
-    if not layers:
-        raise ValueError(f"{type(model).__name__} lists no feature_layers; the feature losses need stage outputs")
-    return layers[1:] if len(layers) > 3 else layers
-
-
-def _losses(method: str):
-    from ..losses import ATLoss, KDLoss, NSTLoss
-
-    if method == "ce":
-        return {"ce": nn.CrossEntropyLoss()}
-    if method == "kd":
-        return {"kd": KDLoss(temperature=4.0, alpha=0.9)}
-    if method == "kd_nst":
-        return {"kd": KDLoss(temperature=4.0, alpha=0.9), "nst": (NSTLoss("poly"), 50.0)}
-    if method == "kd_at":
-        return {"kd": KDLoss(temperature=4.0, alpha=0.9), "at": ATLoss(beta=1000.0)}
-    raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-
-
-def _decompose(model: nn.Module, ranks, input_shape):
-    """kdfast.decompose with its default selection: every 3x3 conv but the stem, at least 16
-    channels in and out. Returns (student, report); the teacher is left untouched (deep copy)."""
-    import kdfast
-
-    return kdfast.decompose(model, ranks=ranks, input_shape=tuple(input_shape))
-
-
-def _report_to_dict(report) -> dict:
-    if hasattr(report, "to_dict"):
-        return report.to_dict()
-    if dataclasses.is_dataclass(report):
-        return dataclasses.asdict(report)
-    if isinstance(report, dict):
-        return report
-    return {"text": str(report)}
-
-
-# =============================================================================================== run
-def run_demo(cfg: DemoConfig) -> dict:
-    """Runs the experiment; returns the results dict (also written to cfg.out/results.json)."""
-    from .. import cost, data, models
-    from .. import model_file as checkpoint
-    from ..distill import Distiller, evaluate, seed_everything
-    from ..robustness import plot_reports, robustness_report
+def run_tour(out: str, *, device: str = "cpu", seed: int = 0, repeats: int = 3, tiny: bool = False,
+             methods=None, teacher_epochs: int | None = None, student_epochs: int | None = None,
+             model: str | None = None, width: float | None = None, ranks=None, latency_batch: int | None = None) -> dict:
+    """Runs the tour; writes report.md and results.json into ``out`` and returns the results."""
+    from .. import methods as registry
+    from .. import model_file
+    from ..methods import kd
 
     start = time.perf_counter()
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    names = list(methods) if methods is not None else registry.available()
+    for name in names:
+        registry.get(name)  # unknown names fail before anything runs
+    os.makedirs(out, exist_ok=True)
+    cfg = (kd.DemoConfig.tiny_config if tiny else kd.DemoConfig)(out=out, device=device, seed=seed, repeats=repeats)
+    for key, value in (("model", model), ("width", width), ("ranks", ranks), ("latency_batch", latency_batch),
+                       ("teacher_epochs", teacher_epochs), ("student_epochs", student_epochs)):
+        if value is not None:
+            setattr(cfg, key, value)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    os.makedirs(cfg.out, exist_ok=True)
-    timings = {}
 
-    # ---- data --------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    train_set = _subset(data.load("digits", split="train", image_size=cfg.image_size), cfg.train_subset)
-    test_set = _subset(data.load("digits", split="test", image_size=cfg.image_size), cfg.test_subset)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=gen)
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=256, shuffle=False)
-    data_info = {"name": "digits", "image_size": cfg.image_size, "root": None}
-    in_shape = (1, train_set.in_channels, cfg.image_size, cfg.image_size)
-    timings["data_s"] = time.perf_counter() - t0
-    _log(f"data: digits {cfg.image_size}x{cfg.image_size}, {len(train_set)} train / {len(test_set)} test images")
-
-    model_kwargs = {"num_classes": train_set.num_classes, "in_channels": train_set.in_channels, "width_mult": cfg.width}
-
-    def distiller(teacher, student, losses, epochs, lr, feature=None, seed=cfg.seed):
-        return Distiller(
-            teacher, student, losses, feature_layers=feature, optimizer="sgd", lr=lr, momentum=0.9,
-            weight_decay=5e-4, schedule="cosine", epochs=epochs, device=device, seed=seed, progress=False,
-        )
-
-    # ---- teacher -----------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    seed_everything(cfg.seed)
-    teacher = models.build(cfg.model, **model_kwargs)
-    trainer = distiller(None, teacher, {"ce": nn.CrossEntropyLoss()}, cfg.teacher_epochs, cfg.teacher_lr)
-    history = {"teacher": trainer.fit(train_loader, eval_loader=test_loader)}
-    trainer.close()
-    teacher.eval().requires_grad_(False)
-    timings["teacher_train_s"] = time.perf_counter() - t0
-    teacher_acc = evaluate(teacher, test_loader, device=device)["accuracy"]
-    _log(f"teacher {cfg.model} (width {cfg.width:g}): {cfg.teacher_epochs} epochs in {timings['teacher_train_s']:.1f}s, "
-         f"test accuracy {100 * teacher_acc:.2f}%")
-    checkpoint.save_model(os.path.join(cfg.out, "teacher.pt"), teacher, cfg.model, model_kwargs, data_info,
+    # ---- the shared teacher ------------------------------------------------------------------------
+    train_set, test_set = base.digits(cfg.image_size, cfg.train_subset, cfg.test_subset)
+    with base.Timer() as t_teacher:
+        teacher, model_kwargs, teacher_acc = base.train_teacher(
+            train_set, test_set, name=cfg.model, width=cfg.width, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
+            seed=cfg.seed, device=dev)
+    print(f"teacher {cfg.model} (width {cfg.width:g}): {cfg.teacher_epochs} epochs in {t_teacher.seconds:.1f}s, "
+          f"test accuracy {100 * teacher_acc:.2f}%", flush=True)
+    model_file.save_model(os.path.join(out, "teacher.pt"), teacher, cfg.model, model_kwargs,
+                          {"name": "digits", "image_size": cfg.image_size, "root": None},
                           {"role": "teacher", "test_accuracy": teacher_acc})
+    ctx = base.DemoContext(teacher=teacher, teacher_name=cfg.model, model_kwargs=model_kwargs, train_set=train_set,
+                           test_set=test_set, device=dev, seeds=[seed + r for r in range(repeats)], out_dir=out,
+                           budget_s=SECTION_BUDGET_S, tiny=tiny)
 
-    # ---- decomposition -----------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    student0, dec_report = _decompose(teacher, cfg.ranks, in_shape[1:])
-    student0 = student0.to(device)
-    timings["decompose_s"] = time.perf_counter() - t0
-    dec_acc = evaluate(student0, test_loader, device=device)["accuracy"]
-    _log(f"decomposed ({cfg.ranks} ranks) in {timings['decompose_s']:.1f}s: test accuracy before fine-tuning {100 * dec_acc:.2f}%")
-    checkpoint.save_model(os.path.join(cfg.out, "student_decomposed.pt"), student0, cfg.model, model_kwargs, data_info,
-                          {"role": "decomposed student, not fine-tuned", "test_accuracy": dec_acc})
-
-    # ---- fine-tuning -------------------------------------------------------------------------------
-    layers = feature_layers_for(teacher)
-    students, extra_runs = {}, {m: [] for m in cfg.methods}
-    for method in cfg.methods:
-        label = METHODS[method][0]
-        for run in range(cfg.repeats):
-            # Every method sees the same seeds: run r of each method has the same data order.
-            seed = cfg.seed + run
-            t0 = time.perf_counter()
-            seed_everything(seed)
-            student = copy.deepcopy(student0).train().requires_grad_(True)
-            losses = _losses(method)
-            feature = {n: (layers, layers) for n, spec in losses.items()
-                       if getattr(spec[0] if isinstance(spec, tuple) else spec, "kdfast_inputs", None) == "features"}
-            trainer = distiller(teacher, student, losses, cfg.student_epochs, cfg.student_lr, feature or None, seed=seed)
-            run_history = trainer.fit(train_loader, eval_loader=test_loader)
-            trainer.close()
-            student.eval()
-            elapsed = time.perf_counter() - t0
-            timings[f"finetune_{method}_s"] = timings.get(f"finetune_{method}_s", 0.0) + elapsed
-            acc = evaluate(student, test_loader, device=device)["accuracy"]
-            _log(f"student {label} (seed {seed}): {cfg.student_epochs} epochs in {elapsed:.1f}s, test accuracy {100 * acc:.2f}%")
-            if run > 0:
-                extra_runs[method].append((seed, student))
-                continue
-            history[method] = run_history
-            students[method] = student
-            checkpoint.save_model(os.path.join(cfg.out, f"student_{method}.pt"), student, cfg.model, model_kwargs, data_info,
-                                  {"role": f"student fine-tuned with {label}", "seed": seed, "test_accuracy": acc})
-
-    # ---- evaluation --------------------------------------------------------------------------------
-    evaluated = {"teacher": ("Teacher", teacher), "decomposed": ("Tucker, no fine-tuning", student0)}
-    evaluated.update({m: (f"Tucker + {METHODS[m][0]}", s) for m, s in students.items()})
-    rows, reports = {}, []
-    t0 = time.perf_counter()
-    for key, (label, model) in evaluated.items():
-        model.eval()
-        rep = robustness_report(
-            model, test_loader, eps=list(cfg.eps), pgd_steps=cfg.pgd_steps, clamp=test_set.clamp_range,
-            std=test_set.std, device=device, seed=cfg.seed, name=label,
-        )
-        reports.append(rep)
-        lat = cost.latency(model, (cfg.latency_batch, *in_shape[1:]), repeats=cfg.latency_repeats, device=device)
-        rows[key] = {
-            "label": label,
-            "parameters": cost.parameters(model),
-            "macs": cost.macs(model, in_shape, device=device),
-            "latency": lat,
-            "clean_accuracy": rep.clean,
-            "robustness": rep.to_dict(),
-        }
-        _log(f"{label:<24} clean {100 * rep.clean:6.2f}%  " + "  ".join(
-            f"eps {e * 255:g}/255: FGSM {100 * f:5.1f}% PGD {100 * p:5.1f}%" for e, f, p in zip(rep.eps, rep.fgsm, rep.pgd) if e > 0))
-    # Runs 2..R of each method: robustness only (the spread of the CE vs KD comparison over seeds).
-    repeats = {}
-    for method in cfg.methods:
-        runs = [(cfg.seed, rows[method]["robustness"])]
-        for seed, model in extra_runs[method]:
-            rep = robustness_report(
-                model, test_loader, eps=list(cfg.eps), pgd_steps=cfg.pgd_steps, clamp=test_set.clamp_range,
-                std=test_set.std, device=device, seed=cfg.seed, name=f"{METHODS[method][0]} seed {seed}",
-            )
-            runs.append((seed, rep.to_dict()))
-        repeats[method] = [{"seed": seed, **rob} for seed, rob in runs]
-    timings["evaluate_s"] = time.perf_counter() - t0
-    plot_reports(reports, os.path.join(cfg.out, "robustness.png"),
-                 title=f"digits {cfg.image_size}x{cfg.image_size}: accuracy under L-inf attacks")
-    _plot_curves(history, os.path.join(cfg.out, "training_curves.png"))
-    timings["total_s"] = time.perf_counter() - start
+    # ---- one section per method ----------------------------------------------------------------------
+    sections = []
+    for name in names:
+        module = registry.get(name)
+        print(f"\n== {name}: {module.TITLE}", flush=True)
+        if name == "kd":  # the protocol's own knobs (epochs, ranks, latency batch) come from cfg
+            section = kd.demo_section(ctx, cfg)
+        else:
+            section = module.demo_section(ctx)
+        print(f"== {name}: {section.time_s:.0f} s", flush=True)
+        sections.append((module, section))
+    total = time.perf_counter() - start
 
     results = {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
-        "data": {"name": "digits", "train": len(train_set), "test": len(test_set), "image_size": cfg.image_size,
-                 "mean": train_set.mean, "std": train_set.std},
-        "feature_layers": layers,
-        "methods": {m: METHODS[m][1] for m in cfg.methods},
-        "decomposition": _report_to_dict(dec_report),
-        "models": rows,
-        "history": history,
-        "repeats": repeats,
-        "timings_s": timings,
-        "environment": {
-            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "device": str(device), "platform": platform.platform(),
-        },
+        "teacher": {"model": cfg.model, "width": cfg.width, "epochs": cfg.teacher_epochs,
+                    "test_accuracy": teacher_acc, "train_s": t_teacher.seconds},
+        "data": {"name": "digits", "train": len(train_set), "test": len(test_set), "image_size": cfg.image_size},
+        "seeds": ctx.seeds,
+        "sections": {s.name: s.results for _, s in sections},
+        "section_time_s": {s.name: s.time_s for _, s in sections},
+        "total_s": total,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": str(dev)},
     }
-    with open(os.path.join(cfg.out, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=1, default=_json_default)
-    report = render_report(results)
-    with open(os.path.join(cfg.out, "report.md"), "w") as fh:
-        fh.write(report)
-    _log(f"\nwrote {cfg.out}/report.md, results.json, training_curves.png, robustness.png, *.pt "
-         f"(total {timings['total_s']:.0f}s)")
+    base.write_report(out, render_tour(results, sections), results)
+    print(f"\nwrote {out}/report.md and results.json (total {total:.0f} s)", flush=True)
     return results
 
 
-def _json_default(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return str(value)
-
-
-def _plot_curves(history: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for i, (key, hist) in enumerate(history.items()):
-        label = "Teacher" if key == "teacher" else f"Tucker + {METHODS[key][0]}"
-        epochs = [r["epoch"] + 1 for r in hist]
-        ax_loss.plot(epochs, [r["loss"] for r in hist], "-o", color=f"C{i}", ms=3, label=label)
-        if all("eval_accuracy" in r for r in hist):
-            ax_acc.plot(epochs, [100 * r["eval_accuracy"] for r in hist], "-o", color=f"C{i}", ms=3, label=label)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("training loss (weighted total)")
-    ax_loss.set_yscale("log")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test accuracy (%)")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Training: teacher from scratch, students fine-tuned from the Tucker-decomposed teacher", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _eps_label(e: float) -> str:
-    return f"{round(e * 255)}/255" if abs(e * 255 - round(e * 255)) < 1e-6 else f"{e:.3g}"
-
-
-def _mean_std(values: list[float]) -> str:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{m:.2f}"
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{m:.2f} ± {sd:.2f}"
-
-
-def _repeats_section(results: dict, eps: list[float]) -> list[str]:
-    """Mean ± sample std over the fine-tuning seeds, and the paired (same seed) difference to CE."""
-    reps = results.get("repeats") or {}
-    n = min((len(v) for v in reps.values()), default=0)
-    if n < 2:
-        return []
-    seeds = [r["seed"] for r in next(iter(reps.values()))]
-
-    def pgd_at(run, e):
-        return dict(zip(run["eps"], run["pgd"]))[e]
-
+def render_tour(results: dict, sections) -> str:
+    teacher = results["teacher"]
+    data = results["data"]
     lines = [
+        "# kdfast demo: a tour of the source papers on the digits data",
         "",
-        f"## Over {n} fine-tuning seeds ({', '.join(map(str, seeds))}; same teacher and decomposition)",
+        f"scikit-learn's digits ({data['train']} train / {data['test']} test images, {data['image_size']}x"
+        f"{data['image_size']}, fixed split). One teacher for every section: `{teacher['model']}` at width "
+        f"{teacher['width']:g}, {teacher['epochs']} epochs of cross-entropy, test accuracy "
+        f"{100 * teacher['test_accuracy']:.2f}% ({teacher['train_s']:.0f} s). Seeds {results['seeds']}.",
         "",
-        "Accuracy in %, mean ± sample standard deviation over the seeds; *vs CE* is the paired difference "
-        "(same seed, so the same data order) to the CE student, in points.",
-        "",
-        "| student | clean | " + " | ".join(f"PGD {_eps_label(e)}" for e in eps) + " | clean vs CE | "
-        + " | ".join(f"PGD {_eps_label(e)} vs CE" for e in eps) + " |",
-        "|---" * (2 + 2 * len(eps)) + "|---|",
+        "| section | paper | time (s) |",
+        "|---|---|---|",
     ]
-    ce = reps.get("ce")
-    for method, runs in reps.items():
-        cells = [_mean_std([100 * r["clean"] for r in runs])]
-        cells += [_mean_std([100 * pgd_at(r, e) for r in runs]) for e in eps]
-        if ce is not None and method != "ce":
-            cells.append(_mean_std([100 * (r["clean"] - c["clean"]) for r, c in zip(runs, ce)]))
-            cells += [_mean_std([100 * (pgd_at(r, e) - pgd_at(c, e)) for r, c in zip(runs, ce)]) for e in eps]
-        else:
-            cells += ["—"] * (1 + len(eps))
-        lines.append(f"| Tucker + {METHODS[method][0]} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def render_report(results: dict) -> str:
-    cfg = results["config"]
-    rows = results["models"]
-    eps = [e for e in cfg["eps"] if e > 0]
-    lat_batch = cfg["latency_batch"]
-    teacher = rows["teacher"]
-    lines = [
-        "# kdfast demo: KD fine-tuning of a Tucker-decomposed CNN and its adversarial robustness",
-        "",
-        "Protocol of Sadhukhan et al., ICIP 2020 (teacher -> Tucker-2 decomposed student -> fine-tuning by CE vs KD, "
-        "then FGSM/PGD robustness). The paper's data, models and numbers are not public; this is the same protocol on "
-        f"scikit-learn's digits ({results['data']['train']} train / {results['data']['test']} test images, "
-        f"{cfg['image_size']}x{cfg['image_size']}, fixed split).",
-        "",
-        f"- Teacher: `{cfg['model']}` at width {cfg['width']:g}, {cfg['teacher_epochs']} epochs, SGD lr {cfg['teacher_lr']:g}, cosine.",
-        f"- Student: the teacher with its 3x3 convolutions Tucker-2 decomposed (`kdfast.decompose`, ranks `{cfg['ranks']}`), "
-        f"fine-tuned {cfg['student_epochs']} epochs, SGD lr {cfg['student_lr']:g}, cosine, seed {cfg['seed']} for every method.",
-        f"- Fine-tuning losses: " + "; ".join(f"**{METHODS[m][0]}**: {d}" for m, d in results["methods"].items()) + ".",
-        f"- Attacks: white-box, untargeted, L-inf, on the {results['data']['test']} test images; eps in pixel units "
-        f"(images in [0, 1] before normalisation); FGSM, and PGD with {cfg['pgd_steps']} steps, step 2.5 eps / steps, random start.",
-        f"- Latency: median of {cfg['latency_repeats']} timed inference forwards of a batch of {lat_batch} on "
-        f"{results['environment']['device']} ({results['environment']['threads']} CPU threads).",
-        "",
-        "## Results",
-        "",
-        "| model | params | MACs / image | latency (ms, batch " + str(lat_batch) + ") | clean acc (%) | "
-        + " | ".join(f"FGSM {_eps_label(e)} (%)" for e in eps) + " | "
-        + " | ".join(f"PGD {_eps_label(e)} (%)" for e in eps) + " |",
-        "|---" * (4 + 2 * len(eps)) + "|---|",
-    ]
-    for key, row in rows.items():
-        rob = row["robustness"]
-        by_eps = {e: (f, p) for e, f, p in zip(rob["eps"], rob["fgsm"], rob["pgd"])}
-        lat = row["latency"]
-        lines.append(
-            f"| {row['label']} | {row['parameters']:,} ({row['parameters'] / teacher['parameters']:.2f}x) | "
-            f"{row['macs']:,} ({row['macs'] / teacher['macs']:.2f}x) | {lat['median_ms']:.2f} (IQR {lat['iqr_ms']:.2f}) | "
-            f"{100 * row['clean_accuracy']:.2f} | "
-            + " | ".join(f"{100 * by_eps[e][0]:.2f}" for e in eps) + " | "
-            + " | ".join(f"{100 * by_eps[e][1]:.2f}" for e in eps) + " |"
-        )
-    students = [k for k in rows if k not in ("teacher", "decomposed")]
-    if students:
-        s = rows[students[0]]
-        mac_ratio = s["macs"] / teacher["macs"]
-        lat_ratio = s["latency"]["median_ms"] / teacher["latency"]["median_ms"]
-        lines += [
-            "",
-            f"MACs count the multiply-accumulates of convolutions and linear layers (`kdfast.cost.macs`); latency is "
-            f"measured. The students need {mac_ratio:.2f}x the teacher's MACs and ran in {lat_ratio:.2f}x its time. "
-            + ("Fewer MACs did not make them faster here: on maps this small the three thin convolutions of a "
-               "Tucker layer are bound by per-call overhead and memory traffic, not arithmetic (ANCHORS 12.2)."
-               if lat_ratio >= 0.9 else "")
-        ]
-    if "ce" in rows and len(students) > 1:
-        lines += ["", f"## KD vs CE fine-tuning, seed {cfg['seed']} (percentage points, student minus the CE student)", ""]
-        lines.append("| student | clean | " + " | ".join(f"PGD {_eps_label(e)}" for e in eps) + " |")
-        lines.append("|---" * (2 + len(eps)) + "|")
-        ce = rows["ce"]["robustness"]
-        for key in students:
-            if key == "ce":
-                continue
-            rob = rows[key]["robustness"]
-            diffs = [100 * (p - q) for e, p, q in zip(rob["eps"], rob["pgd"], ce["pgd"]) if e > 0]
-            lines.append(
-                f"| {rows[key]['label']} | {100 * (rows[key]['clean_accuracy'] - rows['ce']['clean_accuracy']):+.2f} | "
-                + " | ".join(f"{d:+.2f}" for d in diffs) + " |"
-            )
-        lines += [
-            "",
-            f"One seed on {results['data']['test']} test images: one image is {100 / results['data']['test']:.2f} points, "
-            "and differences of a few points are within seed-to-seed variation (see the seeds section below). The "
-            "paper's claim (KD-fine-tuned students are more accurate and more robust than CE-fine-tuned ones) is what "
-            "these tables test; it is not assumed.",
-        ]
-    lines += _repeats_section(results, eps)
-    dec = results.get("decomposition") or {}
-    lines += ["", "## Decomposition", ""]
-    layer_rows = dec.get("layers") if isinstance(dec, dict) else None
-    if layer_rows:
-        keys = [k for k in ("name", "in_channels", "out_channels", "ranks", "params_before", "params_after", "macs_before", "macs_after")
-                if k in layer_rows[0]]
-        lines.append("| " + " | ".join(keys) + " |")
-        lines.append("|---" * len(keys) + "|")
-        for lr in layer_rows:
-            lines.append("| " + " | ".join(str(lr.get(k)) for k in keys) + " |")
-    else:
-        lines.append("```\n" + json.dumps(dec, indent=1, default=str)[:4000] + "\n```")
-    t = results["timings_s"]
-    lines += [
-        "",
-        "## Files",
-        "",
-        "- `training_curves.png`: training loss and test accuracy per epoch (teacher and each student).",
-        "- `robustness.png`: FGSM (dashed) and PGD (solid) accuracy vs eps for every model.",
-        "- `results.json`: everything above plus per-epoch histories and timings.",
-        "- `teacher.pt`, `student_decomposed.pt`, `student_<method>.pt`: model checkpoints "
-        "(`kdfast robustness --checkpoint FILE`, `kdfast decompose --checkpoint FILE`).",
-        "",
-        f"Run time {t['total_s']:.0f} s (teacher {t['teacher_train_s']:.0f} s, decomposition {t['decompose_s']:.1f} s, "
-        f"fine-tuning {sum(v for k, v in t.items() if k.startswith('finetune_')):.0f} s, evaluation {t['evaluate_s']:.0f} s); "
-        f"torch {results['environment']['torch']}, {results['environment']['cpu_count']} CPUs.",
-        "",
-    ]
+    for module, section in sections:
+        lines.append(f"| [{section.title}](#{_anchor(section.title)}) | {module.PAPER} | {section.time_s:.0f} |")
+    env = results["environment"]
+    lines += ["", f"Total {results['total_s']:.0f} s on {env['device']} ({env['threads']} threads, "
+              f"{env['cpu_count']} CPUs), torch {env['torch']}.", ""]
+    for module, section in sections:
+        lines += [f"## {section.title}", "", f"*{module.PAPER}*", "", section.markdown.strip(), ""]
     return "\n".join(lines)
 
 
-def main_demo(args) -> int:
-    overrides = {"out": args.out, "device": args.device, "seed": args.seed}
-    if args.model is not None:
-        overrides["model"] = args.model
-    if args.width is not None:
-        overrides["width"] = args.width
-    if args.ranks is not None:
-        overrides["ranks"] = args.ranks
-    if args.repeats is not None:
-        overrides["repeats"] = args.repeats
-    if args.latency_batch is not None:
-        overrides["latency_batch"] = args.latency_batch
-    cfg = DemoConfig.tiny_config(**overrides) if args.tiny else DemoConfig(**overrides)
-    if args.epochs is not None:
-        cfg.teacher_epochs = args.epochs
-        cfg.student_epochs = max(1, math.ceil(args.epochs / 2))
-    run_demo(cfg)
-    return 0
+def _anchor(title: str) -> str:
+    keep = "".join(c for c in title.lower() if c.isalnum() or c in " -")
+    return keep.replace(" ", "-")
 
+
+def main_demo(args) -> int:
+    epochs = args.epochs
+    run_tour(args.out, device=args.device, seed=args.seed, repeats=args.repeats if args.repeats is not None else
+             (2 if args.tiny else 3), tiny=args.tiny, model=args.model, width=args.width, ranks=args.ranks,
+             latency_batch=args.latency_batch, teacher_epochs=epochs,
+             student_epochs=max(1, math.ceil(epochs / 2)) if epochs is not None else None)
+    return 0

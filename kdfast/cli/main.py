@@ -4,8 +4,9 @@
     kdfast demo [--out DIR] [--device cpu|cuda] [--epochs N] [--seed S]
                                                     teacher -> Tucker student -> CE / KD fine-tuning
                                                     -> robustness (kdfast.cli.demo); report in DIR
+    kdfast experiment NAME [--quick] [--out DIR]    one method's full experiment on the digits data
     kdfast distill --config run.yaml                a training run described by a YAML file
-                                                    (kdfast.distill.config.run_config)
+                                                    (kdfast.cli.config.run_config)
     kdfast robustness --checkpoint FILE [--eps 0,2/255,8/255] [--pgd-steps N] ...
                                                     clean / FGSM / PGD accuracy of a saved model
     kdfast decompose --checkpoint FILE [--ranks evbmf|0.5|R_OUT,R_IN] [--out FILE]
@@ -72,6 +73,10 @@ def parse_eps(text: str) -> list[float]:
             raise argparse.ArgumentTypeError(f"bad epsilon {p!r}: expected a number or a fraction such as 8/255") from None
         if value < 0:
             raise argparse.ArgumentTypeError(f"bad epsilon {p!r}: must be >= 0")
+        if value > 1:
+            raise argparse.ArgumentTypeError(
+                f"bad epsilon {p!r}: eps are in pixel units of [0, 1] images, so {value:g} would be "
+                f"{value * 255:g}/255 (more than the whole range); did you mean {p}/255?")
         out.append(value)
     return out
 
@@ -120,16 +125,17 @@ def _check_device(device: str) -> None:
 # =============================================================================================== parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdfast", description="kdfast: fast knowledge distillation for CNNs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,demo,distill,robustness,decompose}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{info,demo,experiment,distill,robustness,decompose}")
     sub.add_parser("info", help="version, the torch it was built against, compiled kernels per op")
 
     demo = sub.add_parser(
         "demo",
-        help="teacher -> Tucker-decomposed student -> CE vs KD fine-tuning -> robustness, on the embedded digits data",
-        description="Reproduces the protocol of Sadhukhan et al. (ICIP 2020) on scikit-learn's digits: trains a "
-        "teacher, Tucker-2 decomposes it, fine-tunes the decomposed student with CE, KD, KD+NST and KD+AT, and "
-        "reports accuracy, FGSM/PGD robustness, parameters, MACs and latency (report.md, results.json, PNGs, "
-        "checkpoints in --out).",
+        help="the tour of every source paper on the embedded digits data, one report",
+        description="Trains one teacher on scikit-learn's digits, then runs a compact section per registered "
+        "method (kdfast.methods.available()): first the protocol of Sadhukhan et al. (ICIP 2020) (Tucker-2 "
+        "decomposition, CE vs KD fine-tuning, FGSM/PGD robustness, parameters, MACs, latency), then each other "
+        "paper's method. Writes report.md (a section per paper), results.json, PNGs and checkpoints in --out.",
     )
     demo.add_argument("--out", default="demo-output", help="output directory (default demo-output)")
     demo.add_argument("--device", default="cpu", type=_device, help="cpu (default), cuda or cuda:N")
@@ -146,13 +152,32 @@ def build_parser() -> argparse.ArgumentParser:
     # Seconds-long run for the test suite: tiny model, data subset, 2-step PGD. Not part of the user interface.
     demo.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
-    distill = sub.add_parser("distill", help="run a distillation described by a YAML config (kdfast.distill.config)")
+    from .. import methods
+
+    exp = sub.add_parser(
+        "experiment", help="one method's full experiment on the embedded digits data",
+        description="Runs a registered method's experiment (teacher, students, seeds, plots) on scikit-learn's "
+        "digits and writes report.md, results.json and PNG plots into --out. Methods: "
+        + ", ".join(methods.available()) + ".")
+    exp.add_argument("name", help="a registered method (" + ", ".join(methods.available()) + ")")
+    exp.add_argument("--quick", action="store_true", help="a smaller run (at most 4 minutes on 2 CPU cores)")
+    exp.add_argument("--out", default=None, help="output directory (default experiment-<name>)")
+    exp.add_argument("--device", default="cpu", type=_device, help="cpu (default), cuda or cuda:N")
+
+    distill = sub.add_parser(
+        "distill", help="run a distillation described by a YAML config (kdfast.cli.config)",
+        description="Trains a student as a YAML file describes it: any registered method (method:, "
+        "method_options:) or a weighted sum of losses, on the engine (AMP, torchrun DDP, checkpoints, exact "
+        "resume). With save_student, also writes a model checkpoint for `kdfast robustness` / `kdfast decompose`.")
     distill.add_argument("--config", required=True, help="path of the YAML file")
     distill.add_argument("--model-out", default=None,
                          help="model checkpoint of the trained student (default: <save_student>_model.pt when the "
                          "config sets save_student)")
 
-    rob = sub.add_parser("robustness", help="clean, FGSM and PGD accuracy of a saved model on its test data")
+    rob = sub.add_parser(
+        "robustness", help="clean, FGSM and PGD accuracy of a saved model on its test data",
+        description="Evaluates a kdfast model checkpoint on its recorded test data: clean accuracy and accuracy "
+        "under white-box L-inf FGSM and PGD attacks at each --eps (pixel units of [0, 1] images).")
     rob.add_argument("--checkpoint", required=True, help="kdfast model checkpoint (.pt)")
     rob.add_argument("--eps", type=parse_eps, default=None,
                      help="L-inf radii in pixel units of [0, 1] images (default 0,1/255,2/255,4/255,8/255)")
@@ -169,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--json", default=None, help="write the report as JSON here")
     rob.add_argument("--seed", type=_non_negative_int, default=0, help="seed of PGD's random start (default 0)")
 
-    dec = sub.add_parser("decompose", help="Tucker-2 decompose the convolutions of a saved model")
+    dec = sub.add_parser(
+        "decompose", help="Tucker-2 decompose the convolutions of a saved model",
+        description="Replaces the convolutions of a kdfast model checkpoint by Tucker-2 layers (HOSVD "
+        "initialisation; EVBMF or given ranks) and writes the decomposed model as a new checkpoint.")
     dec.add_argument("--checkpoint", required=True, help="kdfast model checkpoint (.pt)")
     dec.add_argument("--ranks", type=parse_ranks, default="evbmf", help="evbmf (default), a fraction in (0, 1], or R_OUT,R_IN")
     dec.add_argument("--out", default=None, help="output checkpoint (default: <checkpoint>_tucker.pt)")
@@ -198,48 +226,38 @@ def cmd_demo(args) -> int:
     return main_demo(args)
 
 
-def cmd_distill(args) -> int:
-    if not os.path.isfile(args.config):
-        raise CLIError(f"--config {args.config!r}: no such file")
-    from ..distill import config
+def cmd_experiment(args) -> int:
+    _check_device(args.device)
+    from .. import methods
 
     try:
-        cfg = config.load_config(args.config)
-    except ValueError as exc:  # ConfigError names the offending key
+        module = methods.get(args.name)
+    except ValueError as exc:
         raise CLIError(str(exc)) from None
-    history = config.run_config(args.config)
-    for record in history:
-        print(json.dumps(record, default=str))
-    if cfg.get("save_student"):
-        # run_config writes the student's state dict; wrap it in a model checkpoint next to it so that
-        # `kdfast robustness` / `kdfast decompose` can rebuild the model.
-        out = args.model_out or os.path.splitext(cfg["save_student"])[0] + "_model.pt"
-        print(f"wrote {_wrap_state_dict(cfg, out, args.config)}")
-    elif args.model_out:
-        raise CLIError("--model-out needs save_student in the config (the trained student's weights)")
+    out = args.out or f"experiment-{args.name}"
+    module.run_experiment(out, quick=args.quick, device=args.device)
+    print(f"experiment {args.name}: report {os.path.join(out, 'report.md')}")
     return 0
 
 
-# Dataset facts needed to rebuild a config's student without loading the data.
-_DATA_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
-_DATA_CHANNELS = {"digits": 1, "mnist": 1, "cifar10": 3, "cifar100": 3}
+def cmd_distill(args) -> int:
+    if not os.path.isfile(args.config):
+        raise CLIError(f"--config {args.config!r}: no such file")
+    from . import config
 
-
-def _wrap_state_dict(cfg: dict, out: str, config_path: str) -> str:
-    import torch
-
-    from .. import model_file as checkpoint
-
-    spec = dict(cfg["student"])
-    name = spec.pop("name")
-    spec.pop("weights", None)
-    data_name = cfg["data"]["name"]
-    spec.setdefault("num_classes", _DATA_CLASSES.get(data_name, 10))
-    spec.setdefault("in_channels", _DATA_CHANNELS.get(data_name, 3))
-    model = checkpoint.build_model(name, spec)
-    model.load_state_dict(torch.load(cfg["save_student"], map_location="cpu", weights_only=True))
-    data_info = {"name": data_name, "root": cfg["data"]["root"], "image_size": cfg["data"]["image_size"]}
-    return checkpoint.save_model(out, model, name, spec, data_info, {"config": os.path.abspath(config_path)})
+    try:
+        cfg = config.load_config(args.config)
+        if args.model_out and not cfg.get("save_student"):
+            raise CLIError("--model-out needs save_student in the config (the trained student's weights)")
+        history = config.run_config(cfg, model_out=args.model_out)
+    except ValueError as exc:  # ConfigError (and engine errors) name the YAML key at fault
+        raise CLIError(str(exc)) from None
+    for record in history:
+        print(json.dumps(record, default=str))
+    if cfg.get("save_student"):
+        out = args.model_out or os.path.splitext(cfg["save_student"])[0] + "_model.pt"
+        print(f"wrote {cfg['save_student']} (state dict) and {out} (model checkpoint)")
+    return 0
 
 
 def _test_loader(ckpt: dict, args, batch_size: int):
@@ -310,6 +328,9 @@ def cmd_decompose(args) -> int:
         raise CLIError(f"--ranks {args.ranks!r}: {exc}") from None
     after = {"parameters": cost.parameters(student), "macs": cost.macs(student, shape)}
     print(report)
+    if student is model or after["parameters"] == before["parameters"]:
+        print(f"warning: no convolution of {args.checkpoint} was decomposed (none matched the selection)",
+              file=sys.stderr)
     print(
         f"parameters {before['parameters']:,} -> {after['parameters']:,} ({after['parameters'] / before['parameters']:.2f}x); "
         f"MACs/image at {size}x{size} {before['macs']:,} -> {after['macs']:,} ({after['macs'] / before['macs']:.2f}x)"
@@ -329,6 +350,7 @@ def cmd_decompose(args) -> int:
 COMMANDS = {
     "info": cmd_info,
     "demo": cmd_demo,
+    "experiment": cmd_experiment,
     "distill": cmd_distill,
     "robustness": cmd_robustness,
     "decompose": cmd_decompose,

@@ -1,22 +1,24 @@
-"""Distillation training: FeatureTap (layer outputs by name), Distiller (trainer), evaluate, configs.
+"""The training engine: one trainer for every method (kdfast.distill imports no method).
 
-See :class:`Distiller` for the loss-call protocol (``kdfast_inputs``) and the subclass hooks.
+* :class:`Distiller`: student + frozen teacher + named, weighted losses; AMP, torchrun DDP, exact resume,
+  atomic checkpoints, logging, progress bars. Extension points for methods (``kdfast.methods``):
+  auxiliary trainables (:class:`Auxiliary`: a generator, aggregators, dictionaries, each with its own
+  optimizer, schedule, clipping, AMP scaling, DDP wrapper and checkpoint entry), ``training_step``
+  overrides with several optimisation steps per batch (``backward_step(loss, name)``), the
+  ``before_optimizer_step`` hook (between ``unscale_`` and ``step``), batch sources that are not datasets
+  (:class:`NoiseSource`) and runs made of stages (:class:`Stage`, :class:`StagedRun`).
+* :class:`FeatureTap`: layer outputs by name (forward hooks); :func:`evaluate`. (YAML configs: kdfast.cli.config.)
 """
 from .checkpoint import atomic_save, capture_rng_state, load_checkpoint, restore_rng_state, seed_everything
+from .optim import Auxiliary, OptimizerSpec
+from .sources import NoiseSource, is_batch_source
+from .stages import Stage, StagedRun
 from .tap import FeatureTap, resolve_module, unwrap_model
-from .trainer import Distiller, IndexedDataset, evaluate, loss_kind, split_batch
+from .trainer import STUDENT, Distiller, IndexedDataset, evaluate, json_record, loss_kind, split_batch
 
 __all__ = [
-    "Distiller", "FeatureTap", "IndexedDataset", "evaluate", "loss_kind", "split_batch", "resolve_module",
+    "Distiller", "Auxiliary", "OptimizerSpec", "NoiseSource", "Stage", "StagedRun", "STUDENT", "FeatureTap",
+    "IndexedDataset", "evaluate", "is_batch_source", "json_record", "loss_kind", "split_batch", "resolve_module",
     "unwrap_model", "atomic_save", "load_checkpoint", "capture_rng_state", "restore_rng_state", "seed_everything",
-    "load_config", "build_from_config", "run_config",
 ]
 
-
-def __getattr__(name):
-    # The config module pulls in PyYAML, kdfast.models and kdfast.data; import it on first use.
-    if name in ("load_config", "build_from_config", "run_config"):
-        from . import config
-
-        return getattr(config, name)
-    raise AttributeError(f"module 'kdfast.distill' has no attribute {name!r}")

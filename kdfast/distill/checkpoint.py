@@ -56,7 +56,14 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # EOFError (empty), zip errors (truncated), unpickling errors (another format)
+        raise ValueError(
+            f"cannot read the checkpoint {path}: the file is empty, truncated or not a kdfast checkpoint "
+            f"({type(e).__name__}: {str(e)[:160]}). Checkpoints are written atomically, so this file was not written "
+            "by kdfast: delete it to start afresh, or resume from another file (e.g. epoch_<n>.pt with "
+            "keep_checkpoints)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a kdfast.distill checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return ckpt

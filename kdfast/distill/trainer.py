@@ -28,8 +28,11 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, capture_rng_state, load_checkpoint, restore_rng_state,
                          seed_everything)
+from .optim import Auxiliary, OptimizerSpec, check_grad_clip
+from .sources import is_batch_source
 from .tap import FeatureTap, as_name_list, unwrap_model
 
+STUDENT = "student"  # the name of the student's optimizer among the trainables
 LOGITS = "logits"
 FEATURES = "features"
 _KINDS = (LOGITS, FEATURES)
@@ -231,10 +234,21 @@ class Distiller:
     library with its own global state is not captured). On CUDA the same holds only with deterministic
     kernels (``torch.use_deterministic_algorithms(True)``); otherwise results differ in the last bits.
 
-    Subclass hooks (override to change the algorithm, e.g. alternating optimisation):
-    :meth:`training_step`, :meth:`compute_loss`, :meth:`teacher_forward`, :meth:`backward_step`,
-    :meth:`trainable_parameters`, :meth:`build_optimizer`, :meth:`build_scheduler`,
-    :meth:`checkpoint_state` / :meth:`load_checkpoint_state`, :meth:`on_epoch_start` / :meth:`on_epoch_end`.
+    auxiliaries : {name: :class:`~kdfast.distill.Auxiliary`}
+        Extra trainable modules of a method (a generator, aggregators, dictionaries). Each gets its own
+        optimizer and schedule (built like the student's from the Auxiliary's spec), gradient clipping,
+        AMP scaling and DDP wrapper, and is checkpointed and resumed with the student. Call one with
+        :meth:`auxiliary_model` (DDP-wrapped under torchrun) and update it with
+        ``backward_step(loss, name)``; ``optimizers`` / ``schedulers`` map names to them.
+
+    Method hooks (override to change the algorithm; ``kdfast.methods`` uses them):
+    :meth:`training_step` (several ``backward_step(loss, name)`` calls per batch for alternating
+    optimisation; return ``{"loss", "parts", "logits", "targets"}``), :meth:`before_optimizer_step`
+    (edit gradients after unscale, before clipping and step), :meth:`compute_loss`,
+    :meth:`teacher_forward`, :meth:`trainable_parameters`, :meth:`build_optimizer`,
+    :meth:`build_scheduler`, :meth:`checkpoint_state` / :meth:`load_checkpoint_state`,
+    :meth:`on_epoch_start` / :meth:`on_epoch_end`. ``losses`` may be empty when ``training_step`` is
+    overridden. Runs made of stages: :class:`~kdfast.distill.StagedRun`.
     """
 
     def __init__(
@@ -244,11 +258,13 @@ class Distiller:
         losses: Mapping[str, LossSpec],
         *,
         feature_layers: Optional[Mapping[str, Any]] = None,
+        auxiliaries: Optional[Mapping[str, Auxiliary]] = None,
         optimizer: Union[str, Callable] = "sgd",
         lr: float = 0.05,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         nesterov: bool = False,
+        betas: Tuple[float, float] = (0.9, 0.999),
         schedule: Union[None, str, Callable] = None,
         milestones: Optional[Sequence[int]] = None,
         gamma: float = 0.1,
@@ -276,23 +292,31 @@ class Distiller:
             raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
+        self._setup_run(epochs=epochs, seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                        keep_checkpoints=keep_checkpoints, resume=resume, log_path=log_path, log_every=log_every,
+                        progress=progress, batch_size=batch_size, num_workers=num_workers)
+        self._setup_devices(device=device, amp=amp, distributed=distributed, sync_bn=sync_bn)
+        self._setup_losses(teacher, losses, feature_layers, cache_teacher_logits)
+        self._setup_models(teacher, student, sync_bn=sync_bn, compile=compile, ddp_kwargs=ddp_kwargs)
+        student_spec = OptimizerSpec(optimizer=optimizer, lr=lr, momentum=momentum, betas=betas,
+                                     weight_decay=weight_decay, nesterov=nesterov, schedule=schedule,
+                                     milestones=milestones, gamma=gamma)
+        self._setup_optimisation(student_spec, grad_clip, auxiliaries or {})
+
+    # ------------------------------------------------------------------ construction, part by part
+    def _setup_run(self, *, epochs, seed, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, log_path,
+                   log_every, progress, batch_size, num_workers) -> None:
+        """Length of the run, seed, checkpoints, logging and progress bars, Dataset batching."""
         _check_int("epochs", epochs, minimum=1)
         _check_int("checkpoint_every", checkpoint_every, minimum=1)
         _check_int("log_every", log_every, minimum=0)
         _check_int("seed", seed, minimum=0)
-        if amp not in (None, "bf16", "fp16"):
-            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-        if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
-            raise ValueError(f"grad_clip must be None or a positive number, got {grad_clip!r}")
         if not isinstance(resume, (bool, str, os.PathLike)):
             raise TypeError(f"resume must be False, True or a checkpoint path, got {resume!r}")
         if resume is True and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir (or pass resume=<path of a checkpoint>)")
-
         self.epochs = epochs
         self.seed = seed
-        self.amp = amp
-        self.grad_clip = grad_clip
         self.checkpoint_dir = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
         self.keep_checkpoints = keep_checkpoints
@@ -300,30 +324,46 @@ class Distiller:
         self.log_path = os.fspath(log_path) if log_path is not None else None
         self.log_every = log_every
         self.progress = progress
-        self.cache_teacher_logits = cache_teacher_logits
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.stage: Optional[str] = None  # set by StagedRun; recorded in checkpoints
+        self.epoch = 0  # completed epochs
+        self.step = 0   # optimizer steps of the student (training_step calls)
+        self.history: List[Dict[str, Any]] = []
+        self._loader_generator = torch.Generator()
+        self._log_file = None
+        self._dataset_len = 0
+        self._started = False
 
-        # --- distributed / device -------------------------------------------------------------------
+    def _setup_devices(self, *, device, amp, distributed, sync_bn) -> None:
+        """Process group (torchrun), device, mixed precision."""
+        if amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+        self.amp = amp
         self.rank, self.world_size, self.local_rank = 0, 1, 0
         self._owns_process_group = False
-        use_ddp = _want_distributed(distributed)
-        self.device = _resolve_device(device, use_ddp)
+        self.use_ddp = _want_distributed(distributed)
+        self.device = _resolve_device(device, self.use_ddp)
         if self.amp == "fp16" and self.device.type != "cuda":
             raise ValueError(f"amp='fp16' needs a CUDA device (GradScaler); use amp='bf16' on {self.device.type}")
         if sync_bn and self.device.type != "cuda":
             raise ValueError("sync_bn=True needs CUDA devices (SyncBatchNorm runs on NCCL); on CPU use a student "
                              "without BatchNorm or accept per-process BN statistics")
-        if use_ddp:
+        if self.use_ddp:
             self._init_distributed()
         self.is_main = self.rank == 0
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
 
-        # --- losses ---------------------------------------------------------------------------------
+    def _setup_losses(self, teacher, losses, feature_layers, cache_teacher_logits) -> None:
+        """Named, weighted loss modules, how each is called, and the feature layers they read."""
         self.loss_weights: Dict[str, Union[float, Callable[[int], float]]] = {}
         modules: Dict[str, nn.Module] = {}
         kinds: Dict[str, Optional[str]] = {}
-        if not isinstance(losses, Mapping) or not losses:
-            raise ValueError("losses must be a non-empty dict {name: loss module or (loss module, weight)}")
+        if not isinstance(losses, Mapping):
+            raise ValueError("losses must be a dict {name: loss module or (loss module, weight)}")
+        if not losses and type(self).training_step is Distiller.training_step:
+            raise ValueError("losses is empty: give at least one loss, or subclass Distiller and override "
+                             "training_step to compute the loss yourself")
         for name, spec in losses.items():
             if not isinstance(name, str) or not name.isidentifier():
                 raise ValueError(f"loss names must be identifiers (letters, digits, _), got {name!r}")
@@ -333,24 +373,29 @@ class Distiller:
             if not (callable(weight) or isinstance(weight, (int, float))):
                 raise TypeError(f"weight of loss {name!r} must be a number or a function of the epoch, got {weight!r}")
             modules[name], kinds[name], self.loss_weights[name] = module, loss_kind(module), weight
-        needs_teacher = any(k is not None for k in kinds.values())
+        needs_teacher = [n for n, k in kinds.items() if k is not None]
         if needs_teacher and teacher is None:
-            raise ValueError("teacher is None but losses "
-                             f"{[n for n, k in kinds.items() if k is not None]} need teacher outputs")
+            raise ValueError(f"teacher is None but losses {needs_teacher} need teacher outputs")
         self.loss_kinds = kinds
+        self.loss_modules = modules
         self.student_layers, self.teacher_layers = _parse_feature_layers(feature_layers, kinds)
         if cache_teacher_logits and self.student_layers:
             raise ValueError("cache_teacher_logits=True caches logits only, but feature losses "
                              f"{list(self.student_layers)} need a teacher forward every step")
+        self.cache_teacher_logits = cache_teacher_logits
+        self._teacher_cache: Optional[torch.Tensor] = None
+        self._teacher_cached: Optional[torch.Tensor] = None
+        self._current_weights = self.weights_at(0)
 
-        # --- models ---------------------------------------------------------------------------------
+    def _setup_models(self, teacher, student, *, sync_bn, compile, ddp_kwargs) -> None:
+        """Teacher (frozen), student, feature taps, torch.compile and the DDP wrapper of the trainable part."""
         self.student = student.to(self.device)
         self.teacher = None
         if teacher is not None:
             self.teacher = teacher.to(self.device).eval()
             self.teacher.requires_grad_(False)
-        self.losses = nn.ModuleDict(modules).to(self.device)
-        if use_ddp and sync_bn:
+        self.losses = nn.ModuleDict(self.loss_modules).to(self.device)
+        if self.use_ddp and sync_bn:
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         student_names = sorted({n for names in self.student_layers.values() for n in names})
         teacher_names = sorted({n for names in self.teacher_layers.values() for n in names})
@@ -358,38 +403,70 @@ class Distiller:
         self.teacher_tap = FeatureTap(self.teacher, teacher_names, detach=True) if teacher_names else None
 
         self.train_module = _StudentWithLosses(self.student, self.losses)
-        self.train_module.kinds = kinds
+        self.train_module.kinds = self.loss_kinds
         self.train_module.student_tap = self.student_tap
         self.train_module.student_layers = self.student_layers
-        self.train_module.amp = amp
+        self.train_module.amp = self.amp
         if compile:
             kw = dict(compile) if isinstance(compile, Mapping) else {}
             # Taps are registered above, before compiling, so dynamo traces the hooks.
             self.train_module._student_call[0] = torch.compile(self.student, **kw)
-        self.model = self.train_module  # what forward/backward goes through (DDP-wrapped below)
-        if use_ddp:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(self.train_module, device_ids=ids, **dict(ddp_kwargs or {}))
+        self._ddp_kwargs = dict(ddp_kwargs or {})
+        self.model = self._wrap_ddp(self.train_module)  # what forward/backward goes through
 
-        # --- optimisation ---------------------------------------------------------------------------
-        self._opt_spec = dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                              nesterov=nesterov)
-        self._sched_spec = dict(schedule=schedule, milestones=milestones, gamma=gamma)
-        _check_schedule_spec(schedule, milestones)
+    def _setup_optimisation(self, student_spec: OptimizerSpec, grad_clip, auxiliaries: Mapping[str, Auxiliary]) -> None:
+        """The student's optimizer and schedule, and every auxiliary trainable's."""
+        student_spec.check()
+        check_grad_clip(grad_clip)
+        self.grad_clip = grad_clip
+        self._student_spec = student_spec
         self.optimizer = self.build_optimizer(self.trainable_parameters())
         self.scheduler = None  # built by fit() (cosine needs the number of epochs)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
+        if not isinstance(auxiliaries, Mapping):
+            raise TypeError(f"auxiliaries must be a dict {{name: Auxiliary}}, got {type(auxiliaries).__name__}")
+        self.auxiliaries: Dict[str, Auxiliary] = {}
+        self._aux_models: Dict[str, nn.Module] = {}
+        self._aux_optimizers: Dict[str, torch.optim.Optimizer] = {}
+        self._aux_schedulers: Dict[str, Any] = {}
+        student_params = {id(p) for p in self.student.parameters()}
+        for name, aux in auxiliaries.items():
+            if not isinstance(name, str) or not name.isidentifier() or name == STUDENT:
+                raise ValueError(f"auxiliary names must be identifiers other than {STUDENT!r}, got {name!r}")
+            if not isinstance(aux, Auxiliary):
+                raise TypeError(f"auxiliaries[{name!r}] must be a kdfast.distill.Auxiliary, got {type(aux).__name__}")
+            params = [p for p in aux.module.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError(f"auxiliary {name!r} has no trainable parameters")
+            if any(id(p) in student_params for p in params):
+                raise ValueError(f"auxiliary {name!r} shares parameters with the student")
+            aux.module.to(self.device)
+            self.auxiliaries[name] = aux
+            self._aux_models[name] = self._wrap_ddp(aux.module) if aux.ddp else aux.module
+            self._aux_optimizers[name] = aux.spec.build_optimizer(params)
+            self._aux_schedulers[name] = None  # built by fit(), as the student's
 
-        self.epoch = 0  # completed epochs
-        self.step = 0   # optimizer steps
-        self.history: List[Dict[str, Any]] = []
-        self._teacher_cache: Optional[torch.Tensor] = None
-        self._teacher_cached: Optional[torch.Tensor] = None
-        self._loader_generator = torch.Generator()
-        self._log_file = None
-        self._current_weights = self.weights_at(0)
-        self._dataset_len = 0
-        self._started = False
+    def _wrap_ddp(self, module: nn.Module) -> nn.Module:
+        if not self.use_ddp:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, **self._ddp_kwargs)
+
+    # ------------------------------------------------------------------ trainables by name
+    @property
+    def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
+        """``{"student": optimizer, <auxiliary name>: optimizer, ...}``."""
+        return {STUDENT: self.optimizer, **self._aux_optimizers}
+
+    @property
+    def schedulers(self) -> Dict[str, Any]:
+        """``{"student": LR scheduler or None, <auxiliary name>: ...}`` (built by :meth:`fit`)."""
+        return {STUDENT: self.scheduler, **self._aux_schedulers}
+
+    def auxiliary_model(self, name: str) -> nn.Module:
+        """The auxiliary module to call in a training step (DDP-wrapped under torchrun)."""
+        if name not in self._aux_models:
+            raise KeyError(f"no auxiliary named {name!r}; auxiliaries: {list(self._aux_models)}")
+        return self._aux_models[name]
 
     # ------------------------------------------------------------------ building blocks (overridable)
     def trainable_parameters(self) -> List[nn.Parameter]:
@@ -401,35 +478,12 @@ class Distiller:
         return params
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
-        spec = self._opt_spec
-        opt = spec["optimizer"]
-        if callable(opt):
-            optimizer = opt(params)
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
-            return optimizer
-        if not isinstance(spec["lr"], (int, float)) or not spec["lr"] >= 0:
-            raise ValueError(f"lr must be a non-negative number, got {spec['lr']!r}")
-        if opt == "sgd":
-            return torch.optim.SGD(params, lr=spec["lr"], momentum=spec["momentum"],
-                                   weight_decay=spec["weight_decay"], nesterov=spec["nesterov"])
-        if opt == "adam":
-            return torch.optim.Adam(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
-        raise ValueError(f"optimizer must be 'sgd', 'adam' or a callable(params) -> Optimizer, got {opt!r}")
+        """The student's optimizer over ``params`` (the Distiller's optimizer/lr/... arguments)."""
+        return self._student_spec.build_optimizer(params)
 
     def build_scheduler(self, optimizer, epochs: int):
-        spec = self._sched_spec
-        sched = spec["schedule"]
-        if sched is None:
-            return None
-        if callable(sched):
-            return sched(optimizer)
-        if sched == "step":
-            return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(spec["milestones"]),
-                                                        gamma=spec["gamma"])
-        if sched == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        raise AssertionError(sched)  # validated in __init__
+        """The student's LR schedule (the Distiller's schedule/milestones/gamma), stepped once per epoch."""
+        return self._student_spec.build_scheduler(optimizer, epochs)
 
     def weights_at(self, epoch: int) -> Dict[str, float]:
         """The loss weights used during ``epoch`` (0-based)."""
@@ -484,23 +538,47 @@ class Distiller:
         logits, total, parts = self.model(inputs, targets, t_logits, t_feats, self._current_weights)
         return {"loss": total, "parts": parts, "logits": logits, "targets": targets}
 
-    def backward_step(self, loss: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None, *,
+    def backward_step(self, loss: torch.Tensor, which: Union[None, str, torch.optim.Optimizer] = None, *,
                       update_scaler: bool = True, retain_graph: bool = False) -> None:
-        """zero_grad, (scaled) backward, optional gradient clipping, optimizer step, scaler update.
+        """Update one trainable from ``loss``: zero_grad, (scaled) backward, unscale,
+        :meth:`before_optimizer_step`, gradient clipping, optimizer step, scaler update.
 
-        With several optimizer steps per iteration (alternating optimisation), pass ``update_scaler=False``
-        to all but the last call: GradScaler must be updated once per iteration.
+        ``which`` names the trainable ("student", the default, or an auxiliary's name); an optimizer
+        object is accepted too. With several optimizer steps per iteration (alternating optimisation),
+        pass ``update_scaler=False`` to all but the last call: GradScaler is updated once per iteration.
         """
-        optimizer = optimizer or self.optimizer
+        name, optimizer = self._trainable(which)
         optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward(retain_graph=retain_graph)
-        if self.grad_clip is not None:
-            self.scaler.unscale_(optimizer)
+        self.scaler.scale(loss).backward(retain_graph=retain_graph)  # DDP all-reduces during backward
+        self.scaler.unscale_(optimizer)  # a no-op without fp16 AMP; hooks and clipping see true gradients
+        self.before_optimizer_step(name, optimizer)
+        clip = self.grad_clip if name == STUDENT else (self.auxiliaries[name].grad_clip if name in self.auxiliaries
+                                                       else None)
+        if clip is not None:
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, clip)
         self.scaler.step(optimizer)
         if update_scaler:
             self.scaler.update()
+
+    def before_optimizer_step(self, name: str, optimizer: torch.optim.Optimizer) -> None:
+        """Called in :meth:`backward_step` after backward and ``GradScaler.unscale_`` (so after DDP's
+        all-reduce, with true gradients) and before clipping and ``optimizer.step()``. ``name`` is the
+        trainable being stepped. Override to edit gradients (e.g. KR's sparse recoding)."""
+
+    def _trainable(self, which) -> Tuple[str, torch.optim.Optimizer]:
+        if which is None or which == STUDENT:
+            return STUDENT, self.optimizer
+        if isinstance(which, str):
+            if which not in self._aux_optimizers:
+                raise KeyError(f"no trainable named {which!r}; trainables: {list(self.optimizers)}")
+            return which, self._aux_optimizers[which]
+        if isinstance(which, torch.optim.Optimizer):
+            for name, opt in self.optimizers.items():
+                if opt is which:
+                    return name, opt
+            return "<external>", which
+        raise TypeError(f"backward_step: which must be a trainable name or an optimizer, got {type(which).__name__}")
 
     def training_step(self, batch) -> Dict[str, Any]:
         """One optimisation step on ``batch``; returns :meth:`compute_loss`'s dict.
@@ -526,6 +604,12 @@ class Distiller:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
+            "auxiliaries": {
+                name: {"module": aux.module.state_dict(), "optimizer": self._aux_optimizers[name].state_dict(),
+                       "scheduler": (self._aux_schedulers[name].state_dict()
+                                     if self._aux_schedulers[name] is not None else None)}
+                for name, aux in self.auxiliaries.items()
+            },
         }
 
     def load_checkpoint_state(self, ckpt: Mapping[str, Any]) -> None:
@@ -536,6 +620,14 @@ class Distiller:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        saved = ckpt.get("auxiliaries", {})
+        if set(saved) != set(self.auxiliaries):
+            raise ValueError(f"the checkpoint holds auxiliaries {sorted(saved)}, this run has {sorted(self.auxiliaries)}")
+        for name, aux in self.auxiliaries.items():
+            aux.module.load_state_dict(saved[name]["module"])
+            self._aux_optimizers[name].load_state_dict(saved[name]["optimizer"])
+            if self._aux_schedulers[name] is not None and saved[name]["scheduler"] is not None:
+                self._aux_schedulers[name].load_state_dict(saved[name]["scheduler"])
 
     # ------------------------------------------------------------------ fit
     def fit(self, train_loader, epochs: Optional[int] = None, eval_loader=None) -> List[Dict[str, Any]]:
@@ -546,18 +638,26 @@ class Distiller:
 
         ``train_loader`` is a DataLoader (its dataset, batch size, collate_fn, workers, drop_last and
         shuffle flag are kept; its sampler is replaced by a DistributedSampler seeded with ``seed`` so the
-        order depends only on (seed, epoch) and is sharded across DDP ranks) or a map-style Dataset (then
-        ``batch_size`` must be set; shuffled). The batch size is per process.
+        order depends only on (seed, epoch) and is sharded across DDP ranks), a map-style Dataset (then
+        ``batch_size`` must be set; shuffled) or a batch source (:mod:`kdfast.distill.sources`, e.g.
+        :class:`~kdfast.distill.NoiseSource`: ``steps_per_epoch`` batches drawn from a generator seeded
+        from (seed, epoch, rank)). The batch size is per process.
         """
         epochs = self.epochs if epochs is None else epochs
         _check_int("epochs", epochs, minimum=1)
         loader, sampler = self._prepare_loader(train_loader)
-        self._dataset_len = len(loader.dataset)
-        if self.cache_teacher_logits and isinstance(getattr(loader.collate_fn, "generator", None), torch.Generator):
+        if sampler is not None:
+            self._dataset_len = len(loader.dataset)
+        elif self.cache_teacher_logits:
+            raise ValueError("cache_teacher_logits=True needs a dataset (batches with an index), not a batch source")
+        if sampler is not None and self.cache_teacher_logits and \
+                isinstance(getattr(loader.collate_fn, "generator", None), torch.Generator):
             raise ValueError("cache_teacher_logits=True with a random-augmentation collate_fn: cached teacher logits "
                              "would belong to another augmented view than the student sees; disable one of them")
         if self.scheduler is None:
             self.scheduler = self.build_scheduler(self.optimizer, epochs)
+            for name, aux in self.auxiliaries.items():
+                self._aux_schedulers[name] = aux.spec.build_scheduler(self._aux_optimizers[name], epochs)
         resumed = False
         if not self._started:  # a second fit() call continues in-process: no reload, no reseed
             resumed = self._maybe_resume()
@@ -566,6 +666,8 @@ class Distiller:
             self._started = True
         if self.log_path and self.is_main:
             os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+            if resumed:
+                _truncate_log(self.log_path, self.step, self.stage)  # the replayed steps are logged again
             self._log_file = open(self.log_path, "a", encoding="utf-8")
             if resumed:
                 self._log({"type": "resume", "epoch": self.epoch, "step": self.step})
@@ -590,6 +692,10 @@ class Distiller:
         self.train_module.train()
         if self.teacher is not None:
             self.teacher.eval()
+        if sampler is None:  # a batch source: its own stream per (seed, epoch, rank)
+            source_generator = torch.Generator().manual_seed(_mix(self.seed, epoch, _SOURCE_STREAM + self.rank))
+            batches = loader.batches(epoch, source_generator)
+            return self._run_epoch(batches, loader.steps_per_epoch, epoch, epochs)
         sampler.set_epoch(epoch)
         # Worker seeds (augmentation RNG in DataLoader workers) are drawn from this generator, and a
         # collate_fn that owns a torch.Generator (batch augmentation) is reseeded: both from
@@ -598,6 +704,9 @@ class Distiller:
         collate_gen = getattr(loader.collate_fn, "generator", None)
         if isinstance(collate_gen, torch.Generator):
             collate_gen.manual_seed(_mix(self.seed, epoch, 2 + 2 * self.rank))
+        return self._run_epoch(loader, len(loader), epoch, epochs)
+
+    def _run_epoch(self, batches, num_batches: int, epoch: int, epochs: int) -> Dict[str, Any]:
         self._current_weights = self.weights_at(epoch)
         self.on_epoch_start(epoch)
         sums: Dict[str, torch.Tensor] = {}
@@ -605,7 +714,8 @@ class Distiller:
         seen = 0
         steps = 0
         start = time.perf_counter()
-        bar = _progress(loader, enabled=self.progress and self.is_main, desc=f"epoch {epoch + 1}/{epochs}")
+        bar = _progress(batches, enabled=self.progress and self.is_main, desc=f"epoch {epoch + 1}/{epochs}",
+                        total=num_batches)
         for batch in bar:
             out = self.training_step(batch)
             self.step += 1
@@ -615,7 +725,7 @@ class Distiller:
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0) + v.float()
                 targets = out.get("targets")
-                if isinstance(targets, torch.Tensor) and targets.dim() == 1:
+                if isinstance(targets, torch.Tensor) and targets.dim() == 1 and out.get("logits") is not None:
                     correct += (out["logits"].argmax(dim=1) == targets).sum()
                     seen += targets.shape[0]
             if self.log_every and self.step % self.log_every == 0:
@@ -626,11 +736,10 @@ class Distiller:
                     bar.set_postfix(loss=f"{step_record['loss']:.4f}")
         if steps == 0:
             raise ValueError("the training loader yielded no batches")
-        if self.scheduler is not None:
-            lr_used = self._lr()
-            self.scheduler.step()
-        else:
-            lr_used = self._lr()
+        lr_used = self._lr()
+        for scheduler in self.schedulers.values():
+            if scheduler is not None:
+                scheduler.step()
         # Epoch means over all ranks (torch.distributed collectives; each rank saw its own shard).
         keys = sorted(sums)
         stats = torch.stack([sums[k] / steps for k in keys] + [correct.double().float(),
@@ -690,6 +799,7 @@ class Distiller:
                 "world_size": self.world_size,
                 "rng": per_rank,
                 "sampler": {"seed": self.seed, "epoch": self.epoch},
+                "stage": self.stage,
                 "history": self.history,
                 **self.checkpoint_state(),
             }
@@ -728,6 +838,11 @@ class Distiller:
 
     # ------------------------------------------------------------------ helpers
     def _prepare_loader(self, train):
+        if is_batch_source(train):
+            steps = train.steps_per_epoch
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"a batch source's steps_per_epoch must be a positive int, got {steps!r}")
+            return train, None
         if isinstance(train, DataLoader):
             dataset = train.dataset
             if isinstance(dataset, IterableDataset):
@@ -749,7 +864,8 @@ class Distiller:
             dataset, shuffle, batch_size, drop_last = train, True, self.batch_size, False
             kw = dict(num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         else:
-            raise TypeError(f"train_loader must be a torch DataLoader or a map-style Dataset, got {type(train).__name__}")
+            raise TypeError("train_loader must be a torch DataLoader, a map-style Dataset or a batch source "
+                            f"(steps_per_epoch + batches(epoch, generator)), got {type(train).__name__}")
         sampler = DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle,
                                      seed=self.seed, drop_last=False)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
@@ -774,6 +890,10 @@ class Distiller:
         for tap in (self.student_tap, self.teacher_tap):
             if tap is not None:
                 tap.remove()
+        # Drop the DDP wrappers (their reducers hold gradient hooks on the parameters): a later stage
+        # wraps the same modules anew.
+        self.model = self.train_module
+        self._aux_models = {name: aux.module for name, aux in self.auxiliaries.items()}
         if self._owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_process_group = False
@@ -785,7 +905,9 @@ class Distiller:
         if self._log_file is None:
             return
         record = {**record, "time": time.time()}
-        self._log_file.write(json.dumps(record, default=_json_default) + "\n")
+        if self.stage is not None:
+            record["stage"] = self.stage
+        self._log_file.write(json_record(record) + "\n")
         self._log_file.flush()
 
 
@@ -795,16 +917,6 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_schedule_spec(schedule, milestones) -> None:
-    if schedule is None or callable(schedule) or schedule == "cosine":
-        return
-    if schedule == "step":
-        if milestones is None or not all(isinstance(m, int) and m > 0 for m in milestones):
-            raise ValueError(f"schedule='step' needs milestones, a list of positive epoch numbers, got {milestones!r}")
-        return
-    raise ValueError(f"schedule must be 'step', 'cosine', None or a callable(optimizer) -> scheduler, got {schedule!r}")
 
 
 def _parse_feature_layers(feature_layers, kinds):
@@ -876,6 +988,9 @@ def _resolve_device(device, use_ddp: bool) -> torch.device:
     return device
 
 
+_SOURCE_STREAM = 1 << 20  # batch-source streams: _SOURCE_STREAM + rank (loader streams are 1 + 2 rank, 2 + 2 rank)
+
+
 def _mix(seed: int, epoch: int, stream: int) -> int:
     """A 63-bit seed from (seed, epoch, stream) (splitmix-style), so streams don't collide."""
     x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
@@ -883,19 +998,42 @@ def _mix(seed: int, epoch: int, stream: int) -> int:
     return x & (2**63 - 1)
 
 
-def _progress(iterable, enabled: bool, desc: str):
+def _progress(iterable, enabled: bool, desc: str, total: Optional[int] = None):
     if not enabled:
         return iterable
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a dependency, but never fail training over a progress bar
         return iterable
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, total=total)
+
+
+def _truncate_log(path: str, step: int, stage: Optional[str]) -> None:
+    """Drop the records of ``stage`` after ``step`` (written before a crash; the resumed run replays them)."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut by the crash
+                continue
+            if isinstance(record, dict) and (record.get("stage") != stage or record.get("step", 0) <= step):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _json_default(value):
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
     return str(value)
+
+
+def json_record(record: Mapping[str, Any]) -> str:
+    """One JSON line; non-finite floats (a diverged loss) are written as null: JSON has no NaN."""
+    safe = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    return json.dumps(safe, default=_json_default, allow_nan=False)

@@ -3,8 +3,10 @@
 Every registered module (``kdfast.methods.<module>``) defines:
 
 * ``NAME`` (str), ``TITLE`` (one line), ``PAPER`` (authors, title, venue; the public code it follows);
-* ``OPTIONS``: ``{option name: default}``, the keyword options :func:`build` accepts (YAML ``method_options``);
-* ``build(teacher, student, **options) -> kdfast.distill.Distiller``: a ready engine (call ``fit``);
+* ``OPTIONS``: ``{option name: default}``, the keyword options :func:`build` accepts (YAML ``method_options``),
+  besides the engine's keywords (lr, epochs, amp, checkpoint_dir, ...; :func:`engine_options`);
+* ``build(teacher, student, **options)``: a ready engine (a :class:`kdfast.distill.Distiller`, or a
+  :class:`kdfast.distill.StagedRun` for methods made of stages): call ``fit(train, eval_loader=...)``;
 * ``run_experiment(out_dir, quick=False, device="cpu") -> dict``: the method's full experiment on the
   embedded digits data; writes ``report.md``, ``results.json`` and PNG plots into ``out_dir``;
 * ``demo_section(ctx: kdfast.methods.base.DemoContext) -> kdfast.methods.base.DemoSection``: the
@@ -37,13 +39,25 @@ def get(name: str) -> ModuleType:
     return importlib.import_module(_REGISTRY[name])
 
 
+def engine_options() -> List[str]:
+    """The engine's keyword arguments (kdfast.distill.Distiller), accepted by every method's build()."""
+    import inspect
+
+    from ..distill import Distiller
+
+    params = inspect.signature(Distiller.__init__).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
 def check_options(name: str, options: Dict[str, Any]) -> None:
-    """Raise ValueError naming the bad options of method ``name`` and listing the valid ones."""
+    """Raise ValueError naming the bad options of method ``name`` and listing the valid ones (the
+    method's own ``OPTIONS``; the engine's keywords, :func:`engine_options`, are accepted too)."""
     valid = get(name).OPTIONS
-    unknown = sorted(set(options) - set(valid))
+    unknown = sorted(set(options) - set(valid) - set(engine_options()))
     if unknown:
         raise ValueError(f"method {name!r} has no option(s) {', '.join(unknown)}; valid options: "
-                         + ", ".join(f"{k} (default {v!r})" for k, v in valid.items()))
+                         + ", ".join(f"{k} (default {v!r})" for k, v in valid.items())
+                         + "; and the engine's: " + ", ".join(engine_options()))
 
 
 def build(name: str, teacher, student, **options):
@@ -52,4 +66,4 @@ def build(name: str, teacher, student, **options):
     return get(name).build(teacher, student, **options)
 
 
-__all__ = ["available", "build", "check_options", "get"]
+__all__ = ["available", "build", "check_options", "engine_options", "get"]

@@ -18,6 +18,7 @@ the paper's text (see /work/shared/reference/METHODS.md section 6), not a transc
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -204,7 +205,7 @@ class KnowledgeAggregation(nn.Module):
 def capture_feature_shapes(model: nn.Module, names: Sequence[str], example_input: torch.Tensor) -> list[tuple]:
     """(C, H, W) of the outputs of the named submodules for one forward pass of ``example_input``
     (model in eval mode for that pass; its mode is restored)."""
-    from .distill.tap import FeatureTap
+    from ..distill.tap import FeatureTap
 
     was_training = model.training
     model.eval()
@@ -383,7 +384,10 @@ class SparseRecoding:
 
 # ------------------------------------------------------------------ the trainer (Algorithm 1)
 from ..distill.tap import FeatureTap, unwrap_model  # noqa: E402
-from ..distill.trainer import Distiller, _to_float, split_batch  # noqa: E402
+from ..distill.optim import Auxiliary  # noqa: E402
+from ..distill.trainer import STUDENT, Distiller, _to_float  # noqa: E402
+
+AGGREGATOR = "aggregator"  # the name of the aggregators among the trainables
 
 
 class KRDistiller(Distiller):
@@ -449,16 +453,13 @@ class KRDistiller(Distiller):
                 f"layers, but {len(self.teacher_layer_names)} teacher and {len(self.student_layer_names)} student "
                 "layers were named"
             )
-        super().__init__(teacher, student, losses, **kwargs)
+        aggregator = Auxiliary(aggregation, optimizer="sgd", lr=aggregator_lr, momentum=aggregator_momentum,
+                               weight_decay=aggregator_weight_decay, schedule=kwargs.get("schedule"),
+                               milestones=kwargs.get("milestones"), gamma=kwargs.get("gamma", 0.1),
+                               grad_clip=kwargs.get("grad_clip"))
+        super().__init__(teacher, student, losses, auxiliaries={AGGREGATOR: aggregator}, **kwargs)
         self.aggregation_weight = float(aggregation_weight)
-        self.aggregation = aggregation.to(self.device)
-        self.aggregation_model: nn.Module = self.aggregation
-        if self.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.aggregation_model = nn.parallel.DistributedDataParallel(self.aggregation, device_ids=ids)
-        self.aggregator_optimizer = torch.optim.SGD(self.aggregation.parameters(), lr=aggregator_lr,
-                                                    momentum=aggregator_momentum, weight_decay=aggregator_weight_decay)
-        self.aggregator_scheduler = None
+        self.aggregation = aggregation  # on the device now (the engine moved it)
         self._kr_student_tap = FeatureTap(self.student, self.student_layer_names)
         self._kr_teacher_tap = FeatureTap(self.teacher, self.teacher_layer_names, detach=True)
         if sparse_recoding is True:
@@ -478,61 +479,34 @@ class KRDistiller(Distiller):
         t_feats, s_feats = out.pop("teacher_features"), out.pop("student_features")
         with torch.autocast(device_type=self.device.type, enabled=False):
             # (1) aggregators on the aggregation loss, student fixed (its features detached).
-            fit = aggregation_loss(self.aggregation_model(t_feats), [f.detach() for f in s_feats])
-        self.aggregator_optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(fit).backward()
-        self.scaler.step(self.aggregator_optimizer)
-        # (2) student on task/KD losses + gamma * aggregation loss, aggregators fixed.
+            fit = aggregation_loss(self.auxiliary_model(AGGREGATOR)(t_feats), [f.detach() for f in s_feats])
+        self.backward_step(fit, AGGREGATOR, update_scaler=False)
+        # (2) student on task/KD losses + aggregation_weight * aggregation loss, aggregators fixed.
         with torch.autocast(device_type=self.device.type, enabled=False):
             with torch.no_grad():
                 target = self.aggregation(t_feats)
             prior = aggregation_loss(target, s_feats)
         loss = out["loss"] + self.aggregation_weight * prior
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # DDP all-reduces during backward
-        self.scaler.unscale_(self.optimizer)
-        if self.grad_clip is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        if self.recoding is not None:
-            self.recoding.step()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.backward_step(loss, STUDENT)  # sparse recoding runs in before_optimizer_step
         out["loss"] = loss
         out["parts"] = {**out["parts"], "aggregation": prior.detach(), "aggregator_fit": fit.detach()}
         return out
 
-    # ------------------------------------------------------------------ schedules, checkpoints
-    def build_scheduler(self, optimizer, epochs: int):
-        scheduler = super().build_scheduler(optimizer, epochs)
-        if optimizer is self.optimizer:
-            self.aggregator_scheduler = super().build_scheduler(self.aggregator_optimizer, epochs)
-        return scheduler
+    def before_optimizer_step(self, name, optimizer) -> None:
+        # After backward (so after DDP's all-reduce) and GradScaler.unscale_: the rule sees true gradients.
+        if name == STUDENT and self.recoding is not None:
+            self.recoding.step()
 
-    def on_epoch_end(self, epoch: int, record) -> None:
-        if self.aggregator_scheduler is not None:
-            self.aggregator_scheduler.step()
-        super().on_epoch_end(epoch, record)
-
+    # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self):
         state = super().checkpoint_state()
-        state["kr"] = {
-            "aggregation": self.aggregation.state_dict(),
-            "aggregator_optimizer": self.aggregator_optimizer.state_dict(),
-            "aggregator_scheduler": self.aggregator_scheduler.state_dict() if self.aggregator_scheduler else None,
-            "sparse_recoding": self.recoding.state_dict() if self.recoding is not None else None,
-        }
+        state["sparse_recoding"] = self.recoding.state_dict() if self.recoding is not None else None
         return state
 
     def load_checkpoint_state(self, ckpt) -> None:
         super().load_checkpoint_state(ckpt)
-        kr = ckpt["kr"]
-        self.aggregation.load_state_dict(kr["aggregation"])
-        self.aggregator_optimizer.load_state_dict(kr["aggregator_optimizer"])
-        if self.aggregator_scheduler is not None and kr.get("aggregator_scheduler") is not None:
-            self.aggregator_scheduler.load_state_dict(kr["aggregator_scheduler"])
-        if self.recoding is not None and kr.get("sparse_recoding") is not None:
-            self.recoding.load_state_dict(kr["sparse_recoding"])
+        if self.recoding is not None and ckpt.get("sparse_recoding") is not None:
+            self.recoding.load_state_dict(ckpt["sparse_recoding"])
 
     def close(self) -> None:
         self._kr_student_tap.remove()

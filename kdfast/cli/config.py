@@ -1,14 +1,18 @@
-"""YAML run configs for :class:`~kdfast.distill.Distiller` (used by ``kdfast distill --config run.yaml``).
+"""YAML run configs: any registered method on the engine (``kdfast distill --config run.yaml``).
 
-Example (every section but ``student``, ``data`` and ``losses`` is optional)::
+Example (every section but ``student``, ``data`` and ``losses`` is optional; with ``method`` the losses
+come from the method and ``losses`` is optional)::
 
+    method: kd                  # optional: a registered method (kdfast.methods.available()): kd, kr, ...
+    method_options: {recipe: kd_nst}   # that method's options (kdfast.methods.get(name).OPTIONS)
     seed: 0
     epochs: 240
     device: cuda                # default: cuda if available
     amp: bf16                   # null | bf16 | fp16
     teacher:                    # null: no teacher (only task losses, e.g. to train the teacher itself)
       name: resnet56            # kdfast.models.build(name, **other keys)
-      weights: runs/teacher/last.pt   # a state dict, or a kdfast checkpoint (its "student" entry)
+      weights: runs/teacher/last.pt   # a state dict, or a kdfast checkpoint (its "student" entry);
+                                      # relative paths are relative to the YAML file
     student: {name: resnet20}   # num_classes / in_channels default to the dataset's
     # or the Tucker-decomposed teacher (kdfast.decompose(teacher, **decompose)):
     # student: {decompose: {ranks: evbmf}}
@@ -64,8 +68,9 @@ _TOP: Dict[str, Tuple[tuple, Any]] = {
     "data": ((dict,), None), "losses": ((dict,), None), "optimizer": ((dict,), None),
     "schedule": ((dict, type(None)), None), "checkpoint": ((dict, type(None)), None), "log": ((dict,), None),
     "train": ((dict,), None), "save_student": ((str, type(None)), None),
+    "method": ((str, type(None)), None), "method_options": ((dict,), None),
 }
-_REQUIRED_TOP = ("student", "data", "losses")
+_REQUIRED_TOP = ("student", "data")
 _MODEL_KEYS = ("name", "weights")  # other keys of teacher/student are kwargs of kdfast.models.build
 _LOSS_KEYS = ("type", "weight", "student_layers", "teacher_layers")  # others: loss constructor kwargs
 
@@ -98,11 +103,12 @@ def validate_config(cfg: Any) -> Dict[str, Any]:
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(cfg).__name__}")
     cfg = copy.deepcopy(dict(cfg))
+    path = cfg.pop("_path", None)  # where load_config read it (kept for the model checkpoint's record)
     _check_keys("the config", cfg, list(_TOP))
     missing = [k for k in _REQUIRED_TOP if k not in cfg]
     if missing:
         raise ConfigError(f"missing required key {missing[0]!r} in the config (required: {', '.join(_REQUIRED_TOP)})")
-    out: Dict[str, Any] = {}
+    out: Dict[str, Any] = {"_path": path}
     for key, (types, default) in _TOP.items():
         value = cfg.get(key, default)
         if key in cfg:
@@ -156,8 +162,21 @@ def validate_config(cfg: Any) -> Dict[str, Any]:
             raise ConfigError(f"{role}.name is required (a model name for kdfast.models.build)")
         if "weights" in spec:
             _check_type(f"{role}.weights", spec["weights"], (str, type(None)))
-    if not out["losses"]:
-        raise ConfigError("losses must name at least one loss")
+    out["method_options"] = out["method_options"] or {}
+    if out["method"] is not None:
+        from .. import methods
+
+        try:
+            methods.check_options(out["method"], out["method_options"])
+        except ValueError as e:
+            raise ConfigError(f"method: {e}") from None
+        if out["method"] != "kd" and out["teacher"] is None:
+            raise ConfigError(f"method {out['method']!r} needs a teacher")
+    elif out["method_options"]:
+        raise ConfigError("method_options needs method (a registered method name)")
+    out["losses"] = out["losses"] or {}
+    if not out["losses"] and out["method"] is None:
+        raise ConfigError("losses must name at least one loss (or set method to a registered method)")
     for name, spec in out["losses"].items():
         where = f"losses.{name}"
         if not isinstance(spec, Mapping):
@@ -187,9 +206,16 @@ def load_config(path) -> Dict[str, Any]:
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
     try:
-        return validate_config(raw)
+        cfg = validate_config(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    for role in ("teacher", "student"):  # weights are relative to the YAML file, not the working directory
+        spec = cfg[role]
+        if spec and isinstance(spec.get("weights"), str) and not os.path.isabs(spec["weights"]):
+            spec["weights"] = os.path.join(base, spec["weights"])
+    cfg["_path"] = os.path.abspath(path)
+    return cfg
 
 
 def resolve_loss_class(type_name: str):
@@ -236,15 +262,25 @@ def _build_model(role: str, spec: Mapping[str, Any], dataset) -> nn.Module:
 
 
 def _load_weights(role: str, model: nn.Module, weights: str, name: str) -> None:
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if not os.path.isfile(weights):
+        raise ConfigError(f"{role}.weights: no such file {weights!r}")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, unsafe pickle: all unreadable here
+        raise ConfigError(f"{role}.weights {weights!r} cannot be read as a torch state dict or kdfast checkpoint "
+                          f"(empty, truncated or another format): {type(e).__name__}: {str(e)[:200]}") from None
     if isinstance(state, Mapping) and str(state.get("format", "")).startswith("kdfast.distill"):
         state = state["student"]  # a kdfast checkpoint: the trained model is its "student"
     elif isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConfigError(f"{role}.weights {weights} does not fit {name}: {e}") from None
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"{role}.weights {weights!r} holds a {type(state).__name__}, not a state dict")
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{role}.weights {weights} does not fit {name}: {len(missing)} missing and {len(unexpected)} unexpected "
+            f"keys (e.g. missing {missing[:3]}, unexpected {unexpected[:3]}); weights of another architecture?")
 
 
 def _decomposed_student(teacher: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
@@ -268,9 +304,13 @@ def build_from_config(cfg: Mapping[str, Any]):
     """Models, data and losses from a validated config -> ``(distiller, (train_loader, eval_loader))``."""
     from kdfast import data as kd_data
 
-    from .trainer import Distiller
+    from ..distill import Distiller
+
+    from ..distill import seed_everything
 
     cfg = validate_config(cfg)  # idempotent: fills defaults, so a dict literal works too
+    # Seed before any model is built: a from-scratch student's initial weights depend on it.
+    seed_everything(cfg["seed"])
     d = cfg["data"]
     train_loader, eval_loader = kd_data.loaders(
         d["name"], d["root"], batch_size=d["batch_size"], test_batch_size=d["test_batch_size"],
@@ -298,8 +338,7 @@ def build_from_config(cfg: Mapping[str, Any]):
             feature_layers[name] = (spec["student_layers"], spec["teacher_layers"])
 
     opt, sched, ck, log, train = cfg["optimizer"], cfg["schedule"], cfg["checkpoint"], cfg["log"], cfg["train"]
-    distiller = Distiller(
-        teacher, student, losses, feature_layers=feature_layers or None,
+    engine = dict(
         optimizer=opt["name"], lr=float(opt["lr"]), momentum=float(opt["momentum"]),
         weight_decay=float(opt["weight_decay"]), nesterov=opt["nesterov"],
         schedule=sched["name"] if sched else None, milestones=sched["milestones"] if sched else None,
@@ -311,20 +350,70 @@ def build_from_config(cfg: Mapping[str, Any]):
         keep_checkpoints=ck["keep"] if ck else False, resume=ck["resume"] if ck else False,
         log_path=log["path"], log_every=log["every"], progress=log["progress"],
     )
+    try:
+        if cfg["method"] is not None:
+            from .. import methods
+
+            options = dict(cfg["method_options"])
+            if cfg["method"] == "kr" and "example_input" not in options:
+                options["example_input"] = next(iter(train_loader))[0][:2]
+            if losses and cfg["method"] != "kd":
+                options["losses"] = losses
+            distiller = methods.build(cfg["method"], teacher, student, **options, **engine)
+        else:
+            distiller = Distiller(teacher, student, losses, feature_layers=feature_layers or None, **engine)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(_yaml_names(str(e))) from None
     return distiller, (train_loader, eval_loader)
 
 
-def run_config(path_or_cfg) -> list:
-    """Load (if a path), build and fit; saves ``save_student`` if set. Returns the history."""
-    from .checkpoint import atomic_save
-    from .tap import unwrap_model
+# Engine argument names as the YAML spells them (for errors found while building the run).
+_YAML_NAMES = {"feature_layers": "losses.<name>.student_layers / teacher_layers", "amp=": "amp: ",
+               "grad_clip": "train.grad_clip", "lr must": "optimizer.lr must", "sync_bn": "train.sync_bn",
+               "cache_teacher_logits": "train.cache_teacher_logits"}
+
+
+def _yaml_names(message: str) -> str:
+    for python, yaml_name in _YAML_NAMES.items():
+        message = message.replace(python, yaml_name)
+    return message
+
+
+def run_config(path_or_cfg, model_out=None) -> list:
+    """Load (if a path), build and fit; returns the history.
+
+    With ``save_student``: the student's state dict is written there, and a model checkpoint
+    (kdfast.model_file: architecture, kwargs, Tucker structure, weights; what ``kdfast robustness`` and
+    ``kdfast decompose`` read) at ``model_out`` (default ``<save_student without .pt>_model.pt``).
+    """
+    from .. import model_file
+    from ..distill.checkpoint import atomic_save
+    from ..distill.tap import unwrap_model
 
     cfg = load_config(path_or_cfg) if isinstance(path_or_cfg, (str, os.PathLike)) else validate_config(path_or_cfg)
     distiller, (train_loader, eval_loader) = build_from_config(cfg)
     try:
         history = distiller.fit(train_loader, cfg["epochs"], eval_loader=eval_loader)
         if cfg["save_student"] and distiller.is_main:
-            atomic_save(unwrap_model(distiller.student).state_dict(), cfg["save_student"])
+            student = unwrap_model(distiller.student)
+            atomic_save(student.state_dict(), cfg["save_student"])
+            name, kwargs = model_spec(cfg, train_loader.dataset)
+            d = cfg["data"]
+            data_info = {"name": d["name"], "root": d["root"], "image_size": d["image_size"]}
+            out = model_out or os.path.splitext(cfg["save_student"])[0] + "_model.pt"
+            model_file.save_model(out, student, name, kwargs, data_info,
+                                  {"config": cfg.get("_path"), "method": cfg["method"]})
     finally:
         distiller.close()
     return history
+
+
+def model_spec(cfg: Mapping[str, Any], dataset) -> Tuple[str, Dict[str, Any]]:
+    """(kdfast.models name, kwargs) of the config's student architecture: for a decomposed student, the
+    teacher's (its Tucker layers are recorded separately by kdfast.model_file)."""
+    spec = cfg["teacher"] if "decompose" in cfg["student"] else cfg["student"]
+    kwargs = {k: v for k, v in spec.items() if k not in _MODEL_KEYS}
+    kwargs.setdefault("num_classes", getattr(dataset, "num_classes", 10))
+    if hasattr(dataset, "in_channels"):
+        kwargs.setdefault("in_channels", dataset.in_channels)
+    return spec["name"], kwargs
