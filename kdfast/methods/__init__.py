@@ -24,6 +24,7 @@ from typing import Any, Dict, List
 _REGISTRY: Dict[str, str] = {
     "kd": "kdfast.methods.kd",
     "kr": "kdfast.methods.kr",
+    "srm": "kdfast.methods.srm",
 }
 
 
