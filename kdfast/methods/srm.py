@@ -464,10 +464,10 @@ def _pixel_label_figure(teacher, run, images, path, device):
     fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n), squeeze=False)
     for i in range(n):
         img = images[i].cpu()
-        axes[i][0].imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray")
+        axes[i][0].imshow((img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy(), cmap="gray")
         for j, (pair, lab) in enumerate(zip(run.pairs, labels_per_layer)):
             k_total = run.dictionaries.layers[j].dictionary.shape[1]
-            axes[i][j + 1].imshow(lab[i], cmap="nipy_spectral", vmin=0, vmax=k_total - 1, interpolation="nearest")
+            axes[i][j + 1].imshow(lab[i].numpy(), cmap="nipy_spectral", vmin=0, vmax=k_total - 1, interpolation="nearest")
             if i == 0:
                 axes[i][j + 1].set_title(f"{pair['teacher']} ({pair['size'][0]}x{pair['size'][1]}, K={k_total})",
                                          fontsize=7)

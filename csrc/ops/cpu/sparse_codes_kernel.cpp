@@ -1,10 +1,11 @@
 // sparse_codes on CPU (see csrc/ops/sparse_codes_impl.h for the op and csrc/include/kdfast/sparse_codes.h
 // for the selection rule).
 //
-// Forward, one pass per tile of pixels of one image (at::parallel_for over tiles): the tile's
-// pre-activations z = x_tile C (P x K, ~128 KiB, in a per-thread buffer that stays in cache) by one
-// BLAS GEMM, then per pixel a running top-k over its row of z, the sigmoid of the k winners only, and
-// the k values and indices written out. Nothing K-wide outlives the tile.
+// Forward, one pass per block of pixels (whole images, or a pixel range of one image; ~4 MiB of
+// pre-activations): the block's z = x_block C by one BLAS GEMM (outside at::parallel_for: calling
+// BLAS from inside the parallel region oversubscribes the cores, measured up to 30x slower on 2
+// threads), then, in parallel over pixels, a running top-k over each row of z, the sigmoid of the k
+// winners only, and the k values and indices written out. Nothing K-wide outlives the block.
 //
 // Backward (gradients through the values): per pixel, the k winners' pre-activations are recomputed
 // (k dot products of length D, so nothing but the int64 indices is kept from the forward), then
@@ -30,10 +31,9 @@ namespace kdfast {
 namespace sparse_codes {
 namespace {
 
-// Bytes of the per-thread tile of pre-activations (P x K accumulate-type entries).
-constexpr int64_t kTileBytes = 128 * 1024;
-constexpr int64_t kMinTile = 16, kMaxTile = 512;
-// Pixels per backward tile (fixed: grad_b's partial sums must not depend on the thread count).
+// Bytes of one block of pre-activations (pixels x K accumulate-type entries): bounded memory, large
+// enough for an efficient multi-threaded GEMM.
+constexpr int64_t kBlockBytes = 4 * 1024 * 1024;
 constexpr int64_t kBackwardTile = 256;
 constexpr int kLanes = 8;
 
@@ -71,22 +71,22 @@ void topk_row(const acc_t* z, int64_t num_codewords, int64_t k, acc_t* best_v, i
   }
 }
 
-// The (P, D) rows of pixels [hw0, hw0 + len) of image n as a strided view of x (H and W merge into
-// one pixel axis: checked by the caller).
-at::Tensor tile_view(const at::Tensor& x, int64_t n, int64_t hw0, int64_t len, int64_t pixel_stride) {
-  return x.as_strided({len, x.size(1)}, {pixel_stride, x.stride(1)},
-                      x.storage_offset() + n * x.stride(0) + hw0 * pixel_stride);
+// x's pixels as (images, H W, D) with one pixel axis over (H, W) (a view for contiguous, channels_last
+// and column-sliced maps; a copy otherwise).
+at::Tensor pixel_view(const at::Tensor& x) {
+  const int64_t h = x.size(2), w = x.size(3);
+  const bool mergeable = h == 1 || w == 1 || x.stride(2) == w * x.stride(3);
+  const at::Tensor xm = mergeable ? x : x.contiguous();
+  const int64_t pixel_stride = w == 1 ? xm.stride(2) : xm.stride(3);
+  return xm.as_strided({xm.size(0), h * w, xm.size(1)}, {xm.stride(0), pixel_stride, xm.stride(1)});
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& x_in, const at::Tensor& dictionary,
+std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& x, const at::Tensor& dictionary,
                                                   const at::Tensor& bias, int64_t k) {
-  const int64_t n = x_in.size(0), d = x_in.size(1), h = x_in.size(2), w = x_in.size(3), hw = h * w;
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3), hw = h * w;
   const int64_t kk = dictionary.size(1);
-  // One pixel axis over (H, W): true for contiguous, channels_last and column-sliced maps.
-  const bool mergeable = h == 1 || w == 1 || x_in.stride(2) == w * x_in.stride(3);
-  const at::Tensor x = mergeable ? x_in : x_in.contiguous();
-  const int64_t pixel_stride = w == 1 ? x.stride(2) : x.stride(3);
   const auto acc = accumulate_type(x.scalar_type());
+  const at::Tensor pixels = pixel_view(x);
   at::Tensor values = at::empty({n, h, w, k}, x.options());
   at::Tensor indices = at::empty({n, h, w, k}, x.options().dtype(at::kLong));
 
@@ -94,36 +94,36 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& x_in, const 
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     const at::Tensor c = dictionary.to(acc).contiguous();
     const acc_t b = bias.reshape({}).to(acc).item<acc_t>();
-    const int64_t tile = std::clamp<int64_t>(kTileBytes / (kk * int64_t(sizeof(acc_t))), kMinTile, kMaxTile);
-    const int64_t tiles_per_image = (hw + tile - 1) / tile;
     scalar_t* out_v = values.data_ptr<scalar_t>();
     int64_t* out_i = indices.data_ptr<int64_t>();
-    at::parallel_for(0, n * tiles_per_image, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor z = at::empty({tile, kk}, x.options().dtype(acc));
-      at::Tensor x_acc;  // half types: the tile converted to float32 for the GEMM
-      std::vector<acc_t> best_v(k);
-      std::vector<int64_t> best_i(k), order;
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t img = t / tiles_per_image, hw0 = (t % tiles_per_image) * tile;
-        const int64_t len = std::min(tile, hw - hw0);
-        at::Tensor rows = tile_view(x, img, hw0, len, pixel_stride);
-        if (!std::is_same<scalar_t, acc_t>::value) {
-          if (!x_acc.defined()) x_acc = at::empty({tile, d}, x.options().dtype(acc));
-          rows = x_acc.narrow(0, 0, len).copy_(rows);
-        }
-        at::Tensor z_tile = z.narrow(0, 0, len);
-        at::mm_out(z_tile, rows, c);
+    // Blocks of whole images (one batched GEMM) or, when one image's block is too large, of pixel ranges
+    // within an image. The GEMM runs outside at::parallel_for (BLAS has its own threads); the top-k
+    // scan of the block's rows runs inside it.
+    const int64_t row_bytes = kk * int64_t(sizeof(acc_t));
+    const int64_t images_per_block = std::max<int64_t>(1, kBlockBytes / (row_bytes * hw));
+    const int64_t pixels_per_block = std::min(hw, std::max<int64_t>(1, kBlockBytes / row_bytes));
+    for (int64_t img = 0; img < n; img += images_per_block) {
+      const int64_t imgs = std::min(images_per_block, n - img);
+      for (int64_t hw0 = 0; hw0 < hw; hw0 += pixels_per_block) {
+        const int64_t len = imgs > 1 ? hw : std::min(pixels_per_block, hw - hw0);
+        const at::Tensor rows = pixels.narrow(0, img, imgs).narrow(1, hw0, len).to(acc);
+        const at::Tensor z = at::matmul(rows, c).contiguous();  // (imgs, len, K)
         const acc_t* zp = z.const_data_ptr<acc_t>();
-        for (int64_t p = 0; p < len; ++p) {
-          topk_row<acc_t>(zp + p * kk, kk, k, best_v.data(), best_i.data(), order);
-          const int64_t pix = img * hw + hw0 + p;
-          for (int64_t i = 0; i < k; ++i) {
-            out_v[pix * k + i] = static_cast<scalar_t>(sigmoid<acc_t>(best_v[i] + b));
-            out_i[pix * k + i] = best_i[i];
+        at::parallel_for(0, imgs * len, 16, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> best_v(k);
+          std::vector<int64_t> best_i(k), order;
+          for (int64_t r = begin; r < end; ++r) {
+            topk_row<acc_t>(zp + r * kk, kk, k, best_v.data(), best_i.data(), order);
+            const int64_t pix = (img + r / len) * hw + hw0 + r % len;
+            for (int64_t i = 0; i < k; ++i) {
+              out_v[pix * k + i] = static_cast<scalar_t>(sigmoid<acc_t>(best_v[i] + b));
+              out_i[pix * k + i] = best_i[i];
+            }
           }
-        }
+        });
+        if (imgs > 1) break;  // whole images: one block covers every pixel
       }
-    });
+    }
   });
   return {values, indices};
 }
