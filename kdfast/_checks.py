@@ -283,3 +283,29 @@ def _is_dense(t: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+# ------------------------------------------------------------------ SRM: sparse codes
+def sparse_codes_args(x, dictionary, bias, k) -> None:
+    """Mirrors csrc/ops/sparse_codes_impl.h:check_args (same messages)."""
+    feature_map("x", x)
+    if not isinstance(dictionary, torch.Tensor):
+        raise TypeError(f"dictionary must be a torch.Tensor, got {type(dictionary).__name__}")
+    if dictionary.dim() != 2:
+        raise ValueError(f"dictionary must be a 2-D tensor (D, K), got {dictionary.dim()}-D tensor of shape "
+                         f"{tuple(dictionary.shape)}")
+    _same_dtype_device(x, dictionary, "dictionary")
+    if dictionary.shape[0] != x.shape[1]:
+        raise ValueError(f"channel mismatch: x has D = {x.shape[1]} channels but dictionary has D = "
+                         f"{dictionary.shape[0]} rows (dictionary is (D, K))")
+    if dictionary.shape[1] < 1:
+        raise ValueError(f"dictionary has no codewords (shape {tuple(dictionary.shape)}); expected K >= 1")
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor, got {type(bias).__name__}")
+    if bias.numel() != 1:
+        raise ValueError(f"bias must be a 1-element tensor (the scalar intercept), got shape {tuple(bias.shape)}")
+    _same_dtype_device(x, bias, "bias")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= dictionary.shape[1]:
+        raise ValueError(f"k must be in 1..K = 1..{dictionary.shape[1]}, got {k}")

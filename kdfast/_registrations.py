@@ -144,3 +144,18 @@ def _kd_loss_backward_fake(grad_loss, student_logits, teacher_logits, targets, s
                            ignore_index, reduction, output_mask):
     # Gradients come back contiguous (B, K), whatever the logits' strides.
     return _grad_or_empty(output_mask[0], student_logits), _grad_or_empty(output_mask[1], teacher_logits)
+
+
+# ------------------------------------------------------------------------------- SRM: sparse codes
+@torch.library.register_fake("kdfast::sparse_codes")
+def _sparse_codes_fake(x, dictionary, bias, k):
+    _checks.sparse_codes_args(x, dictionary, bias, k)
+    shape = (x.shape[0], x.shape[2], x.shape[3], k)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.register_fake("kdfast::_sparse_codes_backward")
+def _sparse_codes_backward_fake(grad_values, x, dictionary, bias, indices, output_mask):
+    # grad_x has x's memory layout (empty_like), the others come back contiguous.
+    grad_x = torch.empty_like(x) if output_mask[0] else x.new_empty((0,))
+    return grad_x, _grad_or_empty(output_mask[1], dictionary), _grad_or_empty(output_mask[2], bias)

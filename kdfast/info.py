@@ -19,6 +19,8 @@ OPS = {
     "kd_loss": ["kd_loss", "_kd_loss_backward"],
     # KR: a mutating gradient op, no backward.
     "sparse_recoding_": ["sparse_recoding_"],
+    # SRM: sparse codes (top-k of sigmoid codeword similarities).
+    "sparse_codes": ["sparse_codes", "_sparse_codes_backward"],
 }
 BACKENDS = ("CPU", "CUDA")
 
@@ -28,6 +30,12 @@ TUCKER_CONV2D_PATHS = (
     "CPU: fused tiled kernel for float64 on one thread with >= 28x28 outputs and R_in*kh*kw <= 288, else 3 ATen convs; "
     "CUDA: fused kernel (float32/16/bf16, kernel 1/3/5/7, stride <= 2, shared memory permitting; "
     "never run on a GPU), else 3 cuDNN convs"
+)
+
+#: Which implementation kdfast.ops.sparse_codes runs (KDFAST_SPARSE_CODES_PATH=aten|kernel overrides).
+SPARSE_CODES_PATHS = (
+    "CPU: fused tiled kernel (GEMM per tile + running top-k); "
+    "CUDA: ATen formulation (chunked GEMM + stable sort); the CUDA kernel is compiled but unverified (opt-in)"
 )
 
 
@@ -61,6 +69,7 @@ def collect() -> dict:
         info["GPU"] = torch.cuda.get_device_name()
     info["CPU threads"] = torch.get_num_threads()
     info["tucker_conv2d paths"] = TUCKER_CONV2D_PATHS
+    info["sparse_codes paths"] = SPARSE_CODES_PATHS
     return info
 
 

@@ -203,3 +203,33 @@ def sparse_recoding_(grads, params, taus: torch.Tensor, boost: float, damp: floa
         raise TypeError(f"taus must be a torch.Tensor, got {type(taus).__name__}")
     _checks.sparse_recoding_hyperparameters(boost, damp, shrink, tau_rate)
     torch.ops.kdfast.sparse_recoding_(grads, params, taus, float(boost), float(damp), float(shrink), float(tau_rate))
+
+
+# ------------------------------------------------------------------ SRM: sparse codes
+__all__ += ["sparse_codes"]
+
+
+def sparse_codes(x: torch.Tensor, dictionary: torch.Tensor, bias: torch.Tensor, k: int):
+    """Sparse codes of SRM (Tran, Gabbouj, Iosifidis, "Knowledge Distillation By Sparse Representation
+    Matching", arXiv 2103.17012; official code viebboy/SRM ``cifar100/code/Layers.py``).
+
+    Per pixel of x (N, D, H, W): ``s = sigmoid(dictionary^T x + bias)`` over the K codewords of the
+    dictionary (D, K) (``bias``: a 1-element tensor, the scalar intercept), and its k largest entries.
+    Returns ``(values, indices)``, both (N, H, W, k): values in x's dtype, descending; indices int64
+    codewords. Differentiable w.r.t. x, dictionary and bias through ``values`` (the selection is
+    piecewise constant; ``indices`` is not differentiable). k must be in 1..K.
+
+    Selection ranks the pre-activation ``dictionary^T x`` (same order as s in exact arithmetic; entries
+    whose sigmoid saturates to the same float are still ranked), ties go to the lower codeword index,
+    and exactly k entries are kept. (The official code masks ``s >= s_(k)``, which keeps every entry
+    tied with the k-th: more than k when codes saturate to 1.0 in float32.)
+
+    One fused pass per tile of pixels: the tile's projection (a BLAS GEMM into a cache-sized buffer),
+    a running top-k and the sigmoid of the k winners. The dense (N, H, W, K) similarity never exists,
+    in forward or backward (which recomputes the k winners' pre-activations from the saved indices).
+    float16/bfloat16 accumulate in float32. CUDA runs an ATen formulation (chunked GEMM + stable sort)
+    by default; its hand-written kernel is unverified (KDFAST_SPARSE_CODES_PATH=kernel opts in).
+    """
+    _ext.require_ops()
+    _checks.sparse_codes_args(x, dictionary, bias, k)
+    return torch.ops.kdfast.sparse_codes(x, dictionary, bias, int(k))

@@ -22,7 +22,7 @@ constexpr const char* kOps[] = {
     "fsp_matrix", "_fsp_matrix_backward", "fsp_loss", "_fsp_loss_backward",
     "nst_loss", "_nst_loss_backward", "tucker_conv2d", "_tucker_conv2d_backward", "_tucker_conv2d_path",
     "_tucker_conv2d_with_intermediates", "_tucker_conv2d_backward_saved",
-    "kd_loss", "_kd_loss_backward", "sparse_recoding_",
+    "kd_loss", "_kd_loss_backward", "sparse_recoding_", "sparse_codes", "_sparse_codes_backward",
 };
 
 void register_autocast_off(torch::Library& m) {

@@ -65,6 +65,17 @@ TORCH_LIBRARY(kdfast, m) {
       "sparse_recoding_(Tensor(a!)[] grads, Tensor[] params, Tensor(b!) taus, float boost, float damp, "
       "float shrink, float tau_rate) -> ()");
 
+  // ---------------------------------------------------------------- SRM (sparse representation matching)
+  // Per pixel of x (N, D, H, W): s = sigmoid(dictionary^T x + bias) over the K codewords of the
+  // dictionary (D, K), bias a 1-element tensor; values (N, H, W, k) its k largest entries, descending
+  // (ties: lower index first), indices (N, H, W, k) int64 their codewords. See
+  // csrc/ops/sparse_codes_impl.h. Differentiable through values.
+  m.def("sparse_codes(Tensor x, Tensor dictionary, Tensor bias, int k) -> (Tensor, Tensor)");
+  // Gradients for (x, dictionary, bias) from grad_values and the forward's indices.
+  m.def(
+      "_sparse_codes_backward(Tensor grad_values, Tensor x, Tensor dictionary, Tensor bias, Tensor indices, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // Build facts baked into the binary: [torch major, minor, patch, CUDA version (e.g. 12040) or -1].
   m.def("_build_info() -> int[]");
 }

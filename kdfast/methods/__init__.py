@@ -28,6 +28,7 @@ _REGISTRY: Dict[str, str] = {
     "dafl": "kdfast.methods.dafl",
     "dfad": "kdfast.methods.dfad",
     "rdskd": "kdfast.methods.rdskd",
+    "srm": "kdfast.methods.srm",
 }
 
 

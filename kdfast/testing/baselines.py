@@ -283,3 +283,29 @@ def dfad_official_iteration(generator, teacher, student, optimizer_S, optimizer_
     loss_G.backward()
     optimizer_G.step()
     return loss_S.detach(), loss_G.detach()
+
+
+# ------------------------------------------------------------------------------- SRM
+# The official SRM code's dense formulation (viebboy/SRM, cifar100/code/Layers.py: SparseRep,
+# GlobalLocalLabel, 77a12ba7), written from its math: the full (N, H, W, K) sigmoid similarity,
+# torch.topk, a mask of s >= the k-th largest (ties with it all kept), a dense reconstruction.
+def srm_similarity(x, dictionary, bias) -> torch.Tensor:
+    """(N, H, W, K) = sigmoid(C^T x + b) per pixel, as a 1x1 linear map over the channels-last map."""
+    return torch.sigmoid(F.linear(x.permute(0, 2, 3, 1), dictionary.t()) + bias)
+
+
+def srm_masked_similarity(x, dictionary, bias, k: int) -> torch.Tensor:
+    s = srm_similarity(x, dictionary, bias)
+    kth = torch.topk(s, k, dim=-1).values[..., -1:]
+    return s * (s >= kth).to(s.dtype)
+
+
+def srm_reconstruct_official(x, dictionary, bias, k: int) -> torch.Tensor:
+    """SparseRep.forward: C s_hat with s_hat the top-k masked similarity; (N, D, H, W)."""
+    return F.linear(srm_masked_similarity(x, dictionary, bias, k), dictionary).permute(0, 3, 1, 2)
+
+
+def srm_labels_official(x, dictionary, bias, k: int):
+    """GlobalLocalLabel.forward: (spatial mean of the masked similarity (N, K), argmax codeword (N, H, W))."""
+    masked = srm_masked_similarity(x, dictionary, bias, k)
+    return masked.mean(dim=(1, 2)), masked.argmax(dim=-1)

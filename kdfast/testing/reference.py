@@ -276,3 +276,34 @@ def rdskd_generator_objective(losses, previous=None):
 def dfad_discrepancy(s_logits, t_logits):
     """DFAD (Fang et al. 2019) model discrepancy: (1 / (B K)) sum |z_S - z_T|."""
     return (s_logits.double() - t_logits.double()).abs().sum() / s_logits.numel()
+
+
+# ------------------------------------------------------------------ SRM: sparse codes
+def sparse_codes(x, dictionary, bias, k: int):
+    """SRM's sparse codes (Tran et al., arXiv 2103.17012): per pixel s = sigmoid(C^T x + b) and its k
+    largest entries, (values, indices) of shape (N, H, W, k), descending. Entries are ranked by the
+    pre-activation C^T x (the order of s in exact arithmetic, also where the sigmoid saturates), ties
+    by lower codeword index (a stable sort)."""
+    z = torch.einsum("ndhw,dk->nhwk", x, dictionary)
+    s = torch.sigmoid(z + bias.reshape(()))
+    order = torch.sort(z, dim=-1, descending=True, stable=True).indices[..., :k]
+    return s.gather(-1, order), order
+
+
+def srm_masked_codes(x, dictionary, bias, k: int) -> torch.Tensor:
+    """The dense masked codes s_hat (N, H, W, K): s on the k selected codewords, 0 elsewhere."""
+    values, indices = sparse_codes(x, dictionary, bias, k)
+    z = torch.einsum("ndhw,dk->nhwk", x, dictionary)
+    return torch.zeros_like(z).scatter(-1, indices, values)
+
+
+def srm_reconstruct(x, dictionary, bias, k: int) -> torch.Tensor:
+    """SRM's reconstruction C s_hat per pixel, (N, D, H, W)."""
+    return torch.einsum("dk,nhwk->ndhw", dictionary, srm_masked_codes(x, dictionary, bias, k))
+
+
+def srm_labels(x, dictionary, bias, k: int):
+    """SRM's labels: image labels (N, K) = the spatial mean of the masked codes; pixel labels (N, H, W)
+    = the codeword of the largest code."""
+    masked = srm_masked_codes(x, dictionary, bias, k)
+    return masked.mean(dim=(1, 2)), sparse_codes(x, dictionary, bias, 1)[1][..., 0]

@@ -1,0 +1,676 @@
+"""SRM: knowledge distillation by sparse representation matching.
+
+Tran, Gabbouj, Iosifidis, "Knowledge Distillation By Sparse Representation Matching", arXiv 2103.17012
+(2021); official code viebboy/SRM (``cifar100/code/Layers.py``, ``Utility.py``, ``Runners.py``), whose
+computations this module follows:
+
+* per pixel of a teacher feature x (D channels), codes ``s = sigmoid(C^T x + b)`` over K = m D codewords
+  (dictionary C (D, K), scalar intercept b), kept at their k = max(1, int(D m r)) largest entries
+  (``s_hat``); the reconstruction is ``C s_hat``;
+* labels: the image label is the spatial mean of ``s_hat`` (N, K), the pixel label the codeword of the
+  largest code (N, H, W).
+
+The hot path, ``kdfast.ops.sparse_codes``, returns only the k winners per pixel; :func:`reconstruct`
+and :func:`labels` work from them (k per pixel), never from a dense (N, H, W, K) tensor.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+
+def num_codewords(channels: int, multiplier: float = 2.0) -> int:
+    """K = int(m D), the official code's ``nb_codeword = int(in_dim * codeword_multiplier)``."""
+    return max(1, int(channels * multiplier))
+
+
+def sparsity(channels: int, multiplier: float = 2.0, ratio: float = 0.02) -> int:
+    """k = max(1, int(D m r)): the official code's ``sparsity`` (0 becomes 1)."""
+    return max(1, int(channels * multiplier * ratio))
+
+
+def reconstruct(x: torch.Tensor, dictionary: torch.Tensor, bias: torch.Tensor, k: int) -> torch.Tensor:
+    """SRM's reconstruction ``C s_hat`` of every pixel of x (N, D, H, W): (N, D, H, W).
+
+    A sparse product: per pixel the sum of its k winning codewords weighted by their codes
+    (``F.embedding_bag`` over the (N H W, k) indices with the codes as per-sample weights), so neither
+    forward nor backward holds anything K-wide per pixel. Differentiable in x, dictionary and bias.
+    The result is a channels-last (N, D, H, W) tensor.
+    """
+    values, indices = ops.sparse_codes(x, dictionary, bias, k)
+    n, h, w, _ = values.shape
+    rows = F.embedding_bag(indices.reshape(-1, k), dictionary.t(), per_sample_weights=values.reshape(-1, k),
+                           mode="sum")
+    return rows.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def labels(x: torch.Tensor, dictionary: torch.Tensor, bias: torch.Tensor, k: int):
+    """SRM's labels of x (N, D, H, W): ``(image_labels (N, K), pixel_labels (N, H, W) int64)``.
+
+    image_labels = the spatial mean of the masked codes s_hat (each pixel contributes its k codes);
+    pixel_labels = the codeword of the largest code (the argmax of s, unchanged by the mask).
+    Not differentiable (labels are targets): computed under ``torch.no_grad``.
+    """
+    with torch.no_grad():
+        values, indices = ops.sparse_codes(x, dictionary, bias, k)
+        n, h, w, _ = values.shape
+        image = values.new_zeros(n, dictionary.shape[1], dtype=torch.float32 if values.dtype in (
+            torch.float16, torch.bfloat16) else values.dtype)
+        image.scatter_add_(1, indices.reshape(n, -1), values.reshape(n, -1).to(image.dtype))
+        image = (image / (h * w)).to(values.dtype)
+        return image, indices[..., 0].clone()
+
+
+class SparseDictionary(nn.Module):
+    """A dictionary C (D, K) and a scalar intercept b, initialised as the official code does
+    (Kaiming-uniform C, b ~ U(-1, 1)). ``forward(x)`` is the reconstruction ``C s_hat`` (stage A);
+    :meth:`labels` gives stage B's targets."""
+
+    def __init__(self, channels: int, codewords: int, k: int):
+        super().__init__()
+        if not 1 <= k <= codewords:
+            raise ValueError(f"k must be in 1..codewords = 1..{codewords}, got {k}")
+        self.k = int(k)
+        self.dictionary = nn.Parameter(torch.empty(channels, codewords))
+        self.bias = nn.Parameter(torch.empty(1))
+        nn.init.kaiming_uniform_(self.dictionary)
+        nn.init.uniform_(self.bias, -1.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reconstruct(x, self.dictionary, self.bias, self.k)
+
+    def labels(self, x: torch.Tensor):
+        return labels(x, self.dictionary, self.bias, self.k)
+
+
+class CodePredictor(nn.Module):
+    """The student's head at one matched layer (the official ``GlobalLocalPred``): its own dictionary
+    W (D_s, K) and intercept, codes p = sigmoid(W^T y + b) over all K codewords (dense: both losses
+    need every code). ``forward(y) -> (global (N, K) = spatial mean of p, local (N, K, H, W) = p)``."""
+
+    def __init__(self, channels: int, codewords: int):
+        super().__init__()
+        self.dictionary = nn.Parameter(torch.empty(channels, codewords))
+        self.bias = nn.Parameter(torch.empty(1))
+        nn.init.kaiming_uniform_(self.dictionary)
+        nn.init.uniform_(self.bias, -1.0, 1.0)
+
+    def forward(self, y: torch.Tensor):
+        p = torch.sigmoid(torch.einsum("ndhw,dk->nkhw", y, self.dictionary) + self.bias)
+        return p.mean(dim=(2, 3)), p
+
+
+# ------------------------------------------------------------------------------------ layer matching
+def feature_shapes(model: nn.Module, layers, input_shape) -> dict:
+    """{layer name: (C, H, W)} of the named layers' outputs for one input of ``input_shape`` (C, H, W)
+    (a probe forward pass in eval mode, without gradients; the model's mode is restored)."""
+    from ..distill.tap import FeatureTap
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with FeatureTap(model, list(layers), detach=True) as tap, torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+            return {name: tuple(f.shape[1:]) for name, f in tap.feature_dict.items()}
+    finally:
+        model.train(was_training)
+
+
+def match_layers(teacher: nn.Module, student: nn.Module, input_shape, teacher_layers=None, student_layers=None):
+    """Pairs (teacher layer, student layer) of equal spatial size, as the official code pairs its
+    layers (DenseNet-121 after trans1 / trans2 / dense4 with the AllCNN blocks of the same size).
+
+    Given both lists, they are paired by position and every pair must have the same spatial size
+    (ValueError otherwise: SRM's pixel labels need one teacher pixel per student pixel, and the
+    official code never resamples). Otherwise the candidates are the models' ``feature_layers`` (or the
+    given list): each teacher layer is paired with the last student layer of the same size (deepest
+    first), teacher layers without a same-size student layer are skipped, and an empty result raises.
+    Returns a list of dicts with keys teacher, student, teacher_channels, student_channels, size.
+    """
+    t_layers = list(teacher_layers if teacher_layers is not None else getattr(teacher, "feature_layers", ()))
+    s_layers = list(student_layers if student_layers is not None else getattr(student, "feature_layers", ()))
+    if not t_layers or not s_layers:
+        raise ValueError("SRM needs feature layers: pass teacher_layers and student_layers (module names), "
+                         "or use models that list their stage outputs in `feature_layers`")
+    t_shapes = feature_shapes(teacher, t_layers, input_shape)
+    s_shapes = feature_shapes(student, s_layers, input_shape)
+    pairs = []
+    if teacher_layers is not None and student_layers is not None:
+        if len(t_layers) != len(s_layers):
+            raise ValueError(f"teacher_layers and student_layers are paired by position: got {len(t_layers)} "
+                             f"and {len(s_layers)} names")
+        for t, s in zip(t_layers, s_layers):
+            if t_shapes[t][1:] != s_shapes[s][1:]:
+                raise ValueError(
+                    f"spatial size mismatch: teacher layer {t!r} is {t_shapes[t][1]}x{t_shapes[t][2]} but student "
+                    f"layer {s!r} is {s_shapes[s][1]}x{s_shapes[s][2]}; SRM's pixel labels need equal sizes "
+                    "(the official code pairs same-size layers and never resamples)")
+            pairs.append((t, s))
+    else:
+        for t in t_layers:
+            same = [s for s in s_layers if s_shapes[s][1:] == t_shapes[t][1:]]
+            if same and all(p[1] != same[-1] for p in pairs):
+                pairs.append((t, same[-1]))
+        if not pairs:
+            raise ValueError(
+                "no teacher and student layers of equal spatial size: teacher "
+                + ", ".join(f"{n} {s[1]}x{s[2]}" for n, s in t_shapes.items()) + "; student "
+                + ", ".join(f"{n} {s[1]}x{s[2]}" for n, s in s_shapes.items()))
+    return [{"teacher": t, "student": s, "teacher_channels": t_shapes[t][0], "student_channels": s_shapes[s][0],
+             "size": t_shapes[t][1:]} for t, s in pairs]
+
+
+# ------------------------------------------------------------------------------------ stage losses
+TARGETS = ("global", "local", "global-local")
+
+
+class DictionarySet(nn.Module):
+    """One :class:`SparseDictionary` per teacher layer (stage A's trainable). ``forward(features)``
+    returns the reconstructions, :meth:`labels` the (image, pixel) labels of each layer."""
+
+    def __init__(self, dictionaries):
+        super().__init__()
+        self.layers = nn.ModuleList(dictionaries)
+
+    def forward(self, features):
+        return [d(f) for d, f in zip(self.layers, features)]
+
+    def labels(self, features):
+        return [d.labels(f) for d, f in zip(self.layers, features)]
+
+
+def dictionary_loss(reconstructions, features) -> dict:
+    """Stage A's objective per layer, MSE(x, C s_hat) (the official ``codeword_epoch_trainer`` sums them)."""
+    return {f"mse{i}": F.mse_loss(r, f) for i, (r, f) in enumerate(zip(reconstructions, features))}
+
+
+class SRMTargetLoss(nn.Module):
+    """Stage B's loss (the official ``srm_init_epoch_trainer``), summed over the matched layers:
+
+    * 'global': ``BCE(mean_hw p, image label)`` with the image label the spatial mean of the teacher's
+      masked codes;
+    * 'local': ``CE(p, pixel label)`` where the student's sigmoid codes p (N, K, H, W) are used as the
+      logits of a K-way classification of each pixel (the official code's choice) and the pixel label is
+      the teacher's argmax codeword;
+    * 'global-local' (default): both.
+
+    ``dictionaries``: the stage-A :class:`SparseDictionary` per layer (frozen here: labels are targets);
+    ``student_channels``: D_s per layer. The heads (:class:`CodePredictor`, one per layer with K from its
+    dictionary) are this module's trainable parameters, optimised with the student.
+    A ``"features"`` loss of :class:`kdfast.distill.Distiller`: ``loss(student_feats, teacher_feats)``.
+    """
+
+    kdfast_inputs = "features"
+
+    def __init__(self, dictionaries, student_channels, target: str = "global-local"):
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        dictionaries = list(dictionaries)
+        student_channels = [int(c) for c in student_channels]
+        if len(dictionaries) != len(student_channels) or not dictionaries:
+            raise ValueError(f"one dictionary per student layer is needed: got {len(dictionaries)} dictionaries "
+                             f"and {len(student_channels)} student layers")
+        self.target = target
+        self.dictionaries = nn.ModuleList(dictionaries).requires_grad_(False)
+        self.heads = nn.ModuleList(CodePredictor(c, d.dictionary.shape[1]) for c, d in zip(student_channels, dictionaries))
+
+    def forward(self, student_features, teacher_features) -> torch.Tensor:
+        if len(student_features) != len(self.heads) or len(teacher_features) != len(self.heads):
+            raise ValueError(f"SRMTargetLoss has {len(self.heads)} layers, got {len(student_features)} student and "
+                             f"{len(teacher_features)} teacher feature maps")
+        total = 0.0
+        with torch.autocast(student_features[0].device.type, enabled=False):
+            for s, t, d, head in zip(student_features, teacher_features, self.dictionaries, self.heads):
+                if s.shape[2:] != t.shape[2:]:
+                    raise ValueError(f"spatial size mismatch: student map {tuple(s.shape[2:])} vs teacher map "
+                                     f"{tuple(t.shape[2:])}; SRM pairs layers of equal size")
+                image, pixel = d.labels(t.float())
+                global_pred, local_pred = head(s.float())
+                if self.target in ("global", "global-local"):
+                    total = total + F.binary_cross_entropy(global_pred, image)
+                if self.target in ("local", "global-local"):
+                    total = total + F.cross_entropy(local_pred, pixel)
+        return total
+
+
+# ------------------------------------------------------------------------------------ the method
+NAME = "srm"
+TITLE = "SRM: sparse representation matching (teacher codewords -> pixel and image labels -> KD)"
+PAPER = ("Tran, Gabbouj, Iosifidis, \"Knowledge Distillation By Sparse Representation Matching\", "
+         "arXiv 2103.17012 (2021); official code viebboy/SRM (cifar100/code/Layers.py, Utility.py, Runners.py)")
+
+#: Options of :func:`build` (the official CIFAR defaults where they exist; epochs are scaled down
+#: defaults for small runs: the official schedule is Adam (1e-3, 10) (1e-4, 60) (1e-5, 30) for the
+#: dictionaries, (1e-3, 30) (1e-4, 100) (1e-5, 30) for the heads, (1e-3, 30) (1e-4, 100) (1e-5, 70) for KD).
+OPTIONS = {
+    "input_shape": None,            # (C, H, W) of one input: needed to match layers (probe forward)
+    "teacher_layers": None,         # None: the teacher's feature_layers, matched by spatial size
+    "student_layers": None,
+    "codeword_multiplier": 2.0,     # m: K = int(m D) codewords per teacher layer
+    "sparsity_ratio": 0.02,         # r: k = max(1, int(D m r)) non-zero codes per pixel
+    "target": "global-local",       # 'global' | 'local' | 'global-local'
+    "dictionary_epochs": 10,
+    "dictionary_lr": 1e-3,
+    "init_epochs": 10,
+    "init_lr": 1e-3,
+    "kd_epochs": 20,
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "alpha": 0.5,
+    "temperature": 4.0,
+    "lr_steps": (0.6, 0.85),        # fractions of each stage's epochs where the LR drops 10x (official phases)
+    "device": "cpu",
+    "seed": 0,
+    "checkpoint_dir": None,
+    "resume": False,
+    "progress": False,
+}
+
+
+def _milestones(epochs: int, steps) -> list:
+    out = sorted({int(round(f * epochs)) for f in steps if 0 < int(round(f * epochs)) < epochs})
+    return out
+
+
+from ..distill import Auxiliary, Distiller, FeatureTap, Stage, StagedRun, split_batch  # noqa: E402
+from ..losses import KDLoss  # noqa: E402
+
+
+class DictionaryLearner(Distiller):
+    """Stage A on the engine: the teacher runs frozen, the student is not trained, and the
+    :class:`DictionarySet` (an auxiliary trainable, Adam) minimises the sum over layers of
+    MSE(x, C s_hat). ``dictionary_spec``: :class:`~kdfast.distill.Auxiliary` keywords (lr, schedule, ...)."""
+
+    def __init__(self, teacher, student, *, dictionaries: DictionarySet, teacher_layers, dictionary_spec=None,
+                 **engine):
+        if teacher is None:
+            raise ValueError("SRM's dictionary stage needs a teacher")
+        super().__init__(teacher, student, {}, auxiliaries={"dictionaries": Auxiliary(dictionaries,
+                                                                                      **(dictionary_spec or {}))},
+                         **engine)
+        self._srm_tap = FeatureTap(self.teacher, list(teacher_layers), detach=True)
+
+    def training_step(self, batch):
+        inputs, _, _ = split_batch(batch)
+        self.teacher_forward(inputs.to(self.device, non_blocking=True))
+        features = [f.float() for f in self._srm_tap.features]
+        with torch.autocast(self.device.type, enabled=False):
+            parts = dictionary_loss(self.auxiliary_model("dictionaries")(features), features)
+            loss = sum(parts.values())
+        self.backward_step(loss, "dictionaries")
+        return {"loss": loss.detach(), "parts": {k: v.detach() for k, v in parts.items()}, "logits": None,
+                "targets": None}
+
+    def close(self) -> None:
+        self._srm_tap.remove()
+        super().close()
+
+
+class SRMRun(StagedRun):
+    """The three stages of SRM (``build`` returns one): ``dictionaries`` (stage A), ``matching`` (stage B)
+    and ``kd`` (stage C). ``pairs``: the matched layers; ``dictionaries``: the teacher's
+    :class:`DictionarySet` (trained by stage A, used for the labels of stage B)."""
+
+    def __init__(self, stages, *, pairs, dictionaries, **kwargs):
+        super().__init__(stages, **kwargs)
+        self.pairs, self.dictionaries = pairs, dictionaries
+
+
+_STUDENT_OPTIMISER_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma",
+                           "epochs")
+
+
+def build(teacher, student, *, input_shape=None, teacher_layers=None, student_layers=None, codeword_multiplier=2.0,
+          sparsity_ratio=0.02, target="global-local", dictionary_epochs=10, dictionary_lr=1e-3, init_epochs=10,
+          init_lr=1e-3, kd_epochs=20, lr=1e-3, weight_decay=1e-4, alpha=0.5, temperature=4.0, lr_steps=(0.6, 0.85),
+          checkpoint_dir=None, resume=False, log_path=None, **engine) -> SRMRun:
+    """SRM as the official code runs it, as a :class:`~kdfast.distill.StagedRun` of three engines:
+
+    * ``dictionaries`` (stage A, ``dictionary_epochs``): per matched teacher layer a dictionary of
+      K = int(m D) codewords with k = max(1, int(D m r)) codes per pixel, Adam (``dictionary_lr``, no
+      weight decay), loss sum of MSE(x, C s_hat); the student is untouched;
+    * ``matching`` (stage B, ``init_epochs``): the whole student plus one code predictor per matched
+      layer, Adam (``init_lr``, ``weight_decay``), :class:`SRMTargetLoss` with ``target`` ('global',
+      'local', 'global-local');
+    * ``kd`` (stage C, ``kd_epochs``): heads dropped, Adam (``lr``, ``weight_decay``) on
+      ``alpha T^2 KL + (1 - alpha) CE`` (:class:`kdfast.losses.KDLoss`).
+
+    Each stage's LR drops 10x at the fractions ``lr_steps`` of its epochs (the official code's LR
+    phases). ``input_shape`` (C, H, W) of one input is needed to match the layers
+    (:func:`match_layers`). Engine keywords (device, seed, amp, progress, ...) apply to every stage;
+    ``checkpoint_dir``/``resume`` checkpoint each stage in its own folder and resume where it stopped.
+    """
+    if input_shape is None:
+        raise ValueError("SRM's build needs input_shape=(C, H, W) of one input, to match teacher and student "
+                         "layers by spatial size")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    for name, value in (("codeword_multiplier", codeword_multiplier), ("sparsity_ratio", sparsity_ratio)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    bad = sorted(set(engine) & set(_STUDENT_OPTIMISER_KEYS))
+    if bad:
+        raise ValueError(f"SRM sets each stage's optimiser itself (Adam, as the official code): remove {bad}; "
+                         "use lr, weight_decay, dictionary_lr, init_lr and lr_steps")
+    pairs = match_layers(teacher, student, tuple(input_shape), teacher_layers, student_layers)
+    dictionaries = DictionarySet([
+        SparseDictionary(p["teacher_channels"], num_codewords(p["teacher_channels"], codeword_multiplier),
+                         sparsity(p["teacher_channels"], codeword_multiplier, sparsity_ratio)) for p in pairs])
+    t_layers = [p["teacher"] for p in pairs]
+    s_layers = [p["student"] for p in pairs]
+    s_channels = [p["student_channels"] for p in pairs]
+
+    def adam(epochs, learning_rate, decay):
+        return dict(optimizer="adam", lr=learning_rate, weight_decay=decay, schedule="step",
+                    milestones=_milestones(epochs, lr_steps), gamma=0.1)
+
+    def stage_a():
+        return DictionaryLearner(teacher, student, dictionaries=dictionaries, teacher_layers=t_layers,
+                                 dictionary_spec=adam(dictionary_epochs, dictionary_lr, 0.0), **engine)
+
+    def stage_b():
+        loss = SRMTargetLoss(dictionaries.layers, s_channels, target)
+        return Distiller(teacher, student, {"srm": loss}, feature_layers={"srm": (s_layers, t_layers)},
+                         **adam(init_epochs, init_lr, weight_decay), **engine)
+
+    def stage_c():
+        return Distiller(teacher, student, {"kd": KDLoss(temperature, alpha=alpha)}, **adam(kd_epochs, lr, weight_decay),
+                         **engine)
+
+    stages = [Stage("dictionaries", dictionary_epochs, stage_a, eval=False),
+              Stage("matching", init_epochs, stage_b),
+              Stage("kd", kd_epochs, stage_c)]
+    return SRMRun(stages, pairs=pairs, dictionaries=dictionaries, checkpoint_dir=checkpoint_dir, resume=resume,
+                  log_path=log_path)
+
+
+# ------------------------------------------------------------------------------------ experiment
+# Teacher vgg8 (the tour's teacher: VGG blocks, max pooling) -> student resnet8 at half width
+# (residual blocks, strided convs): a different architecture, as the paper's claim is robustness to
+# architectural differences. Layers matched by size: vgg block0/1/2 (16x16, 8x8, 4x4 on 16x16 digits)
+# with resnet layer1/2/3.
+STUDENT = {"name": "resnet8", "width": 0.5}
+TEACHER = {"name": "vgg8", "width": 0.25}
+SEEDS = (0, 1, 2)
+
+
+def _config(quick: bool, tiny: bool = False) -> dict:
+    if tiny:
+        return {"teacher_epochs": 1, "dictionary_epochs": 1, "init_epochs": 1, "kd_epochs": 1, "train_subset": 96,
+                "test_subset": 64, "seeds": (0,), "batch_size": 32}
+    if quick:
+        return {"teacher_epochs": 8, "dictionary_epochs": 3, "init_epochs": 4, "kd_epochs": 8, "train_subset": None,
+                "test_subset": None, "seeds": SEEDS, "batch_size": 64}
+    return {"teacher_epochs": 15, "dictionary_epochs": 8, "init_epochs": 10, "kd_epochs": 20, "train_subset": None,
+            "test_subset": None, "seeds": SEEDS, "batch_size": 64}
+
+
+def _train_baseline(kind, teacher, student, train_loader, test_loader, cfg, seed, device):
+    """CE or KD (stage C's loss from scratch) with stage C's optimiser and epochs."""
+    epochs = cfg["kd_epochs"]
+    losses = {"ce": nn.CrossEntropyLoss()} if kind == "ce" else {"kd": KDLoss(cfg["temperature"], alpha=cfg["alpha"])}
+    engine = Distiller(None if kind == "ce" else teacher, student, losses, optimizer="adam", lr=cfg["lr"],
+                       weight_decay=cfg["weight_decay"], schedule="step", milestones=_milestones(epochs, (0.6, 0.85)),
+                       epochs=epochs, device=device, seed=seed, progress=False)
+    try:
+        return engine.fit(train_loader, eval_loader=test_loader)
+    finally:
+        engine.close()
+
+
+def _train_srm(teacher, student, train_loader, test_loader, cfg, seed, device, target, input_shape):
+    run = build(teacher, student, input_shape=input_shape, target=target, dictionary_epochs=cfg["dictionary_epochs"],
+                init_epochs=cfg["init_epochs"], kd_epochs=cfg["kd_epochs"], lr=cfg["lr"],
+                weight_decay=cfg["weight_decay"], alpha=cfg["alpha"], temperature=cfg["temperature"], device=device,
+                seed=seed, progress=False)
+    try:
+        history = run.fit(train_loader, eval_loader=test_loader)
+    finally:
+        run.close()
+    return run, history
+
+
+def _final_accuracy(history) -> float:
+    return float(history[-1]["eval_accuracy"])
+
+
+def _curve(history, key):
+    return [float(r[key]) for r in history if key in r]
+
+
+def _pixel_label_figure(teacher, run, images, path, device):
+    """Input images and the teacher's pixel-level codeword labels (argmax codeword per pixel) at each
+    matched layer, one colour per codeword."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [p["teacher"] for p in run.pairs]
+    with FeatureTap(teacher, layers, detach=True) as tap, torch.no_grad():
+        teacher.eval()
+        teacher(images.to(device))
+        labels_per_layer = [d.labels(f.float())[1].cpu() for d, f in zip(run.dictionaries.layers, tap.features)]
+    n, cols = images.shape[0], 1 + len(layers)
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n), squeeze=False)
+    for i in range(n):
+        img = images[i].cpu()
+        axes[i][0].imshow((img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy(), cmap="gray")
+        for j, (pair, lab) in enumerate(zip(run.pairs, labels_per_layer)):
+            k_total = run.dictionaries.layers[j].dictionary.shape[1]
+            axes[i][j + 1].imshow(lab[i].numpy(), cmap="nipy_spectral", vmin=0, vmax=k_total - 1, interpolation="nearest")
+            if i == 0:
+                axes[i][j + 1].set_title(f"{pair['teacher']} ({pair['size'][0]}x{pair['size'][1]}, K={k_total})",
+                                         fontsize=7)
+            axes[i][j + 1].set_xlabel(f"{int(lab[i].unique().numel())} codewords", fontsize=6)
+        if i == 0:
+            axes[i][0].set_title("input", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("Teacher pixel-level labels: argmax codeword per pixel", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {pair["teacher"]: [int(lab[i].unique().numel()) for i in range(n)]
+            for pair, lab in zip(run.pairs, labels_per_layer)}
+
+
+def _curves_figure(curves, path):
+    """One panel per SRM stage (mean over seeds): dictionary MSE, matching loss, test accuracy in the
+    KD stage next to KD and CE trained for the same epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import base
+
+    def mean(rows):
+        rows = [r for r in rows if r]
+        if not rows:
+            return []
+        length = min(len(r) for r in rows)
+        return [sum(r[i] for r in rows) / len(rows) for i in range(length)]
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    axes[0].plot(mean(curves["srm"]["dictionaries_loss"]), marker="o", color=base.colour("srm"))
+    axes[0].set(title="stage A: dictionaries", xlabel="epoch", ylabel="sum of MSE(x, C s_hat)")
+    for target, style in (("global-local", "-"), ("global", "--"), ("local", ":")):
+        key = "srm" if target == "global-local" else f"srm_{target}"
+        if key in curves:
+            axes[1].plot(mean(curves[key]["matching_loss"]), linestyle=style, color=base.colour("srm"), label=target)
+    axes[1].set(title="stage B: representation matching", xlabel="epoch", ylabel="BCE + CE")
+    axes[1].legend(fontsize=7)
+    for method, label in (("srm", "SRM (stage C)"), ("kd", "KD"), ("ce", "CE")):
+        axes[2].plot(mean(curves[method]["eval_accuracy"]), label=label, color=base.colour(method))
+    axes[2].set(title="stage C: KD fine-tuning (test accuracy)", xlabel="epoch", ylabel="accuracy")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _experiment(out_dir, cfg, device, teacher=None, teacher_acc=None, model_kwargs=None, train_set=None,
+                test_set=None, figure_prefix=""):
+    """The SRM / KD / CE comparison and the target ablation; returns the results dict."""
+    from .. import models
+    from ..distill import seed_everything
+    from . import base
+
+    os.makedirs(out_dir, exist_ok=True)
+    if train_set is None:
+        train_set, test_set = base.digits(16, cfg["train_subset"], cfg["test_subset"])
+    timings = {}
+    if teacher is None:
+        with base.Timer() as t:
+            teacher, model_kwargs, teacher_acc = base.train_teacher(
+                train_set, test_set, name=TEACHER["name"], width=TEACHER["width"], epochs=cfg["teacher_epochs"],
+                device=device)
+        timings["teacher_s"] = t.seconds
+    teacher = teacher.to(device)
+    input_shape = tuple(train_set[0][0].shape)
+    student_kwargs = dict(model_kwargs, width_mult=STUDENT["width"])
+    test_loader = base.loader(test_set, 256, shuffle=False)
+    methods = ["srm", "srm_global", "srm_local", "kd", "ce"] if cfg.get("ablation", True) else ["srm", "kd", "ce"]
+    acc = {m: [] for m in methods}
+    curves = {m: {"dictionaries_loss": [], "matching_loss": [], "eval_accuracy": []} for m in methods}
+    figure_runs = None
+    for seed in cfg["seeds"]:
+        train_loader = base.loader(train_set, cfg["batch_size"], seed=seed)
+        for method in methods:
+            seed_everything(seed)
+            student = models.build(STUDENT["name"], **student_kwargs)
+            with base.Timer() as t:
+                if method.startswith("srm"):
+                    target = {"srm": "global-local", "srm_global": "global", "srm_local": "local"}[method]
+                    run, history = _train_srm(teacher, student, train_loader, test_loader, cfg, seed, device, target,
+                                              input_shape)
+                    curves[method]["dictionaries_loss"].append(_curve(history["dictionaries"], "loss"))
+                    curves[method]["matching_loss"].append(_curve(history["matching"], "loss"))
+                    final = history["kd"]
+                    if method == "srm" and figure_runs is None:
+                        figure_runs = run
+                else:
+                    final = _train_baseline(method, teacher, student, train_loader, test_loader, cfg, seed, device)
+            timings[f"{method}_seed{seed}_s"] = t.seconds
+            curves[method]["eval_accuracy"].append(_curve(final, "eval_accuracy"))
+            acc[method].append(_final_accuracy(final))
+    figures = [f"{figure_prefix}srm_curves.png", f"{figure_prefix}srm_pixel_labels.png"]
+    _curves_figure(curves, os.path.join(out_dir, figures[0]))
+    images = torch.stack([test_set[i][0] for i in range(min(4, len(test_set)))])
+    codewords_used = _pixel_label_figure(teacher, figure_runs, images, os.path.join(out_dir, figures[1]), device)
+    summary = {m: {"accuracy": acc[m], "mean": base.mean_std(acc[m])[0], "std": base.mean_std(acc[m])[1]}
+               for m in methods}
+    paired = {}
+    for a, b in (("srm", "kd"), ("srm", "ce"), ("kd", "ce"), ("srm_global", "srm"), ("srm_local", "srm")):
+        if a in acc and b in acc:
+            diffs = base.paired_differences(acc[a], acc[b])
+            paired[f"{a}-{b}"] = {"differences": diffs, "mean": base.mean_std(diffs)[0], "std": base.mean_std(diffs)[1]}
+    return {
+        "teacher": {**TEACHER, "accuracy": teacher_acc}, "student": STUDENT, "config": cfg,
+        "pairs": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()} for p in figure_runs.pairs],
+        "codewords": [{"teacher_layer": p["teacher"], "K": d.dictionary.shape[1], "k": d.k}
+                      for p, d in zip(figure_runs.pairs, figure_runs.dictionaries.layers)],
+        "accuracy": summary, "paired_differences": paired, "curves": curves,
+        "pixel_label_codewords_used": codewords_used, "timings_s": timings, "figures": figures,
+    }
+
+
+def _render(results, heading="#") -> str:
+    from . import base
+
+    h2 = heading + "#"
+    acc, paired = results["accuracy"], results["paired_differences"]
+    cfg = results["config"]
+    names = {"srm": "SRM (global-local)", "srm_global": "SRM, global targets only", "srm_local": "SRM, local targets only",
+             "kd": "KD", "ce": "CE"}
+    lines = [
+        f"{heading} SRM: sparse representation matching on digits", "",
+        f"Paper: {PAPER}.", "",
+        f"Teacher {results['teacher']['name']} (width {results['teacher']['width']}, test accuracy "
+        f"{100 * results['teacher']['accuracy']:.2f}%) -> student {results['student']['name']} (width "
+        f"{results['student']['width']}): a different architecture (VGG blocks with max pooling -> residual blocks "
+        "with strided convolutions). Layers matched by spatial size: "
+        + ", ".join(f"{p['teacher']} -> {p['student']} ({p['size'][0]}x{p['size'][1]})" for p in results["pairs"])
+        + "; codewords per layer: " + ", ".join(f"K={c['K']}, k={c['k']}" for c in results["codewords"])
+        + " (m = 2, r = 0.02 as the official CIFAR setting).", "",
+        f"Epochs: dictionaries {cfg['dictionary_epochs']}, matching {cfg['init_epochs']}, KD {cfg['kd_epochs']}; "
+        f"KD and CE baselines: {cfg['kd_epochs']} epochs with the KD stage's optimiser (Adam 1e-3, wd 1e-4, LR / 10 at "
+        f"60% and 85%); KD loss {cfg['alpha']} T^2 KL + {1 - cfg['alpha']} CE, T = {cfg['temperature']}. "
+        f"Seeds {list(cfg['seeds'])} (same student initialisation per seed across methods). Note SRM gets "
+        f"{cfg['init_epochs']} extra epochs of stage B before its KD stage, as in the official protocol.", "",
+        f"{h2} Test accuracy (final epoch)", "",
+        "| method | accuracy % (mean ± std) | per seed |", "|---|---|---|",
+    ]
+    for m, r in acc.items():
+        lines.append(f"| {names.get(m, m)} | {base.fmt_mean_std(r['accuracy'])} | "
+                     + ", ".join(f"{100 * a:.2f}" for a in r["accuracy"]) + " |")
+    lines += ["", f"{h2} Paired differences (same seed), accuracy points", "", "| pair | mean ± std | per seed |",
+              "|---|---|---|"]
+    for key, r in paired.items():
+        lines.append(f"| {key} | {base.fmt_mean_std(r['differences'])} | "
+                     + ", ".join(f"{100 * d:+.2f}" for d in r["differences"]) + " |")
+    srm_kd = paired.get("srm-kd")
+    if srm_kd is not None:
+        m, s = srm_kd["mean"], srm_kd["std"]
+        n = len(srm_kd["differences"])
+        verdict = ("SRM is ahead of KD on every seed" if all(d > 0 for d in srm_kd["differences"]) else
+                   "SRM is behind KD on every seed" if all(d < 0 for d in srm_kd["differences"]) else
+                   "the sign of SRM - KD changes between seeds")
+        lines += ["", f"Reading: {verdict} (mean {100 * m:+.2f} points, std {100 * s:.2f}, {n} seeds). "
+                  "With this few seeds and a 450-image test set (one image = 0.22 points), differences of a "
+                  "point or less are within the noise; this is a small-scale check of the method, not a "
+                  "reproduction of the paper's CIFAR-100 / ImageNet results."]
+    lines += ["", f"{h2} Curves and pixel-level labels", "",
+              f"![curves]({results['figures'][0]})", "",
+              f"![pixel labels]({results['figures'][1]})", "",
+              "Distinct codewords used as pixel labels in the pictured test images: "
+              + "; ".join(f"{k}: {v}" for k, v in results["pixel_label_codewords_used"].items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def run_experiment(out_dir: str, quick: bool = False, device: str = "cpu") -> dict:
+    """``kdfast experiment srm``: teacher vgg8 -> student resnet8 (width 0.5) on digits; SRM vs KD vs CE over
+    3 seeds with the target ablation (global / local / global-local). Writes report.md, results.json,
+    srm_curves.png and srm_pixel_labels.png into ``out_dir``."""
+    from . import base
+
+    cfg = {**_config(quick), "lr": 1e-3, "weight_decay": 1e-4, "alpha": 0.5, "temperature": 4.0}
+    with base.Timer() as timer:
+        results = _experiment(out_dir, cfg, device)
+    results["time_s"] = timer.seconds
+    base.write_report(out_dir, _render(results), results)
+    return results
+
+
+def demo_section(ctx) -> "object":
+    """The tour's SRM section: the tour's teacher -> resnet8 (width 0.5), SRM (global-local) vs KD vs CE over
+    ``ctx.seeds``, epochs sized for ``ctx.budget_s`` (no ablation); ``ctx.tiny``: a seconds-long run."""
+    from . import base
+
+    cfg = {**_config(quick=True, tiny=ctx.tiny), "lr": 1e-3, "weight_decay": 1e-4, "alpha": 0.5, "temperature": 4.0,
+           "seeds": tuple(ctx.seeds), "ablation": False}
+    if not ctx.tiny:
+        cfg.update(dictionary_epochs=2, init_epochs=2, kd_epochs=4)
+    train_set, test_set = ctx.train_set, ctx.test_set
+    if ctx.tiny:
+        train_set, test_set = base.subset(train_set, cfg["train_subset"]), base.subset(test_set, cfg["test_subset"])
+    teacher_acc = base.accuracy(ctx.teacher, test_set, device=ctx.device)
+    with base.Timer() as timer:
+        results = _experiment(ctx.out_dir, cfg, ctx.device, teacher=ctx.teacher, teacher_acc=teacher_acc,
+                              model_kwargs=ctx.model_kwargs, train_set=train_set, test_set=test_set)
+    results["teacher"]["name"] = ctx.teacher_name
+    results["teacher"]["width"] = ctx.model_kwargs.get("width_mult", 1.0)
+    body = _render(results, heading="##").split("\n", 2)[2]  # drop the heading line: the tour adds the title
+    return base.DemoSection(name=NAME, title=TITLE, markdown=body, results=base.json_safe(results),
+                            figures=results["figures"], time_s=timer.seconds)
