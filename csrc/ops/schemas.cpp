@@ -64,6 +64,10 @@ TORCH_LIBRARY(kdfast, m) {
       "sparse_recoding_(Tensor(a!)[] grads, Tensor[] params, Tensor(b!) taus, float boost, float damp, "
       "float shrink, float tau_rate) -> ()");
 
+  // The hand-written-kernel table and the current KDFAST_CUDA_KERNELS / KDFAST_CPU_KERNELS choices as
+  // JSON (csrc/ops/kernel_paths.cpp; read by kdfast/info.py).
+  m.def("_kernel_paths() -> str");
+
   // Build facts baked into the binary: [torch major, minor, patch, CUDA version (e.g. 12040) or -1].
   m.def("_build_info() -> int[]");
 }
