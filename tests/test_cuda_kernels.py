@@ -44,13 +44,9 @@ def kernels(value):
             os.environ["KDFAST_CUDA_KERNELS"] = old
 
 
-def _leaves(xs):
-    return [x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in xs]
-
-
 def _run(fn, inputs, grad_out=None):
-    """fn(*inputs) and the gradients w.r.t. the inputs that require grad (fresh leaves each call)."""
-    inputs = _leaves(inputs)
+    """fn(*inputs) and the gradients w.r.t. the inputs that require grad. The inputs are leaves used as
+    they are (strided and channels_last views keep their strides); autograd.grad leaves .grad alone."""
     out = fn(*inputs)
     need = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
     if not need:
