@@ -6,13 +6,16 @@ TORCH_VERSION ?= 2.13.0
 CMAKE_BUILD_DIR ?= build-cmake
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: demo test deps build cmake-build bench bench-quick bench-train-step clean
+.PHONY: demo test deps build cmake-build bench bench-quick bench-train-step gpu-check gpu-check-dry clean
 
 # torch is installed only when missing, pinned to the version these machines carry (a bare
 # `pip install torch` would pull gigabytes of CUDA packages); a GPU box keeps its own CUDA torch.
+# pip runs only when a required module is missing, so a machine without network that has them all
+# never calls it. tensorly is optional (installed along when pip runs at all): without it the
+# Tucker-decomposition tests skip (tests/conftest.py).
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
-	@$(PYTHON) -c "import ninja, numpy, pytest, pytest_benchmark, matplotlib, tensorly, sklearn, tqdm, yaml" 2>/dev/null || \
+	@$(PYTHON) -c "import ninja, numpy, pytest, pytest_benchmark, matplotlib, sklearn, tqdm, yaml" 2>/dev/null || \
 		$(PYTHON) -m pip install setuptools wheel ninja numpy pytest pytest-benchmark matplotlib tensorly scikit-learn tqdm PyYAML
 
 # Rebuilt only when a source changed (the stamp records the last successful build).
@@ -63,6 +66,17 @@ bench: build
 bench-train-step: build
 	$(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_train_step.py --benchmark-json=build/train-step.json
 	$(PYTHON) benchmarks/report_train_step.py build/train-step.json --out benchmarks/results/train-step-$(BENCH_NAME)
+
+# Everything a lent GPU must tell us (tools/gpu_check.py; at most 8 minutes on an H200): environment
+# and measured ceilings, in-place CUDA build (no pip, no CMake), cuobjdump resource/SASS summary, the
+# CUDA kernel tests, compute-sanitizer, the CUDA-event benchmark. Files in $(OUT): summary.md first.
+OUT ?= gpu-check-out
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --out $(OUT)
+
+# The same stages on the CPU with tiny shapes (tests/test_gpu_check.py runs it under `make test`).
+gpu-check-dry:
+	$(PYTHON) tools/gpu_check.py --dry-run --out $(OUT)
 
 clean:
 	rm -rf build $(CMAKE_BUILD_DIR) $(DEMO_OUT) kdfast/_C*.so .build-stamp *.egg-info

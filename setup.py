@@ -49,20 +49,30 @@ def _version_macros(with_cuda: bool):
     return macros
 
 
+def compile_args(with_cuda: bool, debug: bool = False) -> dict:
+    """extra_compile_args of the extension. No -std flag: torch.utils.cpp_extension adds the C++
+    standard its own headers need (C++17 up to torch 2.x, C++20 from the releases that require it),
+    for g++ and nvcc alike. No --use_fast_math: its approximate exp/log/division would make the CUDA
+    float32 results differ from the CPU math the test-suite checks (tests/test_build.py checks both)."""
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-fdiagnostics-color=always", "-Wall", "-Wno-unknown-pragmas"]
+    args = {"cxx": cxx}
+    if with_cuda:
+        args["nvcc"] = (["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]) + ["--expt-relaxed-constexpr"]
+    return args
+
+
 def get_extensions():
     with_cuda = _want_cuda()
     debug = os.environ.get("KDFAST_DEBUG") == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "ops", "aten", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "autograd", "*.cpp")))
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fdiagnostics-color=always", "-Wall", "-Wno-unknown-pragmas"]
-    extra = {"cxx": cxx}
+    extra = compile_args(with_cuda, debug)
     ext_cls = cpp_extension.CppExtension
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
-        extra["nvcc"] = (["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]) + [
-            "-std=c++17", "--expt-relaxed-constexpr", "--use_fast_math"]
         ext_cls = cpp_extension.CUDAExtension
     print(f"kdfast build: CUDA kernels {'ON' if with_cuda else 'OFF'} (torch {torch.__version__}, "
           f"torch CUDA {torch.version.cuda}, CUDA_HOME {cpp_extension.CUDA_HOME}), {len(sources)} sources")
@@ -77,8 +87,11 @@ def get_extensions():
     ]
 
 
-setup(
-    packages=find_packages(include=["kdfast", "kdfast.*"]),
-    ext_modules=get_extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-)
+# setuptools runs this file as __main__ (pip and `python setup.py` alike); tools/gpu_check.py and
+# tests/test_build.py import it under another name to read compile_args without building.
+if __name__ == "__main__":
+    setup(
+        packages=find_packages(include=["kdfast", "kdfast.*"]),
+        ext_modules=get_extensions(),
+        cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    )

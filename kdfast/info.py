@@ -1,13 +1,22 @@
-"""Build and runtime facts: ``python -m kdfast info``."""
+"""Build and runtime facts: ``python -m kdfast info`` (``--json`` for the machine-readable form).
+
+Per op it also says which path CUDA runs: ``"aten"`` (ATen calls only, the same driver code the CPU
+suite checks against the float64 reference; the default) or ``"kernel"`` (the op's hand-written CUDA
+kernel, the default only where the table in csrc/ops/kernel_paths.cpp marks it verified on a GPU).
+``KDFAST_CUDA_KERNELS=all|none|<op,op>`` and ``KDFAST_CPU_KERNELS=...`` override it per process.
+"""
 from __future__ import annotations
 
+import json
 import platform
 
 import torch
 
 from . import _ext
 
-#: Public ops and the internal backward ops that serve them.
+#: Public ops and the internal backward ops that serve them. A new op adds its row here, in
+#: csrc/ops/kernel_paths.cpp (the CUDA kernel table), csrc/ops/schemas.cpp and csrc/ops/autocast.cpp;
+#: tests/test_kernel_paths.py checks that the four agree.
 OPS = {
     "fsp_matrix": ["fsp_matrix", "_fsp_matrix_backward"],
     "fsp_loss": ["fsp_loss", "_fsp_loss_backward"],
@@ -28,8 +37,8 @@ BACKENDS = ("CPU", "CUDA")
 #: for given arguments from the compiled rule; KDFAST_DEBUG=1 logs it per call).
 TUCKER_CONV2D_PATHS = (
     "CPU: fused tiled kernel for float64 on one thread with >= 28x28 outputs and R_in*kh*kw <= 288, else 3 ATen convs; "
-    "CUDA: fused kernel (float32/16/bf16, kernel 1/3/5/7, stride <= 2, shared memory permitting; "
-    "never run on a GPU), else 3 cuDNN convs"
+    "CUDA: 3 cuDNN convs; the fused kernel (float32/16/bf16, kernel 1/3/5/7, stride <= 2, shared memory "
+    "permitting) only when enabled (KDFAST_CUDA_KERNELS, or once verified on a GPU)"
 )
 
 #: Which implementation kdfast.ops.sparse_codes runs (KDFAST_SPARSE_CODES_PATH=aten|kernel overrides).
@@ -45,6 +54,15 @@ def op_backends() -> dict:
         op: [key for key in BACKENDS if all(_ext.has_kernel(name, key) for name in names)]
         for op, names in OPS.items()
     }
+
+
+def kernel_paths() -> dict | None:
+    """The compiled CUDA kernel table and the current overrides (csrc/ops/kernel_paths.cpp), or None
+    when the extension is not loaded. Raises ValueError if KDFAST_CUDA_KERNELS / KDFAST_CPU_KERNELS
+    name an unknown op."""
+    if not _ext.is_loaded():
+        return None
+    return json.loads(torch.ops.kdfast._kernel_paths())
 
 
 def collect() -> dict:
@@ -73,12 +91,58 @@ def collect() -> dict:
     return info
 
 
+def _paths_or_error():
+    try:
+        return kernel_paths(), None
+    except (ValueError, RuntimeError) as exc:  # a bad KDFAST_*_KERNELS value
+        return None, str(exc).splitlines()[0]
+
+
+def collect_json() -> dict:
+    """``kdfast info --json``: the facts of :func:`collect` plus, per op, its compiled backends and
+    its CUDA path: ``{"ops": {"<op>": {"backends": [...], "cuda_default_path": "aten" | "kernel",
+    "cuda_kernel_verified": bool, ...}}}``."""
+    out = dict(collect())
+    table, error = _paths_or_error()
+    if table is not None:
+        out["KDFAST_CUDA_KERNELS"] = table["KDFAST_CUDA_KERNELS"]
+        out["KDFAST_CPU_KERNELS"] = table["KDFAST_CPU_KERNELS"]
+    if error is not None:
+        out["kernel paths error"] = error
+    ops = {}
+    for op, backends in op_backends().items():
+        row = {"backends": backends}
+        if table is not None and op in table["ops"]:
+            row.update(table["ops"][op])
+        ops[op] = row
+    out["ops"] = ops
+    return out
+
+
 def render() -> str:
     info = collect()
     width = max(len(k) for k in info)
     lines = [f"{k:<{width}}  {v}" for k, v in info.items()]
+    table, error = _paths_or_error()
+    if error is not None:
+        lines.append(f"{'kernel paths':<{width}}  error: {error}")
     lines.append("")
-    lines.append(f"{'op':<{width}}  backends")
+    header = ("op", "backends", "CUDA default path", "CUDA kernel verified", "CUDA path now", "CPU path now")
+    rows = []
     for op, keys in op_backends().items():
-        lines.append(f"{op:<{width}}  {', '.join(keys) if keys else '(none: extension not loaded)'}")
+        entry = (table or {}).get("ops", {}).get(op)
+        if entry is None:
+            rows.append((op, ", ".join(keys) if keys else "(none: extension not loaded)", "?", "?", "?", "?"))
+            continue
+        kernel = entry["cuda_kernel"]
+        verified = "yes" if entry["cuda_kernel_verified"] else ("no" if kernel else "(no CUDA kernel)")
+        rows.append((op, ", ".join(keys), entry["cuda_default_path"], verified, entry["cuda_path_now"],
+                     entry["cpu_path_now"]))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        lines.append("  ".join(f"{str(c):<{w}}" for c, w in zip(r, widths)).rstrip())
+    lines.append("")
+    lines.append("CUDA path: 'aten' = ATen calls only (cuBLAS, cuDNN, ATen reductions), the code the CPU suite checks; "
+                 "'kernel' = the hand-written CUDA kernel, default only once verified on a GPU. "
+                 "Override: KDFAST_CUDA_KERNELS=all|none|<op,op> (KDFAST_CPU_KERNELS likewise on CPU).")
     return "\n".join(lines)

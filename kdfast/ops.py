@@ -3,6 +3,11 @@
 Each wrapper validates its arguments (errors name the argument), pools mismatched spatial sizes
 (the larger map is adaptive-average-pooled to the smaller, as RepDistiller does), then calls the op.
 Autograd is C++ (csrc/ops/autograd); fake (meta) kernels for torch.compile are in kdfast/_registrations.py.
+
+On CUDA every op runs, by default, its ATen path (the same C++ driver over cuBLAS / cuDNN / ATen
+calls that the CPU suite checks); an op's hand-written CUDA kernel runs only where it is verified on a
+GPU (csrc/ops/kernel_paths.cpp) or KDFAST_CUDA_KERNELS=all|<op,op> asks for it. `python -m kdfast
+info` shows which path each op takes.
 """
 from __future__ import annotations
 
@@ -89,8 +94,9 @@ def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation
     exactly as ``F.conv2d`` sizes it. Equals :func:`kdfast.testing.reference.tucker_conv2d`.
 
     CPU float32/float64 runs a fused tiled kernel (the R_in/R_out intermediates of a tile stay in
-    cache) where it measured faster than three oneDNN convolutions, otherwise the composition;
-    :func:`tucker_conv2d_path` says which. Differentiable in x, first, core, last and bias.
+    cache) where it measured faster than three oneDNN convolutions, otherwise the composition; CUDA
+    runs the composition (three cuDNN convolutions) unless its fused kernel is enabled (see the module
+    docstring). :func:`tucker_conv2d_path` says which. Differentiable in x, first, core, last and bias.
 
     ``save_intermediates`` (training): ``True`` runs the composition and keeps its two intermediates
     (first x and core * first x) for the backward, as autograd through three ``nn.Conv2d`` does, so

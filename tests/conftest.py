@@ -12,6 +12,41 @@ def cuda_usable() -> bool:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_cuda: test needs a CUDA GPU and kdfast's CUDA kernels")
+    config.addinivalue_line("markers", "cuda_kernels: hand-written CUDA kernels forced on, vs the ATen path and "
+                            "the float64 reference (`make gpu-check` runs -m cuda_kernels)")
+
+
+def _tensorly_missing() -> bool:
+    try:
+        import tensorly  # noqa: F401
+    except ImportError:
+        return True
+    return False
+
+
+TENSORLY_MISSING = _tensorly_missing()
+
+
+def _skip_if_tensorly_missing():
+    # tensorly is optional (kdfast.nn.TuckerConv2d.from_conv and the decomposition need it): a test or
+    # fixture that reaches it on a machine without tensorly is skipped, not failed. Nothing else is
+    # turned into a skip.
+    try:
+        return (yield)
+    except ModuleNotFoundError as exc:
+        if TENSORLY_MISSING and (exc.name or "").split(".")[0] == "tensorly":
+            pytest.skip("tensorly is not installed (needed for Tucker decomposition)")
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _skip_if_tensorly_missing())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _skip_if_tensorly_missing())
 
 
 def pytest_collection_modifyitems(config, items):

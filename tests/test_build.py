@@ -93,3 +93,36 @@ def test_cuda_sources_compile_with_nvcc():
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(": ok") == len(glob.glob(os.path.join(ROOT, "csrc", "ops", "cuda", "*.cu"))) >= 3
+
+
+def _setup_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kdfast_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # not __main__: defines the helpers, builds nothing
+    return module
+
+
+def test_compile_flags_leave_the_standard_to_torch_and_avoid_fast_math():
+    for with_cuda in (False, True):
+        args = _setup_module().compile_args(with_cuda)
+        flags = [f for group in args.values() for f in group]
+        assert not [f for f in flags if f.startswith("-std")], flags  # torch.utils.cpp_extension adds its own
+        assert not [f for f in flags if "fast_math" in f or "fast-math" in f], flags
+        assert ("nvcc" in args) == with_cuda
+    cmake = open(os.path.join(ROOT, "CMakeLists.txt")).read()
+    assert "CMAKE_CXX_STANDARD 17" not in cmake and "get_target_property(KDFAST_TORCH_CXX_STANDARD torch CXX_STANDARD)" in cmake
+
+
+def test_make_deps_does_not_need_pip_when_modules_are_present():
+    """`make -n deps` lists no pip install when every required module imports (tensorly is optional)."""
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    proc = subprocess.run(["make", "-s", "deps"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stderr
+    assert "pip" not in proc.stdout + proc.stderr
+    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    required = makefile.split('-c "import ninja')[1].split('"')[0]
+    assert "tensorly" not in required

@@ -192,10 +192,14 @@ def _cuda_fused_supported(shape):
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.cuda_kernels
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_low_precision_matches_reference(shape, dtype, path):
-    """The CUDA fused kernel (float32 accumulate) and the composition against the float64 reference."""
+def test_cuda_low_precision_matches_reference(shape, dtype, path, monkeypatch):
+    """The CUDA fused kernel (float32 accumulate; enabled by KDFAST_CUDA_KERNELS, it is not the CUDA
+    default until verified on a GPU) and the composition against the float64 reference."""
+    if path == "fused":
+        monkeypatch.setenv("KDFAST_CUDA_KERNELS", "tucker_conv2d")
     inputs, kwargs = _args(shape, device="cuda")
     expected_path = "fused" if path == "fused" and _cuda_fused_supported(shape) else "composed"
     low = [t.to(dtype) for t in inputs]

@@ -47,10 +47,12 @@ at::Tensor gram_input_grad(bool needed, const at::Tensor& x, const at::Tensor& l
 }
 
 // dL/da = grad @ b / HW, dL/db = grad^T @ a / HW.
+// The scaled gradients (grad / HW here, 2 c D / HW in the loss) stay in the accumulate dtype and
+// so do these GEMMs, on every backend: in float16 they go subnormal at ImageNet sizes (HW = 3136).
 template <class P>
 std::tuple<at::Tensor, at::Tensor> fsp_matrix_backward_impl(const at::Tensor& grad, const at::Tensor& a,
                                                             const at::Tensor& b, std::array<bool, 2> output_mask) {
-  const auto g = grad.mul(1.0 / spatial_size(a)).to(P::gemm_dtype(a.scalar_type()));
+  const auto g = grad.to(accumulate_type(a.scalar_type())).mul(1.0 / spatial_size(a));  // not mul_: grad may be the caller's
   return {gram_input_grad<P>(output_mask[0], a, g, b), gram_input_grad<P>(output_mask[1], b, g.transpose(1, 2), a)};
 }
 
@@ -90,13 +92,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fsp_loss_backward_imp
     const at::Tensor& t_a, const at::Tensor& t_b, c10::string_view reduction, std::array<bool, 4> output_mask) {
   const auto red = parse_reduction(reduction);
   const auto acc = accumulate_type(s_a.scalar_type());
-  const auto gd = P::gemm_dtype(s_a.scalar_type());
   const int64_t batch = s_a.size(0);
   const auto coeff = per_sample_grad(grad_loss, red, batch, acc).view({batch, 1, 1});
-  // dL/dG_s = 2 c D, scaled by the student's 1/HW_s; the teacher's likewise with -1/HW_t.
+  // dL/dG_s = 2 c D, scaled by the student's 1/HW_s; the teacher's likewise with -1/HW_t. Kept in the
+  // accumulate dtype (see fsp_matrix_backward_impl).
   at::Tensor s_lhs, t_lhs;
-  if (output_mask[0] || output_mask[1]) s_lhs = (diff * (coeff * (2.0 / spatial_size(s_a)))).to(gd);
-  if (output_mask[2] || output_mask[3]) t_lhs = (diff * (coeff * (-2.0 / spatial_size(t_a)))).to(gd);
+  if (output_mask[0] || output_mask[1]) s_lhs = diff * (coeff * (2.0 / spatial_size(s_a)));
+  if (output_mask[2] || output_mask[3]) t_lhs = diff * (coeff * (-2.0 / spatial_size(t_a)));
   auto transposed = [](const at::Tensor& x) { return x.defined() ? x.transpose(1, 2) : x; };
   return {gram_input_grad<P>(output_mask[0], s_a, s_lhs, s_b),
           gram_input_grad<P>(output_mask[1], s_b, transposed(s_lhs), s_a),

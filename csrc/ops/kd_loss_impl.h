@@ -76,6 +76,24 @@ inline KdOptions check_kd_loss_args(const at::Tensor& s, const at::Tensor& t, co
   return KdOptions{temperature, alpha, t2_scale, ignore_index, parse_reduction(reduction), has_targets && alpha < 1.0};
 }
 
+// The ATen path's hooks (csrc/ops/aten/kd_loss_rows.cpp): the same statistics and gradients from
+// ATen calls only, on any device (the CUDA default, see kernel_paths.h).
+void kd_forward_rows_aten(const at::Tensor& s, const at::Tensor& t, const at::Tensor& targets, const KdOptions& opt,
+                          at::Tensor& stats);
+std::tuple<at::Tensor, at::Tensor> kd_backward_rows_aten(const at::Tensor& s, const at::Tensor& t,
+                                                         const at::Tensor& targets, const at::Tensor& stats,
+                                                         const at::Tensor& coefs, const KdOptions& opt, bool need_s,
+                                                         bool need_t);
+
+// CPU targets: each must be a class index in [0, K) or ignore_index (CUDA kernels assert on device).
+inline void check_target_range(const at::Tensor& y, int64_t k, int64_t ignore_index) {
+  const int64_t* data = y.const_data_ptr<int64_t>();
+  for (int64_t n = 0; n < y.size(0); ++n) {
+    TORCH_CHECK_VALUE(data[n] == ignore_index || (data[n] >= 0 && data[n] < k), "targets[", n, "] = ", data[n],
+                      " is out of range: expected a class index in [0, ", k, ") or ignore_index = ", ignore_index);
+  }
+}
+
 // A view whose rows are unit-stride (the kernels index row * stride(0) + k); copies otherwise.
 inline at::Tensor unit_stride_rows(const at::Tensor& x) {
   return x.stride(1) == 1 || x.size(1) == 1 ? x : x.contiguous();

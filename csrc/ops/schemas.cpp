@@ -76,6 +76,10 @@ TORCH_LIBRARY(kdfast, m) {
       "_sparse_codes_backward(Tensor grad_values, Tensor x, Tensor dictionary, Tensor bias, Tensor indices, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
+  // The hand-written-kernel table and the current KDFAST_CUDA_KERNELS / KDFAST_CPU_KERNELS choices as
+  // JSON (csrc/ops/kernel_paths.cpp; read by kdfast/info.py).
+  m.def("_kernel_paths() -> str");
+
   // Build facts baked into the binary: [torch major, minor, patch, CUDA version (e.g. 12040) or -1].
   m.def("_build_info() -> int[]");
 }

@@ -89,5 +89,9 @@ inline void check_args(at::TensorList grads, at::TensorList params, const at::Te
   check_hyperparameters(boost, damp, shrink, tau_rate);
 }
 
+// The ATen path (csrc/ops/aten/sparse_recoding.cpp): any device, capture-safe; the CUDA default.
+void sparse_recoding_aten(at::TensorList grads, at::TensorList params, const at::Tensor& taus, double boost,
+                          double damp, double shrink, double tau_rate);
+
 }  // namespace sparse_recoding
 }  // namespace kdfast

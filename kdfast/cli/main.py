@@ -1,6 +1,6 @@
 """The ``kdfast`` command line (also ``python -m kdfast``).
 
-    kdfast info                                     what was built: versions, kernels per op
+    kdfast info [--json]                            what was built: versions, kernels and CUDA path per op
     kdfast demo [--out DIR] [--device cpu|cuda] [--epochs N] [--seed S]
                                                     teacher -> Tucker student -> CE / KD fine-tuning
                                                     -> robustness (kdfast.cli.demo); report in DIR
@@ -127,7 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdfast", description="kdfast: fast knowledge distillation for CNNs")
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="{info,demo,experiment,distill,robustness,decompose}")
-    sub.add_parser("info", help="version, the torch it was built against, compiled kernels per op")
+    info = sub.add_parser(
+        "info",
+        help="version, the torch it was built against, compiled kernels per op, the CUDA path of each op",
+        description="Build and runtime facts, and per op: the compiled backends, the path CUDA runs by default "
+        "('aten': ATen calls only; 'kernel': the hand-written CUDA kernel, only where it is verified on a GPU) "
+        "and the path the current KDFAST_CUDA_KERNELS / KDFAST_CPU_KERNELS select.",
+    )
+    info.add_argument("--json", action="store_true",
+                      help='print JSON: {"ops": {"<op>": {..., "cuda_default_path": "aten" | "kernel", '
+                      '"cuda_kernel_verified": true | false}}, ...}')
 
     demo = sub.add_parser(
         "demo",
@@ -210,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_info(args) -> int:
     from .. import info
 
-    print(info.render())
+    print(json.dumps(info.collect_json(), indent=2) if args.json else info.render())
     return 0
 
 

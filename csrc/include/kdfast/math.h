@@ -31,6 +31,14 @@ KDFAST_HOST_DEVICE acc_t gaussian_kernel(acc_t dot, acc_t sqnorm_x, acc_t sqnorm
   return exp_(-dist_sq * inv_two_sigma_sq);
 }
 
+// The diagonal entry w * k(x_p, x_p) of a weighted gaussian row, set exactly instead of through the
+// Gram identity: k(x, x) = 1, and the backward drops it (0), since its two gradient terms
+// w_p k_pp x_p - (w_p k_pp) x_p cancel exactly but not in floating point (badly at small sigma).
+template <typename acc_t>
+KDFAST_HOST_DEVICE acc_t gaussian_diagonal(acc_t weight, bool keep_diagonal) {
+  return keep_diagonal ? weight : acc_t(0);
+}
+
 // Row normalisation x_hat = f / max(||f||, eps) (torch.nn.functional.normalize).
 template <typename acc_t>
 KDFAST_HOST_DEVICE acc_t inverse_clamped_norm(acc_t norm, acc_t eps) {

@@ -22,6 +22,7 @@
 #include <limits>
 
 #include "../kd_loss_impl.h"
+#include "../kernel_paths.h"
 
 // Comparisons in the clamps and maxima may then be if-converted (vectorised); kdfast does not
 // rely on floating-point exception flags. (Functions from headers, e.g. std::min, now have other
@@ -187,14 +188,6 @@ int64_t row_grain(int64_t k) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(k, 1));
 }
 
-void check_target_range(const at::Tensor& y, int64_t k, int64_t ignore_index) {
-  const int64_t* data = y.const_data_ptr<int64_t>();
-  for (int64_t n = 0; n < y.size(0); ++n) {
-    TORCH_CHECK_VALUE(data[n] == ignore_index || (data[n] >= 0 && data[n] < k), "targets[", n, "] = ", data[n],
-                      " is out of range: expected a class index in [0, ", k, ") or ignore_index = ", ignore_index);
-  }
-}
-
 template <typename scalar_t>
 void forward_rows_typed(const at::Tensor& s, const at::Tensor& t, const at::Tensor& y, const KdOptions& opt,
                         at::Tensor& stats) {
@@ -282,11 +275,13 @@ std::tuple<at::Tensor, at::Tensor> kd_backward_rows_cpu(const at::Tensor& s_in, 
   return {need_s ? grad_s.to(dtype) : grad_s, need_t ? grad_t.to(dtype) : grad_t};
 }
 
+// KDFAST_CPU_KERNELS can select the ATen path instead (kernel_paths.h).
 std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& s, const at::Tensor& t,
                                                const c10::optional<at::Tensor>& targets, double temperature,
                                                double alpha, bool t2_scale, int64_t ignore_index,
                                                c10::string_view reduction) {
-  return kd_loss_impl(&kd_forward_rows_cpu, s, t, targets, temperature, alpha, t2_scale, ignore_index, reduction);
+  const KdForwardRows rows = paths::use_kernel(paths::kKdLoss, s) ? &kd_forward_rows_cpu : &kd_forward_rows_aten;
+  return kd_loss_impl(rows, s, t, targets, temperature, alpha, t2_scale, ignore_index, reduction);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& s,
@@ -294,8 +289,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cpu(const at::Tensor& grad_l
                                                         const at::Tensor& stats, double temperature, double alpha,
                                                         bool t2_scale, int64_t ignore_index,
                                                         c10::string_view reduction, std::array<bool, 2> output_mask) {
-  return kd_loss_backward_impl(&kd_backward_rows_cpu, grad_loss, s, t, targets, stats, temperature, alpha, t2_scale,
-                               ignore_index, reduction, output_mask);
+  const KdBackwardRows rows = paths::use_kernel(paths::kKdLoss, s) ? &kd_backward_rows_cpu : &kd_backward_rows_aten;
+  return kd_loss_backward_impl(rows, grad_loss, s, t, targets, stats, temperature, alpha, t2_scale, ignore_index,
+                               reduction, output_mask);
 }
 
 }  // namespace

@@ -58,7 +58,8 @@ void CpuPrimitives::add_sum_of_squares(const at::Tensor& x, double scale, at::Te
 }
 
 void CpuPrimitives::gaussian_rows_(at::Tensor& dots, const at::Tensor& sqnorm_rows, const at::Tensor& sqnorm_cols,
-                                   const at::Tensor& col_weights, double inv_two_sigma_sq, at::Tensor& row_sums) {
+                                   const at::Tensor& col_weights, double inv_two_sigma_sq, int64_t diag_col0,
+                                   bool keep_diagonal, at::Tensor& row_sums) {
   TORCH_INTERNAL_ASSERT(dots.is_contiguous() && sqnorm_rows.is_contiguous() && sqnorm_cols.is_contiguous() &&
                         col_weights.is_contiguous() && row_sums.is_contiguous());
   const int64_t nb = dots.size(0), rows = dots.size(1), cols = dots.size(2);
@@ -71,12 +72,13 @@ void CpuPrimitives::gaussian_rows_(at::Tensor& dots, const at::Tensor& sqnorm_ro
     const auto gamma = static_cast<scalar_t>(inv_two_sigma_sq);
     at::parallel_for(0, nb * rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t n = r / rows;
+        const int64_t n = r / rows, diag = diag_col0 + r % rows;
         scalar_t* row = k + r * cols;
         const scalar_t* sqcol = sc + n * cols;
         scalar_t total = 0;
         for (int64_t q = 0; q < cols; ++q) {
-          const scalar_t v = w[q] * math::gaussian_kernel<scalar_t>(row[q], sr[r], sqcol[q], gamma);
+          const scalar_t v = q == diag ? math::gaussian_diagonal<scalar_t>(w[q], keep_diagonal)
+                                       : w[q] * math::gaussian_kernel<scalar_t>(row[q], sr[r], sqcol[q], gamma);
           row[q] = v;
           total += v;
         }

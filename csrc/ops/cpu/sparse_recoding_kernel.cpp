@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../kernel_paths.h"
 #include "../sparse_recoding_impl.h"
 
 // GCC's default -ftrapping-math turns the float compares of the rule into branches and blocks
@@ -90,6 +91,10 @@ double recode_chunk(scalar_t* g, const scalar_t* theta, int64_t n, float tau, do
 void sparse_recoding_cpu(at::TensorList grads, at::TensorList params, const at::Tensor& taus, double boost,
                          double damp, double shrink, double tau_rate) {
   sparse_recoding::check_args(grads, params, taus, boost, damp, shrink, tau_rate);
+  if (!paths::use_kernel(paths::kSparseRecoding, grads[0])) {  // KDFAST_CPU_KERNELS (kernel_paths.h)
+    sparse_recoding::sparse_recoding_aten(grads, params, taus, boost, damp, shrink, tau_rate);
+    return;
+  }
   const auto plan = sparse_recoding::make_chunk_plan(params, kChunk);
   const int64_t num_chunks = plan.num_chunks();
   std::vector<double> partial(num_chunks, 0.0);

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <string>
 
+#include "../kernel_paths.h"
 #include "../tucker_conv2d_common.h"
 
 namespace kdfast {
@@ -135,6 +136,7 @@ void fused_forward(const at::Tensor& x, const at::Tensor& first, const at::Tenso
 //    maps and larger ranks. With 2 threads it was slower on every measured shape (0.15-0.9x), so
 //    multi-threaded runs take the composition.
 const char* cpu_path(const at::Tensor& x, const at::Tensor& core, int64_t out_positions) {
+  if (!paths::use_kernel(paths::kTuckerConv2d, x)) return kPathComposed;  // KDFAST_CPU_KERNELS
   const auto dtype = x.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return kPathComposed;
   if (const char* forced = forced_path()) return forced;

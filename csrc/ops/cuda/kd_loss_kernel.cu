@@ -1,4 +1,4 @@
-// Fused KD loss on CUDA. Forward: one block per row; pass 1 block-max of s and t, pass 2 the
+// Fused KD loss on CUDA (run only where kernel_paths.h enables it; the ATen path otherwise). Forward: one block per row; pass 1 block-max of s and t, pass 2 the
 // exp-sums of kdfast/kd_loss_math.h (the second read of the row mostly hits L2), thread 0 writes the
 // row's statistics. Backward: elementwise over B*K from the logits and the saved row statistics
 // (no reductions). float32/float16/bfloat16/float64 in; float32 (float64 for float64) accumulate.
@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "../kd_loss_impl.h"
+#include "../kernel_paths.h"
 #include "kernels.cuh"
 
 namespace kdfast {
@@ -146,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cuda(const at::Tensor& s, const at::T
                                                 double alpha, bool t2_scale, int64_t ignore_index,
                                                 c10::string_view reduction) {
   const c10::cuda::CUDAGuard guard(s.device());
-  return kd_loss_impl(&kd_forward_rows_cuda, s, t, targets, temperature, alpha, t2_scale, ignore_index, reduction);
+  const KdForwardRows rows = paths::use_kernel(paths::kKdLoss, s) ? &kd_forward_rows_cuda : &kd_forward_rows_aten;
+  return kd_loss_impl(rows, s, t, targets, temperature, alpha, t2_scale, ignore_index, reduction);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& s,
@@ -155,8 +157,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_backward_cuda(const at::Tensor& grad_
                                                          bool t2_scale, int64_t ignore_index,
                                                          c10::string_view reduction, std::array<bool, 2> output_mask) {
   const c10::cuda::CUDAGuard guard(s.device());
-  return kd_loss_backward_impl(&kd_backward_rows_cuda, grad_loss, s, t, targets, stats, temperature, alpha, t2_scale,
-                               ignore_index, reduction, output_mask);
+  const KdBackwardRows rows = paths::use_kernel(paths::kKdLoss, s) ? &kd_backward_rows_cuda : &kd_backward_rows_aten;
+  return kd_loss_backward_impl(rows, grad_loss, s, t, targets, stats, temperature, alpha, t2_scale, ignore_index,
+                               reduction, output_mask);
 }
 
 }  // namespace

@@ -30,34 +30,44 @@ __device__ __forceinline__ acc_t block_sum(acc_t value, acc_t* shared) {
   return value;
 }
 
+// grid.y is at most this (the hardware limit); kernels with more rows loop over them.
+constexpr int64_t kMaxGridY = 65535;
+
 // partial[row * chunks + chunk] = sum of squares of x[row, chunk * chunk_len : (chunk + 1) * chunk_len].
-// grid (chunks, rows).
+// grid (chunks, min(rows, kMaxGridY)); a block handles rows blockIdx.y, blockIdx.y + gridDim.y, ...
 template <typename scalar_t>
-__global__ void sum_of_squares_kernel(const scalar_t* __restrict__ x, int64_t n, int64_t chunk_len,
+__global__ void sum_of_squares_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t n, int64_t chunk_len,
                                       scalar_t* __restrict__ partial) {
   __shared__ scalar_t shared[kThreads / kWarp];
-  const int64_t row = blockIdx.y, start = blockIdx.x * chunk_len;
+  const int64_t start = blockIdx.x * chunk_len;
   const int64_t end = start + chunk_len < n ? start + chunk_len : n;
-  const scalar_t* data = x + row * n;
-  scalar_t acc = 0;
-  for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) acc += data[i] * data[i];
-  acc = block_sum(acc, shared);
-  if (threadIdx.x == 0) partial[row * gridDim.x + blockIdx.x] = acc;
+  // The row loop depends on blockIdx only: every thread of the block runs the same iterations, so
+  // block_sum's barriers are reached by all of them.
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const scalar_t* data = x + row * n;
+    scalar_t acc = 0;
+    for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) acc += data[i] * data[i];
+    acc = block_sum(acc, shared);
+    if (threadIdx.x == 0) partial[row * gridDim.x + blockIdx.x] = acc;
+  }
 }
 
-// One block per row of dots (nb * rows rows of `cols`): dots <- w_q * gaussian kernel, row_sums <- sum.
+// One block per row of dots (nb * rows rows of `cols`): dots <- w_q * gaussian kernel, row_sums <- sum;
+// row r's diagonal (column diag_col0 + r % rows) is set exactly (math::gaussian_diagonal).
 template <typename acc_t>
 __global__ void gaussian_rows_kernel(acc_t* __restrict__ dots, const acc_t* __restrict__ sqnorm_rows,
                                      const acc_t* __restrict__ sqnorm_cols, const acc_t* __restrict__ col_weights,
-                                     int64_t rows, int64_t cols, acc_t inv_two_sigma_sq, acc_t* __restrict__ row_sums) {
+                                     int64_t rows, int64_t cols, acc_t inv_two_sigma_sq, int64_t diag_col0,
+                                     bool keep_diagonal, acc_t* __restrict__ row_sums) {
   __shared__ acc_t shared[kThreads / kWarp];
-  const int64_t r = blockIdx.x, n = r / rows;
+  const int64_t r = blockIdx.x, n = r / rows, diag = diag_col0 + r % rows;
   acc_t* row = dots + r * cols;
   const acc_t* sqcol = sqnorm_cols + n * cols;
   const acc_t sqrow = sqnorm_rows[r];
   acc_t total = 0;
   for (int64_t q = threadIdx.x; q < cols; q += blockDim.x) {
-    const acc_t v = col_weights[q] * math::gaussian_kernel<acc_t>(row[q], sqrow, sqcol[q], inv_two_sigma_sq);
+    const acc_t v = q == diag ? math::gaussian_diagonal<acc_t>(col_weights[q], keep_diagonal)
+                              : col_weights[q] * math::gaussian_kernel<acc_t>(row[q], sqrow, sqcol[q], inv_two_sigma_sq);
     row[q] = v;
     total += v;
   }

@@ -1,16 +1,22 @@
-// NST ops on CUDA: the shared driver (../nst_impl.h) over the CUDA primitives, on the inputs' device.
+// NST ops on CUDA: the shared driver (../nst_impl.h) on the inputs' device, over the ATen primitives
+// by default, over the hand-written CUDA primitives only where kernel_paths.h enables them.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../kernel_paths.h"
 #include "../nst_impl.h"
 
 namespace {
+using kdfast::AtenPrimitives;
 using kdfast::CudaPrimitives;
+namespace paths = kdfast::paths;
 
 std::tuple<at::Tensor, at::Tensor> nst_loss_cuda(const at::Tensor& fs, const at::Tensor& ft, c10::string_view kernel,
                                                  c10::string_view reduction, double sigma) {
   const c10::cuda::CUDAGuard guard(fs.device());
-  return kdfast::nst_loss_impl<CudaPrimitives>(fs, ft, kernel, reduction, sigma);
+  return paths::use_kernel(paths::kNstLoss, fs)
+             ? kdfast::nst_loss_impl<CudaPrimitives>(fs, ft, kernel, reduction, sigma)
+             : kdfast::nst_loss_impl<AtenPrimitives>(fs, ft, kernel, reduction, sigma);
 }
 
 std::tuple<at::Tensor, at::Tensor> nst_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& fs,
@@ -18,7 +24,9 @@ std::tuple<at::Tensor, at::Tensor> nst_loss_backward_cuda(const at::Tensor& grad
                                                           c10::string_view kernel, c10::string_view reduction,
                                                           double sigma, std::array<bool, 2> mask) {
   const c10::cuda::CUDAGuard guard(fs.device());
-  return kdfast::nst_loss_backward_impl<CudaPrimitives>(grad_loss, fs, ft, aux, kernel, reduction, sigma, mask);
+  return paths::use_kernel(paths::kNstLoss, fs)
+             ? kdfast::nst_loss_backward_impl<CudaPrimitives>(grad_loss, fs, ft, aux, kernel, reduction, sigma, mask)
+             : kdfast::nst_loss_backward_impl<AtenPrimitives>(grad_loss, fs, ft, aux, kernel, reduction, sigma, mask);
 }
 }  // namespace
 

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../primitives.h"
@@ -41,24 +42,25 @@ void CudaPrimitives::add_sum_of_squares(const at::Tensor& x, double scale, at::T
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   auto partial = at::empty({rows, chunks}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kdfast_add_sum_of_squares_cuda", [&] {
-    cuda::sum_of_squares_kernel<scalar_t>
-        <<<dim3(chunks, rows), cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            x.const_data_ptr<scalar_t>(), n, kChunk, partial.data_ptr<scalar_t>());
+    const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min(rows, cuda::kMaxGridY)));
+    cuda::sum_of_squares_kernel<scalar_t><<<grid, cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<scalar_t>(), rows, n, kChunk, partial.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   acc.add_(partial.sum(1), scale);  // fixed-order reduction of the partials: deterministic
 }
 
 void CudaPrimitives::gaussian_rows_(at::Tensor& dots, const at::Tensor& sqnorm_rows, const at::Tensor& sqnorm_cols,
-                                    const at::Tensor& col_weights, double inv_two_sigma_sq, at::Tensor& row_sums) {
+                                    const at::Tensor& col_weights, double inv_two_sigma_sq, int64_t diag_col0,
+                                    bool keep_diagonal, at::Tensor& row_sums) {
   TORCH_INTERNAL_ASSERT(dots.is_contiguous() && sqnorm_rows.is_contiguous() && sqnorm_cols.is_contiguous() &&
                         col_weights.is_contiguous() && row_sums.is_contiguous());
   const int64_t nb = dots.size(0), rows = dots.size(1), cols = dots.size(2);
   AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "kdfast_gaussian_rows_cuda", [&] {
     cuda::gaussian_rows_kernel<scalar_t><<<nb * rows, cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         dots.data_ptr<scalar_t>(), sqnorm_rows.const_data_ptr<scalar_t>(), sqnorm_cols.const_data_ptr<scalar_t>(),
-        col_weights.const_data_ptr<scalar_t>(), rows, cols, static_cast<scalar_t>(inv_two_sigma_sq),
-        row_sums.data_ptr<scalar_t>());
+        col_weights.const_data_ptr<scalar_t>(), rows, cols, static_cast<scalar_t>(inv_two_sigma_sq), diag_col0,
+        keep_diagonal, row_sums.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -4,11 +4,14 @@
 //     when both pointers allow) and writes the block's sum of |theta| to partial[chunk].
 //  2. update_taus_kernel: one block per tensor adds that tensor's partials (fixed-order tree, no
 //     atomics, so the thresholds are deterministic) and moves its threshold.
-// Compile-checked only (tools/check_cuda_compile.py); never run on a GPU in development.
+// Compile-checked only (tools/check_cuda_compile.py); never run on a GPU in development, so it runs
+// only where kernel_paths.h enables it (the ATen path otherwise). It uploads its table from host
+// memory, which a CUDA graph would replay from a freed buffer: it refuses to run under capture.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -16,6 +19,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../kernel_paths.h"
 #include "../sparse_recoding_impl.h"
 #include "kdfast/sparse_recoding.h"
 #include "kernels.cuh"
@@ -105,6 +109,14 @@ void sparse_recoding_cuda(at::TensorList grads, at::TensorList params, const at:
                           double damp, double shrink, double tau_rate) {
   sparse_recoding::check_args(grads, params, taus, boost, damp, shrink, tau_rate);
   const c10::cuda::CUDAGuard guard(grads[0].device());
+  if (!paths::use_kernel(paths::kSparseRecoding, grads[0])) {
+    sparse_recoding::sparse_recoding_aten(grads, params, taus, boost, damp, shrink, tau_rate);
+    return;
+  }
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "kdfast.ops.sparse_recoding_: the hand-written CUDA kernel (enabled by KDFAST_CUDA_KERNELS) cannot be "
+              "captured in a CUDA graph: it uploads its pointer table from host memory. Leave sparse_recoding_ out "
+              "of KDFAST_CUDA_KERNELS to use the ATen path, which is capture-safe.");
   const auto plan = sparse_recoding::make_chunk_plan(params, kChunk);
   const int64_t n = static_cast<int64_t>(grads.size());
   const TableLayout layout{n, plan.num_chunks()};

@@ -1,4 +1,6 @@
 // kdfast::tucker_conv2d on CUDA. COMPILE-CHECKED ONLY: no GPU was available when this was written.
+// By default CUDA runs the composition (three cuDNN convolutions); the fused kernel below runs only
+// where csrc/ops/kernel_paths.h enables it (KDFAST_CUDA_KERNELS, or a verified table entry).
 //
 // Fused path: one kernel for the whole Tucker-2 block. Each thread block owns a TILE_H x TILE_W tile
 // of output pixels of one sample and all O output channels:
@@ -22,6 +24,7 @@
 
 #include <string>
 
+#include "../kernel_paths.h"
 #include "../tucker_conv2d_common.h"
 
 namespace kdfast {
@@ -145,8 +148,11 @@ bool plan_fused(const at::Tensor& x, const at::Tensor& core, const at::Tensor& l
   return false;
 }
 
+// The fused kernel runs only where kernel_paths.h enables it (not verified on a GPU: off by default),
+// and then only for what it supports; KDFAST_TUCKER_CONV_PATH=composed can still force the composition.
 const char* cuda_path(const at::Tensor& x, const at::Tensor& core, const at::Tensor& last, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, FusedParams& p, size_t& smem_bytes) {
+  if (!paths::use_kernel(paths::kTuckerConv2d, x)) return kPathComposed;
   const auto dtype = x.scalar_type();
   if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return kPathComposed;
   if (!supported_kernel_size(core.size(2)) || !supported_kernel_size(core.size(3))) return kPathComposed;
