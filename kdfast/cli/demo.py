@@ -66,9 +66,10 @@ def run_tour(out: str, *, device: str = "cpu", seed: int = 0, repeats: int = 3, 
     shown = set()
     for name in names:
         module = registry.get(name)
-        if module.demo_section in shown:  # one section shared by several methods (dafl, dfad, rdskd)
+        section_fn = getattr(module, "demo_section", None)
+        if section_fn is not None and section_fn in shown:  # one section shared by dafl, dfad, rdskd
             continue
-        shown.add(module.demo_section)
+        shown.add(section_fn)
         print(f"\n== {name}: {module.TITLE}", flush=True)
         if name == "kd":  # the protocol's own knobs (epochs, ranks, latency batch) come from cfg
             section = kd.demo_section(ctx, cfg)
