@@ -63,13 +63,12 @@ def run_tour(out: str, *, device: str = "cpu", seed: int = 0, repeats: int = 3, 
 
     # ---- one section per method ----------------------------------------------------------------------
     sections = []
-    shown = set()
+    done = set()
     for name in names:
         module = registry.get(name)
-        section_fn = getattr(module, "demo_section", None)
-        if section_fn is not None and section_fn in shown:  # one section shared by dafl, dfad, rdskd
+        if module.demo_section in done:  # methods of one paper share a section (dafl, dfad, rdskd)
             continue
-        shown.add(section_fn)
+        done.add(module.demo_section)
         print(f"\n== {name}: {module.TITLE}", flush=True)
         if name == "kd":  # the protocol's own knobs (epochs, ranks, latency batch) come from cfg
             section = kd.demo_section(ctx, cfg)
