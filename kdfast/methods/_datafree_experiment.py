@@ -68,9 +68,9 @@ def config(quick: bool) -> Config:
             "rdskd": {"steps_per_epoch": 20, "generator_epochs": 2, "epochs": 6}},
             grid=_grid(False), diversity_samples=256, pgd_steps=5)
     return Config(seeds=[0, 1, 2], teacher_epochs=12, batch_size=128, schedule={
-        "kd_real": {"epochs": 30}, "kd_noise": {"steps_per_epoch": 120, "epochs": 20},
-        "dafl": {"steps_per_epoch": 120, "epochs": 20}, "dfad": {"steps_per_epoch": 50, "epochs": 10},
-        "rdskd": {"steps_per_epoch": 120, "generator_epochs": 4, "epochs": 20}},
+        "kd_real": {"epochs": 30}, "kd_noise": {"steps_per_epoch": 120, "epochs": 10},
+        "dafl": {"steps_per_epoch": 120, "epochs": 10}, "dfad": {"steps_per_epoch": 50, "epochs": 6},
+        "rdskd": {"steps_per_epoch": 120, "generator_epochs": 3, "epochs": 10}},
         grid=_grid(True), diversity_samples=1024, pgd_steps=10)
 
 
