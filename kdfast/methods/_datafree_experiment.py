@@ -489,6 +489,11 @@ def demo_section(ctx) -> "base.DemoSection":
           "sensitivity, sample diversity and PGD robustness, is `kdfast experiment datafree`).\n\n"
           "| method | test accuracy (%) | time (s) | generator collapsed |\n|---|---:|---:|---|\n"
           f"{rows}\n\n![generated samples]({os.path.basename(fig)})\n")
-    return base.DemoSection(name="dafl", title="Data-free KD: DAFL, DFAD, RDSKD", markdown=md,
+    from . import dafl, dfad, rdskd
+
+    md += (f"\nThis section covers the three data-free methods; besides DAFL (cited above): *{dfad.PAPER}*; "
+           f"*{rdskd.PAPER}*.\n")
+    # the tour titles a section with its module's TITLE and cites its PAPER: DAFL's, the first of the three
+    return base.DemoSection(name="dafl", title=dafl.TITLE, markdown=md,
                             results={"teacher_accuracy": teacher_acc, "methods": results},
                             figures=[os.path.basename(fig)], time_s=time.perf_counter() - start)
