@@ -432,6 +432,8 @@ def _report(res: Dict[str, Any], cfg: Config) -> str:
         lines.append(f"| {LABELS[m]} | {100 * s['max_minus_min']:.2f} | {100 * s['std']:.2f} | {s['collapsed']} |")
     spreads = {m: res["sensitivity"][m]["spread"]["max_minus_min"] for m in DATA_FREE}
     least = min(spreads, key=spreads.get)
+    lines += ["", "The methods are varied in different numbers of settings (more settings, more room for spread), "
+              "each once (seed 0): the spread is a rough indication, not a test."]
     lines += ["", f"Smallest spread: **{LABELS[least]}**"
               + (" (RDSKD's claim holds on this grid)." if least == "rdskd" else
                  " (RDSKD's claim does not hold on this grid)."), "", "![sensitivity](sensitivity.png)", "",
