@@ -1,4 +1,4 @@
-"""DFAD: Data-Free Adversarial Distillation (Fang, Song, Wang, Shen, Wang, Song, arXiv 1912.11006).
+"""DFAD: Data-Free Adversarial Distillation (Fang, Song, Shen, Wang, Chen, Song, arXiv 1912.11006).
 
 A min-max game on the model discrepancy, the mean absolute error of the logits: per iteration the
 student takes 5 steps minimising it on detached generated images, then the generator one step
@@ -14,7 +14,7 @@ from .. import _checks
 
 NAME = "dfad"
 TITLE = "DFAD: data-free adversarial distillation (student/generator min-max on the logit MAE)"
-PAPER = ("Fang, Song, Wang, Shen, Wang, Song, 'Data-Free Adversarial Distillation', arXiv 1912.11006; "
+PAPER = ("Fang, Song, Shen, Wang, Chen, Song, 'Data-Free Adversarial Distillation', arXiv 1912.11006; "
          "code: VainF/Data-Free-Adversarial-Distillation (DFAD_mnist.py, DFAD_cifar.py)")
 
 STUDENT_STEPS = 5  # student steps per generator step in the official code
