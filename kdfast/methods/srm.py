@@ -45,7 +45,8 @@ def reconstruct(x: torch.Tensor, dictionary: torch.Tensor, bias: torch.Tensor, k
     """
     values, indices = ops.sparse_codes(x, dictionary, bias, k)
     n, h, w, _ = values.shape
-    rows = F.embedding_bag(indices.reshape(-1, k), dictionary.t(), per_sample_weights=values.reshape(-1, k),
+    # Codeword rows C^T contiguous: embedding_bag reads one row per (pixel, winner).
+    rows = F.embedding_bag(indices.reshape(-1, k), dictionary.t().contiguous(), per_sample_weights=values.reshape(-1, k),
                            mode="sum")
     return rows.view(n, h, w, -1).permute(0, 3, 1, 2)
 

@@ -10,9 +10,8 @@
 // Backward (gradients through the values): per pixel, the k winners' pre-activations are recomputed
 // (k dot products of length D, so nothing but the int64 indices is kept from the forward), then
 // t = g s (1 - s) and grad_x = sum_i t_i C[:, j_i]: k x D work per pixel, no GEMM. grad_C is
-// gathered per codeword column from a stable counting sort of the (pixel, winner) pairs, so every
-// column is a sum in pixel order: deterministic and independent of the thread count, like grad_b
-// (partial sums per fixed tile, added in tile order).
+// scattered by fixed chunks of pixels into per-chunk buffers added in chunk order, and grad_b summed
+// per fixed tile in tile order: deterministic and independent of the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,6 +34,8 @@ namespace {
 // enough for an efficient multi-threaded GEMM.
 constexpr int64_t kBlockBytes = 4 * 1024 * 1024;
 constexpr int64_t kBackwardTile = 256;
+// Partial grad_C buffers (K x D each) of the backward: enough to spread over the threads.
+constexpr int64_t kGradChunks = 8;
 constexpr int kLanes = 8;
 
 template <typename acc_t>
@@ -187,26 +188,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
       grad_x.copy_(grad_rows.view({n, h, w, d}).permute({0, 3, 1, 2}));
     }
     if (mask[1]) {
-      // Stable counting sort of the entries by codeword: bucket j lists its entries in pixel order.
-      std::vector<int64_t> start(kk + 1, 0), order(entries);
-      for (int64_t e = 0; e < entries; ++e) ++start[ip[e] + 1];
-      std::partial_sum(start.begin(), start.end(), start.begin());
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (int64_t e = 0; e < entries; ++e) order[fill[ip[e]]++] = e;
-      at::Tensor grad_ct = at::empty({kk, d}, rows.options());
-      acc_t* gc = grad_ct.data_ptr<acc_t>();
-      at::parallel_for(0, kk, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j) {
-          acc_t* row = gc + j * d;
-          std::fill(row, row + d, acc_t(0));
-          for (int64_t o = start[j]; o < start[j + 1]; ++o) {
-            const int64_t e = order[o];
-            const acc_t te = tp[e];
-            const acc_t* xp = xr + (e / k) * d;
-            for (int64_t q = 0; q < d; ++q) row[q] += te * xp[q];
+      // grad_C^T rows: each fixed chunk of pixels scatters t_e x_p into its own (K, D) buffer, reading
+      // x rows in order (a per-codeword gather of random x rows measured 3x slower); the buffers are
+      // then added in chunk order. The chunking depends only on the sizes: deterministic, and
+      // independent of the thread count.
+      const int64_t chunks = std::min<int64_t>(kGradChunks, tiles);
+      const int64_t per_chunk = (pixels + chunks - 1) / chunks;
+      at::Tensor partial = at::zeros({chunks, kk, d}, rows.options());
+      acc_t* pc = partial.data_ptr<acc_t>();
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t ch = begin; ch < end; ++ch) {
+          acc_t* buf = pc + ch * kk * d;
+          for (int64_t p = ch * per_chunk; p < std::min(pixels, (ch + 1) * per_chunk); ++p) {
+            const acc_t* xp = xr + p * d;
+            for (int64_t i = 0; i < k; ++i) {
+              const int64_t e = p * k + i;
+              const acc_t te = tp[e];
+              acc_t* row = buf + ip[e] * d;
+              for (int64_t q = 0; q < d; ++q) row[q] += te * xp[q];
+            }
           }
         }
       });
+      at::Tensor grad_ct = partial.select(0, 0);
+      for (int64_t ch = 1; ch < chunks; ++ch) grad_ct.add_(partial.select(0, ch));
       grad_c = grad_ct.t().to(dictionary.scalar_type()).contiguous();
     }
     if (mask[2]) {
