@@ -6,8 +6,9 @@ closed form: it keeps the singular components above a threshold that depends on 
 sigma^2, and estimates sigma^2 itself by minimising the free energy over a bounded interval. Kim et
 al. (ICLR 2016, arXiv 1511.06530) run it on the output-mode and input-mode unfoldings of a conv
 kernel to pick the Tucker-2 ranks; MUSCO (musco-ai/musco-pytorch) adds "weakening" towards full rank.
-The procedure below follows the one in kdfast's ANCHORS.md section 11.1 (the reference Python port
-of Nakajima's MATLAB code); the code is written from the formulas.
+The procedure below follows Nakajima, Sugiyama, Babacan, Tomioka, "Global analytic solution of fully-observed
+variational Bayesian matrix factorization" (JMLR 2013), as the Python ports of Nakajima's MATLAB code used by
+jacobgil/pytorch-tensor-decompositions and musco-ai/musco-pytorch compute it; the code is written from the formulas.
 
     evbmf(Y) -> EVBMFResult(rank, singular_values, sigma2)
     tucker2_ranks(conv.weight, weaken=0.0, min_rank=1, align=8) -> (r_out, r_in)
@@ -71,7 +72,7 @@ def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _free_energy(sigma2: float, L: int, M: int, s2: np.ndarray, residual: float, x_bar: float) -> float:
-    """EVB free energy as a function of sigma^2 (up to constants), Omega(sigma^2) of ANCHORS 11.1."""
+    """EVB free energy as a function of sigma^2 (up to constants), Omega(sigma^2) of Nakajima et al. (JMLR 2013)."""
     H = s2.shape[0]
     alpha = L / M
     x = s2 / (M * sigma2)

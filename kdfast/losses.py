@@ -21,7 +21,17 @@ from torch import nn
 from . import _checks, ops
 from ._spatial import pool_to_common
 
-__all__ = ["KDLoss", "LogitMSELoss", "ATLoss", "HintLoss", "NSTLoss", "FSPLoss", "attention_map", "as_pairs"]
+__all__ = ["KDLoss", "LogitMSELoss", "ATLoss", "HintLoss", "NSTLoss", "FSPLoss", "attention_map", "as_pairs",
+           "sum_terms"]
+
+
+def sum_terms(terms):
+    """The sum of a non-empty list of loss tensors (per layer pair, per group), keeping the first's dtype
+    and device (``sum(terms)`` would start from the int 0)."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 def _as_list(name: str, feats) -> list:
@@ -113,7 +123,7 @@ class ATLoss(nn.Module):
         loss = beta * sum over pairs of mean_{b, hw} (Q_s - Q_t)^2,  Q = attention_map(F, p)
 
     i.e. a squared difference averaged over B*H*W, beta = 1000 by default. The paper writes
-    (beta/2) * sum ||Q_s - Q_t||_p with a non-squared norm instead (METHODS 8.1); the code's form is
+    (beta/2) * sum ||Q_s - Q_t||_p with a non-squared norm instead (Zagoruyko & Komodakis, ICLR 2017, Eq. 2); the code's form is
     the one behind the reported numbers. Channel counts may differ; spatial sizes are pooled to the
     smaller. For odd p the official code takes x^p where this takes |x|^p (the paper's definition);
     for the default p = 2 they agree.
@@ -129,15 +139,15 @@ class ATLoss(nn.Module):
         self.beta = float(beta)
 
     def forward(self, student_feats, teacher_feats):
-        total = None
+        terms = []
         for i, (fs, ft) in enumerate(as_pairs(student_feats, teacher_feats)):
             _checks.feature_map(f"student_feats[{i}]", fs)
             _checks.feature_map(f"teacher_feats[{i}]", ft)
             _checks.compatible(f"student_feats[{i}]", fs, f"teacher_feats[{i}]", ft)
             fs, ft = pool_to_common(fs, ft)
             term = (attention_map(fs, self.p) - attention_map(ft, self.p)).pow(2).mean()
-            total = term if total is None else total + term
-        return self.beta * total
+            terms.append(term)
+        return self.beta * sum_terms(terms)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}, beta={self.beta:g}"
@@ -205,7 +215,7 @@ class HintLoss(nn.Module):
         pairs = as_pairs(student_feats, teacher_feats)
         if len(pairs) != len(self.regressors):
             raise ValueError(f"HintLoss was built for {len(self.regressors)} feature pairs, got {len(pairs)}")
-        total = None
+        terms = []
         for i, ((fs, ft), s_shape, t_shape, reg) in enumerate(
             zip(pairs, self.student_shapes, self.teacher_shapes, self.regressors)
         ):
@@ -215,15 +225,15 @@ class HintLoss(nn.Module):
                     raise ValueError(f"{name} has shape {list(x.shape)}; HintLoss was built for (B, {', '.join(map(str, shape))})")
             _checks.compatible(f"student_feats[{i}]", fs, f"teacher_feats[{i}]", ft)
             term = F.mse_loss(reg(fs), ft)
-            total = term if total is None else total + term
-        return total
+            terms.append(term)
+        return sum_terms(terms)
 
 
 class NSTLoss(nn.Module):
     """Neuron Selectivity Transfer (Huang & Wang 2017): per pair :func:`kdfast.ops.nst_loss`
     (MMD^2 between L2-normalised channel rows, batch mean), summed over pairs. kernel "poly"
     (d = 2, c = 0; paper and RepDistiller), "linear" or "gaussian" (``sigma``). Unweighted: the
-    paper uses lambda/2, the official code lambda = 50, RepDistiller beta = 50 (METHODS 2, 10)."""
+    paper uses lambda/2, the official code lambda = 50, RepDistiller beta = 50 (HobbitLong/RepDistiller train_student.py)."""
 
     kdfast_inputs = "features"
 
@@ -236,11 +246,11 @@ class NSTLoss(nn.Module):
         self.kernel, self.sigma = kernel, sigma
 
     def forward(self, student_feats, teacher_feats):
-        total = None
+        terms = []
         for fs, ft in as_pairs(student_feats, teacher_feats):
             term = ops.nst_loss(fs, ft, self.kernel, "mean", self.sigma)
-            total = term if total is None else total + term
-        return total
+            terms.append(term)
+        return sum_terms(terms)
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel!r}, sigma={self.sigma}"
@@ -252,7 +262,7 @@ class FSPLoss(nn.Module):
     consecutive pairs (i, i+1) the batch mean of ||G(s_i, s_i+1) - G(t_i, t_i+1)||_F^2, with
     G(a, b) = a b^T / (H W) (:func:`kdfast.ops.fsp_loss`; the paper's loss with lambda = 1).
     RepDistiller also takes consecutive pairs of its ``feat[:-1]`` list but averages over the Gram
-    entries too (a factor C_i * C_i+1 smaller; METHODS 10). Within a pair the larger map is pooled;
+    entries too (a factor C_i * C_i+1 smaller; RepDistiller distiller_zoo/FSP.py). Within a pair the larger map is pooled;
     student and teacher channel counts must match (the Grams are compared entrywise).
     """
 
@@ -268,8 +278,8 @@ class FSPLoss(nn.Module):
                 f"FSPLoss needs lists of at least 2 maps of consecutive layers (it compares the FSP matrices of "
                 f"each consecutive pair), got {len(s)}"
             )
-        total = None
+        terms = []
         for i in range(len(s) - 1):
             term = ops.fsp_loss(s[i], s[i + 1], t[i], t[i + 1], "mean")
-            total = term if total is None else total + term
-        return total
+            terms.append(term)
+        return sum_terms(terms)

@@ -34,7 +34,17 @@ def test_demo_writes_report_results_plots_and_checkpoints(demo_dir):
         assert (demo_dir / name).is_file(), name
     for png in ("training_curves.png", "robustness.png"):
         assert (demo_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    results = json.loads((demo_dir / "results.json").read_text())
+    tour = json.loads((demo_dir / "results.json").read_text())
+    from kdfast import methods
+
+    # one section per paper, in the registry's order (methods of one paper share their section)
+    sections = []
+    for name in methods.available():
+        if all(methods.get(name).demo_section is not methods.get(s).demo_section for s in sections):
+            sections.append(name)
+    assert list(tour["sections"]) == sections
+    assert all(t >= 0 for t in tour["section_time_s"].values())
+    results = tour["sections"]["kd"]
     rows = results["models"]
     assert list(rows) == ["teacher", "decomposed", "ce", "kd", "kd_nst", "kd_at"]
     teacher = rows["teacher"]
@@ -56,7 +66,11 @@ def test_demo_writes_report_results_plots_and_checkpoints(demo_dir):
     assert reps["kd"][0]["pgd"] == rows["kd"]["robustness"]["pgd"]
     report = (demo_dir / "report.md").read_text()
     assert "| Tucker + KD |" in report and "| Teacher |" in report and "KD vs CE" in report
-    assert "## Over 2 fine-tuning seeds (1, 2;" in report
+    assert "### Over 2 fine-tuning seeds (1, 2;" in report
+    for name in sections:  # a section per paper, with its citation
+        module = methods.get(name)
+        assert f"## {module.TITLE}" in report and module.PAPER in report
+    assert "NaN" not in (demo_dir / "results.json").read_text()
 
 
 def test_checkpoints_load_weights_only_and_reproduce_accuracy(demo_dir):
@@ -64,14 +78,14 @@ def test_checkpoints_load_weights_only_and_reproduce_accuracy(demo_dir):
     assert raw["format"] == checkpoint.MODEL_FORMAT and raw["tucker"] and raw["data"]["name"] == "digits"
     model, ckpt = checkpoint.load_model(demo_dir / "student_kd.pt")
     from kdfast import data
-    from kdfast.cli import demo
+    from kdfast.methods import base
     from kdfast.distill import evaluate
 
     # the tiny demo evaluates on a fixed 96-image subset of the test split: the reloaded model
     # must reproduce the accuracy recorded for it, image for image
-    test = demo._subset(data.load("digits", split="test", image_size=ckpt["data"]["image_size"]), 96)
+    test = base.subset(data.load("digits", split="test", image_size=ckpt["data"]["image_size"]), 96)
     loader = torch.utils.data.DataLoader(test, batch_size=256)
-    results = json.loads((demo_dir / "results.json").read_text())
+    results = json.loads((demo_dir / "results.json").read_text())["sections"]["kd"]
     assert evaluate(model, loader)["accuracy"] == ckpt["meta"]["test_accuracy"]
     assert ckpt["meta"]["test_accuracy"] == results["models"]["kd"]["clean_accuracy"]
 
@@ -155,7 +169,7 @@ def test_distill_config_then_robustness(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert '"type": "epoch"' in out and f"wrote {tmp_path / 'student_model.pt'}" in out
+    assert '"type": "epoch"' in out and f"{tmp_path / 'student_model.pt'} (model checkpoint)" in out
     model, ckpt = checkpoint.load_model(tmp_path / "student_model.pt")
     assert ckpt["model"] == "resnet8" and ckpt["model_kwargs"] == {"width_mult": 0.25, "num_classes": 10, "in_channels": 1}
     state = torch.load(tmp_path / "student.pt", weights_only=True)
@@ -179,6 +193,7 @@ def test_distill_config_then_robustness(tmp_path, capsys):
         (["robustness"], "the following arguments are required: --checkpoint"),
         (["robustness", "--checkpoint", "x.pt", "--eps", "1/0"], "bad epsilon '1/0'"),
         (["robustness", "--checkpoint", "x.pt", "--eps", "-0.1"], "must be >= 0"),
+        (["robustness", "--checkpoint", "x.pt", "--eps", "2"], "did you mean 2/255?"),
         (["decompose", "--checkpoint", "x.pt", "--ranks", "4,0"], "bad ranks '4,0'"),
         (["distill"], "the following arguments are required: --config"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -198,6 +213,7 @@ def test_bad_arguments_exit_2_with_message(argv, message, capsys):
         (["decompose", "--checkpoint", "does-not-exist.pt"], "checkpoint not found"),
         (["distill", "--config", "does-not-exist.yaml"], "no such file"),
         (["demo", "--model", "resnet1000", "--tiny"], "not a kdfast model"),
+        (["experiment", "frobnicate"], "unknown method 'frobnicate'; registered methods: kd, kr"),
     ],
 )
 def test_errors_after_parsing_return_2(argv, message, capsys):
@@ -225,3 +241,76 @@ def test_module_entry_point_runs_info():
     proc = subprocess.run([sys.executable, "-m", "kdfast", "info"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "kd_loss" in proc.stdout and "tucker_conv2d" in proc.stdout
+
+
+# ============================================================================ YAML runs as a new user writes them
+def _yaml_run(tmp_path, cfg, name="run.yaml"):
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+BASE_RUN = {"seed": 3, "epochs": 1, "device": "cpu", "data": {"name": "digits", "batch_size": 256},
+            "optimizer": {"lr": 0.01}, "log": {"progress": False}}
+
+
+def test_distill_decomposed_student_writes_a_model_checkpoint(tmp_path, capsys):
+    from kdfast import models
+
+    teacher = models.build("resnet8", num_classes=10, in_channels=1, width_mult=0.5)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    cfg = dict(BASE_RUN, method="kd", teacher={"name": "resnet8", "width_mult": 0.5, "weights": "teacher.pt"},
+               student={"decompose": {"ranks": 0.5}}, save_student=str(tmp_path / "student.pt"))
+    path = _yaml_run(tmp_path, cfg)
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # weights paths are relative to the YAML file, not the working directory
+    try:
+        assert main(["distill", "--config", str(path)]) == 0, capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+    model, ckpt = checkpoint.load_model(tmp_path / "student_model.pt")
+    assert ckpt["model"] == "resnet8" and ckpt["tucker"] and ckpt["meta"]["method"] == "kd"
+    state = torch.load(tmp_path / "student.pt", weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert main(["robustness", "--checkpoint", str(tmp_path / "student_model.pt"), "--eps", "0,8/255",
+                 "--pgd-steps", "1", "--max-batches", "1"]) == 0
+
+
+def test_yaml_seed_makes_a_from_scratch_student_reproducible(tmp_path):
+    from kdfast.cli.config import build_from_config
+
+    cfg = dict(BASE_RUN, student={"name": "lenet5"}, losses={"ce": {"type": "cross_entropy"}})
+    a, _ = build_from_config(cfg)
+    torch.manual_seed(12345)  # whatever the global RNG was before, the seed decides
+    b, _ = build_from_config(cfg)
+    assert all(torch.equal(x, y) for x, y in zip(a.student.state_dict().values(), b.student.state_dict().values()))
+    a.close()
+    b.close()
+
+
+def test_errors_while_building_a_run_are_one_line_naming_the_yaml_key(tmp_path, capsys):
+    from kdfast import models
+
+    good = models.build("lenet5", num_classes=10, in_channels=1)
+    torch.save(good.state_dict(), tmp_path / "lenet.pt")
+    (tmp_path / "trunc.pt").write_bytes((tmp_path / "lenet.pt").read_bytes()[:100])
+    base = dict(BASE_RUN, losses={"kd": {"type": "KDLoss"}}, student={"name": "lenet5"})
+    cases = [
+        (dict(base, teacher={"name": "lenet5", "weights": "missing.pt"}), "teacher.weights: no such file"),
+        (dict(base, teacher={"name": "lenet5", "weights": "trunc.pt"}), "teacher.weights"),
+        (dict(base, teacher={"name": "resnet8", "weights": "lenet.pt"}), "weights of another architecture?"),
+        (dict(base, teacher={"name": "lenet5"}, losses={"kd": {"type": "nope"}}), "unknown loss type 'nope'"),
+        (dict(base, teacher={"name": "lenet5"}, losses={"kd": {"type": "KDLoss", "tau": 2}}), "losses.kd"),
+        (dict(base, teacher={"name": "lenet5"}, amp="fp16"), "amp"),
+        (dict(base, teacher={"name": "lenet5"}, losses={"at": {"type": "ATLoss"}}),
+         "student_layers / teacher_layers"),
+        (dict(base, teacher={"name": "lenet5"}, method="kd", method_options={"bogus": 1}), "has no option(s) bogus"),
+        (dict(base, teacher={"name": "lenet5"}, method="nope"), "unknown method 'nope'"),
+    ]
+    for i, (cfg, message) in enumerate(cases):
+        path = _yaml_run(tmp_path, cfg, f"run{i}.yaml")
+        assert main(["distill", "--config", str(path)]) == 2, message
+        err = capsys.readouterr().err
+        assert err.startswith("kdfast distill: error:") and message in err, (message, err)
+        assert "Traceback" not in err and len(err) < 1500, err

@@ -1,5 +1,6 @@
 // Every kdfast op's schema, in one place. Kernels are registered per backend in
-// csrc/ops/<backend>/<op>_kernel.{cpp,cu}; autograd and fake (meta) kernels in kdfast/_registrations.py.
+// csrc/ops/<backend>/<op>_kernel.{cpp,cu}; autograd in csrc/ops/autograd/<op>_autograd.cpp; fake (meta)
+// kernels in kdfast/_registrations.py.
 //
 // Conventions: `*_backward` ops take an `output_mask` and return an empty tensor (shape (0,)) for
 // each gradient that is not needed, since a schema cannot return None.

@@ -275,7 +275,12 @@ def _load_weights(role: str, model: nn.Module, weights: str, name: str) -> None:
         state = state["state_dict"]
     if not isinstance(state, Mapping):
         raise ConfigError(f"{role}.weights {weights!r} holds a {type(state).__name__}, not a state dict")
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: name the first one, not the whole state dict
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+        raise ConfigError(f"{role}.weights {weights} does not fit {name}: {first[:300]}; weights of another "
+                          "architecture?") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         raise ConfigError(

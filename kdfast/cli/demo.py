@@ -63,8 +63,12 @@ def run_tour(out: str, *, device: str = "cpu", seed: int = 0, repeats: int = 3, 
 
     # ---- one section per method ----------------------------------------------------------------------
     sections = []
+    done = set()
     for name in names:
         module = registry.get(name)
+        if module.demo_section in done:  # methods of one paper share a section (dafl, dfad, rdskd)
+            continue
+        done.add(module.demo_section)
         print(f"\n== {name}: {module.TITLE}", flush=True)
         if name == "kd":  # the protocol's own knobs (epochs, ranks, latency batch) come from cfg
             section = kd.demo_section(ctx, cfg)

@@ -1,6 +1,6 @@
 """Distiller: the knowledge-distillation training loop (single process, DDP via torchrun, AMP, exact resume).
 
-Design notes (peers: ANCHORS.md §2-4):
+Design notes (peers: torchdistill, RepDistiller, mdistiller):
 * Losses are named and weighted like RepDistiller's ``γ·CE + α·KD + β·other`` and torchdistill's
   weighted sum of sub-terms; each loss module declares which inputs it takes (``kdfast_inputs``), so
   the trainer needs no per-method code.

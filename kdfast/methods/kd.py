@@ -53,7 +53,7 @@ class DemoConfig:
     image_size: int = 16
     batch_size: int = 64
     teacher_lr: float = 0.05
-    student_lr: float = 0.01  # low fine-tuning LR: a high one trades robustness for accuracy (METHODS 9)
+    student_lr: float = 0.01  # low fine-tuning LR: a high one trades robustness for accuracy
     ranks: str | float = "evbmf"
     methods: tuple = ("ce", "kd", "kd_nst", "kd_at")
     eps: tuple = DEFAULT_EPS
@@ -464,7 +464,7 @@ def _render_report(results: dict) -> str:
             f"MACs count the multiply-accumulates of convolutions and linear layers (`kdfast.cost.macs`); latency is "
             f"measured. The students need {mac_ratio:.2f}x the teacher's MACs and ran in {lat_ratio:.2f}x its time. "
             + ("Fewer MACs did not make them faster here: on maps this small the three thin convolutions of a "
-               "Tucker layer are bound by per-call overhead and memory traffic, not arithmetic (ANCHORS 12.2)."
+               "Tucker layer are bound by per-call overhead and memory traffic, not arithmetic."
                if lat_ratio >= 0.9 else "")
         ]
     if "ce" in rows and len(students) > 1:

@@ -1,6 +1,6 @@
 """Plain-PyTorch formulations of the same losses as peers write them: the benchmarks' baselines
-and the tests' cross-checks. Written for kdfast from the peers' documented math (see
-shared reference ANCHORS.md / METHODS.md); no peer code is copied.
+and the tests' cross-checks. Written for kdfast from the peers' documented math (repositories and
+files named below); no peer code is copied.
 
 * ``*_bmm``: the strongest plain-PyTorch formulation (batched-GEMM Grams, autograd backward).
 * ``repdistiller_*``: HobbitLong/RepDistiller ``distiller_zoo/{NST,FSP}.py`` (b84f547c): broadcast
