@@ -22,13 +22,16 @@ void kd_forward_rows_aten(const at::Tensor& s_in, const at::Tensor& t_in, const 
   if (opt.need_ce && y.is_cpu()) check_target_range(y, s_in.size(1), opt.ignore_index);
   const auto s = s_in.to(acc), t = t_in.to(acc);
   const double inv_t = 1.0 / opt.temperature;
-  const auto st = s * inv_t, tt = t * inv_t;
-  const auto lse_st = at::logsumexp(st, {1}), lse_tt = at::logsumexp(tt, {1});
-  // KL(p_t || p_s) = sum_k p_t,k (t_k - s_k) / T - lse_tT + lse_sT
-  const auto p_t = at::exp(tt - lse_tt.unsqueeze(1));
-  const auto kl = at::sum(p_t * (tt - st), {1}).add_(lse_st - lse_tt);
-  stats.select(1, kd::kLseStudentT).copy_(lse_st);
-  stats.select(1, kd::kLseTeacherT).copy_(lse_tt);
+  // The row math of kd::finish_row, term for term: exp-sums relative to the row maxima, and
+  // KL = sum_k e_t,k (t_k - s_k) / sum_k e_t,k / T + (max_s - max_t) / T + (log sum e_s - log sum e_t).
+  const auto max_s = s.amax({1}, true), max_t = t.amax({1}, true);
+  const auto e_t = at::exp((t - max_t) * inv_t);
+  const auto sum_t = e_t.sum({1}), sum_s = at::exp((s - max_s) * inv_t).sum({1});
+  const auto log_sum_s = sum_s.log(), log_sum_t = sum_t.log();
+  const auto ms = max_s.squeeze(1), mt = max_t.squeeze(1);
+  const auto kl = at::sum(e_t * (t - s), {1}).div_(sum_t).mul_(inv_t).add_((ms - mt) * inv_t).add_(log_sum_s - log_sum_t);
+  stats.select(1, kd::kLseStudentT).copy_(ms * inv_t + log_sum_s);
+  stats.select(1, kd::kLseTeacherT).copy_(mt * inv_t + log_sum_t);
   stats.select(1, kd::kKl).copy_(kl);
   if (opt.need_ce) {
     const auto lse_s1 = at::logsumexp(s, {1});
