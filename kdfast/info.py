@@ -41,7 +41,7 @@ TUCKER_CONV2D_PATHS = (
     "permitting) only when enabled (KDFAST_CUDA_KERNELS, or once verified on a GPU)"
 )
 
-#: Which implementation kdfast.ops.sparse_codes runs (KDFAST_SPARSE_CODES_PATH=aten|kernel overrides).
+#: Which implementation kdfast.ops.sparse_codes runs (KDFAST_CPU_KERNELS / KDFAST_CUDA_KERNELS override it).
 SPARSE_CODES_PATHS = (
     "CPU: fused tiled kernel (GEMM per tile + running top-k); "
     "CUDA: ATen formulation (chunked GEMM + stable sort); the CUDA kernel is compiled but unverified (opt-in)"

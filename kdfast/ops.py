@@ -234,7 +234,7 @@ def sparse_codes(x: torch.Tensor, dictionary: torch.Tensor, bias: torch.Tensor, 
     a running top-k and the sigmoid of the k winners. The dense (N, H, W, K) similarity never exists,
     in forward or backward (which recomputes the k winners' pre-activations from the saved indices).
     float16/bfloat16 accumulate in float32. CUDA runs an ATen formulation (chunked GEMM + stable sort)
-    by default; its hand-written kernel is unverified (KDFAST_SPARSE_CODES_PATH=kernel opts in).
+    by default; its hand-written kernel is unverified (KDFAST_CUDA_KERNELS=sparse_codes opts in; see ``kdfast info``).
     """
     _ext.require_ops()
     _checks.sparse_codes_args(x, dictionary, bias, k)

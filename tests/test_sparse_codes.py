@@ -26,7 +26,14 @@ PATHS = ["kernel", "aten"]
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    monkeypatch.setenv("KDFAST_SPARSE_CODES_PATH", request.param)
+    # kernel: the backend's hand-written kernel (CUDA: forced on, it is unverified); aten: the ATen path
+    # (csrc/ops/kernel_paths.h), the CUDA default.
+    if request.param == "kernel":
+        monkeypatch.delenv("KDFAST_CPU_KERNELS", raising=False)
+        monkeypatch.setenv("KDFAST_CUDA_KERNELS", "sparse_codes")
+    else:
+        monkeypatch.setenv("KDFAST_CPU_KERNELS", "none")
+        monkeypatch.setenv("KDFAST_CUDA_KERNELS", "none")
     return request.param
 
 

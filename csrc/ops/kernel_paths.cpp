@@ -52,6 +52,8 @@ constexpr CudaKernelEntry kCudaKernels[] = {
     {kKdLoss, "fused row statistics and gradients (csrc/ops/cuda/kd_loss_kernel.cu)", false, 0, "", nullptr, ""},
     {kSparseRecoding, "multi-tensor recode and threshold update (csrc/ops/cuda/sparse_recoding_kernel.cu)", false, 0,
      "", nullptr, ""},
+    {kSparseCodes, "fused projection + running top-k, forward, k <= 32 (csrc/ops/cuda/sparse_codes_kernel.cu)", false,
+     0, "", nullptr, ""},
 };
 
 const CudaKernelEntry& entry(const char* op) {

@@ -25,6 +25,7 @@ constexpr const char* kNstLoss = "nst_loss";
 constexpr const char* kTuckerConv2d = "tucker_conv2d";
 constexpr const char* kKdLoss = "kd_loss";
 constexpr const char* kSparseRecoding = "sparse_recoding_";
+constexpr const char* kSparseCodes = "sparse_codes";
 
 // True when `op` on `primary`'s device runs its hand-written kernel there (CUDA: table or
 // KDFAST_CUDA_KERNELS; CPU: KDFAST_CPU_KERNELS, default on); false for the ATen path.

@@ -6,7 +6,7 @@
 //
 // The ATen formulation works on chunks of pixels (one GEMM, a stable sort and a gather per chunk), so
 // its memory is bounded by the chunk, never (N, H, W, K). It is the CUDA default (the CUDA kernel never
-// ran on a GPU) and the reference the CPU tests hold the CPU kernel to (KDFAST_SPARSE_CODES_PATH=aten).
+// ran on a GPU) and the reference the CPU tests hold the CPU kernel to (KDFAST_CPU_KERNELS=none; csrc/ops/kernel_paths.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "kdfast/checks.h"
+#include "kernel_paths.h"
 
 namespace kdfast {
 namespace sparse_codes {
@@ -56,16 +57,6 @@ inline void check_backward_args(const at::Tensor& grad_values, const at::Tensor&
   TORCH_CHECK_VALUE(indices.device() == x.device() && grad_values.device() == x.device(),
                     "device mismatch: x is on ", x.device(), " but indices is on ", indices.device(),
                     " and grad_values on ", grad_values.device());
-}
-
-// Which implementation runs: KDFAST_SPARSE_CODES_PATH=aten|kernel overrides the backend's default
-// (CPU: kernel; CUDA: aten, since the CUDA kernel is unverified).
-inline bool use_kernel(bool backend_default) {
-  const char* v = std::getenv("KDFAST_SPARSE_CODES_PATH");
-  if (v == nullptr) return backend_default;
-  if (std::strcmp(v, "kernel") == 0) return true;
-  if (std::strcmp(v, "aten") == 0) return false;
-  return backend_default;
 }
 
 // x as (N*H*W, D) pixel rows (a view when the layout allows, else a copy).

@@ -226,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> sparse_codes_cpu(const at::Tensor& x, const at::Tensor& dictionary,
                                                     const at::Tensor& bias, int64_t k) {
   check_args(x, dictionary, bias, k);
-  if (!use_kernel(true)) return forward_aten(x, dictionary, bias, k);
+  if (!paths::use_kernel(paths::kSparseCodes, x)) return forward_aten(x, dictionary, bias, k);  // KDFAST_CPU_KERNELS
   return forward_kernel(x, dictionary, bias, k);
 }
 
@@ -237,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_codes_backward_cpu(const a
                                                                          const at::Tensor& indices,
                                                                          std::array<bool, 3> mask) {
   check_backward_args(grad_values, x, dictionary, bias, indices);
-  if (!use_kernel(true)) return backward_aten(grad_values, x, dictionary, bias, indices, mask);
+  if (!paths::use_kernel(paths::kSparseCodes, x)) return backward_aten(grad_values, x, dictionary, bias, indices, mask);
   return backward_kernel(grad_values, x, dictionary, bias, indices, mask);
 }
 

@@ -1,7 +1,7 @@
 // sparse_codes on CUDA. UNVERIFIED: this kernel has been compiled (tests/test_build.py) but never run
 // on a GPU, so it is not the default: CUDA runs the ATen formulation of csrc/ops/sparse_codes_impl.h
-// (chunked cuBLAS GEMM + stable sort), and KDFAST_SPARSE_CODES_PATH=kernel opts into this kernel for
-// the forward. The backward always runs the ATen formulation on CUDA.
+// (chunked cuBLAS GEMM + stable sort) until the kernel table (csrc/ops/kernel_paths.cpp) marks it
+// verified; KDFAST_CUDA_KERNELS=sparse_codes opts into this kernel for the forward. The backward always runs the ATen formulation on CUDA.
 //
 // Kernel: one thread per pixel; the thread streams over the K codewords, computing z_j = x_p . c_j
 // (x read as (D, P) so that a warp's loads are coalesced, C^T rows as broadcast loads), and keeps a
@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_codes_cuda(const at::Tensor& x, const 
   const c10::cuda::CUDAGuard guard(x.device());
   check_args(x, dictionary, bias, k);
   // Default: the ATen formulation (the kernel above is unverified).
-  if (!use_kernel(false) || k > kMaxK) return forward_aten(x, dictionary, bias, k);
+  if (!paths::use_kernel(paths::kSparseCodes, x) || k > kMaxK) return forward_aten(x, dictionary, bias, k);
   return forward_kernel(x, dictionary, bias, k);
 }
 
