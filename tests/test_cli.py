@@ -213,7 +213,7 @@ def test_bad_arguments_exit_2_with_message(argv, message, capsys):
         (["decompose", "--checkpoint", "does-not-exist.pt"], "checkpoint not found"),
         (["distill", "--config", "does-not-exist.yaml"], "no such file"),
         (["demo", "--model", "resnet1000", "--tiny"], "not a kdfast model"),
-        (["experiment", "frobnicate"], "unknown method 'frobnicate'; registered methods: kd, kr"),
+        (["experiment", "frobnicate"], "unknown method 'frobnicate'; registered methods: kd, bss, "),
     ],
 )
 def test_errors_after_parsing_return_2(argv, message, capsys):

@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs a registered method's experiment (teacher, students, seeds, plots) on scikit-learn's "
         "digits and writes report.md, results.json and PNG plots into --out. Methods: "
         + ", ".join(methods.available()) + ".")
-    exp.add_argument("name", help="a registered method (" + ", ".join(methods.available()) + ")")
+    exp.add_argument("name", help="a registered method (" + ", ".join(methods.available()) + ") or "
+                     + ", ".join(methods.EXPERIMENT_ALIASES) + " (the three data-free methods)")
     exp.add_argument("--quick", action="store_true", help="a smaller run (at most 4 minutes on 2 CPU cores)")
     exp.add_argument("--out", default=None, help="output directory (default experiment-<name>)")
     exp.add_argument("--device", default="cpu", type=_device, help="cpu (default), cuda or cuda:N")
@@ -238,9 +239,9 @@ def cmd_experiment(args) -> int:
     from .. import methods
 
     try:
-        module = methods.get(args.name)
+        module = methods.get(methods.EXPERIMENT_ALIASES.get(args.name, args.name))
     except ValueError as exc:
-        raise CLIError(str(exc)) from None
+        raise CLIError(f"{exc} (or {', '.join(methods.EXPERIMENT_ALIASES)})") from None
     out = args.out or f"experiment-{args.name}"
     module.run_experiment(out, quick=args.quick, device=args.device)
     print(f"experiment {args.name}: report {os.path.join(out, 'report.md')}")

@@ -22,14 +22,16 @@ from typing import Any, Dict, List
 
 # name -> module; the order is the demo tour's order (source papers first to last).
 _REGISTRY: Dict[str, str] = {
-    "kd": "kdfast.methods.kd",
-    "kr": "kdfast.methods.kr",
-    "bss": "kdfast.methods.bss",
-    "dafl": "kdfast.methods.dafl",
+    "kd": "kdfast.methods.kd",          # Sadhukhan et al., ICIP 2020 (+ Hinton KD recipes)
+    "bss": "kdfast.methods.bss",        # Heo et al., AAAI 2019
+    "dafl": "kdfast.methods.dafl",      # data-free KD (Han et al., ICASSP 2021 and the methods it compares)
     "dfad": "kdfast.methods.dfad",
     "rdskd": "kdfast.methods.rdskd",
-    "srm": "kdfast.methods.srm",
+    "kr": "kdfast.methods.kr",          # Liu et al., CVPR-W 2019
+    "srm": "kdfast.methods.srm",        # Tran et al., 2021
 }
+# Other names ``kdfast experiment`` accepts: one experiment covers the three data-free methods.
+EXPERIMENT_ALIASES: Dict[str, str] = {"datafree": "dafl"}
 
 
 def available() -> List[str]:
