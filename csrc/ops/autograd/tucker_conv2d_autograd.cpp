@@ -9,6 +9,8 @@
 #include <optional>
 #include <tuple>
 
+#include <ATen/ATen.h>
+
 #include "autograd_common.h"
 
 namespace kdfast {
@@ -158,9 +160,9 @@ Tensor tucker_conv2d_autograd(const Tensor& x, const Tensor& first, const Tensor
                      " but residual is ", residual->scalar_type());
   }
   const auto o = last.sym_size(0);
-  if (present(scale)) y = y * scale->view_symint({1, o, 1, 1});
-  if (present(shift)) y = y + shift->view_symint({1, o, 1, 1});
-  if (present(residual)) y = y + *residual;
+  if (present(scale)) y = at::mul(y, scale->view_symint({1, o, 1, 1}));
+  if (present(shift)) y = at::add(y, shift->view_symint({1, o, 1, 1}));
+  if (present(residual)) y = at::add(y, *residual);
   if (relu) y = at::relu(y);
   return y;
 }

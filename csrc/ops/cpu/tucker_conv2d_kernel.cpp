@@ -21,11 +21,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "../tucker_conv2d_common.h"
+#include "tucker_cpu_rule.h"
 #include "tucker_cpu_tiles.h"
 
 namespace kdfast {
@@ -76,13 +78,27 @@ at::Tensor fused_forward(const at::Tensor& x, const at::Tensor& first, const at:
 }
 
 // Which path runs for these arguments on CPU.
-//  - float32 / float64: the fused kernel. Measured against oneDNN's three convolutions at the thin
-//    shapes of benchmarks/bench_students.py (results/students-cpu-amd-epyc-2core.md, "Tucker layer"
-//    table: fused faster on every thin CIFAR shape, 2 threads, float32) and at the ImageNet ResNet
-//    shapes of bench_tucker.py (results/tucker-fused-cpu-amd-epyc-2core.md).
-//  - float16 / bfloat16: the composition (the fused kernel has no reduced-precision arithmetic).
-// The rule's inputs and its data are in tucker_cpu_rule (below).
-bool rule_prefers_fused(const Geometry& g);
+//  - float16 / bfloat16: the composition (the fused kernel has no reduced-precision arithmetic; this
+//    CPU has no AVX512-BF16 to make one pay).
+//  - float32 / float64: the measured rule. tucker_cpu_rule.h holds, for each shape measured by
+//    benchmarks/bench_students.py (layer part, 3x3 cores; thin CIFAR shapes and a few wide ImageNet
+//    ones), the fused kernel's speed-up over oneDNN's three convolutions; a call takes the fused
+//    kernel when the nearest measured shape (in log2 of N, C, R, H*W) measured it faster. Other kernel
+//    sizes and strides use the same table (the fused kernel's per-pixel cost scales like the
+//    composition's).
+bool rule_prefers_fused(const Geometry& g) {
+  const double n = std::log2(double(g.n)), c = std::log2(double(std::max(g.c, g.o))),
+               r = std::log2(double(std::max(g.r_in, g.r_out))), hw = std::log2(double(g.oh * g.ow));
+  double best = 1e300, speedup = 1.0;
+  for (const MeasuredTuckerShape& m : kTuckerCpuMeasurements) {
+    const double dn = n - std::log2(m.n), dc = c - std::log2(m.c), dr = r - std::log2(m.r),
+                 dhw = hw - std::log2(m.hw * m.hw);
+    // batch matters least (the kernel parallelises over samples and tiles alike)
+    const double d = 0.25 * dn * dn + dc * dc + dr * dr + dhw * dhw;
+    if (d < best) best = d, speedup = m.fused_speedup;
+  }
+  return speedup > 1.0;
+}
 
 const char* cpu_path(const at::Tensor& x, const Geometry& g) {
   const auto dtype = x.scalar_type();
@@ -115,11 +131,6 @@ std::string tucker_conv2d_path_cpu(const at::Tensor& x, const at::Tensor& first,
                                    at::IntArrayRef dilation) {
   check_tucker_conv2d_args(x, first, core, last, c10::nullopt, stride, padding, dilation);
   return cpu_path(x, geometry(x, core, last, stride, padding, dilation));
-}
-
-bool rule_prefers_fused(const Geometry& g) {
-  (void)g;
-  return true;
 }
 
 }  // namespace
