@@ -347,6 +347,8 @@ def main(argv=None) -> None:
     parser.add_argument("--emit-rule", default=None, help="write the path rule's C++ table (from the layer rows)")
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--modes", default=None, help="comma-separated subset of " + ",".join(MODES))
+    parser.add_argument("--ranks", default=None, help="comma-separated subset of evbmf,0.5,0.25")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,64)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     quick = args.quick
@@ -359,8 +361,11 @@ def main(argv=None) -> None:
     if args.only != "models":
         data["layers"] = bench_layers(layer_rounds, quick, log)
     if args.only != "layers":
-        data["models"] = bench_models(names, [8] if quick else BATCHES, ["evbmf"] if quick else RANKS, modes,
-                                      model_rounds, log)
+        ranks = ["evbmf"] if quick else RANKS
+        if args.ranks:
+            ranks = [r if r == "evbmf" else float(r) for r in args.ranks.split(",")]
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else ([8] if quick else BATCHES)
+        data["models"] = bench_models(names, batches, ranks, modes, model_rounds, log)
     data["load_end"] = [round(v, 1) for v in os.getloadavg()]
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
