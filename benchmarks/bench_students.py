@@ -285,16 +285,31 @@ def write_png(path: str, data: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
-    ax = axes[0]
+    panels = [k for k in ("models", "layers") if data[k]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), squeeze=False)
+    axes = dict(zip(panels, axes[0]))
     cells = [r for r in data["models"]]
     labels = sorted({(r["model"], r["batch"], r["ranks"]) for r in cells}, key=lambda k: (MODELS.index(k[0]) if k[0] in MODELS else 0, k[1], k[2]))
-    width = 0.8 / max(1, len(MODES))
-    for i, mode in enumerate(MODES):
-        vals = [next((r["speedup"] for r in cells if (r["model"], r["batch"], r["ranks"]) == k and r["mode"] == mode), 0)
-                for k in labels]
-        ax.bar([j + i * width for j in range(len(labels))], vals, width, label=mode)
-    macs = [next(r["mac_ratio"] for r in cells if (r["model"], r["batch"], r["ranks"]) == k) for k in labels]
+    ax = axes.get("models")
+    if ax is not None:
+        width = 0.8 / len(MODES)
+        for i, mode in enumerate(MODES):
+            vals = [next((r["speedup"] for r in cells if (r["model"], r["batch"], r["ranks"]) == k and r["mode"] == mode),
+                         0) for k in labels]
+            ax.bar([j + i * width for j in range(len(labels))], vals, width, label=mode)
+        macs = [next(r["mac_ratio"] for r in cells if (r["model"], r["batch"], r["ranks"]) == k) for k in labels]
+        _models_axis(ax, labels, macs, width)
+    ax = axes.get("layers")
+    rows = data["layers"]
+    if ax is not None:
+        _layers_axis(ax, rows)
+    fig.tight_layout()
+    fig.savefig(path + ".png", dpi=110)
+
+
+def _models_axis(ax, labels, macs, width):
     ax.scatter([j + width for j in range(len(labels))], macs, marker="_", s=200, color="k", label="MAC ratio", zorder=3)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_yscale("log")
@@ -303,8 +318,9 @@ def write_png(path: str, data: dict) -> None:
     ax.set_ylabel("teacher / student latency (paired median)")
     ax.set_title("Whole model: student speed-up")
     ax.legend(fontsize=8)
-    ax = axes[1]
-    rows = data["layers"]
+
+
+def _layers_axis(ax, rows):
     if rows:
         xs = range(len(rows))
         ax.plot(xs, [r["fused"]["speedup"] for r in rows], "o", label="fused kernel")
@@ -316,8 +332,6 @@ def write_png(path: str, data: dict) -> None:
         ax.set_ylabel("Sequential / kdfast latency (paired median)")
         ax.set_title("Tucker layer vs 3-conv nn.Sequential")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path + ".png", dpi=110)
 
 
 def emit_rule(path: str, rows: list, source: str) -> None:
