@@ -160,6 +160,38 @@ def tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation) ->
     if kh > ph or kw > pw:
         raise ValueError(f"kernel too large: core's dilated kernel is {kh}x{kw} but x padded is only {ph}x{pw}")
 
+
+def tucker_output_hw(x, core, stride, padding, dilation) -> list:
+    """(H_out, W_out) of tucker_conv2d, as F.conv2d sizes it."""
+    return [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(x.shape[2:], core.shape[2:], stride, padding, dilation)
+    ]
+
+
+def tucker_epilogue_args(x, core, last, scale, shift, residual, stride, padding, dilation) -> None:
+    """Mirrors kdfast::tucker::check_tucker_epilogue_args (csrc/ops/tucker_conv2d_common.h)."""
+    o = last.shape[0]
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be None or a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1 or t.shape[0] != o:
+            raise ValueError(f"{name} must be None or a 1-D tensor of shape (O,) = ({o},), got shape {tuple(t.shape)}")
+        _same_dtype_device(x, t, name)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be None or a torch.Tensor, got {type(residual).__name__}")
+        expected = (x.shape[0], o, *tucker_output_hw(x, core, stride, padding, dilation))
+        if tuple(residual.shape) != expected:
+            raise ValueError(
+                f"residual must be None or a tensor of the output's shape (N, O, H_out, W_out) = {expected}, "
+                f"got shape {tuple(residual.shape)}"
+            )
+        _same_dtype_device(x, residual, "residual")
+
+
 # ----------------------------------------------------------------------------------------- KD loss
 def logits(name: str, x) -> None:
     _float_tensor(name, x, 2, "2-D logits (B, K)")

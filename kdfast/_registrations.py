@@ -88,13 +88,11 @@ def _nst_loss_backward_fake(grad_loss, fs, ft, aux, kernel, reduction, sigma, ou
 
 # ------------------------------------------------------------------------------- tucker_conv2d
 @torch.library.register_fake("kdfast::tucker_conv2d")
-def _tucker_conv2d_fake(x, first, core, last, bias, stride, padding, dilation):
+def _tucker_conv2d_fake(x, first, core, last, bias, stride, padding, dilation, scale=None, shift=None, residual=None,
+                        relu=False):
     _checks.tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation)
-    out_hw = [
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, k, s, p, d in zip(x.shape[2:], core.shape[2:], stride, padding, dilation)
-    ]
-    return x.new_empty((x.shape[0], last.shape[0], *out_hw))
+    _checks.tucker_epilogue_args(x, core, last, scale, shift, residual, stride, padding, dilation)
+    return x.new_empty((x.shape[0], last.shape[0], *_checks.tucker_output_hw(x, core, stride, padding, dilation)))
 
 
 @torch.library.register_fake("kdfast::_tucker_conv2d_backward")

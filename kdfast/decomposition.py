@@ -22,6 +22,7 @@ import copy
 import fnmatch
 import warnings
 import numbers
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -47,6 +48,10 @@ class LayerReport:
     macs_after: int | None
     input_size: tuple | None = None  # (H, W) seen in the measuring forward
     output_size: tuple | None = None
+    # keep_dense_if_slower: median latencies (ms) of the dense conv (BN-folded: with bias) and of the
+    # Tucker layer at the layer's real input (batch, size, memory format), timed in alternation.
+    dense_ms: float | None = None
+    tucker_ms: float | None = None
 
 
 @dataclass
@@ -56,6 +61,11 @@ class DecompositionReport:
     model_params_before: int = 0
     model_params_after: int = 0
     macs_unit: str = "per output pixel"  # or "per sample" (measured with an input)
+    # keep_dense_if_slower: convs that were decomposed and timed but kept dense (Tucker not faster),
+    # and the whole-model latencies (ms): measured teacher, predicted student (teacher minus the
+    # per-layer savings), measured student; both models fused for inference (kdfast.fuse_for_inference).
+    kept_dense: list = field(default_factory=list)
+    latency: dict | None = None
 
     @property
     def params_before(self) -> int:
@@ -91,9 +101,17 @@ class DecompositionReport:
             d["flops_before"] = None if layer.macs_before is None else 2 * layer.macs_before
             d["flops_after"] = None if layer.macs_after is None else 2 * layer.macs_after
             layers.append(d)
+        kept = []
+        for layer in self.kept_dense:
+            d = asdict(layer)
+            for key in ("kernel_size", "stride", "ranks", "input_size", "output_size"):
+                d[key] = None if d[key] is None else list(d[key])
+            kept.append(d)
         return {
             "macs_unit": self.macs_unit,
             "layers": layers,
+            "kept_dense": kept,
+            "latency": self.latency,
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
             "totals": {
                 "decomposed_layers": len(self.layers),
@@ -133,6 +151,21 @@ class DecompositionReport:
         out.append(f"model parameters: {self.model_params_before:,} -> {self.model_params_after:,} ({ratio:.2f}x fewer)")
         if self.skipped:
             out.append("skipped: " + "; ".join(f"{n} ({r})" for n, r in self.skipped))
+        timed = [layer for layer in [*self.layers, *self.kept_dense] if layer.tucker_ms is not None]
+        if timed:
+            out.append("measured latency per layer (ms, dense -> Tucker; kept dense where Tucker was not faster):")
+            kept = {id(layer) for layer in self.kept_dense}
+            for layer in timed:
+                verdict = "kept dense" if id(layer) in kept else "Tucker"
+                out.append(f"  {layer.name}: {layer.dense_ms:.3f} -> {layer.tucker_ms:.3f} "
+                           f"({layer.dense_ms / layer.tucker_ms:.2f}x) {verdict}")
+        if self.latency:
+            lat = self.latency
+            out.append(
+                f"model latency (ms, fused for inference, batch {lat['batch']}): teacher {lat['teacher_ms']:.2f}, "
+                f"student predicted {lat['student_predicted_ms']:.2f}, measured {lat['student_measured_ms']:.2f} "
+                f"({lat['teacher_ms'] / lat['student_measured_ms']:.2f}x)"
+            )
         return "\n".join(out)
 
 
@@ -178,8 +211,9 @@ def _ranks_for(name: str, ranks):
     return ranks
 
 
-def _measure_sizes(model: nn.Module, convs: dict, input_shape, example_input) -> dict:
-    """{name: ((H_in, W_in), (H_out, W_out))} from one eval-mode, no-grad forward with hooks."""
+def _measure_sizes(model: nn.Module, convs: dict, input_shape, example_input, inputs: dict | None = None) -> dict:
+    """{name: ((H_in, W_in), (H_out, W_out))} from one eval-mode, no-grad forward with hooks; fills
+    ``inputs`` (when given) with {name: (full input shape, channels_last)}."""
     if example_input is None:
         if (
             not isinstance(input_shape, (tuple, list))
@@ -191,10 +225,15 @@ def _measure_sizes(model: nn.Module, convs: dict, input_shape, example_input) ->
         factory = {} if param is None else {"device": param.device, "dtype": param.dtype}
         example_input = torch.zeros(1, *input_shape, **factory)
     sizes = {}
+    specs = inputs
 
     def record(name):
         def hook(module, inputs, output):  # returns None: the output is left unchanged
             sizes.setdefault(name, (tuple(inputs[0].shape[2:]), tuple(output.shape[2:])))
+            if specs is not None:
+                x = inputs[0]
+                specs.setdefault(name, (tuple(x.shape), not x.is_contiguous()
+                                        and x.is_contiguous(memory_format=torch.channels_last)))
 
         return hook
 
@@ -235,6 +274,8 @@ def decompose(
     n_iter_max: int = 0,
     input_shape=None,
     example_input=None,
+    keep_dense_if_slower: bool = False,
+    timing_rounds: int = 15,
     **rank_options,
 ):
     """Replace eligible nn.Conv2d layers of ``model`` by TuckerConv2d.from_conv (see module docstring).
@@ -251,6 +292,13 @@ def decompose(
             either makes the report give MACs per sample (one eval-mode forward with hooks, running
             BatchNorm statistics untouched). Without them MACs are per output pixel, with the first
             1x1 conv's input pixels taken as stride_h * stride_w per output pixel.
+        keep_dense_if_slower: latency-aware decomposition. Each decomposed layer is timed against its
+            dense conv at its real input (the batch, size and memory format of ``example_input``, or
+            batch 1 of ``input_shape``; one of them is required) on the model's device, both as
+            fuse_for_inference runs them (BN folded: with bias), ``timing_rounds`` rounds in alternation;
+            the dense conv is kept wherever the Tucker layer's median is not lower. The report then lists
+            every layer's latencies, the convs kept dense (``report.kept_dense``) and the model's
+            measured and predicted latencies (``report.latency``; both models fused for inference).
         **rank_options: weaken, min_rank, align for ranks="evbmf" (see kdfast.evbmf.tucker2_ranks).
     Returns:
         (model, DecompositionReport)
@@ -262,12 +310,19 @@ def decompose(
     include, exclude = _patterns("include", include), _patterns("exclude", exclude)
     if input_shape is not None and example_input is not None:
         raise ValueError("pass input_shape or example_input, not both")
+    if not isinstance(keep_dense_if_slower, bool):
+        raise TypeError(f"keep_dense_if_slower must be a bool, got {keep_dense_if_slower!r}")
+    if keep_dense_if_slower and input_shape is None and example_input is None:
+        raise ValueError("keep_dense_if_slower=True times each layer at its real input: pass input_shape or example_input")
+    if isinstance(timing_rounds, bool) or not isinstance(timing_rounds, numbers.Integral) or timing_rounds < 1:
+        raise ValueError(f"timing_rounds must be an int >= 1, got {timing_rounds!r}")
     if not (isinstance(ranks, (str, float, tuple, list, dict)) and not isinstance(ranks, bool)):
         raise TypeError(f"ranks must be 'evbmf', a float in (0, 1], a pair (r_out, r_in) or a dict of those, got {ranks!r}")
 
     if not inplace:
         model = copy.deepcopy(model)
     params_before = _count_params(model)
+    teacher = copy.deepcopy(model) if keep_dense_if_slower else None
 
     report = DecompositionReport()
     selected = {}
@@ -290,9 +345,9 @@ def decompose(
         else:
             report.skipped.append((name, reason))
 
-    sizes = {}
+    sizes, inputs = {}, {}
     if input_shape is not None or example_input is not None:
-        sizes = _measure_sizes(model, selected, input_shape, example_input)
+        sizes = _measure_sizes(model, selected, input_shape, example_input, inputs if keep_dense_if_slower else None)
         report.macs_unit = "per sample"
 
     if not selected:
@@ -307,8 +362,14 @@ def decompose(
             layer = TuckerConv2d.from_conv(conv, _ranks_for(name, ranks), n_iter_max=n_iter_max, **rank_options)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"layer {name!r}: {exc}") from exc
+        entry = _layer_report(name, conv, layer, sizes.get(name), bool(sizes))
+        if keep_dense_if_slower and name in inputs:
+            entry.dense_ms, entry.tucker_ms = _time_layer(conv, layer, inputs[name], timing_rounds)
+            if entry.tucker_ms >= entry.dense_ms:
+                report.kept_dense.append(entry)
+                continue
         replacements[id(conv)] = layer
-        report.layers.append(_layer_report(name, conv, layer, sizes.get(name), bool(sizes)))
+        report.layers.append(entry)
 
     # Swap every reference (a conv shared by two parents is replaced in both, sharing kept).
     for parent in model.modules():
@@ -318,7 +379,72 @@ def decompose(
 
     report.model_params_before = params_before
     report.model_params_after = _count_params(model)
+    if keep_dense_if_slower:
+        report.latency = _model_latency(teacher, model, report, input_shape, example_input, timing_rounds)
     return model, report
+
+
+def _timed_medians(steps: dict, rounds: int) -> dict:
+    """Median seconds of each zero-argument step, timed in turns (order rotated every round) after a
+    warm-up call, so that slow drift of a shared machine hits every step alike."""
+    import statistics
+    import time
+
+    device_sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    order = list(steps)
+    for _ in range(rounds):
+        order.append(order.pop(0))
+        for name in order:
+            device_sync()
+            t0 = time.perf_counter()
+            steps[name]()
+            device_sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _time_layer(conv: nn.Conv2d, layer: TuckerConv2d, input_spec, rounds: int) -> tuple:
+    """(dense ms, Tucker ms) at the layer's real input, both with a bias as after BN folding."""
+    from . import ops
+
+    shape, channels_last = input_spec
+    w = conv.weight.detach()
+    x = torch.randn(shape, dtype=w.dtype, device=w.device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(conv.out_channels, dtype=w.dtype, device=w.device)
+    factors = [p.detach() for p in (layer.first, layer.core, layer.last)]
+    conv_args = dict(stride=conv.stride, padding=_conv_padding(conv), dilation=conv.dilation)
+    with torch.no_grad():
+        medians = _timed_medians({
+            "dense": lambda: torch.nn.functional.conv2d(x, w, bias, **conv_args),
+            "tucker": lambda: ops.tucker_conv2d(x, *factors, bias, **conv_args),
+        }, rounds)
+    return 1e3 * medians["dense"], 1e3 * medians["tucker"]
+
+
+def _model_latency(teacher, student, report, input_shape, example_input, rounds: int) -> dict:
+    """Measured (paired) latencies of the teacher and the student, both fused for inference, and the
+    student's prediction from the per-layer timings: teacher - sum(dense - Tucker) over kept Tucker layers."""
+    from .fusion import fuse_for_inference
+
+    param = next(teacher.parameters(), None)
+    factory = {} if param is None else {"device": param.device, "dtype": param.dtype}
+    x = example_input if example_input is not None else torch.randn(1, *input_shape, **factory)
+    args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    with warnings.catch_warnings():  # untraceable models are fused child by child; the warning is not news here
+        warnings.simplefilter("ignore")
+        fused_teacher, fused_student = fuse_for_inference(teacher), fuse_for_inference(student, inplace=False)
+    with torch.no_grad():
+        medians = _timed_medians({"teacher": lambda: fused_teacher(*args), "student": lambda: fused_student(*args)},
+                                 rounds)
+    teacher_ms, student_ms = 1e3 * medians["teacher"], 1e3 * medians["student"]
+    saved = sum(layer.dense_ms - layer.tucker_ms for layer in report.layers if layer.tucker_ms is not None)
+    return {"batch": int(args[0].shape[0]), "teacher_ms": teacher_ms, "student_predicted_ms": teacher_ms - saved,
+            "student_measured_ms": student_ms}
 
 
 def _layer_report(name, conv: nn.Conv2d, layer: TuckerConv2d, size, measured: bool) -> LayerReport:

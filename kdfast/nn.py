@@ -233,6 +233,64 @@ class TuckerConv2d(nn.Module):
         return s
 
 
+class FusedTuckerConv2d(TuckerConv2d):
+    """A :class:`TuckerConv2d` followed, in the same kernel, by an optional residual add and ReLU:
+    ``y = relu?(tucker(x) + residual)``, what :func:`kdfast.fuse_for_inference` puts in place of a
+    ResNet block's "Tucker conv -> BN (folded into ``last`` and ``bias``) -> (+ shortcut) -> ReLU".
+
+    ``forward(x, residual=None)``: ``residual`` is required when ``add_residual`` is True. A residual
+    that only broadcasts to y's shape is added after the kernel (same result, not fused).
+    """
+
+    def __init__(self, *args, relu: bool = False, add_residual: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.relu = bool(relu)
+        self.add_residual = bool(add_residual)
+
+    @classmethod
+    def from_tucker(cls, layer: TuckerConv2d, relu: bool = False, add_residual: bool = False) -> "FusedTuckerConv2d":
+        """The fused layer sharing ``layer``'s parameters (no copy)."""
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for key in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "ranks",
+                    "save_intermediates"):
+            setattr(fused, key, getattr(layer, key))
+        fused.first, fused.core, fused.last, fused.bias = layer.first, layer.core, layer.last, layer.bias
+        fused.relu, fused.add_residual = bool(relu), bool(add_residual)
+        fused.train(layer.training)
+        return fused
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.add_residual and residual is None:
+            raise ValueError("this FusedTuckerConv2d adds a residual: call it as layer(x, residual)")
+        if not self.add_residual and residual is not None:
+            raise ValueError("this FusedTuckerConv2d has add_residual=False but was given a residual")
+        first, core, last, bias = self.first, self.core, self.last, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, first, core, last = x.to(dtype), first.to(dtype), core.to(dtype), last.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            residual = None if residual is None else residual.to(dtype)
+        _ext.require_ops()
+        fused_residual = residual
+        if residual is not None:
+            expected = (x.shape[0], self.out_channels,
+                        *_checks.tucker_output_hw(x, core, self.stride, self.padding, self.dilation))
+            if tuple(residual.shape) != expected or residual.dtype != x.dtype or residual.device != x.device:
+                fused_residual = None
+        y = ops._tucker_conv2d_call(x, first, core, last, bias, self.stride, self.padding, self.dilation,
+                                    self.save_intermediates, residual=fused_residual,
+                                    relu=self.relu and (residual is None or fused_residual is not None))
+        if residual is not None and fused_residual is None:  # broadcasting residual: outside the kernel
+            y = y + residual
+            if self.relu:
+                y = torch.relu(y)
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", add_residual={self.add_residual}, relu={self.relu}"
+
+
 def _partial_tucker2(weight: torch.Tensor, r_out: int, r_in: int, n_iter_max: int):
     """(core, U_out, U_in) of W along modes 0 and 1 via tensorly >= 0.8 ``partial_tucker``."""
     import warnings
@@ -253,4 +311,4 @@ def _partial_tucker2(weight: torch.Tensor, r_out: int, r_in: int, n_iter_max: in
     return torch.as_tensor(core).to(**to), torch.as_tensor(u_out).to(**to), torch.as_tensor(u_in).to(**to)
 
 
-__all__ = ["TuckerConv2d", "resolve_ranks"]
+__all__ = ["FusedTuckerConv2d", "TuckerConv2d", "resolve_ranks"]

@@ -85,13 +85,20 @@ __all__ += ["tucker_conv2d", "tucker_conv2d_path"]
 
 
 def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation=1,
-                  save_intermediates: bool | None = None) -> torch.Tensor:
+                  save_intermediates: bool | None = None, *, scale=None, shift=None, residual=None,
+                  relu: bool = False) -> torch.Tensor:
     """Tucker-2 convolution (Kim et al., ICLR 2016) as one op:
     ``y = conv1x1(last) o conv_kxk(core; stride, padding, dilation) o conv1x1(first) (x) + bias``.
 
     x (N, C, H, W); first (R_in, C); core (R_out, R_in, kh, kw); last (O, R_out); bias (O,) or None.
     stride / padding (zeros) / dilation: int or pair, applied by the core. Returns (N, O, H_out, W_out)
     exactly as ``F.conv2d`` sizes it. Equals :func:`kdfast.testing.reference.tucker_conv2d`.
+
+    Optional epilogue (keyword-only), for inference: ``y = relu?((conv + bias) * scale + shift + residual)``
+    with scale, shift (O,) (a folded BatchNorm), residual of y's shape (a ResNet shortcut) and relu a
+    bool. On CPU the fused kernel applies it in the same pass as the convolution (y written once);
+    elsewhere it runs as ATen ops after it. Everything is differentiable (training differentiates the
+    epilogue through ATen ops and the convolution exactly as without it).
 
     CPU float32/float64 runs a fused tiled kernel (the R_in/R_out intermediates of a tile stay in
     cache) where it measured faster than three oneDNN convolutions, otherwise the composition; CUDA
@@ -109,22 +116,36 @@ def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation
     padding = _checks.conv_pair("padding", padding, 0)
     dilation = _checks.conv_pair("dilation", dilation, 1)
     _checks.tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation)
-    return _tucker_conv2d_call(x, first, core, last, bias, stride, padding, dilation, save_intermediates)
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    _checks.tucker_epilogue_args(x, core, last, scale, shift, residual, stride, padding, dilation)
+    return _tucker_conv2d_call(x, first, core, last, bias, stride, padding, dilation, save_intermediates,
+                               scale, shift, residual, relu)
 
 
-def _tucker_conv2d_call(x, first, core, last, bias, stride, padding, dilation, save_intermediates):
+def _tucker_conv2d_call(x, first, core, last, bias, stride, padding, dilation, save_intermediates,
+                        scale=None, shift=None, residual=None, relu=False):
     """tucker_conv2d after its Python checks: stride, padding and dilation are pairs. TuckerConv2d
     calls this directly (its factors and geometry were checked when it was built; the C++ op checks x
     with the same messages), which saves it about 15 µs a call."""
     if save_intermediates is None:
         save_intermediates = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, first, core, last, bias)
+            t is not None and t.requires_grad for t in (x, first, core, last, bias, scale, shift, residual)
         )
     if save_intermediates:
-        return torch.ops.kdfast._tucker_conv2d_with_intermediates(
+        y = torch.ops.kdfast._tucker_conv2d_with_intermediates(
             x, first, core, last, bias, stride, padding, dilation
         )[0]
-    return torch.ops.kdfast.tucker_conv2d(x, first, core, last, bias, stride, padding, dilation)
+        # Training: the epilogue through ATen ops (autograd), the convolution's backward unchanged.
+        if scale is not None:
+            y = y * scale.view(1, -1, 1, 1)
+        if shift is not None:
+            y = y + shift.view(1, -1, 1, 1)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+    return torch.ops.kdfast.tucker_conv2d(x, first, core, last, bias, stride, padding, dilation,
+                                          scale, shift, residual, relu)
 
 
 def tucker_conv2d_path(x, first, core, last, stride=1, padding=0, dilation=1) -> str:

@@ -25,10 +25,13 @@ TORCH_LIBRARY(kdfast, m) {
 
   // Tucker-2 convolution (kdfast.ops.tucker_conv2d): y = conv1x1(last) o conv_kxk(core) o conv1x1(first) (x) + bias,
   // x (N, C, H, W), first (R_in, C), core (R_out, R_in, kh, kw), last (O, R_out), bias (O,) or None.
+  // Optional inference epilogue in the same pass: y = relu?((conv + bias) * scale + shift + residual),
+  // scale/shift (O,) (a folded BatchNorm), residual (N, O, H_out, W_out), relu a bool.
   // Nothing is saved for backward beyond the inputs: the backward op recomputes the intermediates.
   m.def(
       "tucker_conv2d(Tensor x, Tensor first, Tensor core, Tensor last, Tensor? bias, int[2] stride, "
-      "int[2] padding, int[2] dilation) -> Tensor");
+      "int[2] padding, int[2] dilation, Tensor? scale=None, Tensor? shift=None, Tensor? residual=None, "
+      "bool relu=False) -> Tensor");
   // Gradients for (x, first, core, last, bias).
   m.def(
       "_tucker_conv2d_backward(Tensor grad_y, Tensor x, Tensor first, Tensor core, Tensor last, int[2] stride, "

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "kdfast/checks.h"
 #include "kdfast/tucker_geometry.h"
@@ -39,6 +40,53 @@ inline void log_path(const char* backend, const char* path, const at::Tensor& x,
                backend, path, (long long)x.size(0), (long long)x.size(1), (long long)x.size(2), (long long)x.size(3),
                (long long)core.size(0), (long long)core.size(1), (long long)core.size(2), (long long)core.size(3),
                c10::toString(x.scalar_type()));
+}
+
+// The optional inference epilogue of tucker_conv2d, applied to t = conv(x) + bias per output channel o:
+//   y = relu?(t * scale[o] + shift[o] + residual)
+// scale/shift (O,) are a folded eval BatchNorm (kdfast.fuse_for_inference), residual (N, O, H_out, W_out)
+// a ResNet shortcut. Mirrored by kdfast/_checks.py:tucker_epilogue_args.
+inline void check_tucker_epilogue_args(const at::Tensor& x, const at::Tensor& core, const at::Tensor& last,
+                                       const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                                       const c10::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                       at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t o = last.size(0);
+  const std::pair<const c10::optional<at::Tensor>*, const char*> vectors[] = {{&scale, "scale"}, {&shift, "shift"}};
+  for (const auto& [t, name] : vectors) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == o, name, " must be None or a 1-D tensor of shape (O,) = (",
+                      o, ",), got shape ", (*t)->sizes());
+    check_same_dtype_device(x, **t, name);
+  }
+  if (residual.has_value() && residual->defined()) {
+    const int64_t oh = conv_output_size<int64_t>(x.size(2), core.size(2), stride[0], padding[0], dilation[0]);
+    const int64_t ow = conv_output_size<int64_t>(x.size(3), core.size(3), stride[1], padding[1], dilation[1]);
+    TORCH_CHECK_VALUE(residual->dim() == 4 && residual->size(0) == x.size(0) && residual->size(1) == o &&
+                          residual->size(2) == oh && residual->size(3) == ow,
+                      "residual must be None or a tensor of the output's shape (N, O, H_out, W_out) = (", x.size(0),
+                      ", ", o, ", ", oh, ", ", ow, "), got shape ", residual->sizes());
+    check_same_dtype_device(x, *residual, "residual");
+  }
+}
+
+inline bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+inline bool has_epilogue(const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                         const c10::optional<at::Tensor>& residual, bool relu) {
+  return has_tensor(scale) || has_tensor(shift) || has_tensor(residual) || relu;
+}
+
+// The epilogue with ATen ops, after a path that does not fuse it (composition, CUDA). In place on y,
+// which the paths allocate themselves (contiguous NCHW).
+inline at::Tensor apply_epilogue(at::Tensor y, const c10::optional<at::Tensor>& scale,
+                                 const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& residual,
+                                 bool relu) {
+  const int64_t o = y.size(1);
+  if (has_tensor(scale)) y.mul_(scale->view({1, o, 1, 1}));
+  if (has_tensor(shift)) y.add_(shift->view({1, o, 1, 1}));
+  if (has_tensor(residual)) y.add_(*residual);
+  if (relu) y.relu_();
+  return y;
 }
 
 inline at::Tensor as_1x1(const at::Tensor& m) { return m.view({m.size(0), m.size(1), 1, 1}); }

@@ -70,13 +70,23 @@ def nst_loss(fs, ft, kernel: str = "poly", reduction: str = "mean", sigma: float
     return reduce(per_sample, reduction)
 
 
-def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation=1) -> torch.Tensor:
+def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation=1, *, scale=None, shift=None,
+                  residual=None, relu=False) -> torch.Tensor:
     """Tucker-2 convolution as the explicit three-convolution composition (Kim et al., ICLR 2016):
     1x1 conv with ``first`` (R_in, C), k x k conv with ``core`` (R_out, R_in, kh, kw) carrying
-    stride / zero padding / dilation, 1x1 conv with ``last`` (O, R_out), then ``bias`` (O,)."""
+    stride / zero padding / dilation, 1x1 conv with ``last`` (O, R_out), then ``bias`` (O,).
+    Then the inference epilogue: ``y * scale + shift`` per output channel (a folded BatchNorm),
+    ``+ residual`` (y's shape), ``relu`` if asked."""
     z1 = F.conv2d(x, first[:, :, None, None])
     z2 = F.conv2d(z1, core, stride=stride, padding=padding, dilation=dilation)
-    return F.conv2d(z2, last[:, :, None, None], bias)
+    y = F.conv2d(z2, last[:, :, None, None], bias)
+    if scale is not None:
+        y = y * scale[None, :, None, None]
+    if shift is not None:
+        y = y + shift[None, :, None, None]
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
 
 def kd_loss(student_logits, teacher_logits, targets=None, temperature: float = 4.0, alpha: float = 0.9,
             t2_scale: bool = True, ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:

@@ -5,8 +5,11 @@
 #include <torch/library.h>
 
 #include <array>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
+
+#include <ATen/ATen.h>
 
 #include "autograd_common.h"
 
@@ -19,7 +22,8 @@ using at::Tensor;
 
 using Grads5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using ForwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                          IntArrayRef, IntArrayRef, IntArrayRef);
+                          IntArrayRef, IntArrayRef, IntArrayRef, const std::optional<Tensor>&,
+                          const std::optional<Tensor>&, const std::optional<Tensor>&, bool);
 using ForwardWithIntermediatesSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                        const Tensor&, const std::optional<Tensor>&,
                                                                        IntArrayRef, IntArrayRef, IntArrayRef);
@@ -61,7 +65,8 @@ struct TuckerConv2dFunction : public torch::autograd::Function<TuckerConv2dFunct
                                IntArrayRef padding, IntArrayRef dilation) {
     static auto op = op_handle<ForwardSig>("tucker_conv2d");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor y = op.call(x, first, core, last, bias, stride, padding, dilation);
+    Tensor y = op.call(x, first, core, last, bias, stride, padding, dilation, std::nullopt, std::nullopt, std::nullopt,
+                       false);
     ctx->save_for_backward({x, first, core, last});
     save_conv_args(ctx, stride, padding, dilation, bias);
     return {y};
@@ -109,10 +114,57 @@ struct TuckerConv2dWithIntermediatesFunction
   }
 };
 
+bool present(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+bool any_requires_grad(std::initializer_list<const Tensor*> tensors) {
+  for (const Tensor* t : tensors)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+// With an epilogue (scale, shift, residual, relu; an inference feature): without gradients the
+// kernel applies it in the same pass; with gradients the convolution keeps its own backward node and
+// the epilogue is differentiated through ATen ops, so training computes exactly what it did before.
 Tensor tucker_conv2d_autograd(const Tensor& x, const Tensor& first, const Tensor& core, const Tensor& last,
                               const std::optional<Tensor>& bias, IntArrayRef stride, IntArrayRef padding,
-                              IntArrayRef dilation) {
-  return TuckerConv2dFunction::apply(x, first, core, last, bias, stride, padding, dilation)[0];
+                              IntArrayRef dilation, const std::optional<Tensor>& scale,
+                              const std::optional<Tensor>& shift, const std::optional<Tensor>& residual, bool relu) {
+  const bool epilogue = present(scale) || present(shift) || present(residual) || relu;
+  if (!epilogue) return TuckerConv2dFunction::apply(x, first, core, last, bias, stride, padding, dilation)[0];
+  const Tensor none;
+  const bool need_grad =
+      at::GradMode::is_enabled() &&
+      any_requires_grad({&x, &first, &core, &last, present(bias) ? &*bias : &none, present(scale) ? &*scale : &none,
+                         present(shift) ? &*shift : &none, present(residual) ? &*residual : &none});
+  if (!need_grad) {
+    static auto op = op_handle<ForwardSig>("tucker_conv2d");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(x, first, core, last, bias, stride, padding, dilation, scale, shift, residual, relu);
+  }
+  Tensor y = TuckerConv2dFunction::apply(x, first, core, last, bias, stride, padding, dilation)[0];
+  // Checked here too (the op checked the rest): the ATen ops below would broadcast a wrong shape.
+  // Symbolic sizes, so that torch.compile can trace this; same messages as the op's checks.
+  for (const auto& [t, name] : {std::make_pair(&scale, "scale"), std::make_pair(&shift, "shift")}) {
+    if (!present(*t)) continue;
+    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->sym_size(0) == y.sym_size(1), name,
+                      " must be None or a 1-D tensor of shape (O,) = (", y.sym_size(1), ",), got shape ",
+                      (*t)->sym_sizes());
+    TORCH_CHECK_TYPE((*t)->scalar_type() == x.scalar_type(), "dtype mismatch: x is ", x.scalar_type(), " but ",
+                     name, " is ", (*t)->scalar_type());
+  }
+  if (present(residual)) {
+    TORCH_CHECK_VALUE(residual->sym_sizes() == y.sym_sizes(),
+                      "residual must be None or a tensor of the output's shape (N, O, H_out, W_out) = ", y.sym_sizes(),
+                      ", got shape ", residual->sym_sizes());
+    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), "dtype mismatch: x is ", x.scalar_type(),
+                     " but residual is ", residual->scalar_type());
+  }
+  const auto o = last.sym_size(0);
+  if (present(scale)) y = at::mul(y, scale->view_symint({1, o, 1, 1}));
+  if (present(shift)) y = at::add(y, shift->view_symint({1, o, 1, 1}));
+  if (present(residual)) y = at::add(y, *residual);
+  if (relu) y = at::relu(y);
+  return y;
 }
 
 std::tuple<Tensor, Tensor, Tensor> tucker_conv2d_with_intermediates_autograd(

@@ -178,9 +178,9 @@ void launch_fused(const at::Tensor& x, const at::Tensor& first, const at::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor tucker_conv2d_cuda(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
-                              const at::Tensor& last, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation) {
+at::Tensor tucker_conv2d_cuda_conv(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
+                                   const at::Tensor& last, const c10::optional<at::Tensor>& bias,
+                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   check_tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(x.device());
   FusedParams p{};
@@ -205,6 +205,20 @@ at::Tensor tucker_conv2d_cuda(const at::Tensor& x, const at::Tensor& first, cons
       break;
   }
   return y;
+}
+
+// The epilogue (scale, shift, residual, relu) runs as ATen ops after the convolution on CUDA; fusing it
+// into the kernel waits for a GPU to verify it.
+at::Tensor tucker_conv2d_cuda(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
+                              const at::Tensor& last, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, const c10::optional<at::Tensor>& scale,
+                              const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& residual,
+                              bool relu) {
+  check_tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation);
+  check_tucker_epilogue_args(x, core, last, scale, shift, residual, stride, padding, dilation);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return apply_epilogue(tucker_conv2d_cuda_conv(x, first, core, last, bias, stride, padding, dilation), scale, shift,
+                        residual, relu);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tucker_conv2d_backward_cuda(
