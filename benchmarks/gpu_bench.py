@@ -45,6 +45,8 @@ SHAPES = {
     "tucker_conv2d": {"cifar": (128, 64, 32, 32, 32, 32, 64), "imagenet": (64, 64, 56, 56, 32, 32, 64),
                       "tiny": (2, 4, 6, 6, 2, 3, 4)},  # (N, C, H, W, R_in, R_out, O), 3x3, pad 1
     "sparse_recoding_": {"cifar": "resnet20", "imagenet": "resnet50", "tiny": "tiny"},
+    "sparse_codes": {"cifar": (128, 256, 8, 8, 512, 10), "imagenet": (32, 256, 14, 14, 1024, 20),
+                     "tiny": (2, 4, 3, 3, 8, 2)},  # (N, D, H, W, K, k)
 }
 # Parameter-tensor sizes of the sparse recoding step: ResNet-20 (CIFAR, 0.27M) and ResNet-50 (25.6M).
 PARAM_LISTS = {
@@ -170,6 +172,16 @@ def cases(device, dtype, size):
     nbytes = 3 * sum(sizes) * elt
     yield "sparse_recoding_", "kdfast", lambda: ops.sparse_recoding_(grads, params, taus, **kw), 0, nbytes
     yield "sparse_recoding_", "eager", lambda: reference.sparse_recoding_(grads, params, taus, **kw), 0, nbytes
+
+    # SRM sparse codes: forward + backward through the values (x and the dictionary require grad).
+    n, d, h, w, kk, k = SHAPES["sparse_codes"][size]
+    x, dictionary, bias = rnd(n, d, h, w).requires_grad_(), (rnd(d, kk) * d ** -0.5).requires_grad_(), rnd(1)
+    flops = 2 * n * h * w * d * kk  # the projection; the backward touches k codewords per pixel only
+    nbytes = (n * d * h * w + d * kk + n * h * w * k * 2) * elt
+    for name, fn in {"kdfast": lambda a, c: ops.sparse_codes(a, c, bias, k)[0].sum(),
+                     "eager": lambda a, c: reference.sparse_codes(a, c, bias, k)[0].sum(),
+                     "srm-official": lambda a, c: baselines.srm_masked_similarity(a, c, bias, k).sum()}.items():
+        yield "sparse_codes", name, _loss_step(fn, (x, dictionary), [x, dictionary]), flops, nbytes
 
 
 def run(device, sizes, dtypes, ceilings, reps, warmup, log):

@@ -41,6 +41,11 @@ def run(device: str) -> int:
         base = [rnd(n + 1, dtype=dtype) for n in (16385, 5)]
         params, grads = [b[1:] for b in base], [rnd(n, dtype=dtype) for n in (16385, 5)]
         ops.sparse_recoding_(grads, params, torch.full((2,), 0.5, device=device), 2.0, 0.3, 0.01, 0.5)
+        # SRM sparse codes: a ragged pixel count, k at the kernel's register limit and one above it.
+        x = rnd(2, 9, 5, 3, dtype=dtype).requires_grad_()
+        for kk, k in ((40, 32), (70, 33)):
+            values, _ = ops.sparse_codes(x, rnd(9, kk, dtype=dtype), rnd(1, dtype=dtype), k)
+            torch.autograd.grad(values.float().sum(), x)
         calls += 1
     if device == "cuda":
         torch.cuda.synchronize()
