@@ -630,6 +630,14 @@ def boundary_grid(teacher, dataset, path: str, n: int = 6, seed: int = 0, clamp=
         t = teacher(x)
     keep = (t.argmax(1) == y).nonzero().squeeze(1)[:n]
     x, y, t = x[keep], y[keep], t[keep]
+    if x.shape[0] == 0:  # an untrained teacher (tiny runs) may classify none of the candidates correctly
+        fig, ax = plt.subplots(figsize=(6.0, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"no base sample: the teacher classified none of {len(idx)} test images correctly",
+                ha="center", va="center", fontsize=9)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return {"samples": [], "teacher_calls": 0, "moving": []}
     k = sample_target_classes(t, torch.Generator(device=x.device).manual_seed(seed))
     stats: dict = {}
     x_adv = bss_attack(teacher, x, k, clamp=clamp, stats=stats)
