@@ -31,9 +31,9 @@ $(CMAKE_BUILD_DIR)/libkdfast.so: $(SOURCES) CMakeLists.txt | deps
 
 cmake-build: $(CMAKE_BUILD_DIR)/libkdfast.so
 
-# The main job: the end-to-end demo of the Tucker + KD + robustness paper on the embedded digits data
-# (teacher -> Tucker-decomposed student -> CE / KD / KD+NST / KD+AT fine-tuning -> FGSM/PGD
-# robustness, parameters, MACs, latency). About 2-3 min on 2 CPU cores; report in demo-output/.
+# The main job: the tour of every source paper on the embedded digits data (kdfast.cli.demo): one
+# teacher, then a section per method (Tucker + KD + robustness, BSS, data-free KD, KR, SRM). About
+# 4 min on 2 idle CPU cores after the build; one report in demo-output/.
 DEMO_OUT ?= demo-output
 demo: build
 	$(PYTHON) -m kdfast info
