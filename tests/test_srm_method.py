@@ -121,7 +121,7 @@ def test_build_rejects_optimiser_keywords_and_needs_input_shape():
 
 
 class _Interrupt(Exception):
-    pass
+    """Raised by the test to stop a run mid-stage (a crash stand-in)."""
 
 
 def test_interrupted_staged_run_resumes_exactly(tmp_path, monkeypatch):
