@@ -10,6 +10,7 @@ Install with `pip install --no-build-isolation -e .` once torch is installed.
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -49,6 +50,16 @@ def _version_macros(with_cuda: bool):
     return macros
 
 
+def openmp_flags() -> list:
+    """-fopenmp (compile only) when torch runs at::parallel_for on OpenMP. at::parallel_for is a header
+    template: compiled without _OPENMP it runs the whole range on the calling thread, so every CPU
+    kernel would be single-threaded whatever torch.set_num_threads says. Not linked: the GOMP symbols
+    then resolve to the OpenMP runtime torch already loaded, so the process keeps one thread pool."""
+    if os.name == "nt" or sys.platform == "darwin":
+        return []  # MSVC / Apple clang spell it differently; torch's macOS wheels are not OpenMP-built
+    return ["-fopenmp"] if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+
+
 def compile_args(with_cuda: bool, debug: bool = False) -> dict:
     """extra_compile_args of the extension. No -std flag: torch.utils.cpp_extension adds the C++
     standard its own headers need (C++17 up to torch 2.x, C++20 from the releases that require it),
@@ -56,6 +67,7 @@ def compile_args(with_cuda: bool, debug: bool = False) -> dict:
     float32 results differ from the CPU math the test-suite checks (tests/test_build.py checks both)."""
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-fdiagnostics-color=always", "-Wall", "-Wno-unknown-pragmas"]
+    cxx += openmp_flags()
     args = {"cxx": cxx}
     if with_cuda:
         args["nvcc"] = (["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]) + ["--expt-relaxed-constexpr"]

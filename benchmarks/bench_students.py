@@ -18,6 +18,11 @@ the same with the fused kernel forced and the composition forced, so the path ru
 
     python benchmarks/bench_students.py --out benchmarks/results/students-cpu-amd-epyc-2core   # .md/.json/.png
     python benchmarks/bench_students.py --quick                                                # smoke run
+The path rule's table (csrc/ops/cpu/tucker_cpu_rule.h) is regenerated from layer runs at each thread
+count the rule should know, e.g.
+    python benchmarks/bench_students.py --only layers --threads 1 --out benchmarks/results/tucker-layers-1thread-X
+    python benchmarks/bench_students.py --only layers --threads 2 --out benchmarks/results/tucker-layers-2threads-X \
+        --rule-from benchmarks/results/tucker-layers-1thread-X.json --emit-rule csrc/ops/cpu/tucker_cpu_rule.h
 Threads: --threads (default 2) via torch.set_num_threads. Rounds: --rounds (default 9 for models,
 15 for layers; --quick 3).
 """
@@ -191,7 +196,37 @@ def layer_shapes(quick: bool):
 WIDE = [(8, 128, 28, 0.25), (8, 128, 28, 0.5), (8, 256, 14, 0.25), (8, 256, 14, 0.5)]
 
 
+def machine_ceilings(log) -> dict:
+    """This CPU's measured ceilings at the current thread count: float32 GEMM throughput (the best of
+    a few 1024^3 torch.mm calls: MKL, as good as this CPU gets for dense FMAs) and memory copy
+    bandwidth (a 64 MiB copy into touched memory: read + write)."""
+    a, b, c = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
+    src, dst = torch.ones(16 * 1024 * 1024), torch.zeros(16 * 1024 * 1024)  # pages touched before timing
+    torch.mm(a, b, out=c), dst.copy_(src)
+    gemm, copy = [], []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        gemm.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        copy.append(time.perf_counter() - t0)
+    out = {"gemm_gflops": 2 * 1024 ** 3 / min(gemm) / 1e9, "copy_gbs": 2 * src.numel() * 4 / min(copy) / 1e9}
+    log(f"ceilings: float32 GEMM {out['gemm_gflops']:.1f} GFLOP/s, copy {out['copy_gbs']:.1f} GB/s")
+    return out
+
+
+def layer_floor(n, c, r, hw, ceilings) -> dict:
+    """Roofline of one Tucker layer (3x3 core, stride 1, C = O, R_in = R_out): FLOPs of the three
+    products, and the time floor max(FLOPs / GEMM ceiling, bytes of x read + y written / copy rate);
+    `ceiling_speedup` = the Sequential's measured time over that floor, the most any kernel could gain."""
+    flops = 2 * n * hw * hw * (c * r + 9 * r * r + r * c)
+    floor_s = max(flops / (ceilings["gemm_gflops"] * 1e9), 2 * 4 * n * c * hw * hw / (ceilings["copy_gbs"] * 1e9))
+    return {"flops": flops, "floor_ms": 1e3 * floor_s}
+
+
 def bench_layers(rounds, quick, log) -> list:
+    ceilings = machine_ceilings(log)
     rows = []
     for n, c, hw, frac in layer_shapes(quick):
         r = max(1, math.ceil(frac * c))
@@ -219,11 +254,15 @@ def bench_layers(rounds, quick, log) -> list:
                 st = ratio_stats(times["sequential"], times["kdfast"])
                 row[label] = {"speedup": st["ratio"], "q1": st["q1"], "q3": st["q3"], "kdfast_ms": st["den_ms"],
                               "sequential_ms": st["num_ms"], "rounds": st["rounds"]}
+        row.update(layer_floor(n, c, r, hw, ceilings))
+        row["ceilings"] = ceilings
+        row["ceiling_speedup"] = row["auto"]["sequential_ms"] / row["floor_ms"]
         rows.append(row)
         a = row["auto"]
         log(f"layer N{n:<2d} C{c:<2d} R{r:<2d} {hw:2d}x{hw:<2d} {row['path']:8s} kdfast {a['kdfast_ms']:7.3f} ms  "
             f"Sequential {a['sequential_ms']:7.3f} ms  {a['speedup']:.2f}x [{a['q1']:.2f}-{a['q3']:.2f}]  "
-            f"(fused {row['fused']['speedup']:.2f}x, composed {row['composed']['speedup']:.2f}x)")
+            f"(fused {row['fused']['speedup']:.2f}x, composed {row['composed']['speedup']:.2f}x; "
+            f"roofline ceiling {row['ceiling_speedup']:.2f}x)")
     return rows
 
 
@@ -242,7 +281,8 @@ def machine() -> dict:
 
 def write_report(path: str, data: dict) -> None:
     m = data["machine"]
-    lines = [f"# Tucker students vs teachers on CPU ({m['cpu']}, {m['threads']} threads, torch {m['torch']})", "",
+    threads = f"{m['threads']} thread" + ("s" if m["threads"] != 1 else "")
+    lines = [f"# Tucker students vs teachers on CPU ({m['cpu']}, {threads}, torch {m['torch']})", "",
              "float32, eval, no grad, input 3x32x32, randomly initialised models (BN statistics from two forward "
              "passes of random data). Paired timings: teacher and student (or kdfast and the Sequential) run in "
              "turns, order swapped every round; *speed-up* = median of the per-round ratios teacher / student "
@@ -265,13 +305,22 @@ def write_report(path: str, data: dict) -> None:
                   f"against nn.Sequential(1x1, 3x3 pad 1, 1x1 + bias), stride 1, R = ceil(fraction x C). Over the "
                   f"{len(ups)} thin shapes (C <= 64; the last rows are wider shapes measured for the path rule): median speed-up **{statistics.median(ups):.2f}x**, min {ups[0]:.2f}x, "
                   f"max {ups[-1]:.2f}x.", "",
-                  "| N | C | R | HxW | path | kdfast ms | Sequential ms | speed-up | Q1-Q3 | forced fused | forced composed |",
-                  "|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|"]
+                  f"Roofline: this CPU's rates measured at the start of the run (a tuned library's, not hard limits: "
+                  f"a kernel can beat them by a few %), float32 GEMM "
+                  f"{data['layers'][0]['ceilings']['gemm_gflops']:.1f} GFLOP/s (torch.mm 1024^3) and copy "
+                  f"{data['layers'][0]['ceilings']['copy_gbs']:.1f} GB/s; *floor* = max(layer FLOPs / GEMM ceiling, "
+                  "bytes of x + y / copy rate); *ceiling* = Sequential ms / floor, the largest speed-up any kernel "
+                  "could reach on that shape; GFLOP/s = layer FLOPs / median time.", "",
+                  "| N | C | R | HxW | path | kdfast ms | Sequential ms | speed-up | Q1-Q3 | forced fused | forced composed "
+                  "| kdfast GFLOP/s | Sequential GFLOP/s | floor ms | ceiling |",
+                  "|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in data["layers"]:
             a = r["auto"]
             lines.append(f"| {r['N']} | {r['C']} | {r['R']} | {r['HW']}x{r['HW']} | {r['path']} | {a['kdfast_ms']:.3f} | "
                          f"{a['sequential_ms']:.3f} | **{a['speedup']:.2f}x** | {a['q1']:.2f}-{a['q3']:.2f} | "
-                         f"{r['fused']['speedup']:.2f}x | {r['composed']['speedup']:.2f}x |")
+                         f"{r['fused']['speedup']:.2f}x | {r['composed']['speedup']:.2f}x | "
+                         f"{r['flops'] / a['kdfast_ms'] / 1e6:.1f} | {r['flops'] / a['sequential_ms'] / 1e6:.1f} | "
+                         f"{r['floor_ms']:.3f} | {r['ceiling_speedup']:.2f}x |")
         lines.append("")
     with open(path + ".md", "w") as fh:
         fh.write("\n".join(lines))
@@ -334,18 +383,29 @@ def _layers_axis(ax, rows):
         ax.legend(fontsize=8)
 
 
-def emit_rule(path: str, rows: list, source: str) -> None:
-    """The C++ table the CPU path rule reads (csrc/ops/cpu/tucker_cpu_rule.h): per measured shape, the
-    fused kernel's speed-up over the composition (both timed against the same nn.Sequential)."""
-    lines = ["// Generated by benchmarks/bench_students.py --emit-rule from " + source + "; do not edit.",
-             "// Measured shapes (3x3 core, stride 1, float32): N, C (= O), R (= R_in = R_out), H (= W), and the",
-             "// fused kernel's speed-up over the three-convolution composition (> 1: fused faster), paired timings.",
+def emit_rule(path: str, sources: list) -> None:
+    """The C++ table the CPU path rule reads (csrc/ops/cpu/tucker_cpu_rule.h), from one or more layer
+    reports (.json), each measured at its own thread count: per measured shape, the fused kernel's
+    speed-up over the composition (both timed against the same nn.Sequential)."""
+    entries = []
+    for source in sources:
+        with open(source) as fh:
+            data = json.load(fh)
+        threads = data["machine"]["threads"]
+        for r in data["layers"]:
+            entries.append((threads, r["N"], r["C"], r["R"], r["HW"], r["fused"]["speedup"] / r["composed"]["speedup"]))
+    if not entries:
+        raise SystemExit(f"--emit-rule: no layer rows in {', '.join(sources)}")
+    names = ", ".join(os.path.relpath(s, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")) for s in sources)
+    lines = ["// Generated by benchmarks/bench_students.py --emit-rule from " + names + "; do not edit.",
+             "// Measured shapes (3x3 core, stride 1, float32): threads (torch.get_num_threads()), N, C (= O),",
+             "// R (= R_in = R_out), H (= W), and the fused kernel's speed-up over the three-convolution",
+             "// composition (> 1: fused faster), paired timings.",
              "#pragma once", "", "namespace kdfast {", "namespace tucker {", "", "struct MeasuredTuckerShape {",
-             "  double n, c, r, hw, fused_speedup;", "};", "",
+             "  double threads, n, c, r, hw, fused_speedup;", "};", "",
              "constexpr MeasuredTuckerShape kTuckerCpuMeasurements[] = {"]
-    for r in rows:
-        ratio = r["fused"]["speedup"] / r["composed"]["speedup"]
-        lines.append(f"    {{{r['N']}, {r['C']}, {r['R']}, {r['HW']}, {ratio:.3f}}},")
+    for threads, n, c, r, hw, ratio in sorted(entries):
+        lines.append(f"    {{{threads}, {n}, {c}, {r}, {hw}, {ratio:.3f}}},")
     lines += ["};", "", "}  // namespace tucker", "}  // namespace kdfast", ""]
     with open(path, "w") as fh:
         fh.write("\n".join(lines))
@@ -358,7 +418,10 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None, help="model rounds (layers: 15 unless --quick)")
     parser.add_argument("--only", choices=["models", "layers"], default=None)
-    parser.add_argument("--emit-rule", default=None, help="write the path rule's C++ table (from the layer rows)")
+    parser.add_argument("--emit-rule", default=None,
+                        help="write the path rule's C++ table from this run's layer rows and --rule-from's")
+    parser.add_argument("--rule-from", default="", help="comma-separated layer reports (.json, other thread "
+                        "counts) to merge into --emit-rule's table")
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--modes", default=None, help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--ranks", default=None, help="comma-separated subset of evbmf,0.5,0.25")
@@ -386,8 +449,9 @@ def main(argv=None) -> None:
         write_report(args.out, data)
         write_png(args.out, data)
         log(f"wrote {args.out}.md/.json/.png")
-    if args.emit_rule and data["layers"]:
-        emit_rule(args.emit_rule, data["layers"], os.path.relpath(args.out or "(no report)", os.getcwd()) + ".json")
+    if args.emit_rule:
+        sources = ([args.out + ".json"] if args.out and data["layers"] else []) + [s for s in args.rule_from.split(",") if s]
+        emit_rule(args.emit_rule, sources)
         log(f"wrote {args.emit_rule}")
 
 

@@ -1,5 +1,8 @@
 // kdfast::_build_info(): the torch and CUDA versions this binary was compiled against, so the
-// Python side can refuse a stale build with a clear message. The macros come from setup.py / CMake.
+// Python side can refuse a stale build with a clear message, and whether at::parallel_for runs in
+// parallel in it (ATen defines INTRA_OP_PARALLEL when compiled with OpenMP; without it every CPU
+// kernel runs on one thread). The version macros come from setup.py / CMake.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -13,7 +16,13 @@
 
 namespace {
 std::vector<int64_t> build_info() {
-  return {KDFAST_TORCH_VERSION_MAJOR, KDFAST_TORCH_VERSION_MINOR, KDFAST_TORCH_VERSION_PATCH, KDFAST_CUDA_VERSION};
+#ifdef INTRA_OP_PARALLEL
+  const int64_t intra_op_parallel = 1;
+#else
+  const int64_t intra_op_parallel = 0;
+#endif
+  return {KDFAST_TORCH_VERSION_MAJOR, KDFAST_TORCH_VERSION_MINOR, KDFAST_TORCH_VERSION_PATCH, KDFAST_CUDA_VERSION,
+          intra_op_parallel};
 }
 }  // namespace
 

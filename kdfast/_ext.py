@@ -28,10 +28,12 @@ def is_loaded() -> bool:
 def _read_build_info() -> dict | None:
     if not is_loaded():
         return None
-    major, minor, patch, cuda = torch.ops.kdfast._build_info()
+    major, minor, patch, cuda, parallel = torch.ops.kdfast._build_info()
     return {
         "torch": f"{major}.{minor}.{patch}",
         "cuda": None if cuda < 0 else f"{cuda // 1000}.{(cuda % 1000) // 10}",
+        # at::parallel_for in the CPU kernels uses torch's intra-op threads (compiled with OpenMP)
+        "parallel": bool(parallel),
     }
 
 

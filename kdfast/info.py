@@ -36,7 +36,8 @@ BACKENDS = ("CPU", "CUDA")
 #: Which implementation kdfast.ops.tucker_conv2d runs (kdfast.ops.tucker_conv2d_path(...) answers it
 #: for given arguments from the compiled rule; KDFAST_DEBUG=1 logs it per call).
 TUCKER_CONV2D_PATHS = (
-    "CPU: fused tiled kernel for float64 on one thread with >= 28x28 outputs and R_in*kh*kw <= 288, else 3 ATen convs; "
+    "CPU: float32/float64 the fused tiled kernel (with BN/residual/ReLU epilogue) where the measured rule "
+    "(csrc/ops/cpu/tucker_cpu_rule.h, per thread count) prefers it, else 3 ATen convs; float16/bfloat16 3 ATen convs; "
     "CUDA: 3 cuDNN convs; the fused kernel (float32/16/bf16, kernel 1/3/5/7, stride <= 2, shared memory "
     "permitting) only when enabled (KDFAST_CUDA_KERNELS, or once verified on a GPU)"
 )
@@ -81,6 +82,7 @@ def collect() -> dict:
         info["torch (built against)"] = built["torch"]
         info["CUDA kernels compiled"] = _ext.has_cuda_kernels()
         info["CUDA (built against)"] = built["cuda"]
+        info["CPU kernels multi-threaded"] = built["parallel"]
     problem = _ext.problem()
     info["status"] = "ok" if problem is None else f"{problem} {_ext.REBUILD_HINT}"
     if torch.cuda.is_available():

@@ -83,6 +83,8 @@ def test_cmake_library_registers_the_same_ops():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     major, minor, patch = (int(p) for p in torch.__version__.split("+")[0].split(".")[:3])
     assert out.strip().startswith(f"[{major}, {minor}, {patch},")
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux"):
+        assert out.strip().endswith(", 1]"), "the CMake build's at::parallel_for is serial (not compiled with OpenMP)"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -93,6 +95,15 @@ def test_cuda_sources_compile_with_nvcc():
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(": ok") == len(glob.glob(os.path.join(ROOT, "csrc", "ops", "cuda", "*.cu"))) >= 3
+
+
+@pytest.mark.skipif("ATen parallel backend: OpenMP" not in torch.__config__.parallel_info()
+                    or not sys.platform.startswith("linux"), reason="torch's intra-op backend is not OpenMP")
+def test_cpu_kernels_are_built_multi_threaded():
+    """at::parallel_for is a header template: an extension compiled without OpenMP runs every CPU
+    kernel on one thread whatever torch.set_num_threads says (kdfast did until this was checked)."""
+    assert _ext.build_info()["parallel"] is True
+    assert "-fopenmp" in _setup_module().compile_args(False)["cxx"]
 
 
 def _setup_module():

@@ -1,6 +1,8 @@
 """kdfast.ops.tucker_conv2d against the three-conv reference (float64), on both the fused and the
 composed path, plus gradients, gradcheck, opcheck, torch.compile and bad-input errors."""
 import functools
+import pathlib
+import re
 
 import pytest
 import torch
@@ -211,25 +213,41 @@ def test_cuda_low_precision_matches_reference(shape, dtype, path, monkeypatch):
     torch.testing.assert_close(out, exact, rtol=tol, atol=tol * scale)
 
 
+def _rule_table():
+    """(threads, N, C, R, HW, fused speed-up) rows of csrc/ops/cpu/tucker_cpu_rule.h."""
+    header = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "ops" / "cpu" / "tucker_cpu_rule.h"
+    body = header.read_text().split("kTuckerCpuMeasurements[] = {", 1)[1].split("};", 1)[0]
+    rows = [tuple(float(v) for v in m.group(1).split(",")) for m in re.finditer(r"\{([^{}]*)\}", body)]
+    assert rows and all(len(r) == 6 for r in rows), "unexpected rule table layout"
+    return rows
+
+
 @pytest.fixture
-def one_thread():
+def restore_threads():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-def test_cpu_automatic_rule(monkeypatch, one_thread):
-    """float32/float64 follow the measured table (csrc/ops/cpu/tucker_cpu_rule.h): fused on thin CIFAR
-    shapes, where it measured faster than oneDNN's three convolutions; the composition on the widest
-    measured shape (C 256, R 128 at 14x14), where it did not. Half types: always the composition."""
+def test_cpu_automatic_rule_follows_measurements(monkeypatch, restore_threads):
+    """float32/float64 follow the measured table (csrc/ops/cpu/tucker_cpu_rule.h): at each measured
+    thread count, every measured shape takes the path that measured faster there. Half types: always
+    the composition."""
     monkeypatch.delenv("KDFAST_TUCKER_CONV_PATH", raising=False)
-    thin, kw = _args((8, 16, 32, 32, 8, 8, 16, (3, 3), 1, 1, 1))
-    assert ops.tucker_conv2d_path(*thin[:4], **kw) == "fused"
-    assert ops.tucker_conv2d_path(*[t.float() for t in thin[:4]], **kw) == "fused"
-    wide, kw = _args((8, 256, 14, 14, 128, 128, 256, (3, 3), 1, 1, 1))
-    assert ops.tucker_conv2d_path(*[t.float() for t in wide[:4]], **kw) == "composed"
-    assert ops.tucker_conv2d_path(*[t.bfloat16() for t in thin[:4]], **kw) == "composed"
+    rows = _rule_table()
+    assert {r[0] for r in rows} >= {1.0, 2.0}, "the rule should hold 1- and 2-thread measurements"
+    for threads, n, c, r, hw, speedup in rows:
+        if abs(speedup - 1.0) < 1e-9:
+            continue
+        torch.set_num_threads(int(threads))
+        n, c, r, hw = int(n), int(c), int(r), int(hw)
+        args = (torch.empty(n, c, hw, hw), torch.empty(r, c), torch.empty(r, r, 3, 3), torch.empty(c, r))
+        expected = "fused" if speedup > 1.0 else "composed"
+        for dtype in (torch.float32, torch.float64):
+            got = ops.tucker_conv2d_path(*[t.to(dtype) for t in args], padding=1)
+            assert got == expected, f"threads {threads:.0f} N{n} C{c} R{r} {hw}x{hw} {dtype}: {got}"
+        half = [t.bfloat16() for t in args]
+        assert ops.tucker_conv2d_path(*half, padding=1) == "composed"
 
 
 def test_path_rule_and_debug_log(monkeypatch, capfd):

@@ -83,15 +83,22 @@ at::Tensor fused_forward(const at::Tensor& x, const at::Tensor& first, const at:
 //    CPU has no AVX512-BF16 to make one pay).
 //  - float32 / float64: the measured rule. tucker_cpu_rule.h holds, for each shape measured by
 //    benchmarks/bench_students.py (layer part, 3x3 cores; thin CIFAR shapes and a few wide ImageNet
-//    ones), the fused kernel's speed-up over oneDNN's three convolutions; a call takes the fused
-//    kernel when the nearest measured shape (in log2 of N, C, R, H*W) measured it faster. Other kernel
-//    sizes and strides use the same table (the fused kernel's per-pixel cost scales like the
-//    composition's).
-bool rule_prefers_fused(const Geometry& g) {
+//    ones) at each measured thread count, the fused kernel's speed-up over oneDNN's three
+//    convolutions; a call takes the fused kernel when, among the measurements at the thread count
+//    nearest to at::get_num_threads() (the balance shifts with it: oneDNN scales better to 2 threads
+//    on wide layers), the nearest measured shape (in log2 of N, C, R, H*W) measured it faster.
+//    Other kernel sizes and strides use the same table (the fused kernel's per-pixel cost scales like
+//    the composition's).
+bool rule_prefers_fused(const Geometry& g, int64_t threads) {
+  const double t = std::log2(double(std::max<int64_t>(threads, 1)));
+  double nearest_threads = 1e300;
+  for (const MeasuredTuckerShape& m : kTuckerCpuMeasurements)
+    nearest_threads = std::min(nearest_threads, std::abs(t - std::log2(m.threads)));
   const double n = std::log2(double(g.n)), c = std::log2(double(std::max(g.c, g.o))),
                r = std::log2(double(std::max(g.r_in, g.r_out))), hw = std::log2(double(g.oh * g.ow));
   double best = 1e300, speedup = 1.0;
   for (const MeasuredTuckerShape& m : kTuckerCpuMeasurements) {
+    if (std::abs(t - std::log2(m.threads)) > nearest_threads) continue;
     const double dn = n - std::log2(m.n), dc = c - std::log2(m.c), dr = r - std::log2(m.r),
                  dhw = hw - std::log2(m.hw * m.hw);
     // batch matters least (the kernel parallelises over samples and tiles alike)
@@ -106,7 +113,7 @@ const char* cpu_path(const at::Tensor& x, const Geometry& g) {
   const auto dtype = x.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return kPathComposed;
   if (const char* forced = forced_path()) return forced;
-  return rule_prefers_fused(g) ? kPathFused : kPathComposed;
+  return rule_prefers_fused(g, at::get_num_threads()) ? kPathFused : kPathComposed;
 }
 
 at::Tensor tucker_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
