@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kdfast  # noqa: E402
 from kdfast import models, ops  # noqa: E402
+from kdfast.decomposition import paired_times  # noqa: E402
 from kdfast.nn import TuckerConv2d  # noqa: E402
 
 MODELS = ["resnet20", "resnet56", "resnet110", "resnet32x4", "vgg13"]
@@ -59,22 +60,6 @@ LAYER_N = [8, 64]
 
 
 # ------------------------------------------------------------------------------------------ timing
-def paired(steps: dict, rounds: int) -> dict:
-    """Time zero-argument steps in turns (order rotated each round) after one warm-up call each;
-    {name: [seconds per round]}."""
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    order = list(steps)
-    for _ in range(rounds):
-        order.append(order.pop(0))
-        for name in order:
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def ratio_stats(num: list, den: list) -> dict:
     """Median and quartiles of the per-round ratios num / den, and each side's median (ms)."""
     r = sorted(a / b for a, b in zip(num, den))
@@ -169,7 +154,7 @@ def bench_models(names, batches, ranks, modes, rounds, log) -> list:
                         ref = t_fn(x)  # first call (compiles under torch.compile)
                         out = s_fn(x)
                         setup_s = time.perf_counter() - t0
-                        times = paired({"teacher": lambda: t_fn(x), "student": lambda: s_fn(x)}, rounds)
+                        times = paired_times({"teacher": lambda: t_fn(x), "student": lambda: s_fn(x)}, rounds)
                     st = ratio_stats(times["teacher"], times["student"])
                     row = {"model": name, "batch": batch, "ranks": str(r), "mode": mode,
                            "decomposed_layers": len(report.layers), "mac_ratio": macs_t / macs_s,
@@ -249,8 +234,8 @@ def bench_layers(rounds, quick, log) -> list:
             row["max_abs_diff"] = err
             for label, path in (("auto", None), ("fused", "fused"), ("composed", "composed")):
                 with forced_path(path):
-                    times = paired({"kdfast": lambda: ops.tucker_conv2d(x, first, core, last, bias, padding=1),
-                                    "sequential": lambda: seq(x)}, rounds)
+                    times = paired_times({"kdfast": lambda: ops.tucker_conv2d(x, first, core, last, bias, padding=1),
+                                          "sequential": lambda: seq(x)}, rounds)
                 st = ratio_stats(times["sequential"], times["kdfast"])
                 row[label] = {"speedup": st["ratio"], "q1": st["q1"], "q3": st["q3"], "kdfast_ms": st["den_ms"],
                               "sequential_ms": st["num_ms"], "rounds": st["rounds"]}

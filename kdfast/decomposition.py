@@ -384,10 +384,10 @@ def decompose(
     return model, report
 
 
-def _timed_medians(steps: dict, rounds: int) -> dict:
-    """Median seconds of each zero-argument step, timed in turns (order rotated every round) after a
-    warm-up call, so that slow drift of a shared machine hits every step alike."""
-    import statistics
+def paired_times(steps: dict, rounds: int) -> dict:
+    """Seconds of each zero-argument step per round, {name: [seconds]}: the steps run in turns (order
+    rotated every round) after a warm-up call each, so that slow drift of a shared machine hits every
+    step alike; the GPU is synchronised around each call when there is one."""
     import time
 
     device_sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -403,7 +403,14 @@ def _timed_medians(steps: dict, rounds: int) -> dict:
             steps[name]()
             device_sync()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def _timed_medians(steps: dict, rounds: int) -> dict:
+    """Median seconds of each step under :func:`paired_times`."""
+    import statistics
+
+    return {name: statistics.median(ts) for name, ts in paired_times(steps, rounds).items()}
 
 
 def _time_layer(conv: nn.Conv2d, layer: TuckerConv2d, input_spec, rounds: int) -> tuple:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICES
-from helpers import LAYOUTS, feature_map
+from helpers import LAYOUTS, TUCKER_SHAPES as SHAPES, feature_map
 
 from kdfast import ops
 from kdfast.testing import reference
@@ -16,22 +16,6 @@ from kdfast.testing import reference
 _tucker_conv2d = ops.tucker_conv2d
 
 PATHS = ["fused", "composed"]
-
-# (N, C, H, W, R_in, R_out, O, (kh, kw), stride, padding, dilation): batch 1, odd sizes, H != W,
-# kernel sizes 1/3/5/7 and non-square, strides 1/2 (and mixed), padding 0/1/2/(asymmetric), dilation.
-SHAPES = [
-    (1, 5, 7, 7, 3, 4, 6, (3, 3), 1, 1, 1),
-    (2, 6, 9, 11, 4, 3, 5, (3, 3), 2, 1, 1),
-    (2, 4, 8, 8, 2, 2, 3, (1, 1), 1, 0, 1),
-    (1, 3, 6, 5, 2, 3, 4, (1, 1), 2, 0, 1),
-    (2, 4, 11, 9, 3, 2, 5, (5, 5), 1, 2, 1),
-    (1, 3, 13, 12, 2, 3, 3, (7, 7), 2, 3, 1),
-    (2, 5, 9, 10, 3, 4, 2, (3, 5), (1, 2), (1, 2), 1),
-    (1, 4, 12, 13, 3, 3, 4, (3, 3), 1, 2, 2),
-    (2, 3, 10, 7, 2, 2, 3, (3, 3), 2, 0, (2, 1)),
-    (3, 6, 5, 5, 4, 4, 6, (3, 3), 1, 0, 1),
-    (1, 2, 3, 3, 1, 1, 1, (3, 3), 1, 5, 1),  # padding larger than the image: bands entirely in padding
-]
 
 
 def _args(shape, dtype=torch.float64, device="cpu", layout="contiguous", bias=True, requires_grad=False):

@@ -5,23 +5,12 @@ with gradients, gradcheck, opcheck, torch.compile and bad-input errors."""
 import pytest
 import torch
 from conftest import DEVICES
-from helpers import LAYOUTS, feature_map
+from helpers import LAYOUTS, TUCKER_SHAPES as SHAPES, feature_map
 
 from kdfast import ops
 from kdfast.testing import reference
 
-# (N, C, H, W, R_in, R_out, O, (kh, kw), stride, padding, dilation)
-SHAPES = [
-    (1, 5, 7, 7, 3, 4, 6, (3, 3), 1, 1, 1),
-    (2, 6, 9, 11, 4, 3, 5, (3, 3), 2, 1, 1),
-    (2, 4, 8, 8, 2, 2, 3, (1, 1), 1, 0, 1),
-    (1, 3, 6, 5, 2, 3, 4, (1, 1), 2, 0, 1),
-    (2, 4, 11, 9, 3, 2, 5, (5, 5), 1, 2, 1),
-    (1, 3, 13, 12, 2, 3, 3, (7, 7), 2, 3, 1),
-    (2, 5, 9, 10, 3, 4, 2, (3, 5), (1, 2), (1, 2), 1),
-    (1, 4, 12, 13, 3, 3, 4, (3, 3), 1, 2, 2),
-    (1, 2, 3, 3, 1, 1, 1, (3, 3), 1, 5, 1),
-]
+# (N, C, H, W, R_in, R_out, O, (kh, kw), stride, padding, dilation), as helpers.TUCKER_SHAPES.
 # Thin ResNet / CIFAR shapes in float32 (the case the fused kernel is for), with every kernel size.
 THIN = [
     (8, 16, 32, 32, 8, 8, 16, (3, 3), 1, 1, 1),

@@ -372,6 +372,15 @@ class GeneratorDistiller(Distiller):
         applies autocast itself). No loss modules: the method computes its losses."""
         return self.model(x, None, None, {}, {})[0].float()
 
+    def kd_student_step(self, x: torch.Tensor, t_logits: torch.Tensor, temperature: float) -> dict:
+        """The student's step on generated images ``x`` the teacher scored (``t_logits``, no grad):
+        the collapse monitor sees them, the student learns KD(T) (T^2-scaled) from the teacher."""
+        self.monitor.update(t_logits, x)
+        s_logits = self.student_logits(x)
+        loss = _kd(s_logits, t_logits, temperature, True)
+        self.backward_step(loss, "student")
+        return {"loss": loss.detach(), "parts": {"kd": loss.detach()}, "logits": s_logits.detach(), "targets": None}
+
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
         # the engine puts the student in train mode; a trained generator too (BN batch statistics, as
@@ -410,11 +419,7 @@ class NoiseKD(GeneratorDistiller):
         x = batch.to(self.device, non_blocking=True)
         with torch.no_grad():
             t_logits = self.teacher_logits(x)
-        self.monitor.update(t_logits, x)
-        s_logits = self.student_logits(x)
-        loss = _kd(s_logits, t_logits, self.temperature, True)
-        self.backward_step(loss, "student")
-        return {"loss": loss.detach(), "parts": {"kd": loss.detach()}, "logits": s_logits.detach(), "targets": None}
+        return self.kd_student_step(x, t_logits, self.temperature)
 
 
 class _GaussianImages(nn.Module):

@@ -78,7 +78,7 @@ def generator_objective(losses: Mapping[str, torch.Tensor],
 
 
 # ------------------------------------------------------------------------------------------ engine
-from ._datafree import Generator, GeneratorDistiller, _kd, infer_num_classes, split_options  # noqa: E402
+from ._datafree import Generator, GeneratorDistiller, infer_num_classes, split_options  # noqa: E402
 from ..distill import NoiseSource, Stage, StagedRun  # noqa: E402
 
 #: Official MNIST settings (generator-train.py, student-train.py): batch 512, generator 20 epochs x
@@ -150,11 +150,7 @@ class RDSKDStudentStage(GeneratorDistiller):
         with torch.no_grad():
             x = self.generate(batch)
             t_logits = self.teacher_logits(x)
-        self.monitor.update(t_logits, x)
-        s_logits = self.student_logits(x)
-        loss = _kd(s_logits, t_logits, self.temperature, True)
-        self.backward_step(loss, "student")
-        return {"loss": loss.detach(), "parts": {"kd": loss.detach()}, "logits": s_logits.detach(), "targets": None}
+        return self.kd_student_step(x, t_logits, self.temperature)
 
 
 def build(teacher, student, **options):
