@@ -78,7 +78,7 @@ class DemoConfig:
 
 NAME = "kd"
 TITLE = "Tucker-2 students fine-tuned by KD, and their adversarial robustness"
-PAPER = ("Sadhukhan, Subudhi, Ghosh, Bhowmick, Dey, \"Knowledge Distillation Inspired Fine-Tuning of Tucker "
+PAPER = ("Sadhukhan, Saha, Mukhopadhyay, Patra, \"Knowledge Distillation Inspired Fine-Tuning of Tucker "
          "Decomposed CNNs and Adversarial Robustness Analysis\", ICIP 2020; Hinton, Vinyals, Dean, \"Distilling "
          "the Knowledge in a Neural Network\", 2015")
 # build() options: the recipe and its weights; Distiller keywords (lr, epochs, ...) pass through.
