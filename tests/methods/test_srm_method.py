@@ -190,3 +190,45 @@ def test_run_experiment_and_demo_section_tiny(tmp_path, monkeypatch):
     section = srm.demo_section(ctx)
     assert section.name == "srm" and "Test accuracy" in section.markdown
     assert all((tmp_path / "demo" / f).exists() for f in section.figures)
+
+
+def test_official_phases_are_the_official_epoch_boundaries():
+    """viebboy/SRM exp_configurations.py: dictionaries (1e-3, 10) (1e-4, 60) (1e-5, 30); matching (1e-3, 30)
+    (1e-4, 100) (1e-5, 30); KD (1e-3, 30) (1e-4, 100) (1e-5, 70)."""
+    assert srm._milestones(100, srm.OFFICIAL_PHASES["dictionaries"]) == [10, 70]
+    assert srm._milestones(160, srm.OFFICIAL_PHASES["matching"]) == [30, 130]
+    assert srm._milestones(200, srm.OFFICIAL_PHASES["kd"]) == [30, 130]
+    assert srm.OPTIONS["lr_steps"] is None
+
+
+@pytest.mark.parametrize("lr_steps", [None, (0.6, 0.85)])
+def test_each_official_phase_starts_a_fresh_adam(lr_steps):
+    """Official phases: at each phase's first epoch the Adam state is empty (the official code creates a new
+    optimiser) and the LR is 10x lower; explicit lr_steps keep the optimiser state across the drop."""
+    teacher, student = _pair()
+    seen = []
+    original = srm.PhasedDistiller.on_epoch_start
+
+    def record(self, epoch):
+        original(self, epoch)
+        if getattr(self, "stage", None) == "kd":
+            seen.append((epoch, len(self.optimizer.state), self.optimizer.param_groups[0]["lr"]))
+
+    srm.PhasedDistiller.on_epoch_start = record
+    try:
+        run = srm.build(teacher, student, input_shape=(1, 16, 16), dictionary_epochs=1, init_epochs=1, kd_epochs=8,
+                        lr_steps=lr_steps, device="cpu", progress=False)
+        run.fit(torch.utils.data.DataLoader(_data(), batch_size=16))
+    finally:
+        srm.PhasedDistiller.on_epoch_start = original
+    drops = srm._milestones(8, srm.OFFICIAL_PHASES["kd"] if lr_steps is None else lr_steps)
+    assert drops == ([1, 5] if lr_steps is None else [5, 7])
+    for epoch, state_size, lr in seen:
+        phase = sum(epoch >= d for d in drops)
+        assert lr == pytest.approx(1e-3 * 0.1 ** phase)
+        if epoch == 0 or (lr_steps is None and epoch in drops):
+            assert state_size == 0, epoch
+        else:
+            assert state_size > 0, epoch
+    with pytest.raises(ValueError, match="lr_steps must be None"):
+        srm.build(teacher, student, input_shape=(1, 16, 16), lr_steps=(1.5,))
