@@ -275,7 +275,8 @@ def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = 
     if seeds is not None:
         cfg["seeds"] = tuple(seeds)
     subsets = QUICK_SUBSETS if quick and dataset != "digits" else (None, None)
-    train_set, test_set = common.load_data(dataset, data_root, train_subset=subsets[0], test_subset=subsets[1])
+    train_set, test_set = common.load_data(dataset, data_root, train_subset=cfg["train_subset"] or subsets[0],
+                                           test_subset=cfg["test_subset"] or subsets[1])
     with common.Timer() as timer:
         teacher, model_kwargs, teacher_acc, cache = common.cached_teacher(
             dataset, train_set, test_set, name=TEACHER["name"], width=TEACHER["width"], epochs=cfg["teacher_epochs"],
