@@ -18,6 +18,7 @@ the paper's text, not a transcription.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
