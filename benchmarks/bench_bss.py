@@ -33,7 +33,7 @@ Timings are paired (harness.time_interleaved: the formulations in turns, the ord
 round); the report gives the median over rounds of official time / kdfast time.
 
     KDFAST_BENCH_QUICK=1 pytest benchmarks/bench_bss.py --benchmark-json=bss.json
-    python benchmarks/bench_bss.py bss.json --out benchmarks/results/bss-<machine>
+    python benchmarks/bench_bss.py bss.json --out benchmarks/results/<device>/bss-<threads>
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ as the official code writes it, timed in alternation (harness.time_paired).
 
     KDFAST_BENCH_QUICK=1 pytest benchmarks/bench_datafree.py --benchmark-json=bench-datafree.json  # quick
     pytest benchmarks/bench_datafree.py --benchmark-json=bench-datafree.json                     # full
-    python benchmarks/report.py bench-datafree.json --out benchmarks/results/datafree-<machine>
+    python benchmarks/report.py bench-datafree.json --out benchmarks/results/<device>/datafree
 
 Shapes are the digits experiment's: 16x16x1 images, teacher vgg8 width 0.25, student lenet5 width 0.5,
 generator ngf 16, latent 100, batch 128 (quick: 64). One round = one iteration of the method:

@@ -303,10 +303,6 @@ def _label(overrides: Dict[str, Any]) -> str:
     return ", ".join(f"{k}={'x' if k == 'batch_size' else ''}{v:g}" for k, v in overrides.items())
 
 
-#: Training-set and test-set sizes of the quick budget on the large datasets (fixed random subsets).
-QUICK_SUBSETS = (10000, 2000)
-
-
 def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = "quick", seeds=None,
         device: str = "cpu") -> Dict[str, Any]:
     """``kdfast experiment datafree``: DAFL, DFAD and RDSKD against KD on real data and KD on noise, on
@@ -318,8 +314,8 @@ def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = 
     cfg = config(quick)
     if seeds is not None:
         cfg.seeds = list(seeds)
-    if quick and dataset != "digits":
-        cfg.train_subset, cfg.test_subset = QUICK_SUBSETS
+    if budget == "quick" and dataset != "digits":
+        cfg.train_subset, cfg.test_subset = common.quick_subsets(dataset, budget)
     record = common.run_record(NAME, out_dir, dataset=dataset, data_root=data_root, budget=budget,
                                seeds=list(cfg.seeds), device=device)
     return run_config(out_dir, cfg, device=device, quick=quick, dataset=dataset, data_root=data_root, record=record)
@@ -520,7 +516,7 @@ def demo_section(ctx) -> "common.DemoSection":
     md = (f"Students ({STUDENT[0]} width {STUDENT[1]}) trained from the tour's teacher ({_pct(teacher_acc)}%) "
           "**without any training image**: a generator synthesises the images (DAFL, DFAD, RDSKD), against KD "
           "on Gaussian noise. A very short schedule (the full comparison, with the hyper-parameter "
-          "sensitivity, sample diversity and PGD robustness, is `kdfast experiment datafree`).\n\n"
+          "sensitivity, sample diversity and PGD robustness, is `kdfast experiment datafree --budget full`).\n\n"
           "| method | test accuracy (%) | time (s) | generator collapsed |\n|---|---:|---:|---|\n"
           f"{rows}\n\n![generated samples]({os.path.basename(fig)})\n")
     md += (f"\nThis section covers the three data-free methods; besides DAFL (cited above): *{dfad.PAPER}*; "

@@ -144,10 +144,6 @@ def _plot(results, teacher_acc, path, title):
     plt.close(fig)
 
 
-#: Training-set and test-set sizes of the quick budget on the large datasets (fixed random subsets).
-QUICK_SUBSETS = (10000, 2000)
-
-
 def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = "quick", seeds=None,
         device: str = "cpu") -> dict:
     """``kdfast experiment kr``: does KR help a deliberately weak student (about 500 parameters)?
@@ -164,7 +160,7 @@ def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = 
         seeds = [0, 1] if quick else [0, 1, 2]
     epochs = 8 if quick else 20
     settings = RECODING_SETTINGS[:2] if quick else RECODING_SETTINGS
-    subsets = QUICK_SUBSETS if quick and dataset != "digits" else (None, None)
+    subsets = common.quick_subsets(dataset, budget)
     train_set, test_set = common.load_data(dataset, data_root, image_size=8 if dataset == "digits" else None,
                                            train_subset=subsets[0], test_subset=subsets[1])
     channels, classes = train_set.in_channels, train_set.num_classes
@@ -231,8 +227,8 @@ def demo_section(ctx: common.DemoContext) -> common.DemoSection:
         "",
         "![KR](kr.png)",
         "",
-        f"Section time {timer.seconds:.0f} s. `kdfast experiment kr` runs the full comparison (3 seeds, 20 epochs, "
-        "six recoding settings, a teacher of its own).",
+        f"Section time {timer.seconds:.0f} s. `kdfast experiment kr --budget full` runs the full comparison (3 seeds, "
+        "20 epochs, six recoding settings, a teacher of its own).",
     ]
     return common.DemoSection(name=NAME, title=TITLE, markdown="\n".join(lines), results={"runs": results},
                               figures=["kr.png"], time_s=timer.seconds)

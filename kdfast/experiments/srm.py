@@ -259,10 +259,6 @@ def _render(results, heading="#") -> str:
     return "\n".join(lines)
 
 
-#: Training-set and test-set sizes of the quick budget on the large datasets (fixed random subsets).
-QUICK_SUBSETS = (10000, 2000)
-
-
 def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = "quick", seeds=None,
         device: str = "cpu") -> dict:
     """``kdfast experiment srm``: teacher vgg8 -> student resnet8 (width 0.5); SRM vs KD vs CE over the seeds
@@ -274,7 +270,7 @@ def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = 
     cfg = {**_config(quick), "lr": 1e-3, "weight_decay": 1e-4, "alpha": 0.5, "temperature": 4.0}
     if seeds is not None:
         cfg["seeds"] = tuple(seeds)
-    subsets = QUICK_SUBSETS if quick and dataset != "digits" else (None, None)
+    subsets = common.quick_subsets(dataset, budget)
     train_set, test_set = common.load_data(dataset, data_root, train_subset=cfg["train_subset"] or subsets[0],
                                            test_subset=cfg["test_subset"] or subsets[1])
     with common.Timer() as timer:

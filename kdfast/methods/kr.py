@@ -255,7 +255,7 @@ class SparseRecoding:
         tau_rate: how fast each threshold follows mean |theta| (0 keeps the initial one).
 
     Defaults (boost 2, damp 0.9, shrink 0, tau_rate 0.01) come from benchmarks/kr_experiment.py
-    (digits, a 438-parameter student, 3 seeds; benchmarks/results/kr_experiment.md): the more the
+    (digits, a 438-parameter student, 3 seeds; experiments/results/kr-digits-full/report.md): the more the
     inactive entries are slowed, the more accuracy the weak student lost (damp 0: 0.32, damp 0.5:
     0.79-0.84, damp 0.9: 0.86, KR without recoding: 0.86), while the share of near-zero weights
     grew (0.065 without recoding, 0.097 at damp 0.9, 0.17 at damp 0). damp 0.9 was the only setting

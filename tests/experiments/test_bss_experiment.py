@@ -37,7 +37,7 @@ def test_demo_section_tiny(tmp_path):
 def tiny_quick(monkeypatch, tmp_path):
     tiny = bss.ExperimentConfig.tiny_config()
     monkeypatch.setattr(bss.ExperimentConfig, "quick", classmethod(lambda cls: tiny))
-    monkeypatch.setattr(bss, "QUICK_SUBSETS", (160, 80))
+    monkeypatch.setattr(common, "QUICK_SUBSETS", (160, 80))
     monkeypatch.setenv("KDFAST_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "teachers"
 
