@@ -279,7 +279,9 @@ def _verdict(results: dict) -> str:
             continue
         m, s, n = 100 * v["mean"], 100 * v["std"], len(v["diffs"])
         wins = sum(d > 0 for d in v["diffs"])
-        if n >= 2 and abs(m) > 2 * s / math.sqrt(n) and abs(m) >= 100 / results["data"]["test"]:
+        lo, hi = v.get("ci95") or common.confidence_interval(v["diffs"])
+        excludes_zero = n >= 2 and lo is not None and hi is not None and (lo > 0 or hi < 0)
+        if excludes_zero and abs(m) >= 100 / results["data"]["test"]:
             word = "better than" if m > 0 else "worse than"
         else:
             word = "not distinguishable from"
@@ -316,8 +318,8 @@ def render_report(results: dict, heading: str = "#") -> str:
                  + common.fmt_ci(results["paired"][key][f"{label}@{f}"].get("ci95", (None, None))) for f in fr]
         lines.append(f"| {METHODS[key]} - {METHODS[label]} | " + " | ".join(cells) + " |")
     lines += ["", f"**Does BSS help here?** {_verdict(results)}. (One test image is "
-              f"{100 / results['data']['test']:.2f} points; a difference counts only if its mean exceeds twice its "
-              "standard error and one image.)", "",
+              f"{100 / results['data']['test']:.2f} points; a difference counts only if its 95 % confidence interval "
+              "excludes zero and its mean exceeds one image.)", "",
               f"{heading}# Cost", "",
               f"One training step (batch {c['batch_size']}, {c['rounds']} rounds timed in turns): KD {c['kd_ms']:.1f} ms, "
               f"BSS {c['bss_ms']:.1f} ms, **BSS / KD = {c['ratio']:.2f}x** (median of per-round ratios; "

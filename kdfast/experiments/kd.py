@@ -369,7 +369,7 @@ def _render_report(results: dict) -> str:
     lat_batch = cfg["latency_batch"]
     teacher = rows["teacher"]
     lines = [
-        "# kdfast demo: KD fine-tuning of a Tucker-decomposed CNN and its adversarial robustness",
+        "# KD fine-tuning of a Tucker-decomposed CNN and its adversarial robustness",
         "",
         "Protocol of Sadhukhan et al., ICIP 2020 (teacher -> Tucker-2 decomposed student -> fine-tuning by CE vs KD, "
         "then FGSM/PGD robustness). The paper's data, models and numbers are not public; this is the same protocol on "
