@@ -43,7 +43,7 @@ _LOADERS = {
 # One colour per method across every plot of the demo and the experiments (matplotlib's tab10).
 METHOD_COLOURS = {
     "teacher": "C7", "ce": "C0", "kd": "C1", "kd_nst": "C2", "kd_at": "C3", "kr": "C4", "bss": "C5",
-    "dafl": "C6", "dfad": "C8", "rdskd": "C9", "srm": "C2", "noise": "C3",
+    "dafl": "C6", "dfad": "C8", "rdskd": "C9", "srm": "C2", "noise": "C3", "kd_fsp": "C5",
 }
 
 

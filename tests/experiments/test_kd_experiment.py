@@ -19,6 +19,7 @@ def test_run_tiny_records_the_command(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["run"]["command"] == f"kdfast experiment kd --dataset digits --budget quick --seeds 4,5 --out {tmp_path} --device cpu"
     assert [r["seed"] for r in res["repeats"]["kd"]] == [4, 5] and saved["data"]["name"] == "digits"
+    assert list(res["repeats"]) == ["ce", "kd", "kd_nst", "kd_at", "kd_fsp"]  # the experiment adds KD+FSP
     assert (tmp_path / "report.md").read_text().startswith("# KD fine-tuning of a Tucker-decomposed CNN")
     assert (tmp_path / "student_kd.pt").is_file()
 
