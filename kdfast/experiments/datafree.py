@@ -495,11 +495,11 @@ def demo_section(ctx) -> "common.DemoSection":
     teacher without training images, for a short schedule, and a sample strip is shown."""
     start = time.perf_counter()
     tiny = ctx.tiny
-    steps = 2 if tiny else 15
+    steps = 2 if tiny else 120
     cfg = Config(seeds=list(ctx.seeds)[:1], teacher_epochs=0, batch_size=16 if tiny else 64, schedule={
         "kd_noise": {"steps_per_epoch": steps, "epochs": 1 if tiny else 3},
         "dafl": {"steps_per_epoch": steps, "epochs": 1 if tiny else 3},
-        "dfad": {"steps_per_epoch": 1 if tiny else 6, "epochs": 1 if tiny else 3},
+        "dfad": {"steps_per_epoch": 1 if tiny else 40, "epochs": 1 if tiny else 3},
         "rdskd": {"steps_per_epoch": steps, "generator_epochs": 1, "epochs": 1 if tiny else 3}}, grid={})
     names = ("kd_noise",) + DATA_FREE
     results, samples = {}, {}
