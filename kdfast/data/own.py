@@ -255,7 +255,7 @@ def _idx_dir(root: str, split: str) -> Raw:
     if images.shape[1] not in (1, 3):
         raise ValueError(f"idx: {images_path}: 4-dimensional images must be (N, H, W, C) with C 1 or 3, "
                          f"got C={images.shape[1]}")
-    return Raw(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
+    return Raw(torch.from_numpy(np.array(images)), torch.from_numpy(labels))  # a copy: the file's buffer is read-only
 
 
 def num_classes(fmt: str, root: str, raw: Raw) -> int:

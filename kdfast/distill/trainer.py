@@ -338,6 +338,7 @@ class Distiller:
         self.step = 0   # optimizer steps of the student (training_step calls)
         self._epoch_batches = 0  # batches of epoch self.epoch already trained (a run stopped by max_steps)
         self._stop_at_step: Optional[int] = None
+        self.data_record: Optional[Dict[str, Any]] = None  # the training data's record(), kept in checkpoints
         self.history: List[Dict[str, Any]] = []
         self._loader_generator = torch.Generator()
         self._log_file = None
@@ -667,6 +668,9 @@ class Distiller:
             _check_int("max_steps", max_steps, minimum=1)
         self._stop_at_step = max_steps
         loader, sampler = self._prepare_loader(train_loader)
+        describe = getattr(getattr(loader, "dataset", None), "record", None)  # kdfast.data.ImageDataset.record
+        if callable(describe):
+            self.data_record = describe()
         if sampler is not None:
             self._dataset_len = len(loader.dataset)
         elif self.cache_teacher_logits:
@@ -845,6 +849,7 @@ class Distiller:
                 "sampler": {"seed": self.seed, "epoch": self.epoch},
                 "stage": self.stage,
                 "epoch_batches": self._epoch_batches,  # > 0: stopped by max_steps inside epoch "epoch"
+                "data": self.data_record,  # name, input shape, classes, normalisation of the training data
                 "history": self.history,
                 **self.checkpoint_state(),
             }
