@@ -134,7 +134,9 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     total = torch.zeros(c, dtype=torch.float64)
     total_sq = torch.zeros(c, dtype=torch.float64)
     for i in range(0, images.shape[0], 4096):
-        part = to_unit_float(images[i : i + 4096]).to(torch.float64)
+        part = images[i : i + 4096].to(torch.float64)
+        if images.dtype == torch.uint8:
+            part /= 255.0
         total += part.sum(dim=(0, 2, 3))
         total_sq += (part * part).sum(dim=(0, 2, 3))
     count = images.shape[0] * images.shape[2] * images.shape[3]
