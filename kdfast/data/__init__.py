@@ -186,7 +186,9 @@ def loaders(
     test = load(name, root, "test", image_size, normalize, return_index, subset=test_subset, fraction=test_fraction,
                 subset_seed=subset_seed, **stats)
     gen = torch.Generator().manual_seed(seed)
-    collate = _Augment(train, flip=name.startswith("cifar"), generator=torch.Generator().manual_seed(seed + 1)) if augment else None
+    collate = None
+    if augment:
+        collate = _Augment(train, flip=name.startswith("cifar"), generator=torch.Generator().manual_seed(seed + 1))
     train_loader = DataLoader(
         train, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers, collate_fn=collate
     )

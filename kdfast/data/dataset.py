@@ -71,7 +71,7 @@ class ImageDataset(Dataset):
         str / int / float / list / None, loadable with ``torch.load(weights_only=True)``)::
 
             {"name": "fashion-mnist", "root": "/usr/share/datasets/fashion-mnist",
-             "image_size": 28, "input_shape": [1, 28, 28], "num_classes": 10,
+             "image_size": 28, "in_channels": 1, "input_shape": [1, 28, 28], "num_classes": 10,
              "classes": ["T-shirt/top", ...], "mean": [0.286...], "std": [0.353...],
              "selection": None}
 
@@ -82,6 +82,7 @@ class ImageDataset(Dataset):
             "name": self.name,
             "root": self.root,
             "image_size": h if h == w else None,
+            "in_channels": c,
             "input_shape": [c, h, w],
             "num_classes": int(self.num_classes),
             "classes": list(self.classes),

@@ -184,7 +184,8 @@ def test_record_round_trips_through_load_arguments(tmp_path):
     train = data.load("folder", root=tmp_path, image_size=6, fraction=0.6)
     rec = train.record()
     assert rec["name"] == "folder" and rec["root"] == str(tmp_path) and rec["input_shape"] == [1, 6, 6]
-    assert rec["image_size"] == 6 and rec["classes"] == ["cat", "dog", "frog"] and rec["num_classes"] == 3
+    assert rec["image_size"] == 6 and rec["in_channels"] == 1 and rec["num_classes"] == 3
+    assert rec["classes"] == ["cat", "dog", "frog"]
     assert rec["selection"]["fraction"] == 0.6
     saved = tmp_path / "rec.pt"
     torch.save(rec, saved)
