@@ -121,10 +121,6 @@ def _check_device(device: str) -> None:
 
 
 # =============================================================================================== parser
-# kdfast.data.NAMES, spelled out so that `kdfast --help` imports no torch (tests/data checks they agree).
-DATA_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder", "npz", "idx")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdfast", description="kdfast: fast knowledge distillation for CNNs")
     sub = parser.add_subparsers(dest="command", required=True,
@@ -195,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="L-inf radii in pixel units of [0, 1] images (default 0,1/255,2/255,4/255,8/255)")
     rob.add_argument("--pgd-steps", type=_positive_int, default=10, help="PGD iterations (default 10)")
     rob.add_argument("--step-size", type=_positive_float, default=None, help="PGD step in pixel units (default 2.5 eps / steps)")
+    from ..data import NAMES as DATA_NAMES  # light: torch is imported with kdfast already
+
     rob.add_argument("--data", choices=DATA_NAMES, default=None,
                      help="dataset (default: the one recorded in the checkpoint)")
     rob.add_argument("--root", default=None, help="where the data's files are (default: as recorded; docs/data.md)")
