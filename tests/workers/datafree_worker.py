@@ -1,4 +1,4 @@
-"""Worker of tests/methods/test_datafree_engine.py: tiny data-free runs with checkpoints (resume tests) or under
+"""Worker of tests/methods/test_datafree.py: tiny data-free runs with checkpoints (resume tests) or under
 torchrun (DDP test).
 
 Usage: datafree_worker.py OUT_DIR METHOD [KILL_AT_STEP [KILL_IN_STAGE]]. METHOD is dafl, dfad or rdskd.
