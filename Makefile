@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 CMAKE_BUILD_DIR ?= build-cmake
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: demo test deps build cmake-build bench bench-quick bench-train-step gpu-check gpu-check-dry clean
+.PHONY: demo test deps data data-if-missing build cmake-build bench bench-quick bench-train-step gpu-check gpu-check-dry clean
 
 # torch is installed only when missing, pinned to the version these machines carry (a bare
 # `pip install torch` would pull gigabytes of CUDA packages); a GPU box keeps its own CUDA torch.
@@ -52,7 +52,31 @@ bench-quick: build
 	$(PYTHON) benchmarks/report_train_step.py $(DEMO_OUT)/train-step.json --out $(DEMO_OUT)/train-step-quick --no-json
 	@echo "benchmark reports: $(DEMO_OUT)/losses-quick.md, $(DEMO_OUT)/train-step-quick.md"
 
-test: build cmake-build
+# Fashion-MNIST, the real dataset of kdfast.data.load("fashion-mnist") and the experiments: Debian's package
+# dataset-fashion-mnist puts its four IDX files in $(FASHION_MNIST_DIR), where kdfast looks first.
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+FASHION_MNIST_FILE := $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz
+data:
+	@if [ -f $(FASHION_MNIST_FILE) ]; then echo "Fashion-MNIST is installed in $(FASHION_MNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist; \
+	else \
+		echo "no apt-get on this machine: download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"; \
+		echo "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz from https://github.com/zalandoresearch/fashion-mnist"; \
+		echo "into DIR/fashion-mnist/ and export KDFAST_DATA=DIR (or pass root=, data.root, --root); see docs/data.md"; \
+		exit 1; \
+	fi
+
+# Run by `make test`: installs the package only when it is missing, apt-get exists and no password is
+# needed (root, or sudo -n); never fails. Without the files the tests that need them skip, saying why.
+data-if-missing:
+	@[ -f $(FASHION_MNIST_FILE) ] || ! command -v apt-get >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	} || echo "make test: could not install dataset-fashion-mnist (see make data); the tests that need it will skip"
+
+test: build cmake-build data-if-missing
 	KDFAST_CMAKE_LIB=$(CMAKE_BUILD_DIR)/libkdfast.so $(PYTHON) -m pytest tests -q
 
 # Full loss benchmark (about 20 min on 2 CPU cores); commit the report under benchmarks/results/<device>/

@@ -7,6 +7,7 @@ come from the method and ``losses`` is optional)::
     method_options: {recipe: kd_nst}   # that method's options (kdfast.methods.get(name).OPTIONS)
     seed: 0
     epochs: 240
+    max_steps: null             # stop after this many optimiser steps in all (resumable; null: no limit)
     device: cuda                # default: cuda if available
     amp: bf16                   # null | bf16 | fp16
     teacher:                    # null: no teacher (only task losses, e.g. to train the teacher itself)
@@ -16,10 +17,12 @@ come from the method and ``losses`` is optional)::
     student: {name: resnet20}   # num_classes / in_channels default to the dataset's
     # or the Tucker-decomposed teacher (kdfast.decompose(teacher, **decompose)):
     # student: {decompose: {ranks: evbmf}}
-    data:                       # kdfast.data.loaders(name, root, batch_size, ...)
-      name: cifar100
-      root: /data/cifar
+    data:                       # kdfast.data.loaders(name, root, batch_size, ...); docs/data.md
+      name: cifar100            # digits | mnist | fashion-mnist | cifar10 | cifar100 | folder | npz | idx
+      root: /data/cifar         # relative paths are relative to the YAML file; optional for named datasets
       batch_size: 64            # per process under torchrun
+      subset: null              # train on this many images (class-stratified, drawn with subset_seed) ...
+      fraction: null            # ... or on this share of each class; test_subset / test_fraction: the test split
     losses:                     # name: {type, weight, [student_layers, teacher_layers], constructor kwargs}
       kd: {type: KDLoss, temperature: 4, alpha: 0.9}   # 0.1 CE + 0.9 T^2 KL (RepDistiller's recipe)
       nst: {type: NSTLoss, weight: 50, student_layers: [layer3], teacher_layers: [layer3]}
@@ -50,6 +53,9 @@ _SCHEMA: Dict[str, Dict[str, Tuple[tuple, Any]]] = {
         "name": ((str,), "digits"), "root": ((str, type(None)), None), "batch_size": ((int,), 64),
         "test_batch_size": ((int, type(None)), None), "image_size": ((int, type(None)), None),
         "normalize": ((bool,), True), "augment": ((bool,), False), "num_workers": ((int,), 0),
+        "subset": ((int, type(None)), None), "fraction": (_NUM + (type(None),), None),
+        "test_subset": ((int, type(None)), None), "test_fraction": (_NUM + (type(None),), None),
+        "subset_seed": ((int,), 0),
     },
     "optimizer": {
         "name": ((str,), "sgd"), "lr": (_NUM, 0.05), "momentum": (_NUM, 0.9), "weight_decay": (_NUM, 5e-4),
@@ -63,7 +69,8 @@ _SCHEMA: Dict[str, Dict[str, Tuple[tuple, Any]]] = {
               "compile": ((bool,), False), "sync_bn": ((bool,), False)},
 }
 _TOP: Dict[str, Tuple[tuple, Any]] = {
-    "seed": ((int,), 0), "epochs": ((int,), 1), "device": ((str, type(None)), None),
+    "seed": ((int,), 0), "epochs": ((int,), 1), "max_steps": ((int, type(None)), None),
+    "device": ((str, type(None)), None),
     "amp": ((str, type(None)), None), "teacher": ((dict, type(None)), None), "student": ((dict,), None),
     "data": ((dict,), None), "losses": ((dict,), None), "optimizer": ((dict,), None),
     "schedule": ((dict, type(None)), None), "checkpoint": ((dict, type(None)), None), "log": ((dict,), None),
@@ -116,6 +123,8 @@ def validate_config(cfg: Any) -> Dict[str, Any]:
         out[key] = value
     if out["epochs"] < 1:
         raise ConfigError(f"epochs must be >= 1, got {out['epochs']}")
+    if out["max_steps"] is not None and out["max_steps"] < 1:
+        raise ConfigError(f"max_steps must be >= 1 (optimiser steps in all) or null, got {out['max_steps']}")
     if out["amp"] not in (None, "bf16", "fp16"):
         raise ConfigError(f"amp must be null, 'bf16' or 'fp16', got {out['amp']!r}")
     for section, fields in _SCHEMA.items():
@@ -130,6 +139,7 @@ def validate_config(cfg: Any) -> Dict[str, Any]:
                 _check_type(f"{section}.{key}", given[key], types)
             filled[key] = given.get(key, default)
         out[section] = filled
+    _check_data(out["data"])
     if out["schedule"] is not None:
         sched = out["schedule"]
         if sched["name"] not in ("step", "cosine"):
@@ -193,6 +203,26 @@ def validate_config(cfg: Any) -> Dict[str, Any]:
     return out
 
 
+def _check_data(d: Dict[str, Any]) -> None:
+    """The data section's values (types are checked already): a known name, a root for own data, subsets."""
+    from .. import data as kd_data
+
+    if d["name"] not in kd_data.NAMES:
+        raise ConfigError(f"data.name must be one of {', '.join(kd_data.NAMES)}, got {d['name']!r}")
+    if d["name"] in kd_data.FORMATS and d["root"] is None:
+        raise ConfigError(f"data.root is required for data.name {d['name']!r} (the folder or file of your data)")
+    for which in ("", "test_"):
+        subset, fraction = d[which + "subset"], d[which + "fraction"]
+        if subset is not None and subset < 1:
+            raise ConfigError(f"data.{which}subset must be >= 1 (a number of images) or null, got {subset}")
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ConfigError(f"data.{which}fraction must be in (0, 1] (a share of each class) or null, got {fraction}")
+        if subset is not None and fraction is not None:
+            raise ConfigError(f"give data.{which}subset or data.{which}fraction, not both")
+    if d["subset_seed"] < 0:
+        raise ConfigError(f"data.subset_seed must be >= 0, got {d['subset_seed']}")
+
+
 def load_config(path) -> Dict[str, Any]:
     """Read a YAML config with ``yaml.safe_load`` and validate it (see the module docstring)."""
     import yaml
@@ -214,6 +244,11 @@ def load_config(path) -> Dict[str, Any]:
         spec = cfg[role]
         if spec and isinstance(spec.get("weights"), str) and not os.path.isabs(spec["weights"]):
             spec["weights"] = os.path.join(base, spec["weights"])
+    root = cfg["data"]["root"]  # and so is the data's root
+    if isinstance(root, str) and not os.path.isabs(os.path.expanduser(root)):
+        cfg["data"]["root"] = os.path.join(base, root)
+    elif isinstance(root, str):
+        cfg["data"]["root"] = os.path.expanduser(root)
     cfg["_path"] = os.path.abspath(path)
     return cfg
 
@@ -321,6 +356,8 @@ def build_from_config(cfg: Mapping[str, Any]):
         d["name"], d["root"], batch_size=d["batch_size"], test_batch_size=d["test_batch_size"],
         image_size=d["image_size"], normalize=d["normalize"], augment=d["augment"],
         return_index=cfg["train"]["cache_teacher_logits"], num_workers=d["num_workers"], seed=cfg["seed"],
+        subset=d["subset"], fraction=d["fraction"], test_subset=d["test_subset"], test_fraction=d["test_fraction"],
+        subset_seed=d["subset_seed"],
     )
     dataset = train_loader.dataset
     teacher = _build_model("teacher", cfg["teacher"], dataset) if cfg["teacher"] is not None else None
@@ -348,7 +385,7 @@ def build_from_config(cfg: Mapping[str, Any]):
         weight_decay=float(opt["weight_decay"]), nesterov=opt["nesterov"],
         schedule=sched["name"] if sched else None, milestones=sched["milestones"] if sched else None,
         gamma=float(sched["gamma"]) if sched else 0.1,
-        epochs=cfg["epochs"], device=cfg["device"], amp=cfg["amp"], seed=cfg["seed"],
+        epochs=cfg["epochs"], max_steps=cfg["max_steps"], device=cfg["device"], amp=cfg["amp"], seed=cfg["seed"],
         grad_clip=train["grad_clip"], cache_teacher_logits=train["cache_teacher_logits"],
         compile=train["compile"], sync_bn=train["sync_bn"],
         checkpoint_dir=ck["dir"] if ck else None, checkpoint_every=ck["every"] if ck else 1,
@@ -403,8 +440,8 @@ def run_config(path_or_cfg, model_out=None) -> list:
             student = unwrap_model(distiller.student)
             atomic_save(student.state_dict(), cfg["save_student"])
             name, kwargs = model_spec(cfg, train_loader.dataset)
-            d = cfg["data"]
-            data_info = {"name": d["name"], "root": d["root"], "image_size": d["image_size"]}
+            # what the model was trained on and expects: the dataset's own name, shape, classes, normalisation
+            data_info = train_loader.dataset.record()
             out = model_out or os.path.splitext(cfg["save_student"])[0] + "_model.pt"
             model_file.save_model(out, student, name, kwargs, data_info,
                                   {"config": cfg.get("_path"), "method": cfg["method"]})

@@ -213,9 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="L-inf radii in pixel units of [0, 1] images (default 0,1/255,2/255,4/255,8/255)")
     rob.add_argument("--pgd-steps", type=_positive_int, default=10, help="PGD iterations (default 10)")
     rob.add_argument("--step-size", type=_positive_float, default=None, help="PGD step in pixel units (default 2.5 eps / steps)")
-    rob.add_argument("--data", choices=("digits", "cifar10", "cifar100", "mnist"), default=None,
+    from ..data import NAMES as DATA_NAMES  # light: torch is imported with kdfast already
+
+    rob.add_argument("--data", choices=DATA_NAMES, default=None,
                      help="dataset (default: the one recorded in the checkpoint)")
-    rob.add_argument("--root", default=None, help="directory of the CIFAR / MNIST files")
+    rob.add_argument("--root", default=None, help="where the data's files are (default: as recorded; docs/data.md)")
     rob.add_argument("--image-size", type=_positive_int, default=None, help="resize images (default: as recorded)")
     rob.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch size (default 256)")
     rob.add_argument("--max-batches", type=_positive_int, default=None, help="evaluate the first N batches only")
@@ -232,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--ranks", type=parse_ranks, default="evbmf", help="evbmf (default), a fraction in (0, 1], or R_OUT,R_IN")
     dec.add_argument("--out", default=None, help="output checkpoint (default: <checkpoint>_tucker.pt)")
     dec.add_argument("--eval", action="store_true", help="also report test accuracy before and after (on the recorded data)")
-    dec.add_argument("--root", default=None, help="directory of the CIFAR / MNIST files (with --eval)")
+    dec.add_argument("--root", default=None, help="where the data's files are (with --eval; default: as recorded)")
     return parser
 
 
@@ -304,7 +306,7 @@ def _test_loader(ckpt: dict, args, batch_size: int):
     recorded = dict(ckpt.get("data") or {})
     name = getattr(args, "data", None) or recorded.get("name")
     if name is None:
-        raise CLIError("the checkpoint records no dataset: pass --data (and --root for cifar10/cifar100/mnist)")
+        raise CLIError("the checkpoint records no dataset: pass --data (and --root where the files are)")
     root = getattr(args, "root", None) or recorded.get("root")
     image_size = getattr(args, "image_size", None) or recorded.get("image_size")
     try:

@@ -224,6 +224,9 @@ class Distiller:
         Stepped once per epoch. "step": MultiStepLR(``milestones``, ``gamma``); "cosine":
         CosineAnnealingLR(T_max = epochs).
     epochs : default number of epochs for :meth:`fit`.
+    max_steps : default for :meth:`fit`: stop once the student has taken this many optimiser steps in
+        all (None: no limit), mid-epoch if need be; a checkpoint is written there and a later run with
+        a larger ``max_steps`` (or none) resumes from that step (the LR schedule still counts ``epochs``).
     device : "cpu", "cuda", "cuda:1", ... (default: CUDA if available). Under torchrun with CUDA, each
         process uses ``cuda:LOCAL_RANK``.
     amp : None | "bf16" | "fp16". Autocast for the forward passes (losses are computed in float32).
@@ -292,6 +295,7 @@ class Distiller:
         milestones: Optional[Sequence[int]] = None,
         gamma: float = 0.1,
         epochs: int = 1,
+        max_steps: Optional[int] = None,
         device: Union[None, str, torch.device] = None,
         amp: Optional[str] = None,
         seed: int = 0,
@@ -315,7 +319,7 @@ class Distiller:
             raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
-        self._setup_run(epochs=epochs, seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        self._setup_run(epochs=epochs, max_steps=max_steps, seed=seed, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                         keep_checkpoints=keep_checkpoints, resume=resume, log_path=log_path, log_every=log_every,
                         progress=progress, batch_size=batch_size, num_workers=num_workers)
         self._setup_devices(device=device, amp=amp, distributed=distributed, sync_bn=sync_bn)
@@ -327,10 +331,12 @@ class Distiller:
         self._setup_optimisation(student_spec, grad_clip, auxiliaries or {})
 
     # ------------------------------------------------------------------ construction, part by part
-    def _setup_run(self, *, epochs, seed, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, log_path,
+    def _setup_run(self, *, epochs, max_steps, seed, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, log_path,
                    log_every, progress, batch_size, num_workers) -> None:
         """Length of the run, seed, checkpoints, logging and progress bars, Dataset batching."""
         _check_int("epochs", epochs, minimum=1)
+        if max_steps is not None:
+            _check_int("max_steps", max_steps, minimum=1)
         _check_int("checkpoint_every", checkpoint_every, minimum=1)
         _check_int("log_every", log_every, minimum=0)
         _check_int("seed", seed, minimum=0)
@@ -339,6 +345,7 @@ class Distiller:
         if resume is True and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir (or pass resume=<path of a checkpoint>)")
         self.epochs = epochs
+        self.max_steps = max_steps
         self.seed = seed
         self.checkpoint_dir = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
@@ -352,6 +359,9 @@ class Distiller:
         self.stage: Optional[str] = None  # set by StagedRun; recorded in checkpoints
         self.epoch = 0  # completed epochs
         self.step = 0   # optimizer steps of the student (training_step calls)
+        self._epoch_batches = 0  # batches of epoch self.epoch already trained (a run stopped by max_steps)
+        self._stop_at_step: Optional[int] = None
+        self.data_record: Optional[Dict[str, Any]] = None  # the training data's record(), kept in checkpoints
         self.history: List[Dict[str, Any]] = []
         self._loader_generator = torch.Generator()
         self._log_file = None
@@ -677,8 +687,16 @@ class Distiller:
                 self._aux_schedulers[name].load_state_dict(saved[name]["scheduler"])
 
     # ------------------------------------------------------------------ fit
-    def fit(self, train_loader, epochs: Optional[int] = None, eval_loader=None) -> List[Dict[str, Any]]:
+    def fit(self, train_loader, epochs: Optional[int] = None, eval_loader=None,
+            max_steps: Optional[int] = None) -> List[Dict[str, Any]]:
         """Train until ``epochs`` epochs are completed (default: the constructor's) and return the history.
+
+        ``max_steps`` (default: the constructor's) stops earlier, once ``step`` (optimiser steps in all,
+        like ``epochs`` a total) reaches it, even mid-epoch: that epoch's record says ``"partial": True``,
+        is evaluated, and a checkpoint is written; resuming with a larger or no ``max_steps`` continues
+        from the next batch of that epoch (the data order is a function of (seed, epoch), so the
+        already-trained batches are drawn and skipped). The resumed epoch's record averages the losses
+        of the batches trained after the resume.
 
         ``epochs`` is a total, not an increment: after a resume, or a second call, training continues
         from the completed epochs. The LR schedule is built on the first call (cosine uses its ``epochs``).
@@ -692,7 +710,14 @@ class Distiller:
         """
         epochs = self.epochs if epochs is None else epochs
         _check_int("epochs", epochs, minimum=1)
+        max_steps = self.max_steps if max_steps is None else max_steps
+        if max_steps is not None:
+            _check_int("max_steps", max_steps, minimum=1)
+        self._stop_at_step = max_steps
         loader, sampler = self._prepare_loader(train_loader)
+        describe = getattr(getattr(loader, "dataset", None), "record", None)  # kdfast.data.ImageDataset.record
+        if callable(describe):
+            self.data_record = describe()
         if sampler is not None:
             self._dataset_len = len(loader.dataset)
         elif self.cache_teacher_logits:
@@ -720,15 +745,24 @@ class Distiller:
                 self._log({"type": "resume", "epoch": self.epoch, "step": self.step})
         try:
             for epoch in range(self.epoch, epochs):
+                if max_steps is not None and self.step >= max_steps:
+                    break
                 record = self._train_epoch(loader, sampler, epoch, epochs)
                 if eval_loader is not None:
                     record.update(self._evaluate_main(eval_loader))
-                self.epoch = epoch + 1
+                partial = record.get("partial", False)
+                if not partial:
+                    self.epoch = epoch + 1
                 self.history.append(record)
-                self.on_epoch_end(epoch, record)
+                if not partial:
+                    self.on_epoch_end(epoch, record)
                 self._log(record)
-                if self.checkpoint_dir and (self.epoch % self.checkpoint_every == 0 or self.epoch == epochs):
+                stopped = max_steps is not None and self.step >= max_steps
+                if self.checkpoint_dir and (stopped or self.epoch % self.checkpoint_every == 0
+                                            or self.epoch == epochs):
                     self.save_checkpoint()
+                if partial:
+                    break
         finally:
             if self._log_file is not None:
                 self._log_file.close()
@@ -763,7 +797,14 @@ class Distiller:
         start = time.perf_counter()
         bar = _progress(batches, enabled=self.progress and self.is_main, desc=f"epoch {epoch + 1}/{epochs}",
                         total=num_batches)
+        # Resuming a run stopped mid-epoch by max_steps: draw the batches it trained on and skip them
+        # (drawing keeps the data order and any collate_fn randomness as in the uninterrupted run).
+        skip, self._epoch_batches = self._epoch_batches, 0
+        consumed = 0
         for batch in bar:
+            consumed += 1
+            if consumed <= skip:
+                continue
             out = self.training_step(batch)
             self.step += 1
             steps += 1
@@ -781,12 +822,16 @@ class Distiller:
                 self._log(step_record)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{step_record['loss']:.4f}")
+            if self._stop_at_step is not None and self.step >= self._stop_at_step and consumed < num_batches:
+                self._epoch_batches = consumed  # max_steps reached mid-epoch: recorded in the checkpoint
+                break
         if steps == 0:
             raise ValueError("the training loader yielded no batches")
         lr_used = self._lr()
-        for scheduler in self.schedulers.values():
-            if scheduler is not None:
-                scheduler.step()
+        if not self._epoch_batches:  # the LR schedule counts whole epochs only
+            for scheduler in self.schedulers.values():
+                if scheduler is not None:
+                    scheduler.step()
         # Epoch means over all ranks (torch.distributed collectives; each rank saw its own shard).
         keys = sorted(sums)
         stats = torch.stack([sums[k] / steps for k in keys] + [correct.double().float(),
@@ -807,6 +852,9 @@ class Distiller:
         if stats[-1] > 0:
             record["train_accuracy"] = stats[-2] / stats[-1]
             record["samples_per_s"] = stats[-1] / elapsed  # all ranks together
+        if self._epoch_batches:
+            record["partial"] = True
+            record["batches"] = self._epoch_batches
         return record
 
     def _evaluate_main(self, eval_loader) -> Dict[str, Any]:
@@ -847,6 +895,8 @@ class Distiller:
                 "rng": per_rank,
                 "sampler": {"seed": self.seed, "epoch": self.epoch},
                 "stage": self.stage,
+                "epoch_batches": self._epoch_batches,  # > 0: stopped by max_steps inside epoch "epoch"
+                "data": self.data_record,  # name, input shape, classes, normalisation of the training data
                 "history": self.history,
                 **self.checkpoint_state(),
             }
@@ -873,7 +923,9 @@ class Distiller:
                           "the data order will differ from the original run")
         self.load_checkpoint_state(ckpt)
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
-        self.history = list(ckpt.get("history", []))
+        self._epoch_batches = int(ckpt.get("epoch_batches", 0))
+        # a partial epoch's record is replaced by the record of the whole epoch when it completes
+        self.history = [r for r in ckpt.get("history", []) if not r.get("partial")]
         rngs = ckpt["rng"]
         if len(rngs) == self.world_size:
             restore_rng_state(rngs[self.rank])

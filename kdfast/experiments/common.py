@@ -30,11 +30,11 @@ DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100")
 BUDGETS = ("quick", "full")
 
 # dataset name -> (kdfast.data.load name, default root): the one place that maps experiment datasets to
-# loaders. fashion-mnist is read by the MNIST reader from the Debian package's directory until
-# kdfast.data.load("fashion-mnist") exists (then: "fashion-mnist": ("fashion-mnist", None)).
+# loaders. Without a root, kdfast.data finds fashion-mnist where the Debian package puts it, and every
+# named dataset in $KDFAST_DATA/<name>.
 _LOADERS = {
     "digits": ("digits", None),
-    "fashion-mnist": ("mnist", "/usr/share/datasets/fashion-mnist"),
+    "fashion-mnist": ("fashion-mnist", None),
     "mnist": ("mnist", None),
     "cifar10": ("cifar10", None),
     "cifar100": ("cifar100", None),
@@ -124,8 +124,8 @@ def load_data(dataset: str, data_root=None, *, image_size: Optional[int] = None,
 
     ``image_size`` resizes (digits: default 16, the others keep their native 28 or 32); ``pad_to`` pads
     with black (pixel value 0) borders to that size instead (LeNet-5 reads MNIST at 32x32 in the
-    data-free papers). ``data_root``: the directory of the files (fashion-mnist: default the Debian
-    package's ``/usr/share/datasets/fashion-mnist``).
+    data-free papers). ``data_root``: the directory of the files (default: where kdfast.data looks,
+    e.g. the Debian package's ``/usr/share/datasets/fashion-mnist``; docs/data.md).
     """
     from .. import data
 
@@ -134,8 +134,9 @@ def load_data(dataset: str, data_root=None, *, image_size: Optional[int] = None,
     name, default_root = _LOADERS[dataset]
     root = data_root if data_root is not None else default_root
     kwargs = {} if name == "digits" else {"root": root}
-    if name != "digits" and root is None:
-        raise ValueError(f"dataset {dataset!r} needs data_root (--data-root DIR): the directory of its files")
+    if name != "digits" and root is None and name not in data.SYSTEM_ROOTS and not os.environ.get("KDFAST_DATA"):
+        raise ValueError(f"dataset {dataset!r} needs data_root (--data-root DIR): the directory of its files "
+                         "(or set KDFAST_DATA, see docs/data.md)")
     sets = []
     for split, n in (("train", train_subset), ("test", test_subset)):
         ds = data.load(name, split=split, image_size=image_size, **kwargs)
@@ -244,8 +245,12 @@ def cache_dir() -> str:
 
 def teacher_key(dataset: str, train_set, name: str, width: float, seed: int, recipe: Dict[str, Any]) -> str:
     """The cache file name of a teacher: dataset (with image size, channels and training-set size),
-    architecture, seed and training recipe, so two datasets (or recipes) never share a file."""
-    recipe_id = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    architecture, seed and training recipe, so two datasets (or recipes) never share a file. The recipe's
+    hash covers the data's normalisation too: a teacher trained on differently normalised inputs (e.g.
+    Fashion-MNIST under MNIST's statistics, as kdfast read it before it knew the dataset) is not reused."""
+    normalisation = {"mean": [round(float(m), 7) for m in train_set.mean],
+                     "std": [round(float(s), 7) for s in train_set.std]}
+    recipe_id = hashlib.sha1(json.dumps({**recipe, "data": normalisation}, sort_keys=True).encode()).hexdigest()[:10]
     shape = f"{train_set.in_channels}x{train_set.image_size}px-n{len(train_set)}"
     return f"{dataset}-{shape}-{name}-w{width:g}-seed{seed}-recipe{recipe_id}.pt"
 
@@ -271,8 +276,9 @@ def cached_teacher(dataset: str, train_set, test_set, *, name: str = "vgg8", wid
                                              seed=seed, device=device)
     if use_cache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        model_file.save_model(path, teacher, name, kwargs, {"name": dataset, "image_size": train_set.image_size,
-                                                            "root": None},
+        record = train_set.record() if hasattr(train_set, "record") else {"name": dataset,
+                                                                          "image_size": train_set.image_size}
+        model_file.save_model(path, teacher, name, kwargs, record,
                               {"role": "teacher", "recipe": recipe, "seed": seed, "test_accuracy": acc})
     return teacher, kwargs, acc, {"path": path, "cached": False, "train_s": t.seconds}
 

@@ -77,12 +77,19 @@ def test_augment_keeps_shape_and_content_statistics():
         ({"name": "imagenet"}, "name must be one of"),
         ({"name": "digits", "split": "val"}, "split must be one of"),
         ({"name": "digits", "image_size": 0}, "image_size"),
-        ({"name": "cifar10"}, "root is required"),
+        ({"name": "folder"}, "root is required"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         data.load(**kwargs)
+
+
+def test_named_dataset_without_root_says_how_to_get_it(monkeypatch):
+    monkeypatch.delenv("KDFAST_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"cifar10: dataset not found: no root given.*KDFAST_DATA is not set.*"
+                                                r"cifar-10-python.tar.gz"):
+        data.load("cifar10")
 
 
 # ============================================================================================ CIFAR
