@@ -317,11 +317,14 @@ def build_from_config(cfg: Mapping[str, Any]):
     # Seed before any model is built: a from-scratch student's initial weights depend on it.
     seed_everything(cfg["seed"])
     d = cfg["data"]
-    train_loader, eval_loader = kd_data.loaders(
-        d["name"], d["root"], batch_size=d["batch_size"], test_batch_size=d["test_batch_size"],
-        image_size=d["image_size"], normalize=d["normalize"], augment=d["augment"],
-        return_index=cfg["train"]["cache_teacher_logits"], num_workers=d["num_workers"], seed=cfg["seed"],
-    )
+    try:
+        train_loader, eval_loader = kd_data.loaders(
+            d["name"], d["root"], batch_size=d["batch_size"], test_batch_size=d["test_batch_size"],
+            image_size=d["image_size"], normalize=d["normalize"], augment=d["augment"],
+            return_index=cfg["train"]["cache_teacher_logits"], num_workers=d["num_workers"], seed=cfg["seed"],
+        )
+    except FileNotFoundError as e:  # a wrong data.root: one line naming the key, not a traceback
+        raise ConfigError(f"data.root: {e}") from None
     dataset = train_loader.dataset
     teacher = _build_model("teacher", cfg["teacher"], dataset) if cfg["teacher"] is not None else None
     if "decompose" in cfg["student"]:
@@ -369,7 +372,26 @@ def build_from_config(cfg: Mapping[str, Any]):
             distiller = Distiller(teacher, student, losses, feature_layers=feature_layers or None, **engine)
     except (TypeError, ValueError) as e:
         raise ConfigError(_yaml_names(str(e))) from None
+    distiller.record_config("yaml", resume_record(cfg))
     return distiller, (train_loader, eval_loader)
+
+
+# YAML keys that may change between a run and its resumption (where it runs, what it prints, where the
+# data lives): every other key is recorded in the checkpoints, and a resumed run must match them.
+_RESUME_NEUTRAL = ("_path", "device", "log", "save_student", "checkpoint.resume", "checkpoint.every",
+                   "checkpoint.keep", "data.root", "data.num_workers", "data.test_batch_size", "train.compile")
+
+
+def resume_record(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The part of a validated config that a checkpoint records and a resumed run must match."""
+    record = copy.deepcopy(dict(cfg))
+    for key in _RESUME_NEUTRAL:
+        section, _, field = key.partition(".")
+        if not field:
+            record.pop(section, None)
+        elif isinstance(record.get(section), dict):
+            record[section].pop(field, None)
+    return record
 
 
 # Engine argument names as the YAML spells them (for errors found while building the run).

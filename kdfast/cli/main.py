@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "method_options:) or a weighted sum of losses, on the engine (AMP, torchrun DDP, checkpoints, exact "
         "resume). With save_student, also writes a model checkpoint for `kdfast robustness` / `kdfast decompose`.")
     distill.add_argument("--config", required=True, help="path of the YAML file")
+    distill.add_argument("--override", action="store_true",
+                         help="resume from the checkpoint folder even though the config changed since the checkpoint "
+                         "was written (the new settings apply from the resumed epoch on; same as checkpoint.resume: force)")
     distill.add_argument("--model-out", default=None,
                          help="model checkpoint of the trained student (default: <save_student>_model.pt when the "
                          "config sets save_student)")
@@ -257,6 +260,10 @@ def cmd_distill(args) -> int:
         cfg = config.load_config(args.config)
         if args.model_out and not cfg.get("save_student"):
             raise CLIError("--model-out needs save_student in the config (the trained student's weights)")
+        if args.override:
+            if cfg.get("checkpoint") is None:
+                raise CLIError("--override resumes from the config's checkpoint.dir, but the config has no checkpoint section")
+            cfg["checkpoint"]["resume"] = "force"
         history = config.run_config(cfg, model_out=args.model_out)
     except ValueError as exc:  # ConfigError (and engine errors) name the YAML key at fault
         raise CLIError(str(exc)) from None
@@ -365,14 +372,29 @@ COMMANDS = {
 }
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # argparse keeps the subcommands' parsers in its subparsers action
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    return parser
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's usage and name, not the top-level ones (exits with status 2)
+        _subcommand_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
-    except CLIError as exc:
+    except (CLIError, OSError) as exc:  # OSError: a file the command needed (unreadable, missing, disk full)
         print(f"kdfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (where it stopped, how to resume), status 130
+        from ..distill import TrainingInterrupted
+
+        what = exc.describe("run the same command") if isinstance(exc, TrainingInterrupted) else "interrupted"
+        print(f"kdfast {args.command}: {what}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ from .optim import Auxiliary, OptimizerSpec
 from .sources import NoiseSource, is_batch_source
 from .stages import Stage, StagedRun
 from .tap import FeatureTap, resolve_module, unwrap_model
-from .trainer import STUDENT, Distiller, IndexedDataset, evaluate, json_record, loss_kind, split_batch
+from .trainer import (STUDENT, Distiller, IndexedDataset, TrainingInterrupted, evaluate, json_record, loss_kind,
+                      split_batch)
 
 __all__ = [
     "Distiller", "Auxiliary", "OptimizerSpec", "NoiseSource", "Stage", "StagedRun", "STUDENT", "FeatureTap",
-    "IndexedDataset", "evaluate", "is_batch_source", "json_record", "loss_kind", "split_batch", "resolve_module",
+    "IndexedDataset", "TrainingInterrupted", "evaluate", "is_batch_source", "json_record", "loss_kind", "split_batch", "resolve_module",
     "unwrap_model", "atomic_save", "load_checkpoint", "capture_rng_state", "restore_rng_state", "seed_everything",
 ]
 

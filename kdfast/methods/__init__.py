@@ -67,10 +67,22 @@ def check_options(name: str, options: Dict[str, Any]) -> None:
                          + "; and the engine's: " + ", ".join(engine_options()))
 
 
+# Engine keywords that may change when a run is resumed (where it runs, what it logs, where it checkpoints).
+_RESUME_NEUTRAL = ("checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_path", "log_every",
+                   "progress", "device", "num_workers", "compile", "distributed", "ddp_kwargs")
+
+
 def build(name: str, teacher, student, **options):
-    """A ready engine (:class:`kdfast.distill.Distiller` or subclass) for method ``name``."""
+    """A ready engine (:class:`kdfast.distill.Distiller` or subclass) for method ``name``.
+
+    The options are checked first (:func:`check_options`: names and types), and recorded in the engine's
+    checkpoints, so that resuming with other options stops and names them."""
     check_options(name, options)
-    return get(name).build(teacher, student, **options)
+    engine = get(name).build(teacher, student, **options)
+    if hasattr(engine, "record_config"):
+        engine.record_config("method", {"name": name, **{k: v for k, v in options.items()
+                                                          if k not in _RESUME_NEUTRAL}})
+    return engine
 
 
 __all__ = ["available", "build", "check_options", "engine_options", "get"]
