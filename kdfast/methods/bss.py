@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -321,6 +322,7 @@ def bss_attack(teacher: nn.Module, x: torch.Tensor, target_classes: torch.Tensor
 
 # ------------------------------------------------------------------------------------------ the trainer
 from ..distill.trainer import Distiller, _autocast, _mix, split_batch  # noqa: E402
+from . import options as T  # noqa: E402
 
 #: The method's options (``build`` keywords) and their defaults: the official code's values.
 OPTIONS = {
@@ -336,6 +338,12 @@ OPTIONS = {
     "momentum": 0.9,
     "weight_decay": 1e-4,
     "milestones": None,               # None: LR x0.1 at epochs E/2 and 3E/4 (official 40, 60 of 80)
+}
+OPTION_TYPES = {  # checked by kdfast.methods.check_options before build
+    "temperature": T.POSITIVE, "max_samples": T.optional(T.POSITIVE_INT), "attack_steps": T.POSITIVE_INT,
+    "step_size": T.POSITIVE, "clamp": T.optional(T.pair_of_numbers("(lo, hi)")), "require_student_correct": T.BOOL,
+    "shrink_below": T.FRACTION, "epochs": T.POSITIVE_INT, "lr": T.POSITIVE, "momentum": T.NON_NEGATIVE,
+    "weight_decay": T.NON_NEGATIVE, "milestones": T.MILESTONES,
 }
 
 
@@ -403,6 +411,12 @@ class BSSDistiller(Distiller):
         self.bss_epoch_stats: dict = {"steps": 0, "bss_steps": 0, "attacked": 0, "teacher_calls": 0}
         # validated once here rather than at the first step
         soft_cross_entropy(torch.zeros(1, 2), torch.zeros(1, 2), self.temperature)
+        if all(_weights(e, self.schedule_epochs)[1] == 0 for e in range(1, self.epochs + 1)):
+            # the schedule switches BSS's own term off for the whole run: it would be plain KD under BSS's name
+            warnings.warn(
+                f"BSS term off for the whole run: its weight 2 max(1 - 4e / 3E, 0) is 0 in every epoch e of "
+                f"{self.epochs} with E = schedule_epochs = {self.schedule_epochs}, so this run is plain KD; train for "
+                "at least 2 epochs (or a longer schedule_epochs)", stacklevel=2)
 
     def on_epoch_start(self, epoch: int) -> None:
         self._bss_weight = _weights(epoch + 1, self.schedule_epochs)[1]

@@ -72,7 +72,9 @@ def generator_objective(losses: Dict[str, torch.Tensor], oh: float = 1.0, ie: fl
 
 
 # ------------------------------------------------------------------------------------------ engine
-from ._datafree import Generator, GeneratorDistiller, PenultimateTap, _kd, infer_num_classes, split_options  # noqa: E402
+from . import options as T  # noqa: E402
+from ._datafree import (GENERATOR_OPTION_TYPES, Generator, GeneratorDistiller, PenultimateTap, _kd,  # noqa: E402
+                        infer_num_classes, split_options)
 
 #: Official MNIST settings (DAFL-train.py, README): batch 512, 200 epochs x 120 iterations, latent 100,
 #: generator Adam lr 0.2, student Adam lr 2e-3, oh / ie / a = 1 / 5 / 0.1, generator widths 128 / 64.
@@ -85,6 +87,8 @@ OPTIONS = {
     "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 120, "lr_g": 0.2, "oh": 1.0, "ie": 5.0, "a": 0.1,
     "feature_layer": None,
 }
+OPTION_TYPES = {**GENERATOR_OPTION_TYPES, "lr_g": T.POSITIVE, "oh": T.NON_NEGATIVE, "ie": T.NON_NEGATIVE,
+                "a": T.NON_NEGATIVE, "feature_layer": T.optional(T.STRING)}  # checked by kdfast.methods.check_options
 ENGINE_DEFAULTS = {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "epochs": 20}
 
 

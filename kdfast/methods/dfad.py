@@ -31,7 +31,9 @@ def discrepancy(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ engine
-from ._datafree import Generator, GeneratorDistiller, _autocast, _Frozen, infer_num_classes, split_options  # noqa: E402
+from . import options as T  # noqa: E402
+from ._datafree import (GENERATOR_OPTION_TYPES, Generator, GeneratorDistiller, _autocast, _Frozen,  # noqa: E402
+                        infer_num_classes, split_options)
 from ..distill import unwrap_model  # noqa: E402
 
 #: Official MNIST settings (DFAD_mnist.py): batch 512, 40 epochs x 50 iterations, nz 100, student SGD
@@ -42,6 +44,7 @@ OPTIONS = {
     "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": False,
     "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 50, "student_steps": STUDENT_STEPS, "lr_g": 1e-3,
 }
+OPTION_TYPES = {**GENERATOR_OPTION_TYPES, "student_steps": T.POSITIVE_INT, "lr_g": T.POSITIVE}  # check_options
 ENGINE_DEFAULTS = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 10}
 
 

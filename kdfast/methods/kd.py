@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from . import base
+from . import options as T
 
 DEFAULT_EPS = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
 
@@ -84,6 +85,12 @@ PAPER = ("Sadhukhan, Subudhi, Ghosh, Bhowmick, Dey, \"Knowledge Distillation Ins
 # build() options: the recipe and its weights; Distiller keywords (lr, epochs, ...) pass through.
 OPTIONS = {"recipe": "kd", "temperature": 4.0, "alpha": 0.9, "nst_weight": 50.0, "at_beta": 1000.0,
            "feature_layers": None}
+OPTION_TYPES = {  # checked by kdfast.methods.check_options before build
+    "recipe": T.choice("ce", "kd", "kd_nst", "kd_at"), "temperature": T.POSITIVE, "alpha": T.FRACTION,
+    "nst_weight": T.NON_NEGATIVE, "at_beta": T.NON_NEGATIVE,
+    "feature_layers": T.optional(T.Spec("a pair (student layers, teacher layers)",
+                                        lambda v: isinstance(v, (list, tuple)) and len(v) == 2)),
+}
 
 RECIPES = {
     # name: (label, description)

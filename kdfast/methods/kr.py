@@ -388,6 +388,7 @@ class SparseRecoding:
 from ..distill.tap import FeatureTap, unwrap_model  # noqa: E402
 from ..distill.optim import Auxiliary  # noqa: E402
 from ..distill.trainer import STUDENT, Distiller, _to_float  # noqa: E402
+from . import options as T  # noqa: E402
 
 AGGREGATOR = "aggregator"  # the name of the aggregators among the trainables
 
@@ -524,6 +525,13 @@ PAPER = ("Liu, Wen, Gao, Tao, Chen, Osa, Kato, \"Knowledge Representing: Efficie
 OPTIONS = {"losses": None, "teacher_layers": None, "student_layers": None, "k": 3, "aggregation": None,
            "example_input": None, "aggregation_weight": 1.0, "aggregator_lr": 0.1, "aggregator_momentum": 0.9,
            "aggregator_weight_decay": 1e-5, "sparse_recoding": True}
+OPTION_TYPES = {  # checked by kdfast.methods.check_options before build
+    "losses": T.optional(T.instance_of(dict, what="a dict {name: loss module or (module, weight)}")),
+    "teacher_layers": T.optional(T.names()), "student_layers": T.optional(T.names()), "k": T.optional(T.POSITIVE_INT),
+    "aggregation": T.ANY, "example_input": T.optional(T.instance_of(torch.Tensor, what="a Tensor (a batch of inputs)")),
+    "aggregation_weight": T.NON_NEGATIVE, "aggregator_lr": T.POSITIVE, "aggregator_momentum": T.NON_NEGATIVE,
+    "aggregator_weight_decay": T.NON_NEGATIVE, "sparse_recoding": T.BOOL,
+}
 
 
 def build(teacher, student, *, losses=None, teacher_layers=None, student_layers=None, **options):

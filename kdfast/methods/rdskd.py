@@ -78,7 +78,8 @@ def generator_objective(losses: Mapping[str, torch.Tensor],
 
 
 # ------------------------------------------------------------------------------------------ engine
-from ._datafree import Generator, GeneratorDistiller, infer_num_classes, split_options  # noqa: E402
+from . import options as T  # noqa: E402
+from ._datafree import GENERATOR_OPTION_TYPES, Generator, GeneratorDistiller, infer_num_classes, split_options  # noqa: E402
 from ..distill import NoiseSource, Stage, StagedRun  # noqa: E402
 
 #: Official MNIST settings (generator-train.py, student-train.py): batch 512, generator 20 epochs x
@@ -92,6 +93,8 @@ OPTIONS = {
     "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 120, "generator_epochs": 4, "lr_g": 1e-3, "temperature": 10.0,
     "refresh_iteration": 1,
 }
+OPTION_TYPES = {**GENERATOR_OPTION_TYPES, "generator_epochs": T.POSITIVE_INT, "lr_g": T.POSITIVE,
+                "temperature": T.POSITIVE, "refresh_iteration": T.POSITIVE_INT}  # checked by check_options
 ENGINE_DEFAULTS = {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "epochs": 20}
 _RUN_KEYS = ("checkpoint_dir", "resume", "log_path")
 
