@@ -426,7 +426,7 @@ def run_config(path_or_cfg, model_out=None) -> list:
             atomic_save(student.state_dict(), cfg["save_student"])
             name, kwargs = model_spec(cfg, train_loader.dataset)
             d = cfg["data"]
-            data_info = {"name": d["name"], "root": d["root"], "image_size": d["image_size"]}
+            data_info = model_file.data_record(train_loader.dataset, name=d["name"], root=d["root"])
             out = model_out or os.path.splitext(cfg["save_student"])[0] + "_model.pt"
             model_file.save_model(out, student, name, kwargs, data_info,
                                   {"config": cfg.get("_path"), "method": cfg["method"]})

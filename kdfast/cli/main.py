@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--plot", default=None, help="write accuracy vs eps as a PNG here")
     rob.add_argument("--json", default=None, help="write the report as JSON here")
     rob.add_argument("--seed", type=_non_negative_int, default=0, help="seed of PGD's random start (default 0)")
+    rob.add_argument("--force", action="store_true",
+                     help="evaluate even when the data's channels, image size or number of classes differ from the "
+                     "ones the model file records")
 
     dec = sub.add_parser(
         "decompose", help="Tucker-2 decompose the convolutions of a saved model",
@@ -214,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--out", default=None, help="output checkpoint (default: <checkpoint>_tucker.pt)")
     dec.add_argument("--eval", action="store_true", help="also report test accuracy before and after (on the recorded data)")
     dec.add_argument("--root", default=None, help="directory of the CIFAR / MNIST files (with --eval)")
+    dec.add_argument("--image-size", type=_positive_int, default=None,
+                     help="input size for the MAC counts (default: the one the model file records; needed for "
+                     "files that record none)")
     return parser
 
 
@@ -288,9 +294,27 @@ def _test_loader(ckpt: dict, args, batch_size: int):
         test_set = data.load(name, root=root, split="test", image_size=image_size)
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
+    if not getattr(args, "force", False):
+        _check_data_fits(ckpt, test_set, name)
     import torch
 
     return test_set, torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False)
+
+
+def _check_data_fits(ckpt: dict, test_set, name: str) -> None:
+    """Refuse data whose channels, image size or class count differ from the model file's (the accuracy
+    of a model on data it was not trained for is a meaningless number, not an error the forward would raise)."""
+    from .. import model_file
+
+    expected = model_file.input_spec(ckpt)
+    found = {"in_channels": test_set.in_channels, "image_size": test_set.image_size, "num_classes": test_set.num_classes}
+    differ = [f"{key} {found[key]} (model file: {expected[key]})" for key in found
+              if expected[key] is not None and int(expected[key]) != int(found[key])]
+    if differ:
+        trained = (ckpt.get("data") or {}).get("name")
+        raise CLIError(f"the {name!r} test data does not fit the model: {', '.join(differ)}"
+                       + (f"; it was trained on {trained!r}" if trained else "")
+                       + "; evaluate on that data (--data, --root, --image-size), or pass --force to evaluate anyway")
 
 
 def _load(path: str):
@@ -333,9 +357,12 @@ def cmd_decompose(args) -> int:
     if ckpt["tucker"]:
         raise CLIError(f"--checkpoint {args.checkpoint!r} is already Tucker-decomposed ({len(ckpt['tucker'])} layers)")
     data_info = dict(ckpt.get("data") or {})
-    in_channels = ckpt["model_kwargs"].get("in_channels", 3)
-    size = data_info.get("image_size") or 32
-    shape = (1, in_channels, size, size)
+    spec = checkpoint.input_spec(ckpt)
+    size = args.image_size or spec["image_size"]
+    if size is None:
+        raise CLIError(f"{args.checkpoint} records no input image size: pass --image-size (the size the model was "
+                       "trained at) so that MACs are counted at it")
+    shape = (1, spec["in_channels"] or 3, size, size)
     before = {"parameters": cost.parameters(model), "macs": cost.macs(model, shape)}
     try:
         student, report = kdfast.decompose(model, ranks=args.ranks, input_shape=shape[1:])

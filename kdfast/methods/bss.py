@@ -395,6 +395,7 @@ class BSSDistiller(Distiller):
         _positive_int("max_samples", max_samples, allow_none=True)
         _positive_int("attack_steps", attack_steps)
         _positive_int("schedule_epochs", schedule_epochs, allow_none=True)
+        _positive_int("epochs", kwargs.get("epochs", 1))  # before the schedule divides by it
         if "losses" in kwargs:
             raise ValueError("BSSDistiller defines its own losses (CE + soft-CE KD + BSS); do not pass losses")
         self.temperature = float(temperature)
