@@ -334,11 +334,15 @@ def cmd_robustness(args) -> int:
     test_set, loader = _test_loader(ckpt, args, args.batch_size)
     model = model.to(args.device)
     eps = args.eps if args.eps is not None else list(DEFAULT_EPS)
-    report = robustness_report(
-        model, loader, eps=eps, pgd_steps=args.pgd_steps, step_size=args.step_size, clamp=test_set.clamp_range,
-        std=test_set.std, plot=args.plot, device=args.device, max_batches=args.max_batches, seed=args.seed,
-        name=os.path.basename(args.checkpoint),
-    )
+    try:
+        report = robustness_report(
+            model, loader, eps=eps, pgd_steps=args.pgd_steps, step_size=args.step_size, clamp=test_set.clamp_range,
+            std=test_set.std, plot=args.plot, device=args.device, max_batches=args.max_batches, seed=args.seed,
+            name=os.path.basename(args.checkpoint),
+        )
+    except (ValueError, RuntimeError) as exc:  # the model cannot run on this data (e.g. with --force)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CLIError(f"the model cannot be evaluated on the {test_set.name!r} test data: {first[:300]}") from None
     print(report)
     if args.json:
         with open(args.json, "w") as fh:
