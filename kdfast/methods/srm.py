@@ -270,7 +270,8 @@ OPTIONS = {
     "weight_decay": 1e-4,
     "alpha": 0.5,
     "temperature": 4.0,
-    "lr_steps": (0.6, 0.85),        # fractions of each stage's epochs where the LR drops 10x (official phases)
+    "lr_steps": None,               # None: the official phases (OFFICIAL_PHASES, Adam re-created at each);
+                                    # a tuple of fractions: LR / 10 there in every stage, optimiser kept
     "device": "cpu",
     "seed": 0,
     "checkpoint_dir": None,
@@ -290,6 +291,14 @@ OPTION_TYPES = {  # checked by kdfast.methods.check_options before build
 }
 
 
+#: The official learning-rate phases per stage, as fractions of the stage's epochs, from the official
+#: (lr, epochs) lists (viebboy/SRM ``cifar100/code/exp_configurations.py``): dictionaries (1e-3, 10)
+#: (1e-4, 60) (1e-5, 30); matching (1e-3, 30) (1e-4, 100) (1e-5, 30); KD (1e-3, 30) (1e-4, 100) (1e-5, 70).
+#: The official trainer (``Utility.py``) creates a new Adam for each phase, so the moments restart there.
+OFFICIAL_PHASES = {"dictionaries": (10 / 100, 70 / 100), "matching": (30 / 160, 130 / 160),
+                   "kd": (30 / 200, 130 / 200)}
+
+
 def _milestones(epochs: int, steps) -> list:
     out = sorted({int(round(f * epochs)) for f in steps if 0 < int(round(f * epochs)) < epochs})
     return out
@@ -299,7 +308,24 @@ from ..distill import Auxiliary, Distiller, FeatureTap, Stage, StagedRun, split_
 from ..losses import KDLoss  # noqa: E402
 
 
-class DictionaryLearner(Distiller):
+class PhasedDistiller(Distiller):
+    """A :class:`~kdfast.distill.Distiller` whose optimisers restart (their state cleared: Adam's moments
+    and step count) at the start of each epoch in ``restart_epochs``, as the official SRM code creates a
+    new Adam for each LR phase. Checkpoints are taken at epoch ends, so a resumed run restarts at the
+    same epochs."""
+
+    def __init__(self, *args, restart_epochs=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.restart_epochs = frozenset(int(e) for e in restart_epochs)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch in self.restart_epochs:
+            for optimizer in self.optimizers.values():
+                optimizer.state.clear()
+        super().on_epoch_start(epoch)
+
+
+class DictionaryLearner(PhasedDistiller):
     """Stage A on the engine: the teacher runs frozen, the student is not trained, and the
     :class:`DictionarySet` (an auxiliary trainable, Adam) minimises the sum over layers of
     MSE(x, C s_hat). ``dictionary_spec``: :class:`~kdfast.distill.Auxiliary` keywords (lr, schedule, ...)."""
@@ -345,7 +371,7 @@ _STUDENT_OPTIMISER_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "neste
 
 def build(teacher, student, *, input_shape=None, teacher_layers=None, student_layers=None, codeword_multiplier=2.0,
           sparsity_ratio=0.02, target="global-local", dictionary_epochs=10, dictionary_lr=1e-3, init_epochs=10,
-          init_lr=1e-3, kd_epochs=20, lr=1e-3, weight_decay=1e-4, alpha=0.5, temperature=4.0, lr_steps=(0.6, 0.85),
+          init_lr=1e-3, kd_epochs=20, lr=1e-3, weight_decay=1e-4, alpha=0.5, temperature=4.0, lr_steps=None,
           checkpoint_dir=None, resume=False, log_path=None, **engine) -> SRMRun:
     """SRM as the official code runs it, as a :class:`~kdfast.distill.StagedRun` of three engines:
 
@@ -358,8 +384,10 @@ def build(teacher, student, *, input_shape=None, teacher_layers=None, student_la
     * ``kd`` (stage C, ``kd_epochs``): heads dropped, Adam (``lr``, ``weight_decay``) on
       ``alpha T^2 KL + (1 - alpha) CE`` (:class:`kdfast.losses.KDLoss`).
 
-    Each stage's LR drops 10x at the fractions ``lr_steps`` of its epochs (the official code's LR
-    phases). ``input_shape`` (C, H, W) of one input is needed to match the layers
+    ``lr_steps=None`` (default): each stage runs the official LR phases (:data:`OFFICIAL_PHASES`, LR / 10 at
+    each phase, the Adam state cleared there as the official code re-creates its optimiser). A tuple of
+    fractions instead drops the LR 10x at those fractions of every stage and keeps the optimiser state
+    (kdfast's earlier default was (0.6, 0.85)). ``input_shape`` (C, H, W) of one input is needed to match the layers
     (:func:`match_layers`). Engine keywords (device, seed, amp, progress, ...) apply to every stage;
     ``checkpoint_dir``/``resume`` checkpoint each stage in its own folder and resume where it stopped.
     """
@@ -383,22 +411,36 @@ def build(teacher, student, *, input_shape=None, teacher_layers=None, student_la
     s_layers = [p["student"] for p in pairs]
     s_channels = [p["student_channels"] for p in pairs]
 
-    def adam(epochs, learning_rate, decay):
+    official = lr_steps is None
+    if not official and (not isinstance(lr_steps, (tuple, list))
+                         or not all(isinstance(f, (int, float)) and 0 < f < 1 for f in lr_steps)):
+        raise ValueError(f"lr_steps must be None (the official phases) or a tuple of fractions in (0, 1), got {lr_steps!r}")
+
+    def milestones(stage, epochs):
+        return _milestones(epochs, OFFICIAL_PHASES[stage] if official else lr_steps)
+
+    def adam(stage, epochs, learning_rate, decay):
         return dict(optimizer="adam", lr=learning_rate, weight_decay=decay, schedule="step",
-                    milestones=_milestones(epochs, lr_steps), gamma=0.1)
+                    milestones=milestones(stage, epochs), gamma=0.1)
+
+    def restarts(stage, epochs):
+        return milestones(stage, epochs) if official else ()
 
     def stage_a():
         return DictionaryLearner(teacher, student, dictionaries=dictionaries, teacher_layers=t_layers,
-                                 dictionary_spec=adam(dictionary_epochs, dictionary_lr, 0.0), **engine)
+                                 dictionary_spec=adam("dictionaries", dictionary_epochs, dictionary_lr, 0.0),
+                                 restart_epochs=restarts("dictionaries", dictionary_epochs), **engine)
 
     def stage_b():
         loss = SRMTargetLoss(dictionaries.layers, s_channels, target)
-        return Distiller(teacher, student, {"srm": loss}, feature_layers={"srm": (s_layers, t_layers)},
-                         **adam(init_epochs, init_lr, weight_decay), **engine)
+        return PhasedDistiller(teacher, student, {"srm": loss}, feature_layers={"srm": (s_layers, t_layers)},
+                               **adam("matching", init_epochs, init_lr, weight_decay),
+                               restart_epochs=restarts("matching", init_epochs), **engine)
 
     def stage_c():
-        return Distiller(teacher, student, {"kd": KDLoss(temperature, alpha=alpha)}, **adam(kd_epochs, lr, weight_decay),
-                         **engine)
+        return PhasedDistiller(teacher, student, {"kd": KDLoss(temperature, alpha=alpha)},
+                               **adam("kd", kd_epochs, lr, weight_decay), restart_epochs=restarts("kd", kd_epochs),
+                               **engine)
 
     stages = [Stage("dictionaries", dictionary_epochs, stage_a, eval=False),
               Stage("matching", init_epochs, stage_b),
@@ -429,12 +471,13 @@ def _config(quick: bool, tiny: bool = False) -> dict:
 
 
 def _train_baseline(kind, teacher, student, train_loader, test_loader, cfg, seed, device):
-    """CE or KD (stage C's loss from scratch) with stage C's optimiser and epochs."""
+    """CE or KD (stage C's loss from scratch) with stage C's optimiser, official phases and epochs."""
     epochs = cfg["kd_epochs"]
     losses = {"ce": nn.CrossEntropyLoss()} if kind == "ce" else {"kd": KDLoss(cfg["temperature"], alpha=cfg["alpha"])}
-    engine = Distiller(None if kind == "ce" else teacher, student, losses, optimizer="adam", lr=cfg["lr"],
-                       weight_decay=cfg["weight_decay"], schedule="step", milestones=_milestones(epochs, (0.6, 0.85)),
-                       epochs=epochs, device=device, seed=seed, progress=False)
+    phases = _milestones(epochs, OFFICIAL_PHASES["kd"])
+    engine = PhasedDistiller(None if kind == "ce" else teacher, student, losses, optimizer="adam", lr=cfg["lr"],
+                             weight_decay=cfg["weight_decay"], schedule="step", milestones=phases,
+                             restart_epochs=phases, epochs=epochs, device=device, seed=seed, progress=False)
     try:
         return engine.fit(train_loader, eval_loader=test_loader)
     finally:

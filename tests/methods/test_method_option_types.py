@@ -34,7 +34,7 @@ def test_bss_epochs_zero_names_the_option_not_a_zero_division():
 
 
 @pytest.mark.parametrize("name, options, fragment", [
-    ("kd", {"recipe": "kd_fsp"}, "option recipe must be one of 'ce', 'kd', 'kd_nst', 'kd_at', got 'kd_fsp'"),
+    ("kd", {"recipe": "kd_xyz"}, "option recipe must be one of 'ce', 'kd', 'kd_nst', 'kd_at', 'kd_fsp', got 'kd_xyz'"),
     ("kd", {"temperature": 0}, "option temperature must be a number > 0, got 0"),
     ("kd", {"alpha": 1.5}, "option alpha must be a number in [0, 1], got 1.5"),
     ("kd", {"lr": "0.1"}, "option lr must be a number > 0, got '0.1'"),          # the engine's keywords too
