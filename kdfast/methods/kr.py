@@ -528,7 +528,7 @@ OPTIONS = {"losses": None, "teacher_layers": None, "student_layers": None, "k": 
 OPTION_TYPES = {  # checked by kdfast.methods.check_options before build
     "losses": T.optional(T.instance_of(dict, what="a dict {name: loss module or (module, weight)}")),
     "teacher_layers": T.optional(T.names()), "student_layers": T.optional(T.names()), "k": T.optional(T.POSITIVE_INT),
-    "aggregation": T.ANY, "example_input": T.optional(T.instance_of(torch.Tensor, what="a Tensor (a batch of inputs)")),
+    "aggregation": T.optional(T.instance_of(KnowledgeAggregation, what="a KnowledgeAggregation")), "example_input": T.optional(T.instance_of(torch.Tensor, what="a Tensor (a batch of inputs)")),
     "aggregation_weight": T.NON_NEGATIVE, "aggregator_lr": T.POSITIVE, "aggregator_momentum": T.NON_NEGATIVE,
     "aggregator_weight_decay": T.NON_NEGATIVE, "sparse_recoding": T.BOOL,
 }

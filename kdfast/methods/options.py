@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
+import torch
+
 
 class OptionError(TypeError, ValueError):
     """A method option of the wrong type or out of range."""
@@ -65,6 +67,9 @@ def number(minimum: Optional[float] = None, maximum: Optional[float] = None, *, 
 
 
 BOOL = Spec("a bool (true / false)", lambda v: isinstance(v, bool))
+PATH = Spec("a path", lambda v: isinstance(v, (str, os.PathLike)))
+DEVICE = Spec("a device ('cpu', 'cuda', 'cuda:N' or a torch.device)",
+              lambda v: isinstance(v, (str, torch.device)))
 STRING = Spec("a string", lambda v: isinstance(v, str))
 ANY = Spec("anything", lambda v: True)
 

@@ -287,7 +287,8 @@ OPTION_TYPES = {  # checked by kdfast.methods.check_options before build
     "init_lr": T.POSITIVE, "kd_epochs": T.POSITIVE_INT, "lr": T.POSITIVE, "weight_decay": T.NON_NEGATIVE,
     "alpha": T.FRACTION, "temperature": T.POSITIVE,
     "lr_steps": T.optional(T.list_of(T.FRACTION, "a list of fractions in [0, 1] of each stage's epochs", nonempty=False)),
-    "device": T.ANY, "seed": T.NON_NEGATIVE_INT, "checkpoint_dir": T.optional(T.ANY), "resume": T.ANY, "progress": T.BOOL,
+    "device": T.DEVICE, "seed": T.NON_NEGATIVE_INT, "checkpoint_dir": T.optional(T.PATH), "resume": T.ENGINE_TYPES["resume"],
+    "progress": T.BOOL,
 }
 
 

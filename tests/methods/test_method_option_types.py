@@ -90,3 +90,19 @@ def test_bss_with_a_schedule_that_switches_its_term_off_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         methods.build("bss", Tiny(), Tiny(), epochs=2, device="cpu", progress=False).close()
+
+
+def test_docs_list_every_option_with_its_type():
+    import os
+
+    from kdfast.methods.options import ENGINE_TYPES
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    text = open(os.path.join(root, "docs", "errors-and-resume.md"), encoding="utf-8").read()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| ")}
+    for name in methods.available():
+        module = methods.get(name)
+        for option in module.OPTIONS:
+            assert f"`{option}`: {module.OPTION_TYPES[option].what}" in rows[name], (name, option)
+    for option, spec in ENGINE_TYPES.items():
+        assert f"`{option}`: {spec.what}" in rows["engine"], option
