@@ -234,7 +234,12 @@ class Distiller:
     grad_clip : max gradient norm (None: no clipping).
     checkpoint_dir, checkpoint_every, keep_checkpoints : every ``checkpoint_every`` epochs (and after the
         last) ``<dir>/last.pt`` is written atomically; with ``keep_checkpoints`` also ``epoch_<n>.pt``.
-    resume : False | True (``<checkpoint_dir>/last.pt`` if it exists) | path of a checkpoint.
+    resume : False | True (``<checkpoint_dir>/last.pt`` if it exists) | "force" | path of a checkpoint.
+        A checkpoint records the run's configuration (``run_config``: these arguments, and sections added
+        by :meth:`record_config`); resuming with another configuration raises a ValueError naming the keys
+        that differ, unless ``resume="force"`` (continue from ``last.pt`` with the new settings). A resumed
+        run prints ``resumed from epoch N, step S of PATH`` to stderr; Ctrl-C during :meth:`fit` raises
+        :class:`TrainingInterrupted` (a KeyboardInterrupt saying where to resume from).
     log_path : JSON-lines metrics file (rank 0); ``log_every`` steps per step record (0: epoch records only).
     progress : tqdm progress bars (rank 0 only).
     cache_teacher_logits : compute teacher logits once per dataset index and reuse them in later epochs.
