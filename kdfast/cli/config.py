@@ -25,7 +25,7 @@ come from the method and ``losses`` is optional)::
       nst: {type: NSTLoss, weight: 50, student_layers: [layer3], teacher_layers: [layer3]}
     optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, nesterov: false}
     schedule: {name: step, milestones: [150, 180, 210], gamma: 0.1}
-    checkpoint: {dir: runs/kd, every: 1, keep: false, resume: true}
+    checkpoint: {dir: runs/kd, every: 1, keep: false, resume: true}   # resume: force = despite a changed config
     log: {path: runs/kd/metrics.jsonl, every: 50, progress: true}
     train: {grad_clip: null, cache_teacher_logits: false, compile: false, sync_bn: false}
     save_student: runs/kd/student.pt   # final student state dict (atomic write)
