@@ -341,3 +341,14 @@ def sparse_codes_args(x, dictionary, bias, k) -> None:
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= dictionary.shape[1]:
         raise ValueError(f"k must be in 1..K = 1..{dictionary.shape[1]}, got {k}")
+
+
+def image_input_shape(name: str, value) -> tuple:
+    """The one ``input_shape`` convention of the API (kdfast.cost, kdfast.decompose): ``(C, H, W)`` of one
+    image or ``(N, C, H, W)`` of a batch, positive ints; returns the batch shape ``(N, C, H, W)`` (N = 1
+    for an image)."""
+    if (not isinstance(value, (tuple, list, torch.Size)) or len(value) not in (3, 4)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+        raise ValueError(f"{name} must be (C, H, W) of one image or (N, C, H, W) of a batch, with positive ints, "
+                         f"got {value!r}")
+    return tuple(value) if len(value) == 4 else (1, *value)

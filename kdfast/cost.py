@@ -1,8 +1,12 @@
 """What a model costs: parameters, FLOPs (multiply-accumulates) and measured inference latency.
 
     kdfast.cost.parameters(model)                      # trainable + frozen parameter count
-    kdfast.cost.macs(model, (1, 3, 32, 32))            # multiply-accumulates of one forward
+    kdfast.cost.macs(model, (3, 32, 32))               # multiply-accumulates of one forward, per sample
     kdfast.cost.latency(model, (64, 3, 32, 32))        # {"median_ms": ..., "iqr_ms": ..., ...}
+
+``input_shape`` follows the API's one convention (as kdfast.decompose): ``(C, H, W)`` of one image or
+``(N, C, H, W)`` of a batch (a batch of N = 1 for an image); ``macs`` also takes other ``(N, ...)`` shapes
+of non-image inputs, e.g. ``(N, features)``.
 
 MACs are counted with forward hooks on the layers that do the arithmetic: nn.Conv2d, nn.Linear and
 kdfast.nn.TuckerConv2d (its three stages: 1x1 C -> R_in at the input resolution, k x k
@@ -17,6 +21,8 @@ import time
 
 import torch
 from torch import nn
+
+from . import _checks
 
 
 def parameters(model: nn.Module) -> int:
@@ -43,9 +49,12 @@ def _is_tucker(module) -> bool:
 
 
 def macs(model: nn.Module, input_shape, device=None, dtype=torch.float32) -> int:
-    """Multiply-accumulates of one forward, per sample (one zero batch of ``input_shape`` is run)."""
-    if len(input_shape) < 2:
-        raise ValueError(f"input_shape must be (N, C, ...), got {input_shape}")
+    """Multiply-accumulates of one forward, per sample (one zero batch of ``input_shape`` is run):
+    ``input_shape`` is (C, H, W) of one image, (N, C, H, W) of a batch, or (N, ...) of other inputs."""
+    if not isinstance(input_shape, (tuple, list, torch.Size)) or len(input_shape) < 2:
+        raise ValueError(f"input_shape must be (C, H, W) of one image or (N, C, H, W) of a batch, got {input_shape!r}")
+    if len(input_shape) in (3, 4):
+        input_shape = _checks.image_input_shape("input_shape", input_shape)
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     total = [0]
 
@@ -76,6 +85,8 @@ def latency(model: nn.Module, input_shape, repeats: int = 30, warmup: int = 5, d
     CUDA); returns the median, the interquartile range and the sample count, in milliseconds."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if isinstance(input_shape, (tuple, list, torch.Size)) and len(input_shape) == 3:
+        input_shape = _checks.image_input_shape("input_shape", input_shape)  # one image: a batch of 1
     device = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
     x = torch.randn(*input_shape, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import warnings
 import numbers
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .nn import TuckerConv2d, _conv_padding, resolve_ranks
+from . import _checks
+from .nn import _RANK_OPTIONS, TuckerConv2d, _conv_padding, resolve_ranks
 
 
 @dataclass
@@ -52,6 +52,8 @@ class LayerReport:
     # Tucker layer at the layer's real input (batch, size, memory format), timed in alternation.
     dense_ms: float | None = None
     tucker_ms: float | None = None
+    # ranks="evbmf": the ranks EVBMF chose, before weaken / min_rank / alignment changed them
+    evbmf_ranks: tuple | None = None
 
 
 @dataclass
@@ -96,7 +98,7 @@ class DecompositionReport:
         layers = []
         for layer in self.layers:
             d = asdict(layer)
-            for key in ("kernel_size", "stride", "ranks", "input_size", "output_size"):
+            for key in ("kernel_size", "stride", "ranks", "input_size", "output_size", "evbmf_ranks"):
                 d[key] = None if d[key] is None else list(d[key])
             d["flops_before"] = None if layer.macs_before is None else 2 * layer.macs_before
             d["flops_after"] = None if layer.macs_after is None else 2 * layer.macs_after
@@ -104,7 +106,7 @@ class DecompositionReport:
         kept = []
         for layer in self.kept_dense:
             d = asdict(layer)
-            for key in ("kernel_size", "stride", "ranks", "input_size", "output_size"):
+            for key in ("kernel_size", "stride", "ranks", "input_size", "output_size", "evbmf_ranks"):
                 d[key] = None if d[key] is None else list(d[key])
             kept.append(d)
         return {
@@ -129,10 +131,13 @@ class DecompositionReport:
         rows = []
         for layer in self.layers:
             ratio = "-" if not layer.macs_after else f"{layer.macs_before / layer.macs_after:.2f}x"
+            ranks = f"({layer.ranks[0]}, {layer.ranks[1]})"
+            if layer.evbmf_ranks is not None and tuple(layer.evbmf_ranks) != tuple(layer.ranks):
+                ranks += f" EVBMF ({layer.evbmf_ranks[0]}, {layer.evbmf_ranks[1]})"
             rows.append((
                 layer.name,
                 f"({layer.out_channels}, {layer.in_channels}, {layer.kernel_size[0]}, {layer.kernel_size[1]})",
-                f"({layer.ranks[0]}, {layer.ranks[1]})",
+                ranks,
                 f"{layer.params_before:,}", f"{layer.params_after:,}",
                 _fmt(layer.macs_before), _fmt(layer.macs_after), ratio,
             ))
@@ -151,6 +156,7 @@ class DecompositionReport:
         out.append(f"model parameters: {self.model_params_before:,} -> {self.model_params_after:,} ({ratio:.2f}x fewer)")
         if self.skipped:
             out.append("skipped: " + "; ".join(f"{n} ({r})" for n, r in self.skipped))
+        out += self._rank_notes()
         timed = [layer for layer in [*self.layers, *self.kept_dense] if layer.tucker_ms is not None]
         if timed:
             out.append("measured latency per layer (ms, dense -> Tucker; kept dense where Tucker was not faster):")
@@ -167,6 +173,25 @@ class DecompositionReport:
                 f"({lat['teacher_ms'] / lat['student_measured_ms']:.2f}x)"
             )
         return "\n".join(out)
+
+
+    def _rank_notes(self) -> list:
+        """Say where the ranks used are not EVBMF's own (weaken, min_rank, align), and where layers with
+        distinct EVBMF ranks ended with the same ranks."""
+        chosen = [layer for layer in self.layers if layer.evbmf_ranks is not None]
+        changed = [layer for layer in chosen if tuple(layer.evbmf_ranks) != tuple(layer.ranks)]
+        if not changed:
+            return []
+        notes = [f"ranks differ from EVBMF's in {len(changed)} of {len(chosen)} layer(s) (raised by weaken, min_rank "
+                 "or align; the EVBMF column shows EVBMF's own ranks)"]
+        by_ranks: dict = {}
+        for layer in chosen:
+            by_ranks.setdefault(tuple(layer.ranks), set()).add(tuple(layer.evbmf_ranks))
+        merged = {r: e for r, e in by_ranks.items() if len(e) > 1}
+        if merged:
+            notes.append("distinct EVBMF ranks became the same ranks: " + "; ".join(
+                f"{sorted(e)} -> {r}" for r, e in merged.items()) + " (align=1 keeps EVBMF's ranks)")
+        return notes
 
 
 def _fmt(value) -> str:
@@ -215,15 +240,9 @@ def _measure_sizes(model: nn.Module, convs: dict, input_shape, example_input, in
     """{name: ((H_in, W_in), (H_out, W_out))} from one eval-mode, no-grad forward with hooks; fills
     ``inputs`` (when given) with {name: (full input shape, channels_last)}."""
     if example_input is None:
-        if (
-            not isinstance(input_shape, (tuple, list))
-            or len(input_shape) != 3
-            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in input_shape)
-        ):
-            raise ValueError(f"input_shape must be (C, H, W) with positive ints, got {input_shape!r}")
         param = next(model.parameters(), None)
         factory = {} if param is None else {"device": param.device, "dtype": param.dtype}
-        example_input = torch.zeros(1, *input_shape, **factory)
+        example_input = torch.zeros(_checks.image_input_shape("input_shape", input_shape), **factory)
     sizes = {}
     specs = inputs
 
@@ -288,13 +307,15 @@ def decompose(
         include, exclude: fnmatch pattern or list of patterns on module names.
         skip_first, skip_1x1: the default skips of the stem conv and of 1x1 convs.
         n_iter_max: HOOI iterations after the HOSVD initialisation (0 = plain HOSVD).
-        input_shape: (C, H, W) of one sample, or example_input: a tensor (or tuple of forward args);
-            either makes the report give MACs per sample (one eval-mode forward with hooks, running
-            BatchNorm statistics untouched). Without them MACs are per output pixel, with the first
-            1x1 conv's input pixels taken as stride_h * stride_w per output pixel.
+        input_shape: (C, H, W) of one sample or (N, C, H, W) of a batch (the convention of kdfast.cost
+            too), or example_input: a tensor (or tuple of forward args); either makes the report give
+            MACs per sample (one eval-mode forward with hooks, running BatchNorm statistics untouched).
+            Without them, a model loaded from a model file (kdfast.model_file.load_model) is measured at
+            the input size the file records (``model.kdfast_input_shape``); otherwise MACs are per output
+            pixel, with the first 1x1 conv's input pixels taken as stride_h * stride_w per output pixel.
         keep_dense_if_slower: latency-aware decomposition. Each decomposed layer is timed against its
             dense conv at its real input (the batch, size and memory format of ``example_input``, or
-            batch 1 of ``input_shape``; one of them is required) on the model's device, both as
+            the batch of ``input_shape``: 1 for (C, H, W); one of them is required) on the model's device, both as
             fuse_for_inference runs them (BN folded: with bias), ``timing_rounds`` rounds in alternation;
             the dense conv is kept wherever the Tucker layer's median is not lower. The report then lists
             every layer's latencies, the convs kept dense (``report.kept_dense``) and the model's
@@ -310,6 +331,10 @@ def decompose(
     include, exclude = _patterns("include", include), _patterns("exclude", exclude)
     if input_shape is not None and example_input is not None:
         raise ValueError("pass input_shape or example_input, not both")
+    if input_shape is None and example_input is None:
+        input_shape = getattr(model, "kdfast_input_shape", None)  # recorded by the model file it came from
+    if input_shape is not None:
+        _checks.image_input_shape("input_shape", input_shape)
     if not isinstance(keep_dense_if_slower, bool):
         raise TypeError(f"keep_dense_if_slower must be a bool, got {keep_dense_if_slower!r}")
     if keep_dense_if_slower and input_shape is None and example_input is None:
@@ -358,11 +383,19 @@ def decompose(
                       stacklevel=2)
     replacements = {}
     for name, conv in selected.items():
+        spec, evbmf = _ranks_for(name, ranks), None
         try:
-            layer = TuckerConv2d.from_conv(conv, _ranks_for(name, ranks), n_iter_max=n_iter_max, **rank_options)
+            if spec == "evbmf" and not set(rank_options) - set(_RANK_OPTIONS):
+                from .evbmf import choose_ranks  # scipy is imported only when EVBMF is used
+
+                evbmf, spec = choose_ranks(conv.weight, **rank_options)  # EVBMF's own ranks, for the report
+                layer = TuckerConv2d.from_conv(conv, spec, n_iter_max=n_iter_max)
+            else:
+                layer = TuckerConv2d.from_conv(conv, spec, n_iter_max=n_iter_max, **rank_options)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"layer {name!r}: {exc}") from exc
         entry = _layer_report(name, conv, layer, sizes.get(name), bool(sizes))
+        entry.evbmf_ranks = evbmf
         if keep_dense_if_slower and name in inputs:
             entry.dense_ms, entry.tucker_ms = _time_layer(conv, layer, inputs[name], timing_rounds)
             if entry.tucker_ms >= entry.dense_ms:
@@ -440,7 +473,8 @@ def _model_latency(teacher, student, report, input_shape, example_input, rounds:
 
     param = next(teacher.parameters(), None)
     factory = {} if param is None else {"device": param.device, "dtype": param.dtype}
-    x = example_input if example_input is not None else torch.randn(1, *input_shape, **factory)
+    x = example_input if example_input is not None else torch.randn(_checks.image_input_shape("input_shape", input_shape),
+                                                                    **factory)
     args = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     with warnings.catch_warnings():  # untraceable models are fused child by child; the warning is not news here
         warnings.simplefilter("ignore")

@@ -11,7 +11,13 @@ variational Bayesian matrix factorization" (JMLR 2013), as the Python ports of N
 jacobgil/pytorch-tensor-decompositions and musco-ai/musco-pytorch compute it; the code is written from the formulas.
 
     evbmf(Y) -> EVBMFResult(rank, singular_values, sigma2)
-    tucker2_ranks(conv.weight, weaken=0.0, min_rank=1, align=8) -> (r_out, r_in)
+    tucker2_ranks(conv.weight, weaken=0.0, min_rank=1, align="auto") -> (r_out, r_in)
+    choose_ranks(conv.weight, ...) -> RankChoice(evbmf=(r_out, r_in) as EVBMF chose them, ranks=(r_out, r_in))
+
+Alignment: rounding ranks up to a multiple of 8 suits tensor cores, but on small layers it replaces
+EVBMF's choice by a coarser one (every layer of a small ResNet got (8, 8)). ``align="auto"`` (the
+default) rounds up to a multiple of 8 only where that adds at most a quarter to the rank (ranks from
+about 28 up); smaller ranks stay as EVBMF chose them. ``align=8`` rounds always, ``align=1`` never.
 """
 from __future__ import annotations
 
@@ -174,17 +180,26 @@ def evbmf_ranks(weight) -> tuple[int, int]:
     return evbmf(mode0).rank, evbmf(mode1).rank
 
 
-def adjust_rank(rank: int, full: int, weaken: float = 0.0, min_rank: int = 1, align: int = 8) -> int:
+AUTO_ALIGN = 8              # align="auto": the multiple (tensor-core friendly) ...
+AUTO_MAX_INCREASE = 0.25    # ... used only where it adds at most this fraction to the rank
+
+
+def adjust_rank(rank: int, full: int, weaken: float = 0.0, min_rank: int = 1, align="auto") -> int:
     """Weaken a selected rank towards full rank, clamp, and round up to a multiple of ``align``.
 
     r = ceil(rank + weaken * (full - rank)); then max(r, min_rank); then rounded UP to a multiple of
     align; finally capped at full. weaken=0 keeps the selected rank, weaken=1 gives full rank (MUSCO's
-    ``vbmf_weakenen_factor`` f is weaken = 1 - f).
+    ``vbmf_weakenen_factor`` f is weaken = 1 - f). ``align="auto"``: round up to a multiple of
+    :data:`AUTO_ALIGN` only where that adds at most :data:`AUTO_MAX_INCREASE` of r (see the module docstring).
     """
     _check_rank_options(weaken, min_rank, align)
     r = math.ceil(rank + weaken * (full - rank) - 1e-9)
     r = max(r, min_rank)
-    r = -(-r // align) * align
+    if align == "auto":
+        rounded = -(-r // AUTO_ALIGN) * AUTO_ALIGN
+        r = rounded if rounded - r <= AUTO_MAX_INCREASE * r else r
+    else:
+        r = -(-r // align) * align
     return max(1, min(r, full))
 
 
@@ -193,21 +208,33 @@ def _check_rank_options(weaken, min_rank, align) -> None:
         raise ValueError(f"weaken must be a number in [0, 1] (0 = EVBMF rank, 1 = full rank), got {weaken!r}")
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
         raise ValueError(f"min_rank must be an int >= 1, got {min_rank!r}")
-    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
-        raise ValueError(f"align must be an int >= 1 (1 = no rounding), got {align!r}")
+    if align != "auto" and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
+        raise ValueError(f"align must be 'auto' or an int >= 1 (1 = no rounding), got {align!r}")
 
 
-def tucker2_ranks(weight, weaken: float = 0.0, min_rank: int = 1, align: int = 8) -> tuple[int, int]:
+class RankChoice(NamedTuple):
+    """evbmf: the raw EVBMF ranks (r_out, r_in) (may be 0); ranks: after weakening, min_rank and alignment."""
+
+    evbmf: tuple
+    ranks: tuple
+
+
+def choose_ranks(weight, weaken: float = 0.0, min_rank: int = 1, align="auto") -> RankChoice:
+    """EVBMF's ranks of a conv weight and the ranks used (see :func:`tucker2_ranks`), so that a report
+    can show what EVBMF chose before weakening, min_rank and alignment changed it."""
+    _check_rank_options(weaken, min_rank, align)
+    raw = evbmf_ranks(weight)
+    return RankChoice(raw, (adjust_rank(raw[0], weight.shape[0], weaken, min_rank, align),
+                            adjust_rank(raw[1], weight.shape[1], weaken, min_rank, align)))
+
+
+def tucker2_ranks(weight, weaken: float = 0.0, min_rank: int = 1, align="auto") -> tuple[int, int]:
     """Tucker-2 ranks (r_out, r_in) of a conv weight (O, C, kh, kw) chosen by EVBMF.
 
     Each raw EVBMF rank (see :func:`evbmf_ranks`) goes through :func:`adjust_rank`: weakened towards
     full rank by ``weaken`` in [0, 1], raised to ``min_rank`` (so an EVBMF rank of 0 becomes
-    min_rank), rounded up to a multiple of ``align`` (default 8, for tensor cores) and capped at the
-    full rank (O for r_out, C for r_in). The result is always in [1, full].
+    min_rank), rounded up to a multiple of ``align`` ("auto", the default: a multiple of 8 only where
+    that adds at most a quarter to the rank; an int: always that multiple) and capped at the full rank
+    (O for r_out, C for r_in). The result is always in [1, full].
     """
-    _check_rank_options(weaken, min_rank, align)
-    r_out, r_in = evbmf_ranks(weight)
-    return (
-        adjust_rank(r_out, weight.shape[0], weaken, min_rank, align),
-        adjust_rank(r_in, weight.shape[1], weaken, min_rank, align),
-    )
+    return choose_ranks(weight, weaken, min_rank, align).ranks

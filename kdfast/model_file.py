@@ -15,7 +15,8 @@ numbers, strings, None, lists and dicts):
         ...
       },                                         # {} for a dense model
       "state_dict": {...},                       # of the model with those layers in place
-      "data": {"name": "digits", "image_size": 16, "root": None},   # what it was trained on
+      "data": {"name": "digits", "image_size": 16, "root": None,     # what it was trained on
+               "in_channels": 1, "num_classes": 10},                 # (data_record; older files: name/size/root)
       "meta": {...}                              # free-form: metrics, decomposition report, ...
     }
 
@@ -92,6 +93,27 @@ def build_model(model_name: str, model_kwargs: dict | None = None, tucker: dict 
     return model
 
 
+def data_record(dataset, name: str | None = None, root=None) -> dict:
+    """What a model file records about its data: ``{"name", "root", "image_size", "in_channels",
+    "num_classes"}``, the sizes read from ``dataset`` (a kdfast.data.ImageDataset or anything with those
+    attributes), so that readers need not guess them (a YAML run that left ``image_size`` unset trained at
+    the dataset's native size, not at "None")."""
+    return {"name": name if name is not None else getattr(dataset, "name", None),
+            "root": None if root is None else os.fspath(root),
+            "image_size": getattr(dataset, "image_size", None), "in_channels": getattr(dataset, "in_channels", None),
+            "num_classes": getattr(dataset, "num_classes", None)}
+
+
+def input_spec(ckpt: dict) -> dict:
+    """``{"in_channels", "image_size", "num_classes"}`` of the inputs a model checkpoint was trained on:
+    from its data record, else from the model's kwargs (in_channels, num_classes); None where unknown."""
+    data = dict(ckpt.get("data") or {})
+    kwargs = dict(ckpt.get("model_kwargs") or {})
+    return {"in_channels": data.get("in_channels") or kwargs.get("in_channels"),
+            "image_size": data.get("image_size"),
+            "num_classes": data.get("num_classes") or kwargs.get("num_classes")}
+
+
 def save_model(
     path: str | os.PathLike,
     model: nn.Module,
@@ -145,11 +167,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """(model in eval mode, checkpoint dict) from a model checkpoint."""
+    """(model in eval mode, checkpoint dict) from a model checkpoint. When the file records its input size,
+    ``model.kdfast_input_shape`` is (C, H, W) of one input (kdfast.decompose measures MACs there)."""
     ckpt = read_checkpoint(path)
     model = build_model(ckpt["model"], ckpt["model_kwargs"], ckpt["tucker"])
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{os.fspath(path)}: the state dict does not fit {ckpt['model']} with its Tucker layers: {exc}") from exc
+    spec = input_spec(ckpt)
+    if spec["in_channels"] and spec["image_size"]:
+        model.kdfast_input_shape = (int(spec["in_channels"]), int(spec["image_size"]), int(spec["image_size"]))
     return model.to(map_location).eval(), ckpt

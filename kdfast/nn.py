@@ -51,7 +51,7 @@ def resolve_ranks(weight: torch.Tensor, ranks, **rank_options) -> tuple[int, int
 
     ranks: a pair of ints (r_out, r_in), each in [1, full]; a float f in (0, 1]: ceil(f * full) of
     each mode (f = 1.0 keeps full rank); or "evbmf": :func:`kdfast.evbmf.tucker2_ranks` with the
-    rank_options weaken (default 0), min_rank (default 1) and align (default 8). rank_options are
+    rank_options weaken (default 0), min_rank (default 1) and align (default "auto"). rank_options are
     only accepted with "evbmf".
     """
     out_channels, in_channels = int(weight.shape[0]), int(weight.shape[1])

@@ -6,10 +6,15 @@ Tucker student is compared with a CE-fine-tuned one by accuracy under L-inf atta
 protocol (attacks, epsilons, numbers) is not public; this module uses the standard FGSM and PGD
 (kdfast.attacks) with cross-entropy, white-box, untargeted, on every sample of the loader.
 
-    report = kdfast.robustness_report(model, test_loader, eps=[0, 1/255, 2/255, 4/255, 8/255],
-                                      std=test_set.std, clamp=test_set.clamp_range, plot="rob.png")
+    report = kdfast.robustness_report(model, test_loader, eps=[0, 1/255, 2/255, 4/255, 8/255], plot="rob.png")
     print(report)            # markdown table
     report.to_dict()         # JSON-ready
+
+Epsilons are in pixel units of [0, 1] images. The data's normalisation (per-channel ``std`` and the valid
+range ``clamp``) comes from the loader's dataset (``loader.dataset.std`` / ``.clamp_range``, as
+kdfast.data datasets have) or from the ``std=`` / ``clamp=`` arguments; when neither says it, the report
+refuses to guess (an epsilon in normalised units is a different, larger attack). ``units="input"``
+attacks in the model's input units instead, on purpose.
 """
 from __future__ import annotations
 
@@ -135,6 +140,28 @@ def _batch_xy(batch):
     raise TypeError("loader must yield (x, y) or (x, y, ...) tuples or dicts with 'x' and 'y'")
 
 
+def _normalisation(loader, std, clamp, units: str):
+    """(std, clamp) of the attack: given, else the loader's dataset's; pixel units need a std."""
+    if units not in ("pixel", "input"):
+        raise ValueError(f"units must be 'pixel' or 'input', got {units!r}")
+    dataset = getattr(loader, "dataset", None)
+    if clamp is None:
+        clamp = getattr(dataset, "clamp_range", None)
+    if units == "input":
+        if std is not None:
+            raise ValueError("units='input' attacks in the model's input units: std does not apply (eps is not converted)")
+        return None, clamp
+    if std is None:
+        std = getattr(dataset, "std", None)
+    if std is None:
+        raise ValueError(
+            "robustness_report: eps is in pixel units of [0, 1] images, but the data's normalisation is unknown "
+            "(the loader's dataset has no .std): pass std= and clamp= (e.g. dataset.std and dataset.clamp_range; "
+            "std=1.0, clamp=(0.0, 1.0) for un-normalised [0, 1] inputs), or units='input' to attack in the model's "
+            "input units")
+    return std, clamp
+
+
 def robustness_report(
     model: torch.nn.Module,
     loader,
@@ -149,17 +176,20 @@ def robustness_report(
     random_start: bool = True,
     seed: int = 0,
     name: str = "model",
+    units: str = "pixel",
 ) -> RobustnessReport:
     """Clean, FGSM and PGD accuracy of ``model`` on ``loader`` for each epsilon.
 
     Args:
-        eps: L-inf radii. In the input's units, or, when ``std`` is given, in pixel units
-            (data in [0, 1] before normalisation): the attack then uses eps / std per channel.
+        eps: L-inf radii, in pixel units (data in [0, 1] before normalisation; the attack uses eps / std
+            per channel), or in the model's input units with ``units="input"``.
         pgd_steps: PGD iterations; ``step_size`` defaults to 2.5 * eps / pgd_steps (per eps).
             A given ``step_size`` is in the same units as ``eps``.
-        clamp: valid input range (lo, hi) in the model's input units, e.g.
-            ``dataset.clamp_range`` of kdfast.data for normalised data.
-        std: per-channel normalisation std (e.g. ``dataset.std``); see ``eps``.
+        clamp: valid input range (lo, hi) in the model's input units; default: the loader's
+            ``dataset.clamp_range`` (kdfast.data datasets), else no clamping.
+        std: per-channel normalisation std; default: the loader's ``dataset.std``. With pixel units
+            (the default) one of the two is required: ``std=1`` for un-normalised [0, 1] inputs.
+        units: "pixel" (default) or "input" (eps and step_size in the model's input units, no std).
         plot: if given, a PNG of accuracy vs eps is written there.
         device: where to evaluate (default: the model's device).
         max_batches: evaluate on the first ``max_batches`` batches only.
@@ -180,6 +210,7 @@ def robustness_report(
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     device = torch.device(device) if device is not None else _model_device(model)
+    std, clamp = _normalisation(loader, std, clamp, units)
     std_t = None if std is None else torch.as_tensor(std, dtype=torch.float32).flatten()
     if std_t is not None and (std_t <= 0).any():
         raise ValueError(f"std must be > 0, got {std}")

@@ -28,7 +28,7 @@ come from the method and ``losses`` is optional)::
       nst: {type: NSTLoss, weight: 50, student_layers: [layer3], teacher_layers: [layer3]}
     optimizer: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, nesterov: false}
     schedule: {name: step, milestones: [150, 180, 210], gamma: 0.1}
-    checkpoint: {dir: runs/kd, every: 1, keep: false, resume: true}
+    checkpoint: {dir: runs/kd, every: 1, keep: false, resume: true}   # resume: force = despite a changed config
     log: {path: runs/kd/metrics.jsonl, every: 50, progress: true}
     train: {grad_clip: null, cache_teacher_logits: false, compile: false, sync_bn: false}
     save_student: runs/kd/student.pt   # final student state dict (atomic write)
@@ -352,13 +352,16 @@ def build_from_config(cfg: Mapping[str, Any]):
     # Seed before any model is built: a from-scratch student's initial weights depend on it.
     seed_everything(cfg["seed"])
     d = cfg["data"]
-    train_loader, eval_loader = kd_data.loaders(
-        d["name"], d["root"], batch_size=d["batch_size"], test_batch_size=d["test_batch_size"],
-        image_size=d["image_size"], normalize=d["normalize"], augment=d["augment"],
-        return_index=cfg["train"]["cache_teacher_logits"], num_workers=d["num_workers"], seed=cfg["seed"],
-        subset=d["subset"], fraction=d["fraction"], test_subset=d["test_subset"], test_fraction=d["test_fraction"],
-        subset_seed=d["subset_seed"],
-    )
+    try:
+        train_loader, eval_loader = kd_data.loaders(
+            d["name"], d["root"], batch_size=d["batch_size"], test_batch_size=d["test_batch_size"],
+            image_size=d["image_size"], normalize=d["normalize"], augment=d["augment"],
+            return_index=cfg["train"]["cache_teacher_logits"], num_workers=d["num_workers"], seed=cfg["seed"],
+            subset=d["subset"], fraction=d["fraction"], test_subset=d["test_subset"], test_fraction=d["test_fraction"],
+            subset_seed=d["subset_seed"],
+        )
+    except FileNotFoundError as e:  # a wrong data.root: one line naming the key, not a traceback
+        raise ConfigError(f"data.root: {e}") from None
     dataset = train_loader.dataset
     teacher = _build_model("teacher", cfg["teacher"], dataset) if cfg["teacher"] is not None else None
     if "decompose" in cfg["student"]:
@@ -406,7 +409,28 @@ def build_from_config(cfg: Mapping[str, Any]):
             distiller = Distiller(teacher, student, losses, feature_layers=feature_layers or None, **engine)
     except (TypeError, ValueError) as e:
         raise ConfigError(_yaml_names(str(e))) from None
+    distiller.record_config("yaml", resume_record(cfg))
     return distiller, (train_loader, eval_loader)
+
+
+# YAML keys that may change between a run and its resumption (where it runs, what it prints, where the
+# data lives): every other key is recorded in the checkpoints, and a resumed run must match them.
+# max_steps is neutral: re-running with a larger max_steps (or none) is how a stopped run continues.
+_RESUME_NEUTRAL = ("_path", "device", "log", "save_student", "checkpoint.resume", "checkpoint.every",
+                   "checkpoint.keep", "data.root", "data.num_workers", "data.test_batch_size", "train.compile",
+                   "max_steps")
+
+
+def resume_record(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The part of a validated config that a checkpoint records and a resumed run must match."""
+    record = copy.deepcopy(dict(cfg))
+    for key in _RESUME_NEUTRAL:
+        section, _, field = key.partition(".")
+        if not field:
+            record.pop(section, None)
+        elif isinstance(record.get(section), dict):
+            record[section].pop(field, None)
+    return record
 
 
 # Engine argument names as the YAML spells them (for errors found while building the run).

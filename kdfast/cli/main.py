@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         "method_options:) or a weighted sum of losses, on the engine (AMP, torchrun DDP, checkpoints, exact "
         "resume). With save_student, also writes a model checkpoint for `kdfast robustness` / `kdfast decompose`.")
     distill.add_argument("--config", required=True, help="path of the YAML file")
+    distill.add_argument("--override", action="store_true",
+                         help="resume from the checkpoint folder even though the config changed since the checkpoint "
+                         "was written (the new settings apply from the resumed epoch on; same as checkpoint.resume: force)")
     distill.add_argument("--model-out", default=None,
                          help="model checkpoint of the trained student (default: <save_student>_model.pt when the "
                          "config sets save_student)")
@@ -225,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     rob.add_argument("--plot", default=None, help="write accuracy vs eps as a PNG here")
     rob.add_argument("--json", default=None, help="write the report as JSON here")
     rob.add_argument("--seed", type=_non_negative_int, default=0, help="seed of PGD's random start (default 0)")
+    rob.add_argument("--force", action="store_true",
+                     help="evaluate even when the data's channels, image size or number of classes differ from the "
+                     "ones the model file records")
 
     dec = sub.add_parser(
         "decompose", help="Tucker-2 decompose the convolutions of a saved model",
@@ -235,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--out", default=None, help="output checkpoint (default: <checkpoint>_tucker.pt)")
     dec.add_argument("--eval", action="store_true", help="also report test accuracy before and after (on the recorded data)")
     dec.add_argument("--root", default=None, help="where the data's files are (with --eval; default: as recorded)")
+    dec.add_argument("--image-size", type=_positive_int, default=None,
+                     help="input size for the MAC counts (default: the one the model file records; needed for "
+                     "files that record none)")
     return parser
 
 
@@ -289,6 +298,10 @@ def cmd_distill(args) -> int:
         cfg = config.load_config(args.config)
         if args.model_out and not cfg.get("save_student"):
             raise CLIError("--model-out needs save_student in the config (the trained student's weights)")
+        if args.override:
+            if cfg.get("checkpoint") is None:
+                raise CLIError("--override resumes from the config's checkpoint.dir, but the config has no checkpoint section")
+            cfg["checkpoint"]["resume"] = "force"
         history = config.run_config(cfg, model_out=args.model_out)
     except ValueError as exc:  # ConfigError (and engine errors) name the YAML key at fault
         raise CLIError(str(exc)) from None
@@ -313,9 +326,27 @@ def _test_loader(ckpt: dict, args, batch_size: int):
         test_set = data.load(name, root=root, split="test", image_size=image_size)
     except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
+    if not getattr(args, "force", False):
+        _check_data_fits(ckpt, test_set, name)
     import torch
 
     return test_set, torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False)
+
+
+def _check_data_fits(ckpt: dict, test_set, name: str) -> None:
+    """Refuse data whose channels, image size or class count differ from the model file's (the accuracy
+    of a model on data it was not trained for is a meaningless number, not an error the forward would raise)."""
+    from .. import model_file
+
+    expected = model_file.input_spec(ckpt)
+    found = {"in_channels": test_set.in_channels, "image_size": test_set.image_size, "num_classes": test_set.num_classes}
+    differ = [f"{key} {found[key]} (model file: {expected[key]})" for key in found
+              if expected[key] is not None and int(expected[key]) != int(found[key])]
+    if differ:
+        trained = (ckpt.get("data") or {}).get("name")
+        raise CLIError(f"the {name!r} test data does not fit the model: {', '.join(differ)}"
+                       + (f"; it was trained on {trained!r}" if trained else "")
+                       + "; evaluate on that data (--data, --root, --image-size), or pass --force to evaluate anyway")
 
 
 def _load(path: str):
@@ -335,11 +366,15 @@ def cmd_robustness(args) -> int:
     test_set, loader = _test_loader(ckpt, args, args.batch_size)
     model = model.to(args.device)
     eps = args.eps if args.eps is not None else list(DEFAULT_EPS)
-    report = robustness_report(
-        model, loader, eps=eps, pgd_steps=args.pgd_steps, step_size=args.step_size, clamp=test_set.clamp_range,
-        std=test_set.std, plot=args.plot, device=args.device, max_batches=args.max_batches, seed=args.seed,
-        name=os.path.basename(args.checkpoint),
-    )
+    try:
+        report = robustness_report(
+            model, loader, eps=eps, pgd_steps=args.pgd_steps, step_size=args.step_size, clamp=test_set.clamp_range,
+            std=test_set.std, plot=args.plot, device=args.device, max_batches=args.max_batches, seed=args.seed,
+            name=os.path.basename(args.checkpoint),
+        )
+    except (ValueError, RuntimeError) as exc:  # the model cannot run on this data (e.g. with --force)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CLIError(f"the model cannot be evaluated on the {test_set.name!r} test data: {first[:300]}") from None
     print(report)
     if args.json:
         with open(args.json, "w") as fh:
@@ -358,9 +393,12 @@ def cmd_decompose(args) -> int:
     if ckpt["tucker"]:
         raise CLIError(f"--checkpoint {args.checkpoint!r} is already Tucker-decomposed ({len(ckpt['tucker'])} layers)")
     data_info = dict(ckpt.get("data") or {})
-    in_channels = ckpt["model_kwargs"].get("in_channels", 3)
-    size = data_info.get("image_size") or 32
-    shape = (1, in_channels, size, size)
+    spec = checkpoint.input_spec(ckpt)
+    size = args.image_size or spec["image_size"]
+    if size is None:
+        raise CLIError(f"{args.checkpoint} records no input image size: pass --image-size (the size the model was "
+                       "trained at) so that MACs are counted at it")
+    shape = (1, spec["in_channels"] or 3, size, size)
     before = {"parameters": cost.parameters(model), "macs": cost.macs(model, shape)}
     try:
         student, report = kdfast.decompose(model, ranks=args.ranks, input_shape=shape[1:])
@@ -397,14 +435,29 @@ COMMANDS = {
 }
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # argparse keeps the subcommands' parsers in its subparsers action
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    return parser
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's usage and name, not the top-level ones (exits with status 2)
+        _subcommand_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
-    except CLIError as exc:
+    except (CLIError, OSError) as exc:  # OSError: a file the command needed (unreadable, missing, disk full)
         print(f"kdfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (where it stopped, how to resume), status 130
+        from ..distill import TrainingInterrupted
+
+        what = exc.describe("run the same command") if isinstance(exc, TrainingInterrupted) else "interrupted"
+        print(f"kdfast {args.command}: {what}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ from .optim import Auxiliary, OptimizerSpec
 from .sources import NoiseSource, is_batch_source
 from .stages import Stage, StagedRun
 from .tap import FeatureTap, resolve_module, unwrap_model
-from .trainer import (STUDENT, Distiller, IndexedDataset, StepTensors, autocast, evaluate, json_record, loss_kind,
-                      mix_seed, split_batch, to_float)
+from .trainer import (STUDENT, Distiller, IndexedDataset, StepTensors, TrainingInterrupted, autocast, evaluate,
+                      json_record, loss_kind, mix_seed, split_batch, to_float)
 
 __all__ = [
     "Distiller", "Auxiliary", "OptimizerSpec", "NoiseSource", "Stage", "StagedRun", "STUDENT", "FeatureTap",
-    "IndexedDataset", "evaluate", "is_batch_source", "json_record", "loss_kind", "split_batch", "resolve_module",
-    "unwrap_model", "StepTensors", "autocast", "to_float", "mix_seed", "atomic_save", "load_checkpoint",
+    "IndexedDataset", "TrainingInterrupted", "evaluate", "is_batch_source", "json_record", "loss_kind", "split_batch",
+    "resolve_module", "unwrap_model", "StepTensors", "autocast", "to_float", "mix_seed", "atomic_save", "load_checkpoint",
     "capture_rng_state", "restore_rng_state", "seed_everything",
 ]
 

@@ -10,7 +10,7 @@ import contextlib
 import os
 import random
 import tempfile
-from typing import Any, Dict, Union
+from typing import Any, Dict, List, Union
 
 import numpy as np
 import torch
@@ -109,6 +109,45 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+
+
+# ---------------------------------------------------------------------- the run's configuration
+def describe(value: Any) -> Any:
+    """``value`` as weights_only-safe primitives for a checkpoint's record of the run's configuration.
+
+    Numbers, strings, None and bools stay; lists/tuples/dicts are described item by item; a tensor is its
+    shape and dtype, a module its class name, a function its qualified name, anything else its type name:
+    enough to notice that a resumed run was configured differently, never the object itself.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    if isinstance(value, torch.nn.Module):
+        return f"<{type(value).__name__}>"
+    if callable(value):
+        return f"<function {getattr(value, '__qualname__', type(value).__name__)}>"
+    return f"<{type(value).__name__}>"
+
+
+def config_differences(saved: Dict[str, Any], current: Dict[str, Any], prefix: str = "") -> List[str]:
+    """``["optimizer.lr 0.05 -> 0.01", ...]``: the dotted keys whose values differ between two described
+    configurations (keys present in only one side count as differences)."""
+    out: List[str] = []
+    for key in list(saved) + [k for k in current if k not in saved]:
+        name = f"{prefix}{key}"
+        old, new = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += config_differences(old, new, name + ".")
+        elif old != new:
+            out.append(f"{name} {old!r} -> {new!r}")
+    return out
 
 
 def seed_everything(seed: int) -> None:

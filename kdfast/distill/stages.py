@@ -54,11 +54,17 @@ class StagedRun:
             raise ValueError("StagedRun(resume=True) needs checkpoint_dir")
         self.stages = stages
         self.checkpoint_dir = os.fspath(checkpoint_dir) if checkpoint_dir is not None else None
-        self.resume = bool(resume)
+        self.resume = "force" if resume == "force" else bool(resume)  # "force": resume despite a changed configuration
+        self.run_config: Dict[str, Any] = {}  # sections recorded in every stage's checkpoints (record_config)
         self.log_path = log_path
         self.engines: Dict[str, Any] = {}
         self.history: Dict[str, List[Dict[str, Any]]] = {}
         self.current: Optional[str] = None
+
+    def record_config(self, section: str, values) -> None:
+        """Record ``values`` as part of the run's configuration in every stage's checkpoints (see
+        :meth:`kdfast.distill.Distiller.record_config`)."""
+        self.run_config[section] = dict(values)
 
     def fit(self, train=None, eval_loader=None) -> Dict[str, List[Dict[str, Any]]]:
         for stage in self.stages:
@@ -67,6 +73,8 @@ class StagedRun:
             if not hasattr(engine, "fit"):
                 raise TypeError(f"stage {stage.name!r}: build() must return a Distiller, got {type(engine).__name__}")
             engine.stage = stage.name
+            for section, values in self.run_config.items():
+                engine.record_config(section, values)
             if self.checkpoint_dir is not None:
                 engine.checkpoint_dir = os.path.join(self.checkpoint_dir, stage.name)
                 engine.resume = self.resume

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ from torch import nn
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset,
                               RandomSampler, SequentialSampler)
 
-from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, capture_rng_state, load_checkpoint, restore_rng_state,
-                         seed_everything)
+from .checkpoint import (CHECKPOINT_FORMAT, atomic_save, capture_rng_state, config_differences, describe,
+                         load_checkpoint, restore_rng_state, seed_everything)
 from .optim import Auxiliary, OptimizerSpec, check_grad_clip
 from .sources import is_batch_source
 from .tap import FeatureTap, as_name_list, unwrap_model
@@ -199,6 +200,28 @@ class StepTensors:
 LossSpec = Union[nn.Module, Tuple[nn.Module, Union[float, Callable[[int], float]]]]
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`Distiller.fit`: where the run stopped and where it can resume from.
+
+    ``epoch`` (1-based, the epoch in progress), ``step`` (optimizer steps done), ``checkpoint`` (the file a
+    resumed run starts from, or None when no checkpoint was written yet), ``resume`` (the engine's resume
+    setting: with False a re-run starts afresh).
+    """
+
+    def __init__(self, epoch: int, step: int, checkpoint: Optional[str], resume, stage: Optional[str] = None):
+        self.epoch, self.step, self.checkpoint, self.resume, self.stage = epoch, step, checkpoint, resume, stage
+        super().__init__(self.describe())
+
+    def describe(self, how: str = "resume=True") -> str:
+        """One line; ``how`` says how the user re-runs (the CLI passes "run the same command")."""
+        where = f"interrupted at epoch {self.epoch}, step {self.step}" + (f" of stage {self.stage}" if self.stage else "")
+        if self.checkpoint is None:
+            return f"{where}; no checkpoint was written yet, so a re-run starts afresh"
+        if self.resume is True or self.resume == "force":
+            return f"{where}; {how} to resume from {self.checkpoint}"
+        return f"{where}; the last checkpoint is {self.checkpoint} (resume from it with resume: true)"
+
+
 class Distiller:
     """Train ``student`` from ``teacher`` with a weighted sum of named losses.
 
@@ -235,7 +258,12 @@ class Distiller:
     grad_clip : max gradient norm (None: no clipping).
     checkpoint_dir, checkpoint_every, keep_checkpoints : every ``checkpoint_every`` epochs (and after the
         last) ``<dir>/last.pt`` is written atomically; with ``keep_checkpoints`` also ``epoch_<n>.pt``.
-    resume : False | True (``<checkpoint_dir>/last.pt`` if it exists) | path of a checkpoint.
+    resume : False | True (``<checkpoint_dir>/last.pt`` if it exists) | "force" | path of a checkpoint.
+        A checkpoint records the run's configuration (``run_config``: these arguments, and sections added
+        by :meth:`record_config`); resuming with another configuration raises a ValueError naming the keys
+        that differ, unless ``resume="force"`` (continue from ``last.pt`` with the new settings). A resumed
+        run prints ``resumed from epoch N, step S of PATH`` to stderr; Ctrl-C during :meth:`fit` raises
+        :class:`TrainingInterrupted` (a KeyboardInterrupt saying where to resume from).
     log_path : JSON-lines metrics file (rank 0); ``log_every`` steps per step record (0: epoch records only).
     progress : tqdm progress bars (rank 0 only).
     cache_teacher_logits : compute teacher logits once per dataset index and reuse them in later epochs.
@@ -329,6 +357,21 @@ class Distiller:
                                      weight_decay=weight_decay, nesterov=nesterov, schedule=schedule,
                                      milestones=milestones, gamma=gamma)
         self._setup_optimisation(student_spec, grad_clip, auxiliaries or {})
+        # What a checkpoint records and a resumed run must match (epochs may grow: fit's epochs is a total).
+        self.run_config: Dict[str, Any] = {"engine": describe({
+            "class": type(self).__name__,
+            "losses": {n: (type(self.loss_modules[n]).__name__, w) for n, w in self.loss_weights.items()},
+            "auxiliaries": sorted(self.auxiliaries), "optimizer": optimizer, "lr": lr, "momentum": momentum,
+            "weight_decay": weight_decay, "nesterov": nesterov, "betas": betas, "schedule": schedule,
+            "milestones": milestones, "gamma": gamma, "seed": seed, "amp": amp, "grad_clip": grad_clip,
+            "cache_teacher_logits": cache_teacher_logits})}
+        self.resumed_from: Optional[Tuple[int, int, str]] = None  # (epoch, step, path) after a resume
+
+    def record_config(self, section: str, values: Mapping[str, Any]) -> None:
+        """Add ``values`` (described: :func:`kdfast.distill.checkpoint.describe`) to what checkpoints record
+        as this run's configuration under ``section`` (the YAML file, a method's options); resuming with a
+        different configuration stops with the keys that differ, unless ``resume="force"``."""
+        self.run_config[section] = describe(dict(values))
 
     # ------------------------------------------------------------------ construction, part by part
     def _setup_run(self, *, epochs, max_steps, seed, checkpoint_dir, checkpoint_every, keep_checkpoints, resume, log_path,
@@ -341,9 +384,9 @@ class Distiller:
         _check_int("log_every", log_every, minimum=0)
         _check_int("seed", seed, minimum=0)
         if not isinstance(resume, (bool, str, os.PathLike)):
-            raise TypeError(f"resume must be False, True or a checkpoint path, got {resume!r}")
-        if resume is True and checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir (or pass resume=<path of a checkpoint>)")
+            raise TypeError(f"resume must be False, True, 'force' or a checkpoint path, got {resume!r}")
+        if (resume is True or resume == "force") and checkpoint_dir is None:
+            raise ValueError(f"resume={resume!r} needs checkpoint_dir (or pass resume=<path of a checkpoint>)")
         self.epochs = epochs
         self.max_steps = max_steps
         self.seed = seed
@@ -763,6 +806,11 @@ class Distiller:
                     self.save_checkpoint()
                 if partial:
                     break
+        except KeyboardInterrupt as exc:  # Ctrl-C: say where the run stopped and where it resumes from
+            if isinstance(exc, TrainingInterrupted):
+                raise
+            raise TrainingInterrupted(self.epoch + 1, self.step, self._last_checkpoint(), self.resume,
+                                      self.stage) from None
         finally:
             if self._log_file is not None:
                 self._log_file.close()
@@ -898,6 +946,7 @@ class Distiller:
                 "epoch_batches": self._epoch_batches,  # > 0: stopped by max_steps inside epoch "epoch"
                 "data": self.data_record,  # name, input shape, classes, normalisation of the training data
                 "history": self.history,
+                "config": self.run_config,
                 **self.checkpoint_state(),
             }
             atomic_save(ckpt, path)
@@ -911,19 +960,37 @@ class Distiller:
     def _maybe_resume(self) -> bool:
         if self.resume is False:
             return False
-        if self.resume is True:
+        force = self.resume == "force"
+        if self.resume is True or force:
             path = os.path.join(self.checkpoint_dir, "last.pt")
             if not os.path.isfile(path):
                 return False  # nothing to resume: fresh run
         else:
             path = os.fspath(self.resume)
         ckpt = load_checkpoint(path, map_location=self.device)
+        changed = self._config_changes(ckpt.get("config"))
+        if changed and not force:
+            raise ValueError(
+                f"{path} was written by a run with another configuration ({'; '.join(changed)}): to start afresh "
+                f"use a new checkpoint folder (or delete {os.path.dirname(os.path.abspath(path))}); to continue "
+                "that run with the new settings, resume with --override (resume: force / resume='force')")
         if ckpt["seed"] != self.seed:
             warnings.warn(f"resuming {path} written with seed {ckpt['seed']} using seed {self.seed}: "
                           "the data order will differ from the original run")
-        self.load_checkpoint_state(ckpt)
+        try:
+            self.load_checkpoint_state(ckpt)
+        except RuntimeError as exc:  # load_state_dict: size mismatch / missing / unexpected keys
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if "size mismatch" in ln), lines[-1] if lines else str(exc))
+            raise ValueError(f"{path} holds models of another architecture than this run's ({first[:300]}): use a "
+                             "new checkpoint folder for the new architecture") from None
         self.epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
         self._epoch_batches = int(ckpt.get("epoch_batches", 0))
+        self.resumed_from = (self.epoch, self.step, path)
+        if self.is_main:
+            print(f"resumed from epoch {self.epoch}, step {self.step} of {path}"
+                  + (f" (stage {self.stage})" if self.stage else "")
+                  + (f"; configuration changed: {'; '.join(changed)}" if changed else ""), file=sys.stderr, flush=True)
         # a partial epoch's record is replaced by the record of the whole epoch when it completes
         self.history = [r for r in ckpt.get("history", []) if not r.get("partial")]
         rngs = ckpt["rng"]
@@ -934,6 +1001,25 @@ class Distiller:
                           "RNG states re-seeded, the run is not bit-identical to an uninterrupted one")
             seed_everything(mix_seed(self.seed + self.rank, self.epoch, 0) % (2**31))
         return True
+
+    def _config_changes(self, saved: Optional[Mapping[str, Any]]) -> List[str]:
+        """The differences between a checkpoint's recorded configuration and this run's (none for a
+        checkpoint without a record). A YAML section, when both have one, speaks for the whole run: the
+        engine's keys repeat it."""
+        if not saved:
+            return []
+        sections = [s for s in self.run_config if s in saved]
+        if "yaml" in sections:
+            sections = ["yaml"]
+        return [d for s in sections for d in config_differences(saved[s], self.run_config[s],
+                                                                "" if s == "yaml" else f"{s}.")]
+
+    def _last_checkpoint(self) -> Optional[str]:
+        """``<checkpoint_dir>/last.pt`` (what a re-run with resume=True starts from), if it exists."""
+        if self.checkpoint_dir is None:
+            return None
+        path = os.path.join(self.checkpoint_dir, "last.pt")
+        return path if os.path.isfile(path) else None
 
     # ------------------------------------------------------------------ helpers
     def _prepare_loader(self, train):

@@ -5,6 +5,8 @@ Every registered module (``kdfast.methods.<module>``) defines:
 * ``NAME`` (str), ``TITLE`` (one line), ``PAPER`` (authors, title, venue; the public code it follows);
 * ``OPTIONS``: ``{option name: default}``, the keyword options :func:`build` accepts (YAML ``method_options``),
   besides the engine's keywords (lr, epochs, amp, checkpoint_dir, ...; :func:`engine_options`);
+* ``OPTION_TYPES``: ``{option name: kdfast.methods.options.Spec}``, what each option accepts (checked by
+  :func:`check_options` before the engine is built);
 * ``build(teacher, student, **options)``: a ready engine (a :class:`kdfast.distill.Distiller`, or a
   :class:`kdfast.distill.StagedRun` for methods made of stages): call ``fit(train, eval_loader=...)``;
 * the method's own public functions (losses, attacks, generators, ...).
@@ -57,20 +59,40 @@ def engine_options() -> List[str]:
 
 
 def check_options(name: str, options: Dict[str, Any]) -> None:
-    """Raise ValueError naming the bad options of method ``name`` and listing the valid ones (the
-    method's own ``OPTIONS``; the engine's keywords, :func:`engine_options`, are accepted too)."""
-    valid = get(name).OPTIONS
+    """Check the options of method ``name`` before its engine is built.
+
+    Unknown names: a ValueError listing the valid ones (the method's ``OPTIONS``; the engine's keywords,
+    :func:`engine_options`, are accepted too). Wrong types or values: a :class:`~kdfast.methods.options.OptionError`
+    (a TypeError and a ValueError) naming the option and what it expects, from the method's ``OPTION_TYPES``
+    or the engine's :data:`~kdfast.methods.options.ENGINE_TYPES`."""
+    from . import options as option_types
+
+    module = get(name)
+    valid = module.OPTIONS
     unknown = sorted(set(options) - set(valid) - set(engine_options()))
     if unknown:
         raise ValueError(f"method {name!r} has no option(s) {', '.join(unknown)}; valid options: "
                          + ", ".join(f"{k} (default {v!r})" for k, v in valid.items())
                          + "; and the engine's: " + ", ".join(engine_options()))
+    option_types.check(name, options, getattr(module, "OPTION_TYPES", {}))
+
+
+# Engine keywords that may change when a run is resumed (where it runs, what it logs, where it checkpoints).
+_RESUME_NEUTRAL = ("checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "log_path", "log_every",
+                   "progress", "device", "num_workers", "compile", "distributed", "ddp_kwargs")
 
 
 def build(name: str, teacher, student, **options):
-    """A ready engine (:class:`kdfast.distill.Distiller` or subclass) for method ``name``."""
+    """A ready engine (:class:`kdfast.distill.Distiller` or subclass) for method ``name``.
+
+    The options are checked first (:func:`check_options`: names and types), and recorded in the engine's
+    checkpoints, so that resuming with other options stops and names them."""
     check_options(name, options)
-    return get(name).build(teacher, student, **options)
+    engine = get(name).build(teacher, student, **options)
+    if hasattr(engine, "record_config"):
+        engine.record_config("method", {"name": name, **{k: v for k, v in options.items()
+                                                          if k not in _RESUME_NEUTRAL}})
+    return engine
 
 
 __all__ = ["available", "build", "check_options", "engine_options", "get"]

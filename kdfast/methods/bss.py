@@ -25,6 +25,7 @@ One training step (on top of cross-entropy and Hinton KD on the clean batch):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distill import Distiller, StepTensors, autocast, mix_seed
+from . import options as T
 
 NAME = "bss"
 TITLE = "BSS: distillation with adversarial samples supporting the decision boundary"
@@ -339,6 +341,12 @@ OPTIONS = {
     "weight_decay": 1e-4,
     "milestones": None,               # None: LR x0.1 at epochs E/2 and 3E/4 (official 40, 60 of 80)
 }
+OPTION_TYPES = {  # checked by kdfast.methods.check_options before build
+    "temperature": T.POSITIVE, "max_samples": T.optional(T.POSITIVE_INT), "attack_steps": T.POSITIVE_INT,
+    "step_size": T.POSITIVE, "clamp": T.optional(T.pair_of_numbers("(lo, hi)")), "require_student_correct": T.BOOL,
+    "shrink_below": T.FRACTION, "epochs": T.POSITIVE_INT, "lr": T.POSITIVE, "momentum": T.NON_NEGATIVE,
+    "weight_decay": T.NON_NEGATIVE, "milestones": T.MILESTONES,
+}
 
 
 class SoftCrossEntropy(nn.Module):
@@ -391,6 +399,7 @@ class BSSDistiller(Distiller):
         _positive_int("max_samples", max_samples, allow_none=True)
         _positive_int("attack_steps", attack_steps)
         _positive_int("schedule_epochs", schedule_epochs, allow_none=True)
+        _positive_int("epochs", kwargs.get("epochs", 1))  # before the schedule divides by it
         if "losses" in kwargs:
             raise ValueError("BSSDistiller defines its own losses (CE + soft-CE KD + BSS); do not pass losses")
         self.temperature = float(temperature)
@@ -408,6 +417,12 @@ class BSSDistiller(Distiller):
         self._student_has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
         # validated once here rather than at the first step
         soft_cross_entropy(torch.zeros(1, 2), torch.zeros(1, 2), self.temperature)
+        if all(_weights(e, self.schedule_epochs)[1] == 0 for e in range(1, self.epochs + 1)):
+            # the schedule switches BSS's own term off for the whole run: it would be plain KD under BSS's name
+            warnings.warn(
+                f"BSS term off for the whole run: its weight 2 max(1 - 4e / 3E, 0) is 0 in every epoch e of "
+                f"{self.epochs} with E = schedule_epochs = {self.schedule_epochs}, so this run is plain KD; train for "
+                "at least 2 epochs (or a longer schedule_epochs)", stacklevel=2)
 
     def on_epoch_start(self, epoch: int) -> None:
         self._bss_weight = _weights(epoch + 1, self.schedule_epochs)[1]

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .datafree_base import Generator, GeneratorDistiller, PenultimateTap, _kd, infer_num_classes, split_options
+from . import options as T
+from .datafree_base import (GENERATOR_OPTION_TYPES, Generator, GeneratorDistiller, PenultimateTap, _kd,
+                            infer_num_classes, split_options)
 
 NAME = "dafl"
 TITLE = "DAFL: data-free learning with a generator (one-hot, activation, information entropy)"
@@ -85,6 +87,8 @@ OPTIONS = {
     "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 120, "lr_g": 0.2, "oh": 1.0, "ie": 5.0, "a": 0.1,
     "feature_layer": None,
 }
+OPTION_TYPES = {**GENERATOR_OPTION_TYPES, "lr_g": T.POSITIVE, "oh": T.NON_NEGATIVE, "ie": T.NON_NEGATIVE,
+                "a": T.NON_NEGATIVE, "feature_layer": T.optional(T.STRING)}  # checked by kdfast.methods.check_options
 ENGINE_DEFAULTS = {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "epochs": 20}
 
 

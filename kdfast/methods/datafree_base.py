@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distill import Auxiliary, Distiller, NoiseSource, autocast
+from . import options as T
 
 __all__ = ["Generator", "GeneratorCollapse", "CollapseMonitor", "PenultimateTap", "class_histogram",
            "collapse_reason", "mean_pairwise_distance", "OFFICIAL_BN_EPS"]
@@ -277,6 +278,14 @@ class _Frozen:
     def __exit__(self, *exc):
         for p in self.params:
             p.requires_grad_(True)
+
+
+# The option types every data-free method shares (the generator and the noise batches).
+GENERATOR_OPTION_TYPES = {
+    "latent_dim": T.POSITIVE_INT, "image_size": T.POSITIVE_INT, "channels": T.POSITIVE_INT, "ngf": T.POSITIVE_INT,
+    "bn_eps_quirk": T.BOOL, "batch_size": T.POSITIVE_INT, "collapse_warmup": T.NON_NEGATIVE_INT,
+    "steps_per_epoch": T.POSITIVE_INT,
+}
 
 
 def split_options(options, method_options, engine_defaults):

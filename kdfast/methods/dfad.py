@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from .. import _checks
 from ..distill import autocast, unwrap_model
-from .datafree_base import Generator, GeneratorDistiller, _Frozen, infer_num_classes, split_options
+from . import options as T
+from .datafree_base import GENERATOR_OPTION_TYPES, Generator, GeneratorDistiller, _Frozen, infer_num_classes, split_options
 
 NAME = "dfad"
 TITLE = "DFAD: data-free adversarial distillation (student/generator min-max on the logit MAE)"
@@ -42,6 +43,7 @@ OPTIONS = {
     "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": False,
     "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 50, "student_steps": STUDENT_STEPS, "lr_g": 1e-3,
 }
+OPTION_TYPES = {**GENERATOR_OPTION_TYPES, "student_steps": T.POSITIVE_INT, "lr_g": T.POSITIVE}  # check_options
 ENGINE_DEFAULTS = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 10}
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import options as T
+
 NAME = "kd"
 TITLE = "Tucker-2 students fine-tuned by KD, and their adversarial robustness"
 PAPER = ("Sadhukhan, Saha, Mukhopadhyay, Patra, \"Knowledge Distillation Inspired Fine-Tuning of Tucker "
@@ -32,6 +34,12 @@ RECIPES = {
     "kd_at": ("KD+AT", "KD + attention transfer, beta = 1000, on the stage outputs (kdfast.losses.ATLoss)"),
     "kd_fsp": ("KD+FSP", "KD + 1 x FSP (Yim et al., CVPR 2017: the flow matrices of consecutive stage outputs, "
                          "lambda = 1 as in the paper) (kdfast.losses.FSPLoss)"),
+}
+OPTION_TYPES = {  # checked by kdfast.methods.check_options before build
+    "recipe": T.choice(*RECIPES), "temperature": T.POSITIVE, "alpha": T.FRACTION, "nst_weight": T.NON_NEGATIVE,
+    "at_beta": T.NON_NEGATIVE, "fsp_weight": T.NON_NEGATIVE,
+    "feature_layers": T.optional(T.Spec("a pair (student layers, teacher layers)",
+                                        lambda v: isinstance(v, (list, tuple)) and len(v) == 2)),
 }
 
 

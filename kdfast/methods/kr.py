@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .. import _checks, _ext
 from ..distill import STUDENT, Auxiliary, Distiller, FeatureTap, to_float, unwrap_model
 from ..losses import sum_terms
+from . import options as T
 
 __all__ = ["Aggregator", "KnowledgeAggregation", "KRDistiller", "SparseRecoding", "aggregation_loss",
            "capture_feature_shapes", "group_layers"]
@@ -534,6 +535,13 @@ PAPER = ("Liu, Wen, Gao, Tao, Chen, Osa, Kato, \"Knowledge Representing: Efficie
 OPTIONS = {"losses": None, "teacher_layers": None, "student_layers": None, "k": 3, "aggregation": None,
            "example_input": None, "aggregation_weight": 1.0, "aggregator_lr": 0.1, "aggregator_momentum": 0.9,
            "aggregator_weight_decay": 1e-5, "sparse_recoding": True}
+OPTION_TYPES = {  # checked by kdfast.methods.check_options before build
+    "losses": T.optional(T.instance_of(dict, what="a dict {name: loss module or (module, weight)}")),
+    "teacher_layers": T.optional(T.names()), "student_layers": T.optional(T.names()), "k": T.optional(T.POSITIVE_INT),
+    "aggregation": T.optional(T.instance_of(KnowledgeAggregation, what="a KnowledgeAggregation")), "example_input": T.optional(T.instance_of(torch.Tensor, what="a Tensor (a batch of inputs)")),
+    "aggregation_weight": T.NON_NEGATIVE, "aggregator_lr": T.POSITIVE, "aggregator_momentum": T.NON_NEGATIVE,
+    "aggregator_weight_decay": T.NON_NEGATIVE, "sparse_recoding": T.BOOL,
+}
 
 
 def build(teacher, student, *, losses=None, teacher_layers=None, student_layers=None, **options):

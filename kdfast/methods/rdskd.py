@@ -23,7 +23,8 @@ import torch
 from .. import _checks
 from ..distill import NoiseSource, Stage, StagedRun
 from .dafl import neg_entropy_of_mean, one_hot_loss
-from .datafree_base import Generator, GeneratorDistiller, infer_num_classes, split_options
+from . import options as T
+from .datafree_base import GENERATOR_OPTION_TYPES, Generator, GeneratorDistiller, infer_num_classes, split_options
 
 NAME = "rdskd"
 TITLE = "RDSKD: robustness- and diversity-seeking data-free KD (two stages, exponential loss increments)"
@@ -92,6 +93,8 @@ OPTIONS = {
     "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 120, "generator_epochs": 4, "lr_g": 1e-3, "temperature": 10.0,
     "refresh_iteration": 1,
 }
+OPTION_TYPES = {**GENERATOR_OPTION_TYPES, "generator_epochs": T.POSITIVE_INT, "lr_g": T.POSITIVE,
+                "temperature": T.POSITIVE, "refresh_iteration": T.POSITIVE_INT}  # checked by check_options
 ENGINE_DEFAULTS = {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "epochs": 20}
 _RUN_KEYS = ("checkpoint_dir", "resume", "log_path")
 

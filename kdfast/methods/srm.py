@@ -249,6 +249,8 @@ TITLE = "SRM: sparse representation matching (teacher codewords -> pixel and ima
 PAPER = ("Tran, Gabbouj, Iosifidis, \"Knowledge Distillation By Sparse Representation Matching\", "
          "arXiv 2103.17012 (2021); official code viebboy/SRM (cifar100/code/Layers.py, Utility.py, Runners.py)")
 
+from . import options as T  # noqa: E402
+
 #: Options of :func:`build` (the official CIFAR defaults where they exist; epochs are scaled down
 #: defaults for small runs: the official schedule is Adam (1e-3, 10) (1e-4, 60) (1e-5, 30) for the
 #: dictionaries, (1e-3, 30) (1e-4, 100) (1e-5, 30) for the heads, (1e-3, 30) (1e-4, 100) (1e-5, 70) for KD).
@@ -275,6 +277,18 @@ OPTIONS = {
     "checkpoint_dir": None,
     "resume": False,
     "progress": False,
+}
+OPTION_TYPES = {  # checked by kdfast.methods.check_options before build
+    "input_shape": T.optional(T.Spec("(C, H, W) of one input (three positive ints)",
+                                     lambda v: T.list_of(T.POSITIVE_INT, "").accepts(v) and len(v) == 3)),
+    "teacher_layers": T.optional(T.names()), "student_layers": T.optional(T.names()),
+    "codeword_multiplier": T.POSITIVE, "sparsity_ratio": T.POSITIVE, "target": T.choice(*TARGETS),
+    "dictionary_epochs": T.POSITIVE_INT, "dictionary_lr": T.POSITIVE, "init_epochs": T.POSITIVE_INT,
+    "init_lr": T.POSITIVE, "kd_epochs": T.POSITIVE_INT, "lr": T.POSITIVE, "weight_decay": T.NON_NEGATIVE,
+    "alpha": T.FRACTION, "temperature": T.POSITIVE,
+    "lr_steps": T.optional(T.list_of(T.FRACTION, "a list of fractions in [0, 1] of each stage's epochs", nonempty=False)),
+    "device": T.DEVICE, "seed": T.NON_NEGATIVE_INT, "checkpoint_dir": T.optional(T.PATH), "resume": T.ENGINE_TYPES["resume"],
+    "progress": T.BOOL,
 }
 
 

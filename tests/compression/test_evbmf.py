@@ -99,13 +99,15 @@ def test_tucker2_ranks_of_planted_kernel():
     w = planted_kernel(32, 24, 3, 6, 10, noise=0.01)
     assert evbmf_ranks(w) == (6, 10)
     assert tucker2_ranks(w, align=1) == (6, 10)
-    assert tucker2_ranks(w) == (8, 16)  # rounded up to multiples of 8
+    assert tucker2_ranks(w) == (6, 10)  # align="auto": small ranks stay EVBMF's own
+    assert tucker2_ranks(w, align=8) == (8, 16)  # rounded up to multiples of 8
     assert tucker2_ranks(w, weaken=1.0) == (32, 24)
     # ceil(6 + 0.5 * 26) = 19 -> 24; ceil(10 + 0.5 * 14) = 17 -> 24 (= full)
-    assert tucker2_ranks(w, weaken=0.5) == (24, 24)
+    assert tucker2_ranks(w, weaken=0.5, align=8) == (24, 24)
+    assert tucker2_ranks(w, weaken=0.5) == (19, 17)  # auto: +5 and +7 would add more than a quarter
     assert tucker2_ranks(w, weaken=0.5, align=1) == (19, 17)
     assert tucker2_ranks(w, min_rank=12, align=1) == (12, 12)
-    assert tucker2_ranks(w.float()) == (8, 16)
+    assert tucker2_ranks(w.float()) == (6, 10)
 
 
 def test_rank_zero_becomes_min_rank_and_never_exceeds_full():
@@ -113,14 +115,18 @@ def test_rank_zero_becomes_min_rank_and_never_exceeds_full():
     assert evbmf_ranks(noise_only) == (0, 0)
     assert tucker2_ranks(noise_only, align=1) == (1, 1)
     assert tucker2_ranks(noise_only, min_rank=5, align=1) == (5, 5)
-    assert tucker2_ranks(noise_only) == (8, 8)
+    assert tucker2_ranks(noise_only, align=8) == (8, 8)
+    assert tucker2_ranks(noise_only) == (1, 1)  # auto: not every small layer at (8, 8)
     assert tucker2_ranks(noise_only, min_rank=30, align=1) == (20, 12)  # capped at full rank
     assert tucker2_ranks(torch.randn(3, 2, 3, 3), align=8) == (3, 2)
 
 
 def test_adjust_rank():
-    assert adjust_rank(0, 64) == 8
-    assert adjust_rank(9, 64) == 16
+    assert adjust_rank(0, 64, align=8) == 8
+    assert adjust_rank(9, 64, align=8) == 16
+    assert adjust_rank(61, 62, align=8) == 62
+    # align="auto" (default): a multiple of 8 only where that adds at most a quarter of the rank
+    assert [adjust_rank(r, 512) for r in (0, 3, 7, 8, 9, 25, 28, 30, 61, 100)] == [1, 3, 8, 8, 9, 25, 32, 32, 64, 104]
     assert adjust_rank(61, 62) == 62
     assert adjust_rank(5, 64, weaken=1.0, align=1) == 64
     assert adjust_rank(5, 5, align=16) == 5
@@ -134,7 +140,7 @@ def test_adjust_rank():
         ({"weaken": "no"}, "weaken"),
         ({"min_rank": 0}, "min_rank must be an int >= 1"),
         ({"min_rank": 2.0}, "min_rank"),
-        ({"align": 0}, "align must be an int >= 1"),
+        ({"align": 0}, "align must be 'auto' or an int >= 1"),
     ],
 )
 def test_bad_rank_options(kwargs, match):

@@ -117,7 +117,8 @@ def planted_conv(o, c, r_out, r_in, noise=0.01):
 def test_rank_specifications():
     conv = planted_conv(32, 24, 6, 10)
     assert TuckerConv2d.from_conv(conv, ranks="evbmf", align=1).ranks == (6, 10)
-    assert TuckerConv2d.from_conv(conv).ranks == (8, 16)  # default: evbmf, aligned up to 8
+    assert TuckerConv2d.from_conv(conv).ranks == (6, 10)  # default: evbmf, align="auto" keeps small ranks
+    assert TuckerConv2d.from_conv(conv, align=8).ranks == (8, 16)
     assert TuckerConv2d.from_conv(conv, "evbmf", weaken=1.0).ranks == (32, 24)
     assert TuckerConv2d.from_conv(conv, ranks=0.5).ranks == (16, 12)
     assert TuckerConv2d.from_conv(conv, ranks=0.01).ranks == (1, 1)
@@ -138,7 +139,7 @@ def test_rank_specifications():
         (True, {}, TypeError, "ranks must be"),
         ("vbmf", {}, ValueError, "ranks must be a pair of ints, a float in \\(0, 1\\] or 'evbmf'"),
         ((4, 4), {"align": 8}, ValueError, "only apply to ranks='evbmf'"),
-        ("evbmf", {"align": 0}, ValueError, "align must be an int >= 1"),
+        ("evbmf", {"align": 0}, ValueError, "align must be 'auto' or an int >= 1"),
         ("evbmf", {"weakening": 0.5}, TypeError, "unknown rank options"),
     ],
 )

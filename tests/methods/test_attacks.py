@@ -105,7 +105,7 @@ def test_modes_flags_and_grads_restored(attack):
     elif attack == "pgd":
         attacks.pgd(model, x, y, 0.1, steps=2)
     else:
-        kdfast.robustness_report(model, [(x, y)], eps=[0, 0.1], pgd_steps=2)
+        kdfast.robustness_report(model, [(x, y)], eps=[0, 0.1], pgd_steps=2, units="input")
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert torch.equal(model[6].weight.grad, torch.full_like(model[6].weight, 7.0))
@@ -168,7 +168,8 @@ def test_robustness_report_table_dict_and_plot(tmp_path):
         model[1].weight.copy_(w)
         model[1].bias.zero_()
     loader = [(x[:32], y[:32]), (x[32:], y[32:])]
-    rep = kdfast.robustness_report(model, loader, eps=[0, 0.05, 0.3], pgd_steps=5, clamp=(0.0, 1.0), plot=tmp_path / "r.png")
+    rep = kdfast.robustness_report(model, loader, eps=[0, 0.05, 0.3], pgd_steps=5, clamp=(0.0, 1.0), plot=tmp_path / "r.png",
+                                   units="input")
     assert rep.n == 64 and rep.clean == 1.0
     assert rep.fgsm[0] == rep.pgd[0] == rep.clean
     assert rep.pgd[2] < rep.clean and rep.pgd[2] <= rep.pgd[1] + 1e-9
@@ -182,7 +183,7 @@ def test_robustness_report_table_dict_and_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     # std given: eps in pixel units, divided by std per channel for the attack
     rep2 = kdfast.robustness_report(model, loader, eps=[0.1], pgd_steps=5, std=[2.0, 2.0, 2.0], random_start=False)
-    rep3 = kdfast.robustness_report(model, loader, eps=[0.05], pgd_steps=5, random_start=False)
+    rep3 = kdfast.robustness_report(model, loader, eps=[0.05], pgd_steps=5, random_start=False, units="input")
     assert rep2.pgd == rep3.pgd and rep2.fgsm == rep3.fgsm and rep2.eps_units.startswith("pixel")
 
 
@@ -190,10 +191,10 @@ def test_robustness_report_bad_arguments():
     model = nn.Linear(4, 2)
     loader = [(torch.rand(2, 4), torch.tensor([0, 1]))]
     with pytest.raises(ValueError, match="eps values"):
-        kdfast.robustness_report(model, loader, eps=[-1])
+        kdfast.robustness_report(model, loader, eps=[-1], units="input")
     with pytest.raises(ValueError, match="pgd_steps"):
-        kdfast.robustness_report(model, loader, pgd_steps=0)
+        kdfast.robustness_report(model, loader, pgd_steps=0, units="input")
     with pytest.raises(ValueError, match="no samples"):
-        kdfast.robustness_report(model, [], eps=[0.1])
+        kdfast.robustness_report(model, [], eps=[0.1], units="input")
     with pytest.raises(TypeError, match="loader must yield"):
-        kdfast.robustness_report(model, [torch.rand(2, 4)], eps=[0.1])
+        kdfast.robustness_report(model, [torch.rand(2, 4)], eps=[0.1], units="input")
