@@ -140,7 +140,7 @@ def test_wrong_data_root_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, command, message", [
     (["demo", "--bogus"], "demo", "unrecognized arguments: --bogus"),
-    (["experiment", "kd", "--data", "mnist"], "experiment", "unrecognized arguments: --data mnist"),
+    (["experiment", "kd", "--quick"], "experiment", "unrecognized arguments: --quick"),  # the flag before --budget
     (["robustness", "--checkpoint", "x.pt", "--epz", "1"], "robustness", "unrecognized arguments: --epz 1"),
     (["decompose", "--checkpoint", "x.pt", "--ranks", "4,0"], "decompose", "bad ranks '4,0'"),
 ])
