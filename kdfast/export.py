@@ -30,7 +30,7 @@ from torch import fx, nn
 from .nn import FusedTuckerConv2d, TuckerConv2d
 
 __all__ = ["DEFAULT_OPSET", "ExportError", "check_example_input", "export_onnx", "export_program", "find_kdfast_ops",
-           "run_onnx", "to_plain"]
+           "plain_graph_module", "run_onnx", "to_plain"]
 
 # torch 2.13's default ONNX opset for the torch.export-based exporter (torch.onnx._constants.ONNX_DEFAULT_OPSET);
 # stated here so an exported file does not change opset when torch does. ONNX Runtime >= 1.17 runs it.
@@ -170,6 +170,21 @@ def _replacement(layer: TuckerConv2d, name: str, residual_layers: set, plain_of:
     plain = _plain_tucker(layer, relu=fused and layer.relu and not layer.add_residual)
     plain_of[id(layer)] = plain
     return plain
+
+
+def plain_graph_module(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace(to_plain(model))``: a GraphModule whose modules are all torch classes, so
+    ``torch.save`` pickles it and ``torch.load(path, weights_only=False)`` rebuilds it without kdfast.
+    Raises what torch.fx raises for a forward it cannot trace (data-dependent Python control flow)."""
+    plain = to_plain(model)  # first: torch.fx would trace into a Tucker layer's custom-op call
+    gm = plain if isinstance(plain, fx.GraphModule) else fx.symbolic_trace(plain)
+    # Annotations written under `from __future__ import annotations` are strings, which the pickled
+    # GraphModule's import block cannot name: drop them (they are not used at run time).
+    for node in gm.graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    gm.recompile()
+    return gm
 
 
 # =============================================================================================== checks

@@ -11,6 +11,8 @@
                                                     clean / FGSM / PGD accuracy of a saved model
     kdfast decompose --checkpoint FILE [--ranks evbmf|0.5|R_OUT,R_IN] [--out FILE]
                                                     Tucker-2 decompose a saved model
+    kdfast export MODEL_FILE --format plain|exported|onnx --out PATH [--input-shape 1,3,32,32]
+                                                    a saved model without kdfast (kdfast.cli.export)
 
 The checkpoints are kdfast model checkpoints (kdfast.model_file: model name + kwargs + Tucker
 layer structure + state dict, loadable with torch.load(weights_only=True)); `kdfast demo` and
@@ -124,7 +126,7 @@ def _check_device(device: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdfast", description="kdfast: fast knowledge distillation for CNNs")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{info,demo,experiment,distill,robustness,decompose}")
+                                metavar="{info,demo,experiment,distill,robustness,decompose,export}")
     info = sub.add_parser(
         "info",
         help="version, the torch it was built against, compiled kernels per op, the CUDA path of each op",
@@ -211,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--out", default=None, help="output checkpoint (default: <checkpoint>_tucker.pt)")
     dec.add_argument("--eval", action="store_true", help="also report test accuracy before and after (on the recorded data)")
     dec.add_argument("--root", default=None, help="directory of the CIFAR / MNIST files (with --eval)")
+
+    from . import export
+
+    export.add_parser(sub)
     return parser
 
 
@@ -355,6 +361,12 @@ def cmd_decompose(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import cmd_export as run_export
+
+    return run_export(args)
+
+
 COMMANDS = {
     "info": cmd_info,
     "demo": cmd_demo,
@@ -362,6 +374,7 @@ COMMANDS = {
     "distill": cmd_distill,
     "robustness": cmd_robustness,
     "decompose": cmd_decompose,
+    "export": cmd_export,
 }
 
 
