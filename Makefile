@@ -74,7 +74,7 @@ OUT ?= gpu-check-out
 gpu-check:
 	$(PYTHON) tools/gpu_check.py --out $(OUT)
 
-# The same stages on the CPU with tiny shapes (tests/test_gpu_check.py runs it under `make test`).
+# The same stages on the CPU with tiny shapes (tests/build/test_gpu_check.py runs it under `make test`).
 gpu-check-dry:
 	$(PYTHON) tools/gpu_check.py --dry-run --out $(OUT)
 

@@ -64,7 +64,7 @@ def compile_args(with_cuda: bool, debug: bool = False) -> dict:
     """extra_compile_args of the extension. No -std flag: torch.utils.cpp_extension adds the C++
     standard its own headers need (C++17 up to torch 2.x, C++20 from the releases that require it),
     for g++ and nvcc alike. No --use_fast_math: its approximate exp/log/division would make the CUDA
-    float32 results differ from the CPU math the test-suite checks (tests/test_build.py checks both)."""
+    float32 results differ from the CPU math the test-suite checks (tests/build/test_build.py checks both)."""
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-fdiagnostics-color=always", "-Wall", "-Wno-unknown-pragmas"]
     cxx += openmp_flags()
@@ -100,7 +100,7 @@ def get_extensions():
 
 
 # setuptools runs this file as __main__ (pip and `python setup.py` alike); tools/gpu_check.py and
-# tests/test_build.py import it under another name to read compile_args without building.
+# tests/build/test_build.py import it under another name to read compile_args without building.
 if __name__ == "__main__":
     setup(
         packages=find_packages(include=["kdfast", "kdfast.*"]),

@@ -139,7 +139,7 @@ def test_bss_attack(benchmark, setup):
     steps = _steps(teacher, x, t_logits, seed)
     outs = {name: step() for name, step in steps.items()}  # warm-up (untimed)
     # Same (sample, target) pairs; the results agree to float32 rounding, which an iterative attack
-    # can amplify over 10 steps (the float64 agreement is tested in tests/test_bss.py): recorded.
+    # can amplify over 10 steps (the float64 agreement is tested in tests/methods/test_bss.py): recorded.
     deviation = {name: float((out - outs["official"]).abs().max()) for name, out in outs.items()}
     benchmark.group = f"bss attack {setup}"
     times = harness.time_interleaved(benchmark, steps, "cpu", ROUNDS)

@@ -16,7 +16,7 @@ from . import _ext
 
 #: Public ops and the internal backward ops that serve them. A new op adds its row here, in
 #: csrc/ops/kernel_paths.cpp (the CUDA kernel table), csrc/ops/schemas.cpp and csrc/ops/autocast.cpp;
-#: tests/test_kernel_paths.py checks that the four agree.
+#: tests/ops/test_kernel_paths.py checks that the four agree.
 OPS = {
     "fsp_matrix": ["fsp_matrix", "_fsp_matrix_backward"],
     "fsp_loss": ["fsp_loss", "_fsp_loss_backward"],

@@ -1,9 +1,13 @@
 import os
+import sys
 
 import pytest
 import torch
 
 from kdfast import _ext
+
+# The worker scripts (tests/workers/) also define what some tests reuse (e.g. the DDP case builders).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
 
 
 def cuda_usable() -> bool:

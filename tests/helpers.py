@@ -48,6 +48,7 @@ def grads(loss_fn, inputs, grad_out):
 
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+WORKERS_DIR = os.path.join(TESTS_DIR, "workers")  # scripts the tests run as subprocesses
 
 
 def load_ranks_assert_identical(out_dir, parts):
@@ -62,13 +63,13 @@ def load_ranks_assert_identical(out_dir, parts):
 
 
 def run_torchrun(worker: str, out_dir, nproc: int = 2, timeout: int = 180) -> None:
-    """Run tests/<worker> with ``torchrun --standalone --nproc_per_node nproc`` (CPU processes, gloo),
+    """Run tests/workers/<worker> with ``torchrun --standalone --nproc_per_node nproc`` (CPU processes, gloo),
     passing ``out_dir`` as its argument; fail with the tail of its output if it does not exit 0."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([os.path.dirname(TESTS_DIR), TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # a launcher around pytest must not leak into the workers' rendezvous
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           os.path.join(TESTS_DIR, worker), str(out_dir)]
+           os.path.join(WORKERS_DIR, worker), str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

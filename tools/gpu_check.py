@@ -1,7 +1,7 @@
 """`make gpu-check OUT=<dir>`: everything a lent GPU must tell us about kdfast's CUDA code, in one
 command of at most 8 minutes (an H200 with 16 cores, a preinstalled CUDA torch, nvcc, no network).
 `make gpu-check-dry OUT=<dir>` runs the same stages on the CPU with tiny shapes (GPU-only stages say
-"skipped: no GPU") and writes the same files; tests/test_gpu_check.py runs it, so this script cannot rot.
+"skipped: no GPU") and writes the same files; tests/build/test_gpu_check.py runs it, so this script cannot rot.
 
 Stages, in order, each with its own time limit; once the overall deadline has passed, the remaining
 stages are skipped and say so:
@@ -13,7 +13,7 @@ stages are skipped and say so:
   3. sass         cuobjdump: per-kernel registers / shared / local memory / spills, and a SASS summary
                   (HGMMA, HMMA, FFMA counts, 128-bit loads, local loads/stores)
   4. cuda tests   pytest -m cuda_kernels: every hand-written kernel forced on, against the ATen path and
-                  the float64 reference (tests/test_cuda_kernels.py)
+                  the float64 reference (tests/ops/test_cuda_kernels.py)
   5. sanitizer    compute-sanitizer memcheck and racecheck over tools/gpu_sanitize_cases.py, restricted
                   to kdfast's kernels
   6. benchmark    benchmarks/gpu_bench.py: every op vs its baselines, CIFAR and ImageNet shapes, fp32 and
@@ -202,7 +202,7 @@ class Check:
         cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests"), "-m", marker, "-q", "-rfEs",
                "-p", "no:cacheprovider", f"--junitxml={os.path.join(self.out, junit)}", "-o", "junit_family=xunit2"]
         if self.dry:
-            cmd[3] = os.path.join(ROOT, "tests", "test_cuda_kernels.py")  # the dry run collects just these
+            cmd[3] = os.path.join(ROOT, "tests", "ops", "test_cuda_kernels.py")  # the dry run collects just these
         code, text = self.sh(cmd, log, limit)
         if marker == "cuda_kernels":
             self.results["kernel tests per op"] = _tests_per_op(os.path.join(self.out, junit))

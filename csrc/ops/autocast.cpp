@@ -17,7 +17,7 @@ void call_without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* sta
 }
 
 // Every op declared in csrc/ops/schemas.cpp except the CatchAll ones (_build_info, _kernel_paths);
-// tests/test_autocast.py and tests/test_kernel_paths.py check that this list and the schemas agree.
+// tests/ops/test_autocast.py and tests/ops/test_kernel_paths.py check that this list and the schemas agree.
 constexpr const char* kOps[] = {
     "fsp_matrix", "_fsp_matrix_backward", "fsp_loss", "_fsp_loss_backward",
     "nst_loss", "_nst_loss_backward", "tucker_conv2d", "_tucker_conv2d_backward", "_tucker_conv2d_path",

@@ -2,7 +2,7 @@
 //
 // To add an op: one row here (kernel = nullptr if the op has no hand-written CUDA code), its name
 // in kdfast/info.py's OPS, its schema in schemas.cpp and its autocast entry in autocast.cpp
-// (tests/test_kernel_paths.py checks that the four agree).
+// (tests/ops/test_kernel_paths.py checks that the four agree).
 //
 // To mark a kernel verified: run `make gpu-check OUT=...` on a GPU, commit its files under
 // benchmarks/results/<device>/, and set `verified`, `dtypes` (and `in_scope` for a shape range) only

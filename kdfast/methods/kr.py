@@ -239,7 +239,7 @@ def capture_feature_shapes(model: nn.Module, names: Sequence[str], example_input
 # Under DDP the post-accumulate hook of a parameter runs on each rank's local gradient before DDP
 # copies it into its bucket and all-reduces it. That is still exact: the rule is affine in g with
 # coefficients that depend only on theta and tau, which are identical on every rank, so averaging
-# recoded local gradients equals recoding the averaged gradient (tests/test_sparse_recoding.py checks
+# recoded local gradients equals recoding the averaged gradient (tests/ops/test_sparse_recoding.py checks
 # both variants on 2 gloo ranks). ``step()`` remains the advice: it is right in every setting above.
 
 class SparseRecoding:

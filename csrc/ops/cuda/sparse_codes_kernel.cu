@@ -1,4 +1,4 @@
-// sparse_codes on CUDA. UNVERIFIED: this kernel has been compiled (tests/test_build.py) but never run
+// sparse_codes on CUDA. UNVERIFIED: this kernel has been compiled (tests/build/test_build.py) but never run
 // on a GPU, so it is not the default: CUDA runs the ATen formulation of csrc/ops/sparse_codes_impl.h
 // (chunked cuBLAS GEMM + stable sort) until the kernel table (csrc/ops/kernel_paths.cpp) marks it
 // verified; KDFAST_CUDA_KERNELS=sparse_codes opts into this kernel for the forward. The backward always runs the ATen formulation on CUDA.

@@ -3,6 +3,10 @@ one epoch of KRDistiller, then each rank saves its student, aggregators and thre
 import os
 import sys
 
+# tests/ (shared helpers) and the test modules this worker reuses, as pytest sees them.
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [TESTS_DIR] + [os.path.join(TESTS_DIR, d) for d in ["methods"]]
+
 import torch
 import torch.nn as nn
 

@@ -11,7 +11,7 @@ import torch
 import kdfast
 from kdfast import _ext, info
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_extension_loaded_and_matches_torch():

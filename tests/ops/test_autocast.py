@@ -9,7 +9,7 @@ import torch
 import kdfast
 from kdfast import ops
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _declared_ops():

@@ -3,6 +3,10 @@ two epochs of BSSDistiller; each rank saves its student, history and BSS statist
 import os
 import sys
 
+# tests/ (shared helpers) and the test modules this worker reuses, as pytest sees them.
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [TESTS_DIR] + [os.path.join(TESTS_DIR, d) for d in ["methods"]]
+
 import torch
 
 from test_bss import build_ddp_case

@@ -1,6 +1,6 @@
 """The engine's extension points for methods: auxiliary trainables, backward_step by name and the
 before_optimizer_step hook, batch sources, stages, strict JSON logs, and the methods registry.
-(Exact resume of auxiliaries, noise sources and stages under SIGKILL: tests/test_resume.py.)"""
+(Exact resume of auxiliaries, noise sources and stages under SIGKILL: tests/engine/test_resume.py.)"""
 import json
 import math
 

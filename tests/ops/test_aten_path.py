@@ -154,7 +154,7 @@ def test_kd_gradcheck_opcheck_and_target_errors():
 def test_low_precision_error_within_twice_pytorch(dtype, op):
     """Error vs the float64 result at most 2x that of the reference formula run at the same dtype."""
     if op == "kd":
-        inputs64 = [torch.randn(16, 1000, dtype=torch.float64) * 3 for _ in range(2)]  # as tests/test_kd_loss.py
+        inputs64 = [torch.randn(16, 1000, dtype=torch.float64) * 3 for _ in range(2)]  # as tests/ops/test_kd_loss.py
         y = torch.randint(0, 1000, (16,))
         ours = lambda a, b: ops.kd_loss(a, b, y)  # noqa: E731
         ref = lambda a, b: reference.kd_loss(a, b, y)  # noqa: E731

@@ -1,4 +1,4 @@
-"""Worker for tests/test_resume.py: 3-epoch runs with checkpoints and resume=True.
+"""Worker for tests/engine/test_resume.py: 3-epoch runs with checkpoints and resume=True.
 
 Usage: distill_resume_worker.py OUT_DIR MODE [KILL_AT_STEP]. MODE is
   plain   a student with a hint regressor (a loss module with parameters);
@@ -11,6 +11,10 @@ no exception handlers run). At the end it writes OUT_DIR/final.pt with the train
 import os
 import signal
 import sys
+
+# tests/ (shared helpers) and the test modules this worker reuses, as pytest sees them.
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, TESTS_DIR)
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Worker of tests/test_datafree_engine.py: tiny data-free runs with checkpoints (resume tests) or under
+"""Worker of tests/methods/test_datafree_engine.py: tiny data-free runs with checkpoints (resume tests) or under
 torchrun (DDP test).
 
 Usage: datafree_worker.py OUT_DIR METHOD [KILL_AT_STEP [KILL_IN_STAGE]]. METHOD is dafl, dfad or rdskd.
@@ -9,6 +9,10 @@ OUT_DIR/rank<r>.pt (torchrun) with the student, the generator, the history and t
 import os
 import signal
 import sys
+
+# tests/ (shared helpers) and the test modules this worker reuses, as pytest sees them.
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, TESTS_DIR)
 
 import torch
 

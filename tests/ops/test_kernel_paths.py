@@ -12,7 +12,7 @@ import torch
 
 from kdfast import info, ops
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CATCH_ALL = {"_build_info", "_kernel_paths"}  # ops with no backend kernel (registered as CatchAll)
 
 

@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workers")
+ROOT = os.path.dirname(os.path.dirname(HERE))
 STEPS_PER_EPOCH = 4  # 24 samples, batch 6
 
 

@@ -18,8 +18,8 @@ from kdfast import methods, models
 from kdfast.methods import _datafree, dafl, dfad, rdskd
 from kdfast.testing import baselines
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workers")
+ROOT = os.path.dirname(os.path.dirname(HERE))
 QUIET = dict(device="cpu", progress=False)
 
 

@@ -386,7 +386,7 @@ def test_ddp_two_ranks_identical(tmp_path):
     # both ranks' batches.
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT.format(out=str(tmp_path)))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(script), str(r), port], env=env,

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import tarfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGES = ["environment", "build", "sass", "cuda tests", "sanitizer", "benchmark", "default-path tests"]
 
 

@@ -11,7 +11,7 @@ import torch
 from kdfast import model_file as checkpoint
 from kdfast.cli.main import main, parse_eps, parse_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

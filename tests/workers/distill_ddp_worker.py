@@ -1,10 +1,14 @@
-"""Worker for tests/test_ddp.py, launched with ``torchrun --nproc_per_node 2`` (gloo, CPU).
+"""Worker for tests/engine/test_ddp.py, launched with ``torchrun --nproc_per_node 2`` (gloo, CPU).
 
 Usage: distill_ddp_worker.py OUT_DIR. Trains epoch 1, then resumes from the checkpoint for epoch 2. Each rank writes OUT_DIR/rank<r>.pt with its trained student and
 regressor parameters and its history; rank 0 also writes the checkpoint and metrics log.
 """
 import os
 import sys
+
+# tests/ (shared helpers) and the test modules this worker reuses, as pytest sees them.
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, TESTS_DIR)
 
 import torch
 from torch import nn

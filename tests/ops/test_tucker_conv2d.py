@@ -199,7 +199,7 @@ def test_cuda_low_precision_matches_reference(shape, dtype, path, monkeypatch):
 
 def _rule_table():
     """(threads, N, C, R, HW, fused speed-up) rows of csrc/ops/cpu/tucker_cpu_rule.h."""
-    header = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "ops" / "cpu" / "tucker_cpu_rule.h"
+    header = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "ops" / "cpu" / "tucker_cpu_rule.h"
     body = header.read_text().split("kTuckerCpuMeasurements[] = {", 1)[1].split("};", 1)[0]
     rows = [tuple(float(v) for v in m.group(1).split(",")) for m in re.finditer(r"\{([^{}]*)\}", body)]
     assert rows and all(len(r) == 6 for r in rows), "unexpected rule table layout"
