@@ -19,14 +19,18 @@ custom ops have no ONNX translation, so :func:`export_onnx` exports ``to_plain(m
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import operator
 import os
+import warnings
 from collections import OrderedDict
 
 import torch
 from torch import fx, nn
 
+from . import _ext
 from .nn import FusedTuckerConv2d, TuckerConv2d
 
 __all__ = ["DEFAULT_OPSET", "ExportError", "check_example_input", "export_onnx", "export_program", "find_kdfast_ops",
@@ -145,12 +149,17 @@ def to_plain(model: nn.Module, inplace: bool = False) -> nn.Module:
     residual_layers: set = set()
     for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
         _rewrite_residual_calls(gm, residual_layers)
+        # fuse_for_inference's tracer class (kdfast.fusion._Tracer) is kept on the module and its graph
+        # and would be pickled with it; torch.fx's default tracer re-traces the same graph.
+        if getattr(gm, "_tracer_cls", None) is not None and gm._tracer_cls.__module__.startswith("kdfast"):
+            gm._tracer_cls = None
+            gm.graph._tracer_cls = None
 
     if isinstance(model, TuckerConv2d):  # a bare layer: its replacement is the result
         return _replacement(model, "<root>", residual_layers, {})
     plain_of: dict = {}  # id(kdfast layer) -> its replacement (a layer shared by two names stays shared)
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(module.named_children()):
+        for child_name, child in list(module._modules.items()):  # named_children() skips a repeated child
             if isinstance(child, TuckerConv2d):
                 qualified = f"{name}.{child_name}" if name else child_name
                 setattr(module, child_name, _replacement(child, qualified, residual_layers, plain_of))
@@ -216,20 +225,25 @@ def check_example_input(model: nn.Module, example_input) -> None:
         if shape[1] != first.in_channels:
             raise ExportError(f"example_input dimension 1 (channels) is {shape[1]}, but the model's first layer "
                               f"{name!r} takes {first.in_channels} channels (example_input shape {shape})")
-    if shape and shape[0] < 1:
-        raise ExportError(f"example_input dimension 0 (batch) is {shape[0]}; it must be at least 1")
-    failing = []
-    hooks = [m.register_forward_pre_hook(lambda m, args, n=n: failing.append(n))
-             for n, m in model.named_modules() if not list(m.children())]
+    names = ("batch", "channels", "height", "width") if len(shape) == 4 else ()
+    for dim, size in enumerate(shape):
+        if size < 1:
+            what = f" ({names[dim]})" if names else ""
+            raise ExportError(f"example_input dimension {dim}{what} is {size}; every dimension must be at least 1")
+    running = []  # names of the modules whose forward has started and not returned: the last one failed
+    hooks = []
+    for n, m in model.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda m, args, n=n: running.append(n)))
+        hooks.append(m.register_forward_hook(lambda m, args, out: running.pop() and None))  # None: keep the output
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
             model(example_input)
     except (RuntimeError, ValueError) as exc:
-        where = f"in layer {failing[-1]!r} " if failing else ""
-        raise ExportError(f"the model fails {where}on example_input of shape {shape} (dimensions 2 and 3 are "
-                          f"height and width; too small an image is the usual cause): {exc}") from exc
+        where = f"in layer {running[-1]!r} " if running and running[-1] else "in its forward "
+        raise ExportError(f"the model fails {where}on example_input of shape {shape} (dimension 0 is the batch, 1 the "
+                          f"channels, 2 and 3 the height and width): {exc}") from exc
     finally:
         for h in hooks:
             h.remove()
@@ -279,6 +293,11 @@ def export_program(model: nn.Module, example_input: torch.Tensor, *, plain: bool
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = to_plain(model) if plain else copy.deepcopy(model)
     model.eval()
+    kdfast_layers = [n for n, m in model.named_modules() if isinstance(m, TuckerConv2d)]
+    if kdfast_layers and _ext.problem() is not None:
+        raise ExportError(f"the model's kdfast layers ({_some(kdfast_layers)}) cannot run here: {_ext.problem()} "
+                          "Export kdfast.to_plain(model) instead (export_program(model, x, plain=True)): it computes "
+                          "the same with torch.nn layers and needs no compiled kdfast op")
     check_example_input(model, example_input)
     x = _traceable_input(example_input, dynamic_batch)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
@@ -286,14 +305,16 @@ def export_program(model: nn.Module, example_input: torch.Tensor, *, plain: bool
         with torch.no_grad():  # inference graph: no saved intermediates, BatchNorm in eval mode
             return torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
     except Exception as exc:
-        kdfast_layers = [n for n, m in model.named_modules() if isinstance(m, TuckerConv2d)]
         if not kdfast_layers:
             raise
         raise ExportError(
             f"torch.export could not export the model ({type(exc).__name__}: {exc}). It has kdfast layers "
-            f"({', '.join(kdfast_layers[:3])}{', ...' if len(kdfast_layers) > 3 else ''}): export "
-            "kdfast.to_plain(model) instead (or export_program(model, x, plain=True)), which computes the same "
-            "with torch.nn layers only") from exc
+            f"({_some(kdfast_layers)}): export kdfast.to_plain(model) instead (or export_program(model, x, "
+            "plain=True)), which computes the same with torch.nn layers only") from exc
+
+
+def _some(names: list) -> str:
+    return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
 
 
 # =============================================================================================== ONNX
@@ -331,9 +352,12 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path, *, opset_ve
                           "translation; replace that module by torch.nn layers")
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset_version, verbose=False,
-                                     input_names=[input_name], output_names=[output_name])
+    with _quiet_exporter():
+        onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=opset_version, verbose=False,
+                                         input_names=[input_name], output_names=[output_name])
     onnx_program.save(path, external_data=False)
+    if dynamic_batch:
+        _name_batch_dimension(path)
     if verify:
         with torch.no_grad():
             expected = program.module()(example_input)
@@ -343,6 +367,37 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path, *, opset_ve
             raise ExportError(f"ONNX Runtime's output of {path} differs from PyTorch's by up to {err:.3g} "
                               f"(rtol={rtol}, atol={atol})")
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs a warning per torchvision op it cannot register (torchvision is not needed here)."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _name_batch_dimension(path: str) -> None:
+    """Rename the exporter's symbol for dimension 0 (e.g. "s77") to "batch" in the saved ONNX file."""
+    import onnx
+
+    model = onnx.load(path)
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    symbol = dim.dim_param
+    if not symbol or symbol == "batch":
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param == symbol:
+                d.dim_param = "batch"
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
 
 
 def run_onnx(path, x: torch.Tensor):
