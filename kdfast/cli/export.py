@@ -56,8 +56,8 @@ def add_parser(sub) -> None:
 def cmd_export(args) -> int:
     import torch
 
-    from .. import export, fusion
-    from .main import CLIError, _load  # main imports this module lazily: no cycle at import time
+    from .. import export, fusion, model_file
+    from .main import CLIError  # main imports this module only inside build_parser / cmd_export: no cycle
 
     if args.kdfast_ops and args.format != "exported":
         raise CLIError("--kdfast-ops applies to --format exported only")
@@ -65,7 +65,10 @@ def cmd_export(args) -> int:
         raise CLIError("--opset applies to --format onnx only")
     if args.format == "exported" and not args.out.endswith(".pt2"):
         raise CLIError(f"--out {args.out!r}: a torch.export program file must end in .pt2 (torch.export.load expects it)")
-    model, ckpt = _load(args.model_file)
+    try:
+        model, ckpt = model_file.load_model(args.model_file)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(f"MODEL_FILE: {exc}") from None
     shape = args.input_shape
     if shape is None:
         size = (ckpt.get("data") or {}).get("image_size") or 32
