@@ -126,7 +126,7 @@ def test_kd_loss(benchmark, impl, k, device, dtype):
 
 
 # Paired: kdfast and PyTorch's eager formulation in alternation on the same inputs (see
-# harness.time_paired); the ratio the README quotes for small K, where single cells are noisy.
+# harness.time_paired); the ratio docs/performance.md quotes for small K, where single cells are noisy.
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("k", _selected())
 def test_paired_vs_torch(benchmark, k, device, dtype):

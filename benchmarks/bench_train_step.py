@@ -239,7 +239,7 @@ def test_train_step_interleaved(benchmark, device, teacher_name, batch, loss_set
     """All formulations of one group in turns (the order rotated every round), so that slow drift of
     the machine (other tenants, clock changes: up to +-15% between minutes on a shared 2-core VM)
     hits each formulation alike. Records each one's median step and, per formulation, the median over
-    rounds of (its step / kdfast's step in the same round): the paired ratio the README quotes."""
+    rounds of (its step / kdfast's step in the same round): the paired ratio docs/performance.md quotes."""
     benchmark.group = f"train-step-interleaved {loss_set} {teacher_name} B{batch} float32 {device}"
     cases = {impl: _Case(device, teacher_name, batch, loss_set, impl) for impl in IMPLS}
     try:

@@ -1,5 +1,6 @@
 """Input builders and launchers shared by the tests."""
 import os
+import re
 import subprocess
 import sys
 
@@ -73,3 +74,62 @@ def run_torchrun(worker: str, out_dir, nproc: int = 2, timeout: int = 180) -> No
            os.path.join(WORKERS_DIR, worker), str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ the user docs (README.md, docs/)
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+_FENCE = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)")
+
+
+def markdown_files() -> list:
+    """README.md and every docs/**/*.md, as paths relative to the repository root, sorted."""
+    files = ["README.md"]
+    for folder, _, names in os.walk(os.path.join(REPO_ROOT, "docs")):
+        files += [os.path.relpath(os.path.join(folder, n), REPO_ROOT) for n in names if n.endswith(".md")]
+    return sorted(files)
+
+
+def read_markdown(rel: str) -> str:
+    with open(os.path.join(REPO_ROOT, rel), encoding="utf-8") as f:
+        return f.read()
+
+
+def _closes(line: str, fence: str) -> bool:
+    stripped = line.strip()
+    return len(stripped) >= len(fence) and stripped == fence[0] * len(stripped)
+
+
+def fenced_blocks(text: str, rel: str) -> list:
+    """[(language, line of the block's first code line (1-based), code)] for every fenced block that
+    starts a line. An unclosed fence raises ValueError (it would hide the rest of the file)."""
+    blocks, fence = [], None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if fence is None:
+            match = _FENCE.match(line)
+            if match:
+                fence, language, start, body = match.group(1), match.group(2).lower(), number + 1, []
+        elif _closes(line, fence):
+            blocks.append((language, start, "\n".join(body) + "\n"))
+            fence = None
+        else:
+            body.append(line)
+    if fence is not None:
+        raise ValueError(f"{rel}: the {fence} fence opened at line {start - 1} is never closed")
+    return blocks
+
+
+def markdown_prose(text: str, keep_code_spans: bool = False) -> str:
+    """The text outside fenced blocks (and, unless ``keep_code_spans``, outside inline code spans):
+    where a [text](target) is a link and a line starting with # is a heading."""
+    lines, fence = [], None
+    for line in text.splitlines():
+        if fence is None:
+            match = _FENCE.match(line)
+            if match:
+                fence = match.group(1)
+            else:
+                lines.append(line)
+        elif _closes(line, fence):
+            fence = None
+    text = "\n".join(lines)
+    return text if keep_code_spans else re.sub(r"(`+).*?\1", "", text, flags=re.S)

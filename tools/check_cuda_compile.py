@@ -1,6 +1,6 @@
 """Compile-check csrc/ops/cuda/*.cu with nvcc against the installed torch's headers, on a machine
 without a GPU or a CUDA build of torch. This proves the CUDA sources type-check and generate code
-for the target arch; it does not run them (that needs a GPU: see README "CUDA status").
+for the target arch; it does not run them (that needs a GPU: see docs/cuda.md).
 
 A CPU wheel of torch lacks c10/cuda/impl/cuda_cmake_macros.h (generated for CUDA builds); a
 one-line stand-in is written to a temporary include directory.

@@ -97,11 +97,14 @@ class Generator(nn.Module):
 
 
 class PenultimateTap:
-    """The input of one layer of ``model`` (default: its last ``nn.Linear``, i.e. the penultimate
-    feature the classifier sees), recorded on every forward by a forward pre-hook.
+    """The input of one layer of ``model``, recorded on every forward by a forward pre-hook. Default:
+    the model's ``representation_layer`` if it names one (kdfast's LeNet-5: ``fc2``), else its last
+    ``nn.Linear`` (the feature the classifier sees).
 
-    DAFL's activation loss uses this feature: LeNet-5's 120-d conv output or ResNet's pooled 512-d
-    feature before the FC in the official code, both the classifier's input.
+    DAFL's activation loss uses this feature: LeNet-5's 120-d conv3 output (``feature =
+    output.view(-1, 120)``, the input of its fc1, two layers before the logits) or ResNet's pooled
+    512-d feature before the FC in the official code (huawei-noah/Efficient-Computing, DAFL ``lenet.py``,
+    ``resnet.py``).
     """
 
     def __init__(self, model: nn.Module, layer: Optional[str] = None):
@@ -109,6 +112,8 @@ class PenultimateTap:
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if layer is None:
+            layer = getattr(model, "representation_layer", None)
         if layer is None:
             linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
             if not linears:

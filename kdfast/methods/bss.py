@@ -7,9 +7,11 @@ offers a variant it is an option.
 
 One training step (on top of cross-entropy and Hinton KD on the clean batch):
 
-1. :func:`select_base_samples`: the samples the teacher classifies correctly (``require_student_correct``:
-   the paper's "teacher and student both correct"); more than ``max_samples`` (64): the top ones by the
-   distill score ``sum_{c != y} (softmax(z_T)_c - softmax(z_S)_c)^2``.
+1. :func:`select_base_samples`: the samples that the teacher **and** the student classify correctly
+   (the official code since its commit "Reproducing", ``attack_flag = condition1 & condition2``; the
+   repository's first commit checked the teacher alone, kept as ``require_student_correct=False``,
+   "teacher-only"); more than ``max_samples`` (64): the top ones by the distill score
+   ``sum_{c != y} (softmax(z_T)_c - softmax(z_S)_c)^2``.
 2. :func:`sample_target_classes`: one target class per base sample, drawn with probability
    proportional to the teacher's softmax over every class except its top-1 (vectorised inverse-CDF
    sampling; the official double loop calls ``.cpu()`` per element).
@@ -114,8 +116,9 @@ def bss_loss(s_adv_logits: torch.Tensor, t_adv_logits: torch.Tensor, temperature
 
 # ------------------------------------------------------------------------------------------ base samples
 def base_sample_mask(t_logits: torch.Tensor, s_logits: Optional[torch.Tensor], targets: torch.Tensor, *,
-                     require_student_correct: bool = False) -> torch.Tensor:
-    """Bool (N,): the teacher's top-1 is the label (and the student's too with ``require_student_correct``)."""
+                     require_student_correct: bool = True) -> torch.Tensor:
+    """Bool (N,): the teacher's and the student's top-1 are the label (the official rule); with
+    ``require_student_correct=False`` ("teacher-only", the official code's first commit) the teacher's alone."""
     _logits("t_logits", t_logits)
     _labels("targets", targets, t_logits.shape[0], None, t_logits.device)
     mask = t_logits.argmax(dim=1) == targets
@@ -149,11 +152,11 @@ def top_scored(mask: torch.Tensor, scores: torch.Tensor, max_samples: Optional[i
 
 
 def select_base_samples(t_logits: torch.Tensor, s_logits: torch.Tensor, targets: torch.Tensor,
-                        max_samples: Optional[int] = 64, *, require_student_correct: bool = False) -> torch.Tensor:
+                        max_samples: Optional[int] = 64, *, require_student_correct: bool = True) -> torch.Tensor:
     """Row indices (int64) of the base samples of a batch (official rule; see the module docstring).
 
-    The teacher must classify a base sample correctly (``require_student_correct=True``: the student
-    too). With more than ``max_samples`` candidates (None: no cap), the ``max_samples`` with the
+    The teacher and the student must both classify a base sample correctly (``require_student_correct=False``:
+    teacher-only, the official code's first commit). With more than ``max_samples`` candidates (None: no cap), the ``max_samples`` with the
     largest distill score are kept, in descending score order; otherwise all of them in row order.
     A batch with no candidate gives an empty tensor.
     """
@@ -329,7 +332,7 @@ OPTIONS = {
     "attack_steps": 10,
     "step_size": 0.3,
     "clamp": (-2.5, 2.5),             # pixel range in normalised space (CIFAR normalisation)
-    "require_student_correct": False, # the paper's "teacher and student both correct"
+    "require_student_correct": True,  # official: teacher and student both correct (False: teacher-only)
     "shrink_below": 0.75,             # see bss_attack
     "epochs": 80,
     "lr": 0.1,
@@ -359,7 +362,9 @@ class BSSDistiller(Distiller):
     ``"ce"`` and ``"kd"``), plus, while ``bss_w(e) > 0``, ``bss_w(e) * softCE_T(z_S(x_hat), z_T(x_hat))``
     over the boundary-supporting samples ``x_hat`` (:func:`select_base_samples`,
     :func:`sample_target_classes`, :func:`bss_attack`), with the weights of :func:`bss_weights` over
-    ``schedule_epochs`` (default: ``epochs``). A step where no sample qualifies has no BSS term.
+    ``schedule_epochs`` (default: ``epochs``). A step where no sample qualifies has no BSS term, nor
+    one where a single sample qualifies in the global batch and the student has BatchNorm (train-mode
+    BatchNorm cannot normalise one sample whose maps are 1x1; the official code raises there).
 
     The adversarial forward runs the student in train mode on the attacked batch alone (its BatchNorm
     sees that batch's statistics and updates its running statistics with them, as in the official code).
@@ -380,7 +385,7 @@ class BSSDistiller(Distiller):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, temperature: float = 3.0,
                  max_samples: Optional[int] = 64, attack_steps: int = 10, step_size: float = 0.3,
-                 clamp: Optional[Tuple[float, float]] = (-2.5, 2.5), require_student_correct: bool = False,
+                 clamp: Optional[Tuple[float, float]] = (-2.5, 2.5), require_student_correct: bool = True,
                  shrink_below: float = 0.75, schedule_epochs: Optional[int] = None, **kwargs):
         if teacher is None:
             raise ValueError("BSSDistiller needs a teacher")
@@ -401,6 +406,7 @@ class BSSDistiller(Distiller):
                                             "kd": (SoftCrossEntropy(temperature), kd_weight)}, **kwargs)
         #: per epoch: steps, steps with a BSS term, attacked samples, teacher calls of the attacks (this rank)
         self.bss_epoch_stats: dict = {"steps": 0, "bss_steps": 0, "attacked": 0, "teacher_calls": 0}
+        self._student_has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
         # validated once here rather than at the first step
         soft_cross_entropy(torch.zeros(1, 2), torch.zeros(1, 2), self.temperature)
 
@@ -439,7 +445,9 @@ class BSSDistiller(Distiller):
     def bss_term(self, inputs, targets, t_logits, s_logits) -> Optional[torch.Tensor]:
         """The BSS loss of this rank (scaled for DDP), or None when no sample of the global batch qualifies."""
         idx, n_global = self._global_base_samples(t_logits, s_logits.detach(), targets)
-        if n_global == 0:
+        if n_global == 0 or (n_global == 1 and self._student_has_batchnorm):
+            # One attacked sample cannot pass a train-mode BatchNorm whose maps are 1x1 (the official
+            # code raises there); with both-correct base samples a lone qualifier is common early on.
             return None
         self.bss_epoch_stats["bss_steps"] += 1
         self.bss_epoch_stats["attacked"] += idx.numel()

@@ -128,6 +128,21 @@ def repdistiller_kd_loss(s, t, targets, temperature: float = 4.0, alpha: float =
 # bhheo/BSS_distillation (586b1411) as it computes target sampling and the attack, restated in current
 # PyTorch (Variable / zero_gradients are gone): per-element Python loops with a host read per element
 # for the sampling, the whole base-sample batch through the teacher at every attack step.
+def bss_official_base_samples(out_t, out_s, targets, attack_size: int = 64):
+    """train_BSS_distillation.py at HEAD (since commit "Reproducing"): the samples the teacher AND the
+    student classify correctly (``attack_flag = condition1 & condition2``); above ``attack_size``, the
+    ``attack_size`` largest distill scores (T = 1), in descending order. Returns the row indices."""
+    condition1 = targets == out_t.sort(dim=1, descending=True)[1][:, 0]
+    condition2 = targets == out_s.sort(dim=1, descending=True)[1][:, 0]
+    attack_flag = condition1 & condition2
+    attack_idx = attack_flag.nonzero().squeeze(1)  # squeeze(1): the official squeeze() breaks on one sample
+    if attack_idx.shape[0] > attack_size:
+        diff = (F.softmax(out_t[attack_idx, :], 1) - F.softmax(out_s[attack_idx, :], 1)) ** 2
+        distill_score = diff.sum(dim=1) - diff.gather(1, targets[attack_idx].unsqueeze(1)).squeeze(1)
+        attack_idx = attack_idx[distill_score.sort(descending=True)[1][:attack_size]]
+    return attack_idx
+
+
 def bss_official_target_classes(t_logits):
     """train_BSS_distillation.py: default = the second-ranked class; uniform u times the sum of the
     non-top softmax; double loop over (sample, class) with one host read per comparison."""

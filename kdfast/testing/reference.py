@@ -153,8 +153,9 @@ def bss_soft_ce(s_logits, t_logits, temperature: float = 3.0):
     return -(F.softmax(t / temperature, 1) * F.log_softmax(s / temperature, 1)).sum() / s.shape[0]
 
 
-def bss_select_base_samples(t_logits, s_logits, targets, max_samples=64, require_student_correct=False):
-    """Indices of the samples whose teacher top-1 is the label (and the student's too if asked); above
+def bss_select_base_samples(t_logits, s_logits, targets, max_samples=64, require_student_correct=True):
+    """Indices of the samples whose teacher and student top-1 are the label (the teacher's alone with
+    require_student_correct=False); above
     max_samples, the max_samples largest distill scores sum_{c != y} (softmax(t) - softmax(s))^2 (T = 1),
     in descending score order (ties: lower index first); otherwise all, in index order."""
     t, s = t_logits.double(), s_logits.double()

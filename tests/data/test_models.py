@@ -138,3 +138,15 @@ def test_bad_depth():
         models.CifarResNet(21)
     with pytest.raises(ValueError, match="depth must be one of"):
         models.VGG(9)
+
+
+def test_lenet5_and_lenet5_half_match_the_data_free_papers_parameter_counts():
+    """DAFL's lenet.py (huawei-noah/Efficient-Computing): LeNet-5 61,706 parameters; LeNet-5-half, every
+    width halved, the fully connected layers included (conv 1->3->8, conv3 8->60, fc 60->42->10), 15,738."""
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+    full = models.build("lenet5", num_classes=10, in_channels=1)
+    half = models.build("lenet5", num_classes=10, in_channels=1, width_mult=0.5)
+    assert count(full) == 61_706 and count(half) == 15_738
+    assert (half.fc1.out_features, half.fc2.out_features) == (60, 42)
+    assert half(torch.randn(2, 1, 32, 32)).shape == (2, 10)

@@ -2,6 +2,8 @@
 loss and its weights against the float64 re-statement of the official rules (kdfast.testing.reference),
 the official per-element formulation (kdfast.testing.baselines), a statistical test of the sampler,
 and bad input."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,6 +143,34 @@ def test_select_base_samples_matches_reference(device, n, k, max_samples, both):
     assert out.cpu().tolist() == ref.tolist()
 
 
+@pytest.mark.parametrize("n,k,max_samples", [(1, 10, 64), (40, 10, 64), (256, 10, 64), (300, 100, 16)])
+def test_default_base_samples_are_the_official_codes(n, k, max_samples):
+    """The default rule is the official code's at HEAD: teacher AND student correct, then top scores."""
+    torch.manual_seed(n + k)
+    t = 3 * torch.randn(n, k, dtype=torch.float64)
+    s = 3 * torch.randn(n, k, dtype=torch.float64)
+    # most labels agree with the teacher, a third of them with the student too: every case occurs
+    y = torch.where(torch.rand(n) < 0.8, t.argmax(1), torch.randint(0, k, (n,)))
+    y = torch.where(torch.rand(n) < 0.3, s.argmax(1), y)
+    out = bss.select_base_samples(t, s, y, max_samples)
+    official = baselines.bss_official_base_samples(t, s, y, attack_size=max_samples)
+    assert out.tolist() == official.tolist()
+    assert (s[out].argmax(1) == y[out]).all() and (t[out].argmax(1) == y[out]).all()
+
+
+def test_teacher_only_option_keeps_student_mistakes():
+    """require_student_correct=False is the official code's first commit: on random logits it keeps
+    samples the student gets wrong, which the default never does."""
+    torch.manual_seed(0)
+    t, s = torch.randn(256, 10), torch.randn(256, 10)
+    y = t.argmax(1)
+    teacher_only = bss.select_base_samples(t, s, y, 64, require_student_correct=False)
+    default = bss.select_base_samples(t, s, y, 64)
+    assert (s[teacher_only].argmax(1) != y[teacher_only]).any()
+    assert (s[default].argmax(1) == y[default]).all()
+    assert bss.OPTIONS["require_student_correct"] is True
+
+
 def test_select_base_samples_float32_and_non_contiguous_logits():
     t64, s64 = 2 * torch.randn(10, 90, dtype=torch.float64), 2 * torch.randn(10, 90, dtype=torch.float64)
     y = t64.argmax(0)  # (90,)
@@ -163,8 +193,10 @@ def test_select_base_samples_none_qualifies_and_single():
 def test_select_base_samples_keeps_the_largest_scores():
     t = torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [5.0, 0, 0]])
     s = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 1.0]])  # scores: 0, large, medium
-    assert bss.select_base_samples(t, s, torch.zeros(3, dtype=torch.int64), 2).tolist() == [1, 2]
-    assert bss.select_base_samples(t, s, torch.zeros(3, dtype=torch.int64), 3).tolist() == [0, 1, 2]
+    y = torch.zeros(3, dtype=torch.int64)  # the student is wrong on rows 1 and 2: teacher-only ranking
+    assert bss.select_base_samples(t, s, y, 2, require_student_correct=False).tolist() == [1, 2]
+    assert bss.select_base_samples(t, s, y, 3, require_student_correct=False).tolist() == [0, 1, 2]
+    assert bss.select_base_samples(t, s, y, 3).tolist() == [0]
 
 
 def test_select_base_samples_bad_input():
@@ -475,6 +507,28 @@ def _labelled_by_teacher(teacher, n=32, agree=0.75, seed=0):
     return TensorDataset(x, y)
 
 
+def _near_copy(teacher, noise=0.3, seed=0):
+    """A student that is the teacher plus noise: it agrees with the teacher on most inputs, so the
+    official rule (teacher AND student correct) has base samples, and disagrees on some."""
+    g = torch.Generator().manual_seed(seed)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p += noise * p.std() * torch.randn(p.shape, generator=g, dtype=p.dtype)
+    return student
+
+
+def _labelled_for_both(teacher, student, n=12, seed=0):
+    """``n`` synthetic images labelled with the teacher's prediction, those the student predicts alike
+    first (base samples of the official rule); asserts there is at least one."""
+    x, _ = synthetic(8 * n, seed=seed).tensors
+    with torch.no_grad():
+        t, s = teacher(x).argmax(1), student(x).argmax(1)
+    rows = torch.cat([(t == s).nonzero().squeeze(1), (t != s).nonzero().squeeze(1)])[:n]
+    assert (t[rows] == s[rows]).any(), "no sample both models classify alike: change the seed"
+    return TensorDataset(x[rows], t[rows])
+
+
 def build_ddp_case(world_size):
     """TinyNet teacher/student (no BatchNorm), max_samples 3 of a global batch of 8 (the selection
     truncates across ranks), BSS weight > 0 in both epochs."""
@@ -538,11 +592,12 @@ def test_step_without_base_samples_is_a_normal_kd_step():
 def test_bss_step_matches_manual_official_step():
     """One step on one batch = CE + kd_w softCE + bss_w softCE(attacked) by hand, with the same draws."""
     torch.manual_seed(4)
-    teacher, student = TinyNet(8).double(), TinyNet(4).double()
-    data = _labelled_by_teacher(teacher.float(), n=12, agree=0.8, seed=1)
-    teacher.double()
+    teacher = TinyNet(8)
+    student = _near_copy(teacher)
+    data = _labelled_for_both(teacher, student, n=12, seed=1)
+    teacher.double(), student.double()
     x, y = data.tensors[0].double(), data.tensors[1]
-    manual = TinyNet(4).double()
+    manual = TinyNet(8).double()
     manual.load_state_dict(student.state_dict())
     d = BSSDistiller(teacher, student, max_samples=5, epochs=10, lr=0.1, momentum=0.0, weight_decay=0.0,
                      seed=9, device="cpu", progress=False)
@@ -602,8 +657,9 @@ def test_bss_weight_zero_in_last_quarter_skips_the_attack():
 
 def test_bss_bf16_autocast_step():
     torch.manual_seed(6)
-    teacher, student = TinyNet(8), TinyNet(4)
-    data = _labelled_by_teacher(teacher, n=16, agree=1.0)
+    teacher = TinyNet(8)
+    student = _near_copy(teacher)
+    data = _labelled_for_both(teacher, student, n=16)
     seen = []
     teacher.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype, i[0].requires_grad)))
     before = [p.detach().clone() for p in student.parameters()]
@@ -663,3 +719,26 @@ def test_registered():
     methods.check_options("bss", {"max_samples": 32, "device": "cpu"})
     with pytest.raises(ValueError, match="no option"):
         methods.check_options("bss", {"attack_size": 3})
+
+
+def test_a_lone_base_sample_with_a_batchnorm_student_adds_no_term():
+    """One qualifying sample cannot pass a train-mode BatchNorm with 1x1 maps: the step is CE + KD."""
+    torch.manual_seed(8)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    student = nn.Sequential(nn.Conv2d(3, 4, 8), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 5))
+    x, _ = synthetic(8).tensors
+    with torch.no_grad():
+        t, s = teacher(x).argmax(1), student.eval()(x).argmax(1)
+    student.train()
+    y = (t + 1) % 5                                 # nobody qualifies ...
+    lone = int((t == s).nonzero()[0]) if (t == s).any() else 0
+    with torch.no_grad():                           # ... but one sample both models get right
+        student[3].bias[t[lone]] += 100.0
+        s = student.eval()(x).argmax(1)
+    student.train()
+    y[lone] = t[lone]
+    assert int(((t == y) & (s == y)).sum()) == 1
+    d = BSSDistiller(teacher, student, epochs=4, lr=0.05, device="cpu", progress=False)
+    d.on_epoch_start(0)
+    out = d.training_step((x, y))
+    assert float(out["parts"]["bss"]) == 0.0 and d.bss_epoch_stats["bss_steps"] == 0

@@ -292,7 +292,10 @@ def test_penultimate_tap_reads_the_classifier_input():
     net(x)
     assert tap.feature is None
     lenet = models.build("lenet5", num_classes=10, in_channels=1)
-    assert _datafree.PenultimateTap(lenet).layer == "fc3"
+    tap = _datafree.PenultimateTap(lenet)  # the official DAFL feature: the 120-d conv3 output (fc2's input)
+    lenet(torch.randn(2, 1, 32, 32))
+    assert tap.layer == "fc2" and tap.pop().shape == (2, 120)
+    tap.remove()
     assert _datafree.PenultimateTap(lenet, "fc1").layer == "fc1"
     with pytest.raises(ValueError, match="no nn.Linear layer"):
         _datafree.PenultimateTap(nn.Sequential(nn.Conv2d(1, 1, 1)))

@@ -61,7 +61,7 @@ def _rel(a, b):
 
 
 def _tolerance(dtype):
-    # ||out - ref|| / ||ref||: float32 far under 1e-3, bf16/fp16 operands 1e-3..1e-2 (see README's gpu-check).
+    # ||out - ref|| / ||ref||: float32 far under 1e-3, bf16/fp16 operands 1e-3..1e-2 (see docs/cuda.md, make gpu-check).
     return {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
 
 
