@@ -14,7 +14,7 @@ At batch 1 and 64 all six steps (2 models x 3 backends) run in turns, order rota
 teacher / student (> 1: the student is faster), with quartiles. PyTorch and ONNX Runtime both use
 --threads intra-op threads (default 2).
 
-    python benchmarks/bench_export.py --out benchmarks/results/export-onnxruntime-cpu-amd-epyc-2core
+    python benchmarks/bench_export.py --rounds 45 --out benchmarks/results/export-onnxruntime-cpu-intel-xeon-2core
     python benchmarks/bench_export.py --quick        # smoke run (resnet20 only, 3 rounds)
 """
 from __future__ import annotations
@@ -134,9 +134,12 @@ def write_report(rows, meta, out):
         "on the timed batch (teacher / student).",
         "",
         f"**Measured under load**: the 2-core machine was shared with other jobs (load average at start "
-        f"{meta['load_start']}, at end {meta['load_end']}); rounds: {meta['rounds']} (fewer than a quiet-machine "
+        f"{meta['load_start']}, at end {meta['load_end']}); rounds: {meta['rounds']['batch 1']} at batch 1, "
+        f"{meta['rounds']['batch 64']} at batch 64 (fewer than a quiet-machine "
         "run would use, to keep the run to a few minutes), so single cells move by 10-30%; the per-round "
-        "ratios are steadier than the absolute times.",
+        "ratios are steadier than the absolute times. EVBMF on randomly initialised weights picks lower ranks "
+        "than on a trained teacher (see the MAC ratio, vgg13's especially), so the student is smaller than a "
+        "trained one would be.",
         "",
         "| model | batch | MAC ratio | backend | teacher ms | student ms | speed-up | Q1-Q3 | student vs fused PyTorch | ONNX rel. err (t / s) |",
         "|---|---:|---:|---|---:|---:|---:|---|---:|---|",

@@ -2,6 +2,7 @@
 student, eager and fused; torch.export works on kdfast models as they are and on their plain form;
 ONNX files run in ONNX Runtime (here and in a process that cannot import kdfast) with PyTorch's
 outputs; bad layers and bad example inputs get errors naming the layer / dimension."""
+import copy
 import importlib.util
 import json
 import operator
@@ -38,14 +39,21 @@ def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _model(name: str, variant: str, dtype=torch.float64, **kwargs) -> nn.Module:
+_BUILT: dict = {}  # (name, student, dtype) -> model: EVBMF runs once per model, the variants get copies
+
+
+def _model(name: str, variant: str, dtype=torch.float64) -> nn.Module:
     """variant: teacher | student (EVBMF ranks) | fused-teacher | fused-student (fuse_for_inference)."""
-    torch.manual_seed(0)
-    model = _randomise_bn(models.build(name, **kwargs)).to(dtype).eval()
-    if "student" in variant:
-        small = {"min_channels": 1, "skip_first": False} if name == "lenet5" else {}  # LeNet5 has 6/16 channels
-        model, report = kdfast.decompose(model, ranks="evbmf", **small)
-        assert report.layers
+    key = (name, "student" in variant, dtype)
+    if key not in _BUILT:
+        torch.manual_seed(0)
+        model = _randomise_bn(models.build(name)).to(dtype).eval()
+        if "student" in variant:
+            small = {"min_channels": 1, "skip_first": False} if name == "lenet5" else {}  # LeNet5 has 6/16 channels
+            model, report = kdfast.decompose(model, ranks="evbmf", **small)
+            assert report.layers
+        _BUILT[key] = model.eval()
+    model = copy.deepcopy(_BUILT[key])
     if variant.startswith("fused"):
         with pytest.warns(UserWarning, match="could not trace") if name == "lenet5" else _no_warning():
             model = kdfast.fuse_for_inference(model)
