@@ -235,7 +235,7 @@ def check_example_input(model: nn.Module, example_input) -> None:
     for n, m in model.named_modules():
         hooks.append(m.register_forward_pre_hook(lambda m, args, n=n: running.append(n)))
         hooks.append(m.register_forward_hook(lambda m, args, out: running.pop() and None))  # None: keep the output
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored one by one: a model may mix modes
     try:
         model.eval()
         with torch.no_grad():
@@ -247,7 +247,8 @@ def check_example_input(model: nn.Module, example_input) -> None:
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
 
 
 def find_kdfast_ops(program: torch.export.ExportedProgram) -> list[tuple[str, str]]:
