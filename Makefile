@@ -59,17 +59,18 @@ bench-quick: build
 test: build cmake-build
 	KDFAST_CMAKE_LIB=$(CMAKE_BUILD_DIR)/libkdfast.so $(PYTHON) -m pytest tests -q
 
-# Full loss benchmark (about 20 min on 2 CPU cores); commit the report under benchmarks/results/.
-BENCH_NAME ?= cpu
+# Full loss benchmark (about 20 min on 2 CPU cores); commit the report under benchmarks/results/<device>/
+# (one folder per machine, e.g. cpu-amd-epyc-2core; file names say the benchmark and, where it matters, the threads).
+BENCH_DEVICE ?= cpu
 bench: build
 	$(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_losses.py \
 		--benchmark-json=build/bench.json --kdfast-oom=build/bench-oom.json
-	$(PYTHON) benchmarks/report.py build/bench.json --oom build/bench-oom.json --out benchmarks/results/$(BENCH_NAME)
+	$(PYTHON) benchmarks/report.py build/bench.json --oom build/bench-oom.json --out benchmarks/results/$(BENCH_DEVICE)/losses
 
 # Full KD training-step benchmark (resnet20 / resnet56 / resnet32x4 teachers).
 bench-train-step: build
 	$(PYTHON) -m pytest -c benchmarks/pytest.ini benchmarks/bench_train_step.py --benchmark-json=build/train-step.json
-	$(PYTHON) benchmarks/report_train_step.py build/train-step.json --out benchmarks/results/train-step-$(BENCH_NAME)
+	$(PYTHON) benchmarks/report_train_step.py build/train-step.json --out benchmarks/results/$(BENCH_DEVICE)/train-step
 
 # Everything a lent GPU must tell us (tools/gpu_check.py; at most 8 minutes on an H200): environment
 # and measured ceilings, in-place CUDA build (no pip, no CMake), cuobjdump resource/SASS summary, the

@@ -33,7 +33,7 @@ Timings are paired (harness.time_interleaved: the formulations in turns, the ord
 round); the report gives the median over rounds of official time / kdfast time.
 
     KDFAST_BENCH_QUICK=1 pytest benchmarks/bench_bss.py --benchmark-json=bss.json
-    python benchmarks/bench_bss.py bss.json --out benchmarks/results/bss-<machine>
+    python benchmarks/bench_bss.py bss.json --out benchmarks/results/<device>/bss-<threads>
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _digits_setup():
     """(teacher, base inputs, their teacher logits) from a real digits batch."""
     if "digits" not in _CACHE:
         from kdfast import models
-        from kdfast.methods import base
+        from kdfast.experiments import common as base
 
         train, test = base.digits()
         teacher, kwargs, _ = base.train_teacher(train, test, epochs=8, seed=0)

@@ -3,7 +3,7 @@ as the official code writes it, timed in alternation (harness.time_paired).
 
     KDFAST_BENCH_QUICK=1 pytest benchmarks/bench_datafree.py --benchmark-json=bench-datafree.json  # quick
     pytest benchmarks/bench_datafree.py --benchmark-json=bench-datafree.json                     # full
-    python benchmarks/report.py bench-datafree.json --out benchmarks/results/datafree-<machine>
+    python benchmarks/report.py bench-datafree.json --out benchmarks/results/<device>/datafree
 
 Shapes are the digits experiment's: 16x16x1 images, teacher vgg8 width 0.25, student lenet5 width 0.5,
 generator ngf 16, latent 100, batch 128 (quick: 64). One round = one iteration of the method:
@@ -31,7 +31,7 @@ import torch
 
 from harness import QUICK, time_paired
 from kdfast import models
-from kdfast.methods import _datafree, dafl, dfad, rdskd
+from kdfast.methods import dafl, datafree_base, dfad, rdskd
 from kdfast.testing import baselines
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -46,7 +46,7 @@ def _setup(device):
     teacher = models.build("vgg8", num_classes=10, in_channels=1, width_mult=0.25).to(device).eval()
     teacher.requires_grad_(False)
     student = models.build("lenet5", num_classes=10, in_channels=1, width_mult=0.5).to(device)
-    generator = _datafree.Generator(LATENT, 16, 1, ngf=16, bn_eps_quirk=True).to(device)
+    generator = datafree_base.Generator(LATENT, 16, 1, ngf=16, bn_eps_quirk=True).to(device)
     return teacher, student, generator
 
 
@@ -63,7 +63,7 @@ def _steps(case, device, amp):
     if case == "dafl":
         engine = dafl.DAFLDistiller(teacher, student, generator=generator, gen_lr=0.2, optimizer="adam", lr=2e-3,
                                     weight_decay=0.0, **common)
-        tap = _datafree.PenultimateTap(t_ref)
+        tap = datafree_base.PenultimateTap(t_ref)
         opt_g, opt_s = torch.optim.Adam(g_ref.parameters(), lr=0.2), torch.optim.Adam(s_ref.parameters(), lr=2e-3)
         z = torch.randn(BATCH, LATENT, generator=gen).to(device)
         kdfast_step = lambda: engine.training_step(z)  # noqa: E731

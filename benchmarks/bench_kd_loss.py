@@ -18,7 +18,7 @@ quick mode (KDFAST_BENCH_QUICK=1): K = 10, 100, 1000.
 How to run (from the repository root):
 
     pytest benchmarks/bench_kd_loss.py --benchmark-json=bench-kd.json
-    python benchmarks/report.py bench-kd.json --out benchmarks/results/kd-cpu-<cpu>
+    python benchmarks/report.py bench-kd.json --out benchmarks/results/<device>/kd-loss
     KDFAST_BENCH_QUICK=1 pytest benchmarks/bench_kd_loss.py --benchmark-disable -q   # smoke test
 
 What is timed: the loss and torch.autograd.grad w.r.t. the student's logits (the teacher's are

@@ -5,7 +5,7 @@ paths given are inside benchmarks/, so pyproject's testpaths=["tests"] does not 
 
     # full run (CPU: ~20 min on 2 cores), JSON for report.py
     pytest benchmarks/bench_losses.py --benchmark-json=bench.json
-    python benchmarks/report.py bench.json --out benchmarks/results/cpu-<cpu>
+    python benchmarks/report.py bench.json --out benchmarks/results/<device>/losses
 
     # quick run (CIFAR shapes + the headline NST shape, 3 rounds each; what `make demo` runs)
     KDFAST_BENCH_QUICK=1 pytest benchmarks --benchmark-json=bench-quick.json

@@ -11,7 +11,7 @@ listed here, no torchvision needed. Each round starts from the same gradients (r
 pytest-benchmark's untimed setup), so values never drift into denormals or infinities.
 
     KDFAST_BENCH_QUICK=1 pytest benchmarks/bench_sparse_recoding.py --benchmark-json=sr.json
-    python benchmarks/bench_sparse_recoding.py sr.json --out benchmarks/results/sparse_recoding-<machine>
+    python benchmarks/bench_sparse_recoding.py sr.json --out benchmarks/results/<device>/sparse-recoding
 
 The second command writes a markdown table with the time ratios (and, on GPU, the achieved
 bandwidth: bytes = read theta + read g + write g, against a measured device copy) next to the JSON.

@@ -12,7 +12,7 @@ Each pair is timed in alternation (harness.time_paired: the per-round ratio canc
 shared machine) and its peak memory measured (allocator events, inputs excluded).
 
     KDFAST_BENCH_SRM_ROUNDS=10 pytest benchmarks/bench_srm.py --benchmark-json=srm.json
-    python benchmarks/bench_srm.py srm.json --out benchmarks/results/srm-<machine>
+    python benchmarks/bench_srm.py srm.json --out benchmarks/results/<device>/srm
 """
 from __future__ import annotations
 
@@ -139,6 +139,7 @@ def report(paths, out):
             f"{e['ratio']:.2f}x ({e['ratio_q1']:.2f}-{e['ratio_q3']:.2f}) | {pk / harness.MiB:.1f} | "
             f"{po / harness.MiB:.1f} | {po / max(pk, 1):.1f}x |")
     text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".md", "w") as fh:
         fh.write(text)
     with open(out + ".json", "w") as fh:

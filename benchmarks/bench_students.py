@@ -16,13 +16,13 @@ nn.Sequential(1x1 C->R_in, 3x3 R_in->R_out, 1x1 R_out->O + bias) (oneDNN) at thi
 C = O in {16, 32, 64}, ranks 0.25 / 0.5 of C, H = W in {8, 16, 32}, N in {8, 64}, stride 1, plus
 the same with the fused kernel forced and the composition forced, so the path rule can be re-derived.
 
-    python benchmarks/bench_students.py --out benchmarks/results/students-cpu-amd-epyc-2core   # .md/.json/.png
+    python benchmarks/bench_students.py --out benchmarks/results/cpu-amd-epyc-2core/students-2threads   # .md/.json/.png
     python benchmarks/bench_students.py --quick                                                # smoke run
 The path rule's table (csrc/ops/cpu/tucker_cpu_rule.h) is regenerated from layer runs at each thread
 count the rule should know, e.g.
-    python benchmarks/bench_students.py --only layers --threads 1 --out benchmarks/results/tucker-layers-1thread-X
-    python benchmarks/bench_students.py --only layers --threads 2 --out benchmarks/results/tucker-layers-2threads-X \
-        --rule-from benchmarks/results/tucker-layers-1thread-X.json --emit-rule csrc/ops/cpu/tucker_cpu_rule.h
+    python benchmarks/bench_students.py --only layers --threads 1 --out benchmarks/results/X/tucker-layers-1thread
+    python benchmarks/bench_students.py --only layers --threads 2 --out benchmarks/results/X/tucker-layers-2threads \
+        --rule-from benchmarks/results/X/tucker-layers-1thread.json --emit-rule csrc/ops/cpu/tucker_cpu_rule.h
 Threads: --threads (default 2) via torch.set_num_threads. Rounds: --rounds (default 9 for models,
 15 for layers; --quick 3).
 """

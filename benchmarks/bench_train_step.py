@@ -19,7 +19,7 @@ Losses: "kd" = 0.1 CE + 0.9 KD(T = 4); "kd+nst" = that + 50 x NST(poly) summed o
 (RepDistiller's recipe). All formulations start from the same weights.
 
     KDFAST_BENCH_QUICK=1 pytest benchmarks/bench_train_step.py --benchmark-json=train.json
-    python benchmarks/report_train_step.py train.json --out benchmarks/results/train-step-<name>
+    python benchmarks/report_train_step.py train.json --out benchmarks/results/<device>/train-step
 
 Quick mode: resnet20 teacher, batch 32, 3 rounds. Full mode adds resnet56 (batch 64) and
 resnet32x4 (batch 32 on CPU, 128 on CUDA). Peak memory: harness.peak_bytes (CPU: torch.profiler

@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON of benchmarks/bench_losses.py into a markdown report and a chart.
 
-    python benchmarks/report.py bench.json [--oom oom.json] --out benchmarks/results/<name>
+    python benchmarks/report.py bench.json [--oom oom.json] --out benchmarks/results/<device>/<benchmark>
 
 writes <name>.md (tables, machine header, targets evaluated from the data), <name>.png (speed-up of
 kdfast over each baseline per shape, log scale, OOM cells marked) and <name>.json (the input

@@ -1,7 +1,7 @@
 """Markdown table + chart of benchmarks/bench_train_step.py results (reuses report.py's loading,
 trimming and formatting).
 
-    python benchmarks/report_train_step.py train.json --out benchmarks/results/train-step-<name>
+    python benchmarks/report_train_step.py train.json --out benchmarks/results/<device>/train-step
 
 writes <name>.md (per group: each formulation's median step time, steps/s, ratio vs kdfast, peak
 memory), <name>.png (steps/s per formulation and group) and <name>.json (the input without raw

@@ -1,8 +1,8 @@
 """`kdfast demo`: the tour of every source paper on the embedded digits data, one report.
 
 1. One teacher (kdfast.models vgg8 at width 0.25, trained with cross-entropy) shared by every section.
-2. One section per registered method (``kdfast.methods.available()``, in the registry's order), each
-   given the teacher, the data, the seeds and a time budget (:class:`kdfast.methods.base.DemoContext`).
+2. One section per source paper (``kdfast.experiments.available()``, in the registry's order), each
+   given the teacher, the data, the seeds and a time budget (:class:`kdfast.experiments.common.DemoContext`).
    The first, "kd", is the Tucker + KD + robustness protocol of Sadhukhan et al. (ICIP 2020).
 3. ``report.md`` (a section per paper), ``results.json`` (each section's numbers), the sections' PNGs
    and model checkpoints in the output directory.
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..methods import base
+from ..experiments import common
 
 # Seconds each section may take on 2 CPU cores (the kd protocol has its own fixed size).
 SECTION_BUDGET_S = 45.0
@@ -27,15 +27,14 @@ SECTION_BUDGET_S = 45.0
 def run_tour(out: str, *, device: str = "cpu", seed: int = 0, repeats: int = 3, tiny: bool = False,
              methods=None, teacher_epochs: int | None = None, student_epochs: int | None = None,
              model: str | None = None, width: float | None = None, ranks=None, latency_batch: int | None = None) -> dict:
-    """Runs the tour; writes report.md and results.json into ``out`` and returns the results."""
-    from .. import methods as registry
+    """Runs the tour; writes report.md and results.json into ``out`` and returns the results. ``methods``:
+    the sections to run (experiment names or aliases, e.g. ["kd", "bss"]; default all, in the tour's order)."""
+    from .. import experiments as registry
     from .. import model_file
-    from ..methods import kd
+    from ..experiments import kd
 
     start = time.perf_counter()
-    names = list(methods) if methods is not None else registry.available()
-    for name in names:
-        registry.get(name)  # unknown names fail before anything runs
+    names = registry.available() if methods is None else list(dict.fromkeys(registry.resolve(n) for n in methods))
     os.makedirs(out, exist_ok=True)
     cfg = (kd.DemoConfig.tiny_config if tiny else kd.DemoConfig)(out=out, device=device, seed=seed, repeats=repeats)
     for key, value in (("model", model), ("width", width), ("ranks", ranks), ("latency_batch", latency_batch),
@@ -47,9 +46,9 @@ def run_tour(out: str, *, device: str = "cpu", seed: int = 0, repeats: int = 3, 
         raise ValueError("--device cuda requested but torch.cuda.is_available() is False")
 
     # ---- the shared teacher ------------------------------------------------------------------------
-    train_set, test_set = base.digits(cfg.image_size, cfg.train_subset, cfg.test_subset)
-    with base.Timer() as t_teacher:
-        teacher, model_kwargs, teacher_acc = base.train_teacher(
+    train_set, test_set = common.digits(cfg.image_size, cfg.train_subset, cfg.test_subset)
+    with common.Timer() as t_teacher:
+        teacher, model_kwargs, teacher_acc = common.train_teacher(
             train_set, test_set, name=cfg.model, width=cfg.width, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
             seed=cfg.seed, device=dev)
     print(f"teacher {cfg.model} (width {cfg.width:g}): {cfg.teacher_epochs} epochs in {t_teacher.seconds:.1f}s, "
@@ -57,18 +56,14 @@ def run_tour(out: str, *, device: str = "cpu", seed: int = 0, repeats: int = 3, 
     model_file.save_model(os.path.join(out, "teacher.pt"), teacher, cfg.model, model_kwargs,
                           {"name": "digits", "image_size": cfg.image_size, "root": None},
                           {"role": "teacher", "test_accuracy": teacher_acc})
-    ctx = base.DemoContext(teacher=teacher, teacher_name=cfg.model, model_kwargs=model_kwargs, train_set=train_set,
+    ctx = common.DemoContext(teacher=teacher, teacher_name=cfg.model, model_kwargs=model_kwargs, train_set=train_set,
                            test_set=test_set, device=dev, seeds=[seed + r for r in range(repeats)], out_dir=out,
                            budget_s=SECTION_BUDGET_S, tiny=tiny)
 
     # ---- one section per method ----------------------------------------------------------------------
     sections = []
-    done = set()
     for name in names:
         module = registry.get(name)
-        if module.demo_section in done:  # methods of one paper share a section (dafl, dfad, rdskd)
-            continue
-        done.add(module.demo_section)
         print(f"\n== {name}: {module.TITLE}", flush=True)
         if name == "kd":  # the protocol's own knobs (epochs, ranks, latency batch) come from cfg
             section = kd.demo_section(ctx, cfg)
@@ -89,7 +84,7 @@ def run_tour(out: str, *, device: str = "cpu", seed: int = 0, repeats: int = 3, 
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": str(dev)},
     }
-    base.write_report(out, render_tour(results, sections), results)
+    common.write_report(out, render_tour(results, sections), results)
     print(f"\nwrote {out}/report.md and results.json (total {total:.0f} s)", flush=True)
     return results
 

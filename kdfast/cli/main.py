@@ -4,7 +4,8 @@
     kdfast demo [--out DIR] [--device cpu|cuda] [--epochs N] [--seed S]
                                                     teacher -> Tucker student -> CE / KD fine-tuning
                                                     -> robustness (kdfast.cli.demo); report in DIR
-    kdfast experiment NAME [--quick] [--out DIR]    one method's full experiment on the digits data
+    kdfast experiment NAME [--dataset D] [--data-root DIR] [--budget quick|full] [--seeds 0,1,2] [--out DIR]
+                                                    one source paper's experiment (kdfast.experiments)
     kdfast distill --config run.yaml                a training run described by a YAML file
                                                     (kdfast.cli.config.run_config)
     kdfast robustness --checkpoint FILE [--eps 0,2/255,8/255] [--pgd-steps N] ...
@@ -48,6 +49,17 @@ def _int_at_least(minimum: int, what: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "a non-negative integer")
+
+
+def parse_seeds(text: str) -> list:
+    """``"0,1,2"`` -> [0, 1, 2]: distinct non-negative integers."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated non-negative integers, got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers, got {text!r}")
+    return seeds
 
 
 def _positive_float(text: str) -> float:
@@ -161,17 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     # Seconds-long run for the test suite: tiny model, data subset, 2-step PGD. Not part of the user interface.
     demo.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
-    from .. import methods
+    from .. import experiments
+    from ..experiments.common import BUDGETS, DATASETS
 
     exp = sub.add_parser(
-        "experiment", help="one method's full experiment on the embedded digits data",
-        description="Runs a registered method's experiment (teacher, students, seeds, plots) on scikit-learn's "
-        "digits and writes report.md, results.json and PNG plots into --out. Methods: "
-        + ", ".join(methods.available()) + ".")
-    exp.add_argument("name", help="a registered method (" + ", ".join(methods.available()) + ") or "
-                     + ", ".join(methods.EXPERIMENT_ALIASES) + " (the three data-free methods)")
-    exp.add_argument("--quick", action="store_true", help="a smaller run (at most 4 minutes on 2 CPU cores)")
-    exp.add_argument("--out", default=None, help="output directory (default experiment-<name>)")
+        "experiment", help="one source paper's experiment (teacher, students, seeds, plots)",
+        description="Runs a source paper's experiment (kdfast.experiments) on a dataset and writes report.md, "
+        "results.json (with the command that produced it) and PNG plots into --out. Experiments: "
+        + ", ".join(experiments.available()) + ".")
+    exp.add_argument("name", help="an experiment (" + ", ".join(experiments.available()) + ") or "
+                     + ", ".join(experiments.ALIASES) + " (the data-free methods' shared experiment)")
+    exp.add_argument("--dataset", choices=DATASETS, default="digits",
+                     help="digits (embedded, default), fashion-mnist (default root: the Debian package "
+                     "dataset-fashion-mnist), mnist, cifar10 or cifar100 (with --data-root)")
+    exp.add_argument("--data-root", default=None, help="directory of the dataset's files")
+    exp.add_argument("--budget", choices=BUDGETS, default="quick",
+                     help="quick (default: minutes on 2 CPU cores, shows that everything runs) or full (the "
+                     "comparison the report is about)")
+    exp.add_argument("--seeds", type=parse_seeds, default=None,
+                     help="comma-separated seeds, e.g. 0,1,2 (default: the budget's)")
+    exp.add_argument("--out", default=None,
+                     help="output directory (default experiments/results/<name>-<dataset>-<budget>)")
     exp.add_argument("--device", default="cpu", type=_device, help="cpu (default), cuda or cuda:N")
 
     distill = sub.add_parser(
@@ -242,15 +264,23 @@ def cmd_demo(args) -> int:
 
 def cmd_experiment(args) -> int:
     _check_device(args.device)
-    from .. import methods
+    from .. import experiments
 
     try:
-        module = methods.get(methods.EXPERIMENT_ALIASES.get(args.name, args.name))
+        name = experiments.resolve(args.name)
     except ValueError as exc:
-        raise CLIError(f"{exc} (or {', '.join(methods.EXPERIMENT_ALIASES)})") from None
-    out = args.out or f"experiment-{args.name}"
-    module.run_experiment(out, quick=args.quick, device=args.device)
-    print(f"experiment {args.name}: report {os.path.join(out, 'report.md')}")
+        raise CLIError(str(exc)) from None
+    if args.data_root is not None and not os.path.isdir(args.data_root):
+        raise CLIError(f"--data-root {args.data_root!r}: no such directory")
+    if args.data_root is None and args.dataset not in ("digits", "fashion-mnist"):
+        raise CLIError(f"--dataset {args.dataset} needs --data-root DIR (the directory of its files)")
+    out = args.out or os.path.join("experiments", "results", f"{name}-{args.dataset}-{args.budget}")
+    try:
+        experiments.get(name).run(out, dataset=args.dataset, data_root=args.data_root, budget=args.budget,
+                                  seeds=args.seeds, device=args.device)
+    except FileNotFoundError as exc:  # the dataset's files are missing: a user error, not a crash
+        raise CLIError(f"--dataset {args.dataset}: {exc}") from None
+    print(f"experiment {name}: report {os.path.join(out, 'report.md')}")
     return 0
 
 

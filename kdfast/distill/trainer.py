@@ -17,6 +17,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -100,7 +101,7 @@ def evaluate(model: nn.Module, loader, device=None, amp: Optional[str] = None) -
             inputs, targets, _ = split_batch(batch)
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits = model(inputs)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").double()
@@ -113,7 +114,13 @@ def evaluate(model: nn.Module, loader, device=None, amp: Optional[str] = None) -
     return {"accuracy": correct.item() / count, "loss": loss_sum.item() / count, "count": count}
 
 
-def _autocast(device: torch.device, amp: Optional[str]):
+def autocast(device: Union[str, torch.device], amp: Optional[str]):
+    """The autocast context of the engine's forward passes: ``amp`` None (off: float32), "bf16" or
+    "fp16" on ``device``'s type. Methods run their own extra forwards under it (BSS's attack, the
+    data-free generators) so that they follow the run's ``amp`` setting."""
+    device = torch.device(device)
+    if amp is not None and amp not in _AMP_DTYPES:
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if amp is None:
         return torch.autocast(device_type=device.type, enabled=False)
     return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
@@ -140,7 +147,7 @@ class _StudentWithLosses(nn.Module):
         device = inputs.device
         if self.student_tap is not None:
             self.student_tap.clear()
-        with _autocast(device, self.amp):
+        with autocast(device, self.amp):
             logits = self._student_call[0](inputs)
         if not isinstance(logits, torch.Tensor):
             raise TypeError(f"the student must return a logits Tensor, got {type(logits).__name__}")
@@ -157,7 +164,7 @@ class _StudentWithLosses(nn.Module):
                 elif kind == LOGITS:
                     value = module(logits32, teacher_logits, targets)
                 else:
-                    s_feats = [_to_float(student_features[n]) for n in self.student_layers[name]]
+                    s_feats = [to_float(student_features[n]) for n in self.student_layers[name]]
                     value = module(s_feats, teacher_features[name])
                 if not isinstance(value, torch.Tensor) or value.dim() != 0:
                     raise ValueError(
@@ -169,10 +176,24 @@ class _StudentWithLosses(nn.Module):
         return logits, total, parts
 
 
-def _to_float(x):
+def to_float(x):
+    """``x`` as float32 if it is a reduced-precision floating tensor (bf16/fp16 under autocast), else
+    ``x`` itself: losses are computed in float32. TypeError for anything but a Tensor."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"a tapped feature must be a Tensor, got {type(x).__name__} (tap a layer that returns one)")
     return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
+
+
+@dataclass
+class StepTensors:
+    """One training step's tensors, handed to :meth:`Distiller.extra_losses`."""
+
+    inputs: torch.Tensor                        # the batch's inputs, on the engine's device
+    targets: Any                                # its targets (on the device when a Tensor)
+    index: Optional[torch.Tensor]               # dataset indices (batches (inputs, targets, index)), else None
+    teacher_logits: Optional[torch.Tensor]      # float32, no grad; None without a teacher
+    teacher_features: Dict[str, List[torch.Tensor]]  # {feature loss name: [teacher features]}
+    student_logits: torch.Tensor                # with grad
 
 
 LossSpec = Union[nn.Module, Tuple[nn.Module, Union[float, Callable[[int], float]]]]
@@ -247,6 +268,8 @@ class Distiller:
     (edit gradients after unscale, before clipping and step), :meth:`compute_loss`,
     :meth:`teacher_forward`, :meth:`trainable_parameters`, :meth:`build_optimizer`,
     :meth:`build_scheduler`, :meth:`checkpoint_state` / :meth:`load_checkpoint_state`,
+    :meth:`extra_losses` (loss terms computed from the step's tensors, added without copying
+    :meth:`compute_loss`),
     :meth:`on_epoch_start` / :meth:`on_epoch_end`. ``losses`` may be empty when ``training_step`` is
     overridden. Runs made of stages: :class:`~kdfast.distill.StagedRun`.
     """
@@ -504,13 +527,13 @@ class Distiller:
         if self.teacher_tap is not None:
             self.teacher_tap.clear()
         self.teacher.eval()
-        with _autocast(self.device, self.amp):
+        with autocast(self.device, self.amp):
             logits = self.teacher(inputs)
         logits = logits.float()
         feats = {}
         if self.teacher_tap is not None:
             by_name = self.teacher_tap.feature_dict
-            feats = {loss: [_to_float(by_name[n]) for n in names] for loss, names in self.teacher_layers.items()}
+            feats = {loss: [to_float(by_name[n]) for n in names] for loss, names in self.teacher_layers.items()}
         if self.cache_teacher_logits:
             self._store_teacher_logits(index, logits)
         return logits, feats
@@ -536,7 +559,31 @@ class Distiller:
         targets = targets.to(self.device, non_blocking=True) if isinstance(targets, torch.Tensor) else targets
         t_logits, t_feats = self.teacher_forward(inputs, index)
         logits, total, parts = self.model(inputs, targets, t_logits, t_feats, self._current_weights)
+        step = StepTensors(inputs=inputs, targets=targets, index=index, teacher_logits=t_logits,
+                           teacher_features=t_feats, student_logits=logits)
+        for name, term in self.extra_losses(step).items():
+            if name in parts:
+                raise ValueError(f"extra_losses returned {name!r}, which is already one of the losses {list(parts)}")
+            weight, value = term
+            if value is None:  # no term this step; recorded as 0 so every epoch record has the same keys
+                parts[name] = total.new_zeros(())
+                continue
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                raise ValueError(f"extra loss {name!r} must be a scalar Tensor or None, got "
+                                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+            total = total + weight * value
+            parts[name] = value.detach()
         return {"loss": total, "parts": parts, "logits": logits, "targets": targets}
+
+    def extra_losses(self, step: "StepTensors") -> Dict[str, Tuple[float, Optional[torch.Tensor]]]:
+        """Loss terms a method adds to this step, computed from the step's tensors (override; default none).
+
+        Returns ``{name: (weight, value)}``: ``weight * value`` is added to the loss of :meth:`compute_loss`
+        and ``value`` is logged as ``loss/<name>`` (value None: no term this step, logged as 0). Called once
+        per step, after the teacher and student forwards, outside the DDP forward (a term that runs the
+        student again, like BSS's adversarial samples, is still synchronised by the backward). ``step``
+        holds the batch on the device and both models' outputs (:class:`StepTensors`)."""
+        return {}
 
     def backward_step(self, loss: torch.Tensor, which: Union[None, str, torch.optim.Optimizer] = None, *,
                       update_scaler: bool = True, retain_graph: bool = False) -> None:
@@ -693,17 +740,17 @@ class Distiller:
         if self.teacher is not None:
             self.teacher.eval()
         if sampler is None:  # a batch source: its own stream per (seed, epoch, rank)
-            source_generator = torch.Generator().manual_seed(_mix(self.seed, epoch, _SOURCE_STREAM + self.rank))
+            source_generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, _SOURCE_STREAM + self.rank))
             batches = loader.batches(epoch, source_generator)
             return self._run_epoch(batches, loader.steps_per_epoch, epoch, epochs)
         sampler.set_epoch(epoch)
         # Worker seeds (augmentation RNG in DataLoader workers) are drawn from this generator, and a
         # collate_fn that owns a torch.Generator (batch augmentation) is reseeded: both from
         # (seed, epoch, rank), so a resumed epoch replays the same augmentation.
-        self._loader_generator.manual_seed(_mix(self.seed, epoch, 1 + 2 * self.rank))
+        self._loader_generator.manual_seed(mix_seed(self.seed, epoch, 1 + 2 * self.rank))
         collate_gen = getattr(loader.collate_fn, "generator", None)
         if isinstance(collate_gen, torch.Generator):
-            collate_gen.manual_seed(_mix(self.seed, epoch, 2 + 2 * self.rank))
+            collate_gen.manual_seed(mix_seed(self.seed, epoch, 2 + 2 * self.rank))
         return self._run_epoch(loader, len(loader), epoch, epochs)
 
     def _run_epoch(self, batches, num_batches: int, epoch: int, epochs: int) -> Dict[str, Any]:
@@ -833,7 +880,7 @@ class Distiller:
         else:
             warnings.warn(f"checkpoint written by {len(rngs)} processes, resuming with {self.world_size}: "
                           "RNG states re-seeded, the run is not bit-identical to an uninterrupted one")
-            seed_everything(_mix(self.seed + self.rank, self.epoch, 0) % (2**31))
+            seed_everything(mix_seed(self.seed + self.rank, self.epoch, 0) % (2**31))
         return True
 
     # ------------------------------------------------------------------ helpers
@@ -991,8 +1038,12 @@ def _resolve_device(device, use_ddp: bool) -> torch.device:
 _SOURCE_STREAM = 1 << 20  # batch-source streams: _SOURCE_STREAM + rank (loader streams are 1 + 2 rank, 2 + 2 rank)
 
 
-def _mix(seed: int, epoch: int, stream: int) -> int:
-    """A 63-bit seed from (seed, epoch, stream) (splitmix-style), so streams don't collide."""
+def mix_seed(seed: int, epoch: int, stream: int) -> int:
+    """A 63-bit seed from (seed, epoch, stream) (splitmix-style), so streams don't collide.
+
+    The engine seeds its data order, worker and batch-source generators with it; a method that needs a
+    random stream of its own per step or epoch (BSS's target draws) seeds it with an unused ``stream``
+    (the engine uses 0, 1 + 2 rank, 2 + 2 rank and 2**20 + rank)."""
     x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
     x ^= x >> 31
     return x & (2**63 - 1)

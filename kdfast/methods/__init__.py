@@ -7,10 +7,12 @@ Every registered module (``kdfast.methods.<module>``) defines:
   besides the engine's keywords (lr, epochs, amp, checkpoint_dir, ...; :func:`engine_options`);
 * ``build(teacher, student, **options)``: a ready engine (a :class:`kdfast.distill.Distiller`, or a
   :class:`kdfast.distill.StagedRun` for methods made of stages): call ``fit(train, eval_loader=...)``;
-* ``run_experiment(out_dir, quick=False, device="cpu") -> dict``: the method's full experiment on the
-  embedded digits data; writes ``report.md``, ``results.json`` and PNG plots into ``out_dir``;
-* ``demo_section(ctx: kdfast.methods.base.DemoContext) -> kdfast.methods.base.DemoSection``: the
-  method's compact section of ``kdfast demo`` (within ``ctx.budget_s`` seconds on 2 CPU cores).
+* the method's own public functions (losses, attacks, generators, ...).
+
+A paper's experiment and its section of ``kdfast demo`` are in :mod:`kdfast.experiments`, one floor up:
+a method module imports the engine (:mod:`kdfast.distill`) and the ground floor (ops, nn, losses, models,
+data), never ``kdfast.experiments``, ``kdfast.cli`` nor ``kdfast.model_file``. ``datafree_base`` is not a
+method: it holds what DAFL, DFAD and RDSKD share (generator, collapse detection, the generator engine).
 
 Modules are imported on first use, so ``kdfast.methods.available()`` imports none of them.
 """
@@ -22,7 +24,7 @@ from typing import Any, Dict, List
 
 # name -> module; the order is the demo tour's order (source papers first to last).
 _REGISTRY: Dict[str, str] = {
-    "kd": "kdfast.methods.kd",          # Sadhukhan et al., ICIP 2020 (+ Hinton KD recipes)
+    "kd": "kdfast.methods.kd",          # Sadhukhan, Saha, Mukhopadhyay, Patra, ICIP 2020 (+ Hinton KD recipes)
     "bss": "kdfast.methods.bss",        # Heo et al., AAAI 2019
     "dafl": "kdfast.methods.dafl",      # data-free KD (Han et al., ICASSP 2021 and the methods it compares)
     "dfad": "kdfast.methods.dfad",
@@ -30,8 +32,6 @@ _REGISTRY: Dict[str, str] = {
     "kr": "kdfast.methods.kr",          # Liu et al., CVPR-W 2019
     "srm": "kdfast.methods.srm",        # Tran et al., 2021
 }
-# Other names ``kdfast experiment`` accepts: one experiment covers the three data-free methods.
-EXPERIMENT_ALIASES: Dict[str, str] = {"datafree": "dafl"}
 
 
 def available() -> List[str]:

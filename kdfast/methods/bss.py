@@ -25,12 +25,13 @@ One training step (on top of cross-entropy and Hinton KD on the clean batch):
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..distill import Distiller, StepTensors, autocast, mix_seed
 
 NAME = "bss"
 TITLE = "BSS: distillation with adversarial samples supporting the decision boundary"
@@ -321,9 +322,7 @@ def bss_attack(teacher: nn.Module, x: torch.Tensor, target_classes: torch.Tensor
     return out.to(x.dtype)
 
 
-
 # ------------------------------------------------------------------------------------------ the trainer
-from ..distill.trainer import Distiller, _autocast, _mix, split_batch  # noqa: E402
 
 #: The method's options (``build`` keywords) and their defaults: the official code's values.
 OPTIONS = {
@@ -438,7 +437,7 @@ class BSSDistiller(Distiller):
 
     def _uniforms(self, batch_size: int) -> torch.Tensor:
         """This rank's (batch_size,) uniforms of the target draws, from the global batch's stream."""
-        gen = torch.Generator(device=self.device).manual_seed(_mix(self.seed, self.step, 7) % (2**63))
+        gen = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, self.step, 7) % (2**63))
         u = torch.rand(batch_size * self.world_size, generator=gen, device=self.device)
         return u.view(batch_size, self.world_size)[:, self.rank]
 
@@ -456,7 +455,7 @@ class BSSDistiller(Distiller):
         u = self._uniforms(inputs.shape[0])[idx]
         target_classes = sample_target_classes(t_logits[idx], uniforms=u)
         stats: dict = {}
-        with _autocast(self.device, self.amp):
+        with autocast(self.device, self.amp):
             x_adv = bss_attack(self.teacher, inputs[idx], target_classes, stats=stats, **self.attack)
             with torch.no_grad():
                 t_adv = self.teacher(x_adv)
@@ -466,22 +465,14 @@ class BSSDistiller(Distiller):
             loss = soft_cross_entropy(s_adv.float(), t_adv.float(), self.temperature)
         return loss * (idx.numel() * self.world_size / n_global)
 
-    def training_step(self, batch):
-        inputs, targets, index = split_batch(batch)
-        inputs = inputs.to(self.device, non_blocking=True)
-        targets = targets.to(self.device, non_blocking=True)
-        t_logits, t_feats = self.teacher_forward(inputs, index)
-        logits, total, parts = self.model(inputs, targets, t_logits, t_feats, self._current_weights)
+    def extra_losses(self, step: StepTensors):
+        """The BSS term on top of the engine's clean CE + KD (:meth:`kdfast.distill.Distiller.extra_losses`):
+        ``bss_w(e) * bss_term`` while the epoch's weight is positive and some sample qualifies."""
         self.bss_epoch_stats["steps"] += 1
-        bss_value = total.new_zeros(())
-        if self._bss_weight > 0:
-            term = self.bss_term(inputs, targets, t_logits, logits)
-            if term is not None:
-                total = total + self._bss_weight * term
-                bss_value = term.detach()
-        self.backward_step(total)
-        return {"loss": total, "parts": {**parts, "bss": bss_value}, "logits": logits, "targets": targets}
-
+        if self._bss_weight <= 0:
+            return {"bss": (0.0, None)}
+        term = self.bss_term(step.inputs, step.targets, step.teacher_logits, step.student_logits)
+        return {"bss": (self._bss_weight, term)}
 
 def build(teacher: nn.Module, student: nn.Module, **options) -> BSSDistiller:
     """A ready :class:`BSSDistiller` with the official defaults (:data:`OPTIONS`); other keywords go to
@@ -505,347 +496,3 @@ def kd_baseline(teacher: nn.Module, student: nn.Module, *, temperature: float = 
     return Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "kd": (SoftCrossEntropy(temperature), kd_weight)},
                      **engine)
 
-
-# ------------------------------------------------------------------------------------------ experiment
-from dataclasses import asdict, dataclass, field  # noqa: E402
-
-from . import base  # noqa: E402
-
-METHODS = {"ce": "CE", "kd": "KD", "bss": "BSS"}
-
-
-@dataclass
-class ExperimentConfig:
-    """Digits experiment: teacher -> smaller student, CE vs KD vs BSS, over seeds and data fractions."""
-
-    seeds: tuple = (0, 1, 2)
-    fractions: tuple = (0.1, 0.25, 0.5, 1.0)
-    teacher_epochs: int = 12
-    teacher_width: float = 0.25
-    student_width: float = 0.125       # vgg8 at half the teacher's width: 0.25x its parameters
-    steps: int = 330                   # optimizer steps per student run (15 epochs of the full set)
-    batch_size: int = 64
-    max_samples: int = 16              # the official 64 of a batch of 256, scaled to the batch
-    lr: float = 0.1
-    weight_decay: float = 1e-4
-    cost_rounds: int = 10
-    grid_samples: int = 6
-    tiny: bool = False
-
-    @classmethod
-    def quick(cls) -> "ExperimentConfig":
-        return cls(seeds=(0, 1), fractions=(0.1, 1.0), teacher_epochs=8, steps=120, cost_rounds=5)
-
-    @classmethod
-    def tiny_config(cls) -> "ExperimentConfig":
-        return cls(seeds=(0,), fractions=(0.5,), teacher_epochs=1, teacher_width=0.125, student_width=0.0625,
-                   steps=3, cost_rounds=1, grid_samples=2, tiny=True)
-
-
-def _clamp_range(dataset) -> Tuple[float, float]:
-    """The normalised range of [0, 1] pixels: the attack's clamp (the official (-2.5, 2.5) is CIFAR's)."""
-    mean, std = float(dataset.mean[0]), float(dataset.std[0])
-    return (0.0 - mean) / std, (1.0 - mean) / std
-
-
-def _engine_kwargs(cfg: ExperimentConfig, epochs: int, seed: int, device) -> dict:
-    return dict(epochs=epochs, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay, schedule="step",
-                milestones=sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)}), gamma=0.1, seed=seed,
-                device=device, progress=False)
-
-
-def _make_engine(method: str, teacher, student, cfg: ExperimentConfig, epochs: int, seed: int, device, clamp):
-    engine = _engine_kwargs(cfg, epochs, seed, device)
-    if method == "ce":
-        return Distiller(None, student, {"ce": nn.CrossEntropyLoss()}, **engine)
-    if method == "kd":
-        return kd_baseline(teacher, student, **engine)
-    return BSSDistiller(teacher, student, max_samples=cfg.max_samples, clamp=clamp, **engine)
-
-
-def _student(model_kwargs: dict, width: float, seed: int) -> nn.Module:
-    from .. import models
-    from ..distill import seed_everything
-
-    seed_everything(seed)
-    return models.build("vgg8", **{**model_kwargs, "width_mult": width})
-
-
-def _run(method, teacher, model_kwargs, train, test, cfg, fraction, seed, device, clamp) -> dict:
-    subset = base.fraction_subset(train, fraction, seed=seed)
-    per_epoch = math.ceil(len(subset) / cfg.batch_size)
-    epochs = max(1, math.ceil(cfg.steps / per_epoch))
-    student = _student(model_kwargs, cfg.student_width, seed)
-    engine = _make_engine(method, teacher, student, cfg, epochs, seed, device, clamp)
-    with base.Timer() as timer:
-        try:
-            engine.fit(base.loader(subset, cfg.batch_size, seed=seed))
-            stats = dict(getattr(engine, "bss_epoch_stats", {}))
-        finally:
-            engine.close()
-    acc = base.accuracy(student, test, device=device)
-    return {"method": method, "fraction": fraction, "seed": seed, "train_images": len(subset), "epochs": epochs,
-            "steps": epochs * per_epoch, "accuracy": acc, "time_s": timer.seconds, "last_epoch_bss": stats}
-
-
-def measure_step_cost(teacher, model_kwargs, train, cfg: ExperimentConfig, device, clamp, seed: int = 0) -> dict:
-    """Median time of one KD step and one BSS step (same student, teacher and batch), timed in turns."""
-    import statistics
-    import time
-
-    batch = (train.images[: cfg.batch_size], train.labels[: cfg.batch_size])
-    engines = {"kd": kd_baseline(teacher, _student(model_kwargs, cfg.student_width, seed),
-                                 **_engine_kwargs(cfg, 100, seed, device)),
-               "bss": BSSDistiller(teacher, _student(model_kwargs, cfg.student_width, seed), max_samples=cfg.max_samples,
-                                   clamp=clamp, **_engine_kwargs(cfg, 100, seed, device))}
-    times: dict = {k: [] for k in engines}
-    try:
-        for e in engines.values():
-            e.on_epoch_start(0)
-            e.training_step(batch)  # warm-up
-        for r in range(max(1, cfg.cost_rounds)):
-            for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
-                if device != "cpu" and torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                engines[name].training_step(batch)
-                if device != "cpu" and torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
-        bss_stats = dict(engines["bss"].bss_epoch_stats)
-    finally:
-        for e in engines.values():
-            e.close()
-    ratios = sorted(b / k for b, k in zip(times["bss"], times["kd"]))
-    return {"kd_ms": 1e3 * statistics.median(times["kd"]), "bss_ms": 1e3 * statistics.median(times["bss"]),
-            "ratio": statistics.median(ratios), "rounds": len(ratios), "batch_size": cfg.batch_size,
-            "attacked_per_step": bss_stats["attacked"] / max(1, bss_stats["bss_steps"]),
-            "teacher_calls_per_attack": bss_stats["teacher_calls"] / max(1, bss_stats["bss_steps"])}
-
-
-def boundary_grid(teacher, dataset, path: str, n: int = 6, seed: int = 0, clamp=(-2.5, 2.5), device="cpu") -> dict:
-    """Picture: ``n`` base samples (teacher-correct test images), their boundary-supporting samples and
-    the difference, each titled with the teacher's probabilities of the base and the target class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset), generator=g)[: 4 * n]
-    x, y = dataset.images[idx].to(device), dataset.labels[idx].to(device)
-    with torch.no_grad():
-        t = teacher(x)
-    keep = (t.argmax(1) == y).nonzero().squeeze(1)[:n]
-    x, y, t = x[keep], y[keep], t[keep]
-    if x.shape[0] == 0:  # an untrained teacher (tiny runs) may classify none of the candidates correctly
-        fig, ax = plt.subplots(figsize=(6.0, 1.5))
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"no base sample: the teacher classified none of {len(idx)} test images correctly",
-                ha="center", va="center", fontsize=9)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return {"samples": [], "teacher_calls": 0, "moving": []}
-    k = sample_target_classes(t, torch.Generator(device=x.device).manual_seed(seed))
-    stats: dict = {}
-    x_adv = bss_attack(teacher, x, k, clamp=clamp, stats=stats)
-    with torch.no_grad():
-        p, p_adv = F.softmax(teacher(x), 1), F.softmax(teacher(x_adv), 1)
-    rows = []
-    fig, axes = plt.subplots(x.shape[0], 3, figsize=(6.0, 2.0 * x.shape[0]), squeeze=False)
-    for i in range(x.shape[0]):
-        b, kk = int(y[i]), int(k[i])
-        rows.append({"base": b, "target": kk, "p_before": [float(p[i, b]), float(p[i, kk])],
-                     "p_after": [float(p_adv[i, b]), float(p_adv[i, kk])], "pred_after": int(p_adv[i].argmax()),
-                     "l2": float((x_adv[i] - x[i]).norm())})
-        diff = (x_adv[i] - x[i])[0].cpu()
-        lim = float(diff.abs().max()) or 1.0
-        for j, (img, title, cmap, kw) in enumerate((
-                (x[i, 0].cpu(), f"base: p({b})={p[i, b]:.2f}\np({kk})={p[i, kk]:.2f}", "gray", {}),
-                (x_adv[i, 0].cpu(), f"BSS: p({b})={p_adv[i, b]:.2f}\np({kk})={p_adv[i, kk]:.2f}", "gray", {}),
-                (diff, f"difference (L2 {rows[-1]['l2']:.2f})", "seismic", {"vmin": -lim, "vmax": lim}))):
-            ax = axes[i, j]
-            ax.imshow(img, cmap=cmap, **kw)
-            ax.set_title(title, fontsize=7)
-            ax.axis("off")
-    fig.suptitle("Base samples and their boundary-supporting samples (teacher's class probabilities)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return {"samples": rows, "teacher_calls": len(stats["moving"]), "moving": stats["moving"]}
-
-
-def _plot_fractions(summary: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for method, label in METHODS.items():
-        fr = sorted(summary[method])
-        means = [100 * summary[method][f]["mean"] for f in fr]
-        stds = [100 * summary[method][f]["std"] for f in fr]
-        ax.errorbar([100 * f for f in fr], means, yerr=stds, fmt="-o", ms=4, capsize=3, color=base.colour(method),
-                    label=label)
-    ax.set_xscale("log")
-    ax.set_xticks([100 * f for f in sorted(next(iter(summary.values())))])
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("training data used (% of the 1,347 digits images)")
-    ax.set_ylabel("student test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("vgg8 student from a vgg8 teacher: mean ± std over seeds", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _experiment(cfg: ExperimentConfig, out_dir: str, device, teacher=None, model_kwargs=None, train=None,
-                test=None) -> dict:
-    os.makedirs(out_dir, exist_ok=True)
-    device = torch.device(device)
-    with base.Timer() as total:
-        if train is None:
-            train, test = base.digits(train_subset=192 if cfg.tiny else None, test_subset=96 if cfg.tiny else None)
-        teacher_s = 0.0
-        if teacher is None:
-            with base.Timer() as tt:
-                teacher, model_kwargs, _ = base.train_teacher(train, test, epochs=cfg.teacher_epochs,
-                                                              width=cfg.teacher_width, seed=0, device=device)
-            teacher_s = tt.seconds
-        teacher = teacher.to(device).eval().requires_grad_(False)
-        teacher_acc = base.accuracy(teacher, test, device=device)
-        clamp = _clamp_range(train)
-        runs = []
-        for fraction in cfg.fractions:
-            for seed in cfg.seeds:
-                for method in METHODS:
-                    runs.append(_run(method, teacher, model_kwargs, train, test, cfg, fraction, seed, device, clamp))
-                    r = runs[-1]
-                    print(f"bss experiment: {METHODS[method]:>3} {100 * fraction:5.1f}% data seed {seed}: "
-                          f"{100 * r['accuracy']:.2f}% ({r['steps']} steps, {r['time_s']:.1f} s)", flush=True)
-        summary = {m: {} for m in METHODS}
-        paired = {m: {} for m in METHODS if m != "ce"}
-        for method in METHODS:
-            for fraction in cfg.fractions:
-                accs = [r["accuracy"] for r in runs if r["method"] == method and r["fraction"] == fraction]
-                m, s = base.mean_std(accs)
-                summary[method][fraction] = {"mean": m, "std": s, "runs": accs}
-        for fraction in cfg.fractions:
-            by = {m: [r["accuracy"] for r in runs if r["method"] == m and r["fraction"] == fraction] for m in METHODS}
-            for other in ("ce", "kd"):
-                d = base.paired_differences(by["bss"], by[other])
-                paired.setdefault("bss", {})[f"{other}@{fraction}"] = {"diffs": d, "mean": base.mean_std(d)[0],
-                                                                       "std": base.mean_std(d)[1]}
-            d = base.paired_differences(by["kd"], by["ce"])
-            paired["kd"][f"ce@{fraction}"] = {"diffs": d, "mean": base.mean_std(d)[0], "std": base.mean_std(d)[1]}
-        cost = measure_step_cost(teacher, model_kwargs, train, cfg, device.type, clamp)
-        grid = boundary_grid(teacher, test, os.path.join(out_dir, "bss_samples.png"), n=cfg.grid_samples, clamp=clamp,
-                             device=device)
-        _plot_fractions(summary, os.path.join(out_dir, "accuracy_vs_data.png"))
-    results = {"config": asdict(cfg), "teacher": {"model": "vgg8", "width": cfg.teacher_width,
-                                                  "test_accuracy": teacher_acc, "train_s": teacher_s},
-               "student": {"model": "vgg8", "width": cfg.student_width,
-                           "parameters": sum(p.numel() for p in _student(model_kwargs, cfg.student_width, 0).parameters()),
-                           "teacher_parameters": sum(p.numel() for p in teacher.parameters())},
-               "data": {"train": len(train), "test": len(test), "clamp": list(clamp)},
-               "runs": runs, "summary": {m: {str(f): v for f, v in s.items()} for m, s in summary.items()},
-               "paired": paired, "step_cost": cost, "grid": grid, "time_s": total.seconds,
-               "threads": torch.get_num_threads()}
-    return results
-
-
-def _verdict(results: dict) -> str:
-    """One honest sentence per data fraction: does BSS beat KD beyond the paired spread?"""
-    out = []
-    for key, v in results["paired"]["bss"].items():
-        other, fraction = key.split("@")
-        if other != "kd":
-            continue
-        m, s, n = 100 * v["mean"], 100 * v["std"], len(v["diffs"])
-        wins = sum(d > 0 for d in v["diffs"])
-        if n >= 2 and abs(m) > 2 * s / math.sqrt(n) and abs(m) >= 100 / results["data"]["test"]:
-            word = "better than" if m > 0 else "worse than"
-        else:
-            word = "not distinguishable from"
-        out.append(f"{100 * float(fraction):g}% of the data: BSS {word} KD ({m:+.2f} ± {s:.2f} points, "
-                   f"better in {wins} of {n} seeds)")
-    return "; ".join(out)
-
-
-def render_report(results: dict, heading: str = "#") -> str:
-    cfg = results["config"]
-    fr = [float(f) for f in results["summary"]["ce"]]
-    c = results["step_cost"]
-    lines = [f"{heading} BSS on digits: CE vs KD vs BSS with limited training data", "",
-             f"Teacher vgg8 (width {cfg['teacher_width']:g}, {results['teacher']['test_accuracy'] * 100:.2f}% test "
-             f"accuracy) -> student vgg8 (width {cfg['student_width']:g}, {results['student']['parameters']:,} "
-             f"parameters, {results['student']['parameters'] / results['student']['teacher_parameters']:.2f}x the "
-             f"teacher's). Every student run: {cfg['steps']} SGD steps of batch {cfg['batch_size']} (more epochs on "
-             f"smaller subsets), lr {cfg['lr']:g} x0.1 at 1/2 and 3/4 of the epochs, momentum 0.9, wd "
-             f"{cfg['weight_decay']:g}; seeds {list(cfg['seeds'])} (the seed also draws the class-stratified subset, "
-             "shared by the three methods). CE: labels only. KD: the official script without the BSS term "
-             "(CE + (3(1 - e/E) + 1) x soft-CE at T = 3). BSS: KD + max(2(1 - 4e/3E), 0) x soft-CE at T = 3 on the "
-             f"boundary-supporting samples of up to {cfg['max_samples']} base samples per batch (the official 64 of "
-             f"256, scaled), 10 attack steps of 0.3, clamp to the data's pixel range {tuple(round(v, 2) for v in results['data']['clamp'])}.",
-             "", f"{heading}# Student test accuracy (%), mean ± std over seeds", "",
-             "| method | " + " | ".join(f"{100 * f:g}% data" for f in fr) + " |", "|---" * (1 + len(fr)) + "|"]
-    for method, label in METHODS.items():
-        cells = [base.fmt_mean_std(results["summary"][method][str(f)]["runs"]) for f in fr]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", f"{heading}# Paired differences (same seed and subset), points", "",
-              "| comparison | " + " | ".join(f"{100 * f:g}% data" for f in fr) + " |", "|---" * (1 + len(fr)) + "|"]
-    for key, label in (("bss", "kd"), ("bss", "ce"), ("kd", "ce")):
-        cells = [base.fmt_mean_std(results["paired"][key][f"{label}@{f}"]["diffs"]) for f in fr]
-        lines.append(f"| {METHODS[key]} - {METHODS[label]} | " + " | ".join(cells) + " |")
-    lines += ["", f"**Does BSS help here?** {_verdict(results)}. (One test image is "
-              f"{100 / results['data']['test']:.2f} points; a difference counts only if its mean exceeds twice its "
-              "standard error and one image.)", "",
-              f"{heading}# Cost", "",
-              f"One training step (batch {c['batch_size']}, {c['rounds']} rounds timed in turns): KD {c['kd_ms']:.1f} ms, "
-              f"BSS {c['bss_ms']:.1f} ms, **BSS / KD = {c['ratio']:.2f}x** (median of per-round ratios; "
-              f"{c['attacked_per_step']:.0f} attacked samples and {c['teacher_calls_per_attack']:.1f} teacher forward + "
-              f"backward passes per attack). {results['threads']} CPU threads; the machine may have been shared.",
-              "", f"{heading}# Boundary-supporting samples", "",
-              "`bss_samples.png`: test images the teacher classifies correctly (left), the attack's result (middle: "
-              "moved toward the boundary with a target class drawn from the teacher's other probabilities) and the "
-              "difference (right), with the teacher's probabilities of the base and the target class.", "",
-              "| base | target | p(base), p(target) before | after | teacher predicts after | L2 of the move |",
-              "|---:|---:|---|---|---:|---:|"]
-    for r in results["grid"]["samples"]:
-        lines.append(f"| {r['base']} | {r['target']} | {r['p_before'][0]:.3f}, {r['p_before'][1]:.3f} | "
-                     f"{r['p_after'][0]:.3f}, {r['p_after'][1]:.3f} | {r['pred_after']} | {r['l2']:.2f} |")
-    lines += ["", f"Still-moving samples at each of the attack's teacher calls: {results['grid']['moving']}.", "",
-              f"Files: `accuracy_vs_data.png` (accuracy vs data fraction per method), `bss_samples.png`, "
-              f"`results.json`. Run time {results['time_s']:.0f} s.", ""]
-    return "\n".join(lines)
-
-
-def run_experiment(out_dir: str, quick: bool = False, device: str = "cpu") -> dict:
-    """``kdfast experiment bss``: CE vs KD vs BSS on digits, 3 seeds x 4 data fractions (``quick``: 2 seeds,
-    10% and 100%, shorter runs). Writes report.md, results.json, accuracy_vs_data.png, bss_samples.png."""
-    cfg = ExperimentConfig.quick() if quick else ExperimentConfig()
-    results = _experiment(cfg, out_dir, device)
-    results["quick"] = quick
-    base.write_report(out_dir, render_report(results), results)
-    return results
-
-
-def demo_section(ctx: "base.DemoContext") -> "base.DemoSection":
-    """The tour's BSS section: the tour's teacher, a half-width student, CE vs KD vs BSS on 25% of the
-    training data over the tour's seeds (``ctx.tiny``: a seconds-long configuration)."""
-    width = ctx.model_kwargs.get("width_mult", 0.25)
-    if ctx.tiny:
-        cfg = ExperimentConfig.tiny_config()
-        cfg.seeds = tuple(ctx.seeds[:1])
-    else:
-        cfg = ExperimentConfig(seeds=tuple(ctx.seeds), fractions=(0.25,), steps=60, cost_rounds=3, grid_samples=4)
-    cfg.teacher_width, cfg.student_width = width, width / 2
-    kwargs = {k: v for k, v in ctx.model_kwargs.items() if k != "width_mult"}
-    with base.Timer() as timer:
-        results = _experiment(cfg, ctx.out_dir, ctx.device, teacher=ctx.teacher, model_kwargs=kwargs,
-                              train=ctx.train_set, test=ctx.test_set)
-    results["budget_s"] = ctx.budget_s
-    return base.DemoSection(name=NAME, title=TITLE, markdown=render_report(results, heading="###").split("\n", 2)[2],
-                            results=results, figures=["accuracy_vs_data.png", "bss_samples.png"], time_s=timer.seconds)

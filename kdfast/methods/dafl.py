@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
+from .datafree_base import Generator, GeneratorDistiller, PenultimateTap, _kd, infer_num_classes, split_options
 
 NAME = "dafl"
 TITLE = "DAFL: data-free learning with a generator (one-hot, activation, information entropy)"
@@ -72,7 +73,6 @@ def generator_objective(losses: Dict[str, torch.Tensor], oh: float = 1.0, ie: fl
 
 
 # ------------------------------------------------------------------------------------------ engine
-from ._datafree import Generator, GeneratorDistiller, PenultimateTap, _kd, infer_num_classes, split_options  # noqa: E402
 
 #: Official MNIST settings (DAFL-train.py, README): batch 512, 200 epochs x 120 iterations, latent 100,
 #: generator Adam lr 0.2, student Adam lr 2e-3, oh / ie / a = 1 / 5 / 0.1, generator widths 128 / 64.
@@ -126,7 +126,7 @@ class DAFLDistiller(GeneratorDistiller):
 
 
 def build(teacher, student, **options) -> DAFLDistiller:
-    """A DAFL engine with a fresh :class:`~kdfast.methods._datafree.Generator` (see OPTIONS)."""
+    """A DAFL engine with a fresh :class:`~kdfast.methods.datafree_base.Generator` (see OPTIONS)."""
     o, engine = split_options(options, OPTIONS, ENGINE_DEFAULTS)
     generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"])
     num_classes = infer_num_classes(teacher, generator.image_shape)
@@ -135,18 +135,3 @@ def build(teacher, student, **options) -> DAFLDistiller:
         steps_per_epoch=o["steps_per_epoch"], gen_lr=o["lr_g"], oh=o["oh"], ie=o["ie"], a=o["a"],
         feature_layer=o["feature_layer"], collapse_warmup=o["collapse_warmup"], **engine)
 
-
-# ------------------------------------------------------------------------------------------ experiment
-def run_experiment(out_dir: str, quick: bool = False, device="cpu") -> dict:
-    """The data-free experiment for DAFL, DFAD and RDSKD together (``kdfast experiment datafree``):
-    see :mod:`kdfast.methods._datafree_experiment`."""
-    from ._datafree_experiment import run_experiment as run
-
-    return run(out_dir, quick=quick, device=device)
-
-
-def demo_section(ctx):
-    """ONE demo section for the three data-free methods (DAFL, DFAD, RDSKD)."""
-    from ._datafree_experiment import demo_section as section
-
-    return section(ctx)

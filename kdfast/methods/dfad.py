@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
+from ..distill import autocast, unwrap_model
+from .datafree_base import Generator, GeneratorDistiller, _Frozen, infer_num_classes, split_options
 
 NAME = "dfad"
 TITLE = "DFAD: data-free adversarial distillation (student/generator min-max on the logit MAE)"
@@ -31,8 +33,6 @@ def discrepancy(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ engine
-from ._datafree import Generator, GeneratorDistiller, _autocast, _Frozen, infer_num_classes, split_options  # noqa: E402
-from ..distill import unwrap_model  # noqa: E402
 
 #: Official MNIST settings (DFAD_mnist.py): batch 512, 40 epochs x 50 iterations, nz 100, student SGD
 #: lr 0.01 momentum 0.9 wd 1e-4, generator Adam lr 1e-3, GeneratorA (ngf 64, default BN eps).
@@ -84,12 +84,12 @@ class DFADDistiller(GeneratorDistiller):
                 "logits": s_logits.detach(), "targets": None}
 
     def forward_unsynced(self, module, x):
-        with _autocast(self.device, self.amp):
+        with autocast(self.device, self.amp):
             return module(x).float()
 
 
 def build(teacher, student, **options) -> DFADDistiller:
-    """A DFAD engine with a fresh GeneratorA-style :class:`~kdfast.methods._datafree.Generator` (see OPTIONS)."""
+    """A DFAD engine with a fresh GeneratorA-style :class:`~kdfast.methods.datafree_base.Generator` (see OPTIONS)."""
     o, engine = split_options(options, OPTIONS, ENGINE_DEFAULTS)
     generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"])
     num_classes = infer_num_classes(teacher, generator.image_shape)
@@ -98,8 +98,3 @@ def build(teacher, student, **options) -> DFADDistiller:
         steps_per_epoch=o["steps_per_epoch"], gen_lr=o["lr_g"], student_steps=o["student_steps"],
         collapse_warmup=o["collapse_warmup"], **engine)
 
-
-# ------------------------------------------------------------------------------------------ experiment
-# One experiment and one demo section for the three data-free methods: DAFL's module holds them (the
-# demo tour shows a shared section once; `kdfast experiment dfad/rdskd/dafl` run the same experiment).
-from .dafl import demo_section, run_experiment  # noqa: E402,F401

@@ -10,15 +10,15 @@ the paper's text, not a transcription.
   student layer. :class:`Aggregator`: per teacher layer a 1x1 convolution to the student layer's
   channels and adaptive average pooling to its spatial size (the paper bridges spatial scales with
   identity-mapping layers), summed with softmax-normalised learnable weights.
-* :func:`aggregation_loss`: sum over groups of ``w_l * MSE(aggregated_l, student_l)`` with
-  ``w_l = std(aggregated_l - student_l)`` detached: "the standard deviation serves as the measure
-  that weighs layers with larger accumulated error more".
+* :func:`aggregation_loss`: over groups, a convex combination of relative squared errors
+  ``MSE(a_l, s_l) / (mean(a_l^2) + mean(s_l^2))`` with weights proportional to the relative std of
+  the residual, detached: "the standard deviation serves as the measure that weighs layers with larger
+  accumulated error more"; normalised so that its weight means the same at every feature size.
 * Sparse recoding of the student's gradients: :class:`kdfast.methods.kr.SparseRecoding`.
 * Training (the paper's Algorithm 1): :class:`KRDistiller`.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Sequence
 
@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import _checks, _ext
+from ..distill import STUDENT, Auxiliary, Distiller, FeatureTap, to_float, unwrap_model
 from ..losses import sum_terms
 
 __all__ = ["Aggregator", "KnowledgeAggregation", "KRDistiller", "SparseRecoding", "aggregation_loss",
@@ -120,20 +121,32 @@ def group_layers(num_teacher: int, num_student: int, k: int | None = 3) -> list[
 
 
 def aggregation_loss(aggregated: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_l w_l * MSE(aggregated_l, student_l)`` with ``w_l = std(aggregated_l - student_l)``,
-    detached (a weight, not a term to minimise; kdfast's interpretation of the paper's
-    std-weighting)."""
+    """``sum_l w_l * r_l``: a convex combination over groups of the relative squared errors
+    ``r_l = MSE(a_l, s_l) / (mean(a_l^2) + mean(s_l^2))`` (a: the aggregated teacher map, s: the student's),
+    with weights ``w_l = sigma_l / sum_j sigma_j``, ``sigma_l = std(a_l - s_l) / sqrt(mean(a_l^2) + mean(s_l^2))``
+    (kdfast's interpretation of the paper's std-weighting, "the standard deviation serves as the measure
+    that weighs layers with larger accumulated error more"). Both maps are trained, so both set the scale:
+    a student map that dies (all zeros) cannot blow the loss up.
+
+    Normalisers and weights are detached (measures, not terms to minimise). The loss is dimensionless:
+    scaling every map by c, changing the feature sizes or the number of groups leaves its range the same
+    (a perfect fit: 0; one map all zeros: 1; independent maps of equal variance: 1), so a loss weight
+    means the same for every student; r_l is in [0, 2]. (An earlier kdfast version summed ``std * MSE`` unnormalised,
+    which grows with the cube of the features' scale.)"""
     if len(aggregated) != len(student) or not aggregated:
         raise ValueError(f"need as many aggregated maps as student maps (>= 1), got {len(aggregated)} and {len(student)}")
-    terms = []
+    relative, sigmas = [], []
     for l, (a, s) in enumerate(zip(aggregated, student)):
         if a.shape != s.shape:
             raise ValueError(f"group {l}: aggregated map has shape {tuple(a.shape)} but the student map {tuple(s.shape)}")
         residual = a - s
-        weight = residual.detach().float().std() if residual.numel() > 1 else residual.new_ones((), dtype=torch.float32)
-        term = weight.to(residual.dtype) * residual.pow(2).mean()
-        terms.append(term)
-    return sum_terms(terms)
+        energy = (a.detach().float().pow(2).mean() + s.detach().float().pow(2).mean()).clamp_min(1e-12)
+        relative.append(residual.pow(2).mean() / energy.to(residual.dtype))
+        spread = residual.detach().float().std() if residual.numel() > 1 else residual.detach().float().abs().sum()
+        sigmas.append(spread / energy.sqrt())
+    sigma = torch.stack(sigmas)
+    weights = sigma / sigma.sum() if float(sigma.sum()) > 0 else torch.full_like(sigma, 1.0 / len(sigmas))
+    return sum_terms([w.to(r.dtype) * r for w, r in zip(weights, relative)])
 
 
 class KnowledgeAggregation(nn.Module):
@@ -255,7 +268,7 @@ class SparseRecoding:
         tau_rate: how fast each threshold follows mean |theta| (0 keeps the initial one).
 
     Defaults (boost 2, damp 0.9, shrink 0, tau_rate 0.01) come from benchmarks/kr_experiment.py
-    (digits, a 438-parameter student, 3 seeds; benchmarks/results/kr_experiment.md): the more the
+    (digits, a 438-parameter student, 3 seeds; experiments/results/kr-digits-full/report.md): the more the
     inactive entries are slowed, the more accuracy the weak student lost (damp 0: 0.32, damp 0.5:
     0.79-0.84, damp 0.9: 0.86, KR without recoding: 0.86), while the share of near-zero weights
     grew (0.065 without recoding, 0.097 at damp 0.9, 0.17 at damp 0). damp 0.9 was the only setting
@@ -385,9 +398,6 @@ class SparseRecoding:
 
 
 # ------------------------------------------------------------------ the trainer (Algorithm 1)
-from ..distill.tap import FeatureTap, unwrap_model  # noqa: E402
-from ..distill.optim import Auxiliary  # noqa: E402
-from ..distill.trainer import STUDENT, Distiller, _to_float  # noqa: E402
 
 AGGREGATOR = "aggregator"  # the name of the aggregators among the trainables
 
@@ -472,8 +482,8 @@ class KRDistiller(Distiller):
     # ------------------------------------------------------------------ the two steps
     def compute_loss(self, batch):
         out = super().compute_loss(batch)  # teacher and student forward: the KR taps fill here
-        out["teacher_features"] = [_to_float(f) for f in self._kr_teacher_tap.features]
-        out["student_features"] = [_to_float(f) for f in self._kr_student_tap.features]
+        out["teacher_features"] = [to_float(f) for f in self._kr_teacher_tap.features]
+        out["student_features"] = [to_float(f) for f in self._kr_student_tap.features]
         return out
 
     def training_step(self, batch):
@@ -516,7 +526,7 @@ class KRDistiller(Distiller):
         super().close()
 
 
-# ------------------------------------------------------------------ registry entry: build, experiment, demo
+# ------------------------------------------------------------------ registry entry
 NAME = "kr"
 TITLE = "Knowledge Representing: knowledge aggregation and sparse recoding of the student's gradients"
 PAPER = ("Liu, Wen, Gao, Tao, Chen, Osa, Kato, \"Knowledge Representing: Efficient, Sparse Representation of Prior "
@@ -538,214 +548,3 @@ def build(teacher, student, *, losses=None, teacher_layers=None, student_layers=
     return KRDistiller(teacher, student, losses or {"kd": KDLoss(4.0, alpha=0.9)}, teacher_layers=teacher_layers,
                        student_layers=student_layers, **options)
 
-
-def _block(cin, cout, stride=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class SmallNet(nn.Module):
-    """Conv-BN-ReLU blocks, global average pooling, linear classifier (the experiment's teacher and weak
-    student). ``feature_layers`` lists the block outputs."""
-
-    def __init__(self, channels, strides, num_classes=10, in_channels=1):
-        super().__init__()
-        chans = [in_channels, *channels]
-        self.blocks = nn.Sequential(*[_block(chans[i], chans[i + 1], s) for i, s in enumerate(strides)])
-        self.fc = nn.Linear(chans[-1], num_classes)
-        self.feature_layers = [f"blocks.{i}" for i in range(len(channels))]
-
-    def forward(self, x):
-        return self.fc(self.blocks(x).mean((2, 3)))
-
-
-def weak_student(in_channels=1, num_classes=10) -> SmallNet:
-    """About 500 parameters: far below any teacher's capacity (where prior knowledge should matter most)."""
-    return SmallNet([4, 8], [1, 2], num_classes, in_channels)
-
-
-# SparseRecoding settings of the experiment (boost, damp, shrink); tau_rate 0.01 throughout.
-RECODING_SETTINGS = [(2.0, 0.0, 0.0), (2.0, 0.5, 0.0), (2.0, 0.9, 0.0), (1.5, 0.5, 0.0), (1.5, 0.5, 1e-4),
-                     (1.0, 0.5, 0.0)]
-
-
-def _near_zero_share(model, rel=0.1) -> float:
-    """Share of conv/linear weight entries with |w| < rel * mean |w| of their tensor."""
-    small = total = 0
-    for p in model.parameters():
-        if p.dim() > 1:
-            a = p.detach().abs()
-            small += int((a < rel * a.mean()).sum())
-            total += a.numel()
-    return small / total
-
-
-def _run_student(variant, teacher, train_set, test_set, epochs, seed, device, recoding=None):
-    """One weak student trained with ``variant`` ("ce", "kd", "kr"); returns accuracy, curve, sparsity."""
-    from ..distill import Distiller, evaluate
-    from ..losses import KDLoss
-    from . import base
-
-    torch.manual_seed(1000 + seed)
-    student = weak_student(train_set.in_channels, train_set.num_classes)
-    engine = dict(device=device, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine", epochs=epochs,
-                  seed=seed, progress=False)
-    if variant == "ce":
-        d = Distiller(None, student, {"ce": nn.CrossEntropyLoss()}, **engine)
-    elif variant == "kd":
-        d = Distiller(teacher, student, {"kd": KDLoss(4.0, alpha=0.9)}, **engine)
-    else:
-        t_layers = list(teacher.feature_layers)
-        d = build(teacher, student, teacher_layers=t_layers, student_layers=student.feature_layers,
-                  k=len(t_layers) // 2 if len(t_layers) % 2 == 0 else None,  # None: near-equal groups
-                  example_input=train_set.images[:2], sparse_recoding=recoding if recoding is not None else False,
-                  **engine)
-    train_eval = base.loader(train_set, 256, shuffle=False)
-    curve = []
-    engine_end = d.on_epoch_end
-
-    def on_epoch_end(epoch, record):  # the student's train CE after each epoch
-        engine_end(epoch, record)
-        curve.append(evaluate(d.student, train_eval, device=device)["loss"])
-
-    d.on_epoch_end = on_epoch_end
-    with base.Timer() as timer:
-        d.fit(base.loader(train_set, 64, seed=seed))
-    acc = evaluate(d.student, base.loader(test_set, 256, shuffle=False), device=device)["accuracy"]
-    d.close()
-    return {"test_accuracy": acc, "train_ce_curve": curve, "near_zero_share": _near_zero_share(student),
-            "seconds": timer.seconds}
-
-
-def _compare(teacher, train_set, test_set, variants, epochs, seeds, device):
-    results = {}
-    for label, variant, recoding in variants:
-        results[label] = [_run_student(variant, teacher, train_set, test_set, epochs, s, device, recoding)
-                          for s in seeds]
-    return results
-
-
-def _table(results) -> list:
-    from . import base
-
-    lines = ["| student trained with | test accuracy (%) | vs KD (paired, points) | final train CE | near-zero weights |",
-             "|---|---|---|---|---|"]
-    kd = [r["test_accuracy"] for r in results.get("KD", [])]
-    for label, runs in results.items():
-        accs = [r["test_accuracy"] for r in runs]
-        diff = base.fmt_mean_std(base.paired_differences(accs, kd)) if kd and label != "KD" else "—"
-        ce = base.mean_std([r["train_ce_curve"][-1] for r in runs])[0]
-        nz = base.mean_std([r["near_zero_share"] for r in runs])[0]
-        lines.append(f"| {label} | {base.fmt_mean_std(accs)} | {diff} | {ce:.4f} | {nz:.3f} |")
-    return lines
-
-
-def _plot(results, teacher_acc, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from . import base
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    names = list(results)
-    for i, name in enumerate(names):
-        curves = [r["train_ce_curve"] for r in results[name]]
-        mean = [sum(c) / len(c) for c in zip(*curves)]
-        ax1.plot(range(1, len(mean) + 1), mean, label=name, color=f"C{i}")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("train cross-entropy of the student (mean of seeds)")
-    ax1.set_yscale("log")
-    ax1.legend(fontsize=7)
-    stats = [base.mean_std([100 * r["test_accuracy"] for r in results[n]]) for n in names]
-    ax2.barh(range(len(names)), [m for m, _ in stats], xerr=[s for _, s in stats], color=[f"C{i}" for i in range(len(names))])
-    ax2.set_yticks(range(len(names)), names, fontsize=7)
-    ax2.axvline(100 * teacher_acc, color="k", ls="--", lw=1, label="teacher")
-    ax2.set_xlim(max(0.0, min(m - s for m, s in stats) - 5), 100)
-    ax2.set_xlabel("test accuracy (%), mean ± std over seeds")
-    ax2.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def run_experiment(out_dir: str, quick: bool = False, device: str = "cpu") -> dict:
-    """``kdfast experiment kr``: does KR help a deliberately weak student (about 500 parameters)?
-
-    Teacher: a 6-block CNN (16-16-16-32-32-32 channels) trained once on digits at 8x8. Students: CE,
-    KD (T = 4, alpha = 0.9), KR without recoding (KD + aggregation of teacher blocks 1-3 -> student block 1
-    and 4-6 -> block 2, k = 3), and KR with SparseRecoding at several (boost, damp, shrink) settings.
-    ``quick``: 2 seeds, 8 epochs, two recoding settings."""
-    from . import base
-
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
-    seeds = [0, 1] if quick else [0, 1, 2]
-    epochs = 8 if quick else 20
-    settings = RECODING_SETTINGS[:2] if quick else RECODING_SETTINGS
-    train_set, test_set = base.digits(image_size=8)
-    torch.manual_seed(0)
-    teacher = SmallNet([16, 16, 16, 32, 32, 32], [1, 1, 1, 2, 1, 1])
-    with base.Timer() as t_teacher:
-        base.train_supervised(teacher, train_set, test_set, epochs=epochs, lr=0.05, seed=0, device=device)
-    teacher.eval().requires_grad_(False)
-    teacher_acc = base.accuracy(teacher, test_set, device)
-    variants = [("CE", "ce", None), ("KD", "kd", None), ("KR, no recoding", "kr", None)]
-    variants += [(f"KR boost={b:g} damp={d:g} shrink={s:g}", "kr", dict(boost=b, damp=d, shrink=s, tau_rate=0.01))
-                 for b, d, s in settings]
-    with base.Timer() as t_all:
-        results = _compare(teacher, train_set, test_set, variants, epochs, seeds, device)
-    os.makedirs(out_dir, exist_ok=True)
-    _plot(results, teacher_acc, os.path.join(out_dir, "kr.png"),
-          f"KR on digits 8x8: weak student ({sum(p.numel() for p in weak_student().parameters())} parameters)")
-    lines = [
-        "# Knowledge Representing on digits (8x8), weak student",
-        "",
-        f"*{PAPER}*. No public code exists and the paper's equations are not available: kdfast's KR is an "
-        "interpretation of the paper's text (see `kdfast.methods.kr`).",
-        "",
-        f"Teacher: 6-block CNN, {sum(p.numel() for p in teacher.parameters())} parameters, test accuracy "
-        f"{100 * teacher_acc:.2f}% ({t_teacher.seconds:.0f} s). Student: 2-block CNN, "
-        f"{sum(p.numel() for p in weak_student().parameters())} parameters. {epochs} epochs, SGD lr 0.05 cosine, "
-        f"batch 64, seeds {seeds}. Near-zero: share of student weights with |w| < 0.1 mean |w| of their tensor.",
-        "",
-        *_table(results),
-        "",
-        "![curves and accuracies](kr.png)",
-        "",
-        f"Run time {t_all.seconds:.0f} s for the students{' (quick mode)' if quick else ''}. Whether KR beats KD "
-        "is what the table measures; the paired column is KR minus KD with the same seed.",
-        "",
-    ]
-    results_out = {"teacher_accuracy": teacher_acc, "epochs": epochs, "seeds": seeds, "runs": results,
-                   "time_s": t_all.seconds}
-    base.write_report(out_dir, "\n".join(lines), results_out)
-    return results_out
-
-
-def demo_section(ctx) -> "base.DemoSection":
-    """CE vs KD vs KR (with the default sparse recoding) for the weak student, from the tour's teacher."""
-    from . import base
-
-    epochs = 1 if ctx.tiny else 6
-    variants = [("CE", "ce", None), ("KD", "kd", None), ("KR", "kr", {})]
-    with base.Timer() as timer:
-        results = _compare(ctx.teacher, ctx.train_set, ctx.test_set, variants, epochs, ctx.seeds, ctx.device)
-    _plot(results, base.accuracy(ctx.teacher, ctx.test_set, ctx.device), os.path.join(ctx.out_dir, "kr.png"),
-          "KR: weak student from the tour's teacher")
-    lines = [
-        f"The tour's teacher ({ctx.teacher_name}) distilled into a weak 2-block student "
-        f"({sum(p.numel() for p in weak_student().parameters())} parameters), {epochs} epochs per run, seeds "
-        f"{ctx.seeds}: CE only, Hinton KD, and KR (KD + knowledge aggregation of the teacher's stage outputs into "
-        "the student's two blocks + sparse recoding of the student's gradients with the default setting). "
-        "KR is kdfast's interpretation of the paper's text (no public code, equations not available).",
-        "",
-        *_table(results),
-        "",
-        "![KR](kr.png)",
-        "",
-        f"Section time {timer.seconds:.0f} s. `kdfast experiment kr` runs the full comparison (3 seeds, 20 epochs, "
-        "six recoding settings, a teacher of its own).",
-    ]
-    return base.DemoSection(name=NAME, title=TITLE, markdown="\n".join(lines), results={"runs": results},
-                            figures=["kr.png"], time_s=timer.seconds)

@@ -21,7 +21,9 @@ from typing import Dict, Mapping, Optional
 import torch
 
 from .. import _checks
+from ..distill import NoiseSource, Stage, StagedRun
 from .dafl import neg_entropy_of_mean, one_hot_loss
+from .datafree_base import Generator, GeneratorDistiller, infer_num_classes, split_options
 
 NAME = "rdskd"
 TITLE = "RDSKD: robustness- and diversity-seeking data-free KD (two stages, exponential loss increments)"
@@ -78,8 +80,6 @@ def generator_objective(losses: Mapping[str, torch.Tensor],
 
 
 # ------------------------------------------------------------------------------------------ engine
-from ._datafree import Generator, GeneratorDistiller, infer_num_classes, split_options  # noqa: E402
-from ..distill import NoiseSource, Stage, StagedRun  # noqa: E402
 
 #: Official MNIST settings (generator-train.py, student-train.py): batch 512, generator 20 epochs x
 #: 120 iterations Adam lr 1e-3, student 1000 epochs x 120 iterations Adam lr 2e-3 wd 0, KD T = 10
@@ -179,8 +179,3 @@ def build(teacher, student, **options):
     run.generator = generator
     return run
 
-
-# ------------------------------------------------------------------------------------------ experiment
-# One experiment and one demo section for the three data-free methods: DAFL's module holds them (the
-# demo tour shows a shared section once; `kdfast experiment dfad/rdskd/dafl` run the same experiment).
-from .dafl import demo_section, run_experiment  # noqa: E402,F401

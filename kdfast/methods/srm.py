@@ -15,14 +15,14 @@ and :func:`labels` work from them (k per pixel), never from a dense (N, H, W, K)
 """
 from __future__ import annotations
 
-import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..distill import Auxiliary, Distiller, FeatureTap, Stage, StagedRun, split_batch
+from ..losses import KDLoss
 
 
 def num_codewords(channels: int, multiplier: float = 2.0) -> int:
@@ -268,7 +268,8 @@ OPTIONS = {
     "weight_decay": 1e-4,
     "alpha": 0.5,
     "temperature": 4.0,
-    "lr_steps": (0.6, 0.85),        # fractions of each stage's epochs where the LR drops 10x (official phases)
+    "lr_steps": None,               # None: the official phases (OFFICIAL_PHASES, Adam re-created at each);
+                                    # a tuple of fractions: LR / 10 there in every stage, optimiser kept
     "device": "cpu",
     "seed": 0,
     "checkpoint_dir": None,
@@ -277,16 +278,37 @@ OPTIONS = {
 }
 
 
-def _milestones(epochs: int, steps) -> list:
-    out = sorted({int(round(f * epochs)) for f in steps if 0 < int(round(f * epochs)) < epochs})
-    return out
+#: The official learning-rate phases per stage, as fractions of the stage's epochs, from the official
+#: (lr, epochs) lists (viebboy/SRM ``cifar100/code/exp_configurations.py``): dictionaries (1e-3, 10)
+#: (1e-4, 60) (1e-5, 30); matching (1e-3, 30) (1e-4, 100) (1e-5, 30); KD (1e-3, 30) (1e-4, 100) (1e-5, 70).
+#: The official trainer (``Utility.py``) creates a new Adam for each phase, so the moments restart there.
+OFFICIAL_PHASES = {"dictionaries": (10 / 100, 70 / 100), "matching": (30 / 160, 130 / 160),
+                   "kd": (30 / 200, 130 / 200)}
 
 
-from ..distill import Auxiliary, Distiller, FeatureTap, Stage, StagedRun, split_batch  # noqa: E402
-from ..losses import KDLoss  # noqa: E402
+def lr_milestones(epochs: int, fractions) -> list:
+    """The epochs (0 < e < epochs) at ``fractions`` of ``epochs``: where a step schedule divides the LR."""
+    return sorted({int(round(f * epochs)) for f in fractions if 0 < int(round(f * epochs)) < epochs})
 
 
-class DictionaryLearner(Distiller):
+class PhasedDistiller(Distiller):
+    """A :class:`~kdfast.distill.Distiller` whose optimisers restart (their state cleared: Adam's moments
+    and step count) at the start of each epoch in ``restart_epochs``, as the official SRM code creates a
+    new Adam for each LR phase. Checkpoints are taken at epoch ends, so a resumed run restarts at the
+    same epochs."""
+
+    def __init__(self, *args, restart_epochs=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.restart_epochs = frozenset(int(e) for e in restart_epochs)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch in self.restart_epochs:
+            for optimizer in self.optimizers.values():
+                optimizer.state.clear()
+        super().on_epoch_start(epoch)
+
+
+class DictionaryLearner(PhasedDistiller):
     """Stage A on the engine: the teacher runs frozen, the student is not trained, and the
     :class:`DictionarySet` (an auxiliary trainable, Adam) minimises the sum over layers of
     MSE(x, C s_hat). ``dictionary_spec``: :class:`~kdfast.distill.Auxiliary` keywords (lr, schedule, ...)."""
@@ -332,7 +354,7 @@ _STUDENT_OPTIMISER_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "neste
 
 def build(teacher, student, *, input_shape=None, teacher_layers=None, student_layers=None, codeword_multiplier=2.0,
           sparsity_ratio=0.02, target="global-local", dictionary_epochs=10, dictionary_lr=1e-3, init_epochs=10,
-          init_lr=1e-3, kd_epochs=20, lr=1e-3, weight_decay=1e-4, alpha=0.5, temperature=4.0, lr_steps=(0.6, 0.85),
+          init_lr=1e-3, kd_epochs=20, lr=1e-3, weight_decay=1e-4, alpha=0.5, temperature=4.0, lr_steps=None,
           checkpoint_dir=None, resume=False, log_path=None, **engine) -> SRMRun:
     """SRM as the official code runs it, as a :class:`~kdfast.distill.StagedRun` of three engines:
 
@@ -345,8 +367,10 @@ def build(teacher, student, *, input_shape=None, teacher_layers=None, student_la
     * ``kd`` (stage C, ``kd_epochs``): heads dropped, Adam (``lr``, ``weight_decay``) on
       ``alpha T^2 KL + (1 - alpha) CE`` (:class:`kdfast.losses.KDLoss`).
 
-    Each stage's LR drops 10x at the fractions ``lr_steps`` of its epochs (the official code's LR
-    phases). ``input_shape`` (C, H, W) of one input is needed to match the layers
+    ``lr_steps=None`` (default): each stage runs the official LR phases (:data:`OFFICIAL_PHASES`, LR / 10 at
+    each phase, the Adam state cleared there as the official code re-creates its optimiser). A tuple of
+    fractions instead drops the LR 10x at those fractions of every stage and keeps the optimiser state
+    (kdfast's earlier default was (0.6, 0.85)). ``input_shape`` (C, H, W) of one input is needed to match the layers
     (:func:`match_layers`). Engine keywords (device, seed, amp, progress, ...) apply to every stage;
     ``checkpoint_dir``/``resume`` checkpoint each stage in its own folder and resume where it stopped.
     """
@@ -370,22 +394,36 @@ def build(teacher, student, *, input_shape=None, teacher_layers=None, student_la
     s_layers = [p["student"] for p in pairs]
     s_channels = [p["student_channels"] for p in pairs]
 
-    def adam(epochs, learning_rate, decay):
+    official = lr_steps is None
+    if not official and (not isinstance(lr_steps, (tuple, list))
+                         or not all(isinstance(f, (int, float)) and 0 < f < 1 for f in lr_steps)):
+        raise ValueError(f"lr_steps must be None (the official phases) or a tuple of fractions in (0, 1), got {lr_steps!r}")
+
+    def milestones(stage, epochs):
+        return lr_milestones(epochs, OFFICIAL_PHASES[stage] if official else lr_steps)
+
+    def adam(stage, epochs, learning_rate, decay):
         return dict(optimizer="adam", lr=learning_rate, weight_decay=decay, schedule="step",
-                    milestones=_milestones(epochs, lr_steps), gamma=0.1)
+                    milestones=milestones(stage, epochs), gamma=0.1)
+
+    def restarts(stage, epochs):
+        return milestones(stage, epochs) if official else ()
 
     def stage_a():
         return DictionaryLearner(teacher, student, dictionaries=dictionaries, teacher_layers=t_layers,
-                                 dictionary_spec=adam(dictionary_epochs, dictionary_lr, 0.0), **engine)
+                                 dictionary_spec=adam("dictionaries", dictionary_epochs, dictionary_lr, 0.0),
+                                 restart_epochs=restarts("dictionaries", dictionary_epochs), **engine)
 
     def stage_b():
         loss = SRMTargetLoss(dictionaries.layers, s_channels, target)
-        return Distiller(teacher, student, {"srm": loss}, feature_layers={"srm": (s_layers, t_layers)},
-                         **adam(init_epochs, init_lr, weight_decay), **engine)
+        return PhasedDistiller(teacher, student, {"srm": loss}, feature_layers={"srm": (s_layers, t_layers)},
+                               **adam("matching", init_epochs, init_lr, weight_decay),
+                               restart_epochs=restarts("matching", init_epochs), **engine)
 
     def stage_c():
-        return Distiller(teacher, student, {"kd": KDLoss(temperature, alpha=alpha)}, **adam(kd_epochs, lr, weight_decay),
-                         **engine)
+        return PhasedDistiller(teacher, student, {"kd": KDLoss(temperature, alpha=alpha)},
+                               **adam("kd", kd_epochs, lr, weight_decay), restart_epochs=restarts("kd", kd_epochs),
+                               **engine)
 
     stages = [Stage("dictionaries", dictionary_epochs, stage_a, eval=False),
               Stage("matching", init_epochs, stage_b),
@@ -393,285 +431,3 @@ def build(teacher, student, *, input_shape=None, teacher_layers=None, student_la
     return SRMRun(stages, pairs=pairs, dictionaries=dictionaries, checkpoint_dir=checkpoint_dir, resume=resume,
                   log_path=log_path)
 
-
-# ------------------------------------------------------------------------------------ experiment
-# Teacher vgg8 (the tour's teacher: VGG blocks, max pooling) -> student resnet8 at half width
-# (residual blocks, strided convs): a different architecture, as the paper's claim is robustness to
-# architectural differences. Layers matched by size: vgg block0/1/2 (16x16, 8x8, 4x4 on 16x16 digits)
-# with resnet layer1/2/3.
-STUDENT = {"name": "resnet8", "width": 0.5}
-TEACHER = {"name": "vgg8", "width": 0.25}
-SEEDS = (0, 1, 2)
-
-
-def _config(quick: bool, tiny: bool = False) -> dict:
-    if tiny:
-        return {"teacher_epochs": 1, "dictionary_epochs": 1, "init_epochs": 1, "kd_epochs": 1, "train_subset": 96,
-                "test_subset": 64, "seeds": (0,), "batch_size": 32}
-    if quick:
-        return {"teacher_epochs": 8, "dictionary_epochs": 3, "init_epochs": 4, "kd_epochs": 8, "train_subset": None,
-                "test_subset": None, "seeds": SEEDS, "batch_size": 64}
-    return {"teacher_epochs": 15, "dictionary_epochs": 8, "init_epochs": 10, "kd_epochs": 20, "train_subset": None,
-            "test_subset": None, "seeds": SEEDS, "batch_size": 64}
-
-
-def _train_baseline(kind, teacher, student, train_loader, test_loader, cfg, seed, device):
-    """CE or KD (stage C's loss from scratch) with stage C's optimiser and epochs."""
-    epochs = cfg["kd_epochs"]
-    losses = {"ce": nn.CrossEntropyLoss()} if kind == "ce" else {"kd": KDLoss(cfg["temperature"], alpha=cfg["alpha"])}
-    engine = Distiller(None if kind == "ce" else teacher, student, losses, optimizer="adam", lr=cfg["lr"],
-                       weight_decay=cfg["weight_decay"], schedule="step", milestones=_milestones(epochs, (0.6, 0.85)),
-                       epochs=epochs, device=device, seed=seed, progress=False)
-    try:
-        return engine.fit(train_loader, eval_loader=test_loader)
-    finally:
-        engine.close()
-
-
-def _train_srm(teacher, student, train_loader, test_loader, cfg, seed, device, target, input_shape):
-    run = build(teacher, student, input_shape=input_shape, target=target, dictionary_epochs=cfg["dictionary_epochs"],
-                init_epochs=cfg["init_epochs"], kd_epochs=cfg["kd_epochs"], lr=cfg["lr"],
-                weight_decay=cfg["weight_decay"], alpha=cfg["alpha"], temperature=cfg["temperature"], device=device,
-                seed=seed, progress=False)
-    try:
-        history = run.fit(train_loader, eval_loader=test_loader)
-    finally:
-        run.close()
-    return run, history
-
-
-def _final_accuracy(history) -> float:
-    return float(history[-1]["eval_accuracy"])
-
-
-def _curve(history, key):
-    return [float(r[key]) for r in history if key in r]
-
-
-def _pixel_label_figure(teacher, run, images, path, device):
-    """Input images and the teacher's pixel-level codeword labels (argmax codeword per pixel) at each
-    matched layer, one colour per codeword."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = [p["teacher"] for p in run.pairs]
-    with FeatureTap(teacher, layers, detach=True) as tap, torch.no_grad():
-        teacher.eval()
-        teacher(images.to(device))
-        labels_per_layer = [d.labels(f.float())[1].cpu() for d, f in zip(run.dictionaries.layers, tap.features)]
-    n, cols = images.shape[0], 1 + len(layers)
-    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n), squeeze=False)
-    for i in range(n):
-        img = images[i].cpu()
-        axes[i][0].imshow((img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy(), cmap="gray")
-        for j, (pair, lab) in enumerate(zip(run.pairs, labels_per_layer)):
-            k_total = run.dictionaries.layers[j].dictionary.shape[1]
-            axes[i][j + 1].imshow(lab[i].numpy(), cmap="nipy_spectral", vmin=0, vmax=k_total - 1, interpolation="nearest")
-            if i == 0:
-                axes[i][j + 1].set_title(f"{pair['teacher']} ({pair['size'][0]}x{pair['size'][1]}, K={k_total})",
-                                         fontsize=7)
-            axes[i][j + 1].set_xlabel(f"{int(lab[i].unique().numel())} codewords", fontsize=6)
-        if i == 0:
-            axes[i][0].set_title("input", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle("Teacher pixel-level labels: argmax codeword per pixel", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return {pair["teacher"]: [int(lab[i].unique().numel()) for i in range(n)]
-            for pair, lab in zip(run.pairs, labels_per_layer)}
-
-
-def _curves_figure(curves, path):
-    """One panel per SRM stage (mean over seeds): dictionary MSE, matching loss, test accuracy in the
-    KD stage next to KD and CE trained for the same epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from . import base
-
-    def mean(rows):
-        rows = [r for r in rows if r]
-        if not rows:
-            return []
-        length = min(len(r) for r in rows)
-        return [sum(r[i] for r in rows) / len(rows) for i in range(length)]
-
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    axes[0].plot(mean(curves["srm"]["dictionaries_loss"]), marker="o", color=base.colour("srm"))
-    axes[0].set(title="stage A: dictionaries", xlabel="epoch", ylabel="sum of MSE(x, C s_hat)")
-    for target, style in (("global-local", "-"), ("global", "--"), ("local", ":")):
-        key = "srm" if target == "global-local" else f"srm_{target}"
-        if key in curves:
-            axes[1].plot(mean(curves[key]["matching_loss"]), linestyle=style, color=base.colour("srm"), label=target)
-    axes[1].set(title="stage B: representation matching", xlabel="epoch", ylabel="BCE + CE")
-    axes[1].legend(fontsize=7)
-    for method, label in (("srm", "SRM (stage C)"), ("kd", "KD"), ("ce", "CE")):
-        axes[2].plot(mean(curves[method]["eval_accuracy"]), label=label, color=base.colour(method))
-    axes[2].set(title="stage C: KD fine-tuning (test accuracy)", xlabel="epoch", ylabel="accuracy")
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _experiment(out_dir, cfg, device, teacher=None, teacher_acc=None, model_kwargs=None, train_set=None,
-                test_set=None, figure_prefix=""):
-    """The SRM / KD / CE comparison and the target ablation; returns the results dict."""
-    from .. import models
-    from ..distill import seed_everything
-    from . import base
-
-    os.makedirs(out_dir, exist_ok=True)
-    if train_set is None:
-        train_set, test_set = base.digits(16, cfg["train_subset"], cfg["test_subset"])
-    timings = {}
-    if teacher is None:
-        with base.Timer() as t:
-            teacher, model_kwargs, teacher_acc = base.train_teacher(
-                train_set, test_set, name=TEACHER["name"], width=TEACHER["width"], epochs=cfg["teacher_epochs"],
-                device=device)
-        timings["teacher_s"] = t.seconds
-    teacher = teacher.to(device)
-    input_shape = tuple(train_set[0][0].shape)
-    student_kwargs = dict(model_kwargs, width_mult=STUDENT["width"])
-    test_loader = base.loader(test_set, 256, shuffle=False)
-    methods = ["srm", "srm_global", "srm_local", "kd", "ce"] if cfg.get("ablation", True) else ["srm", "kd", "ce"]
-    acc = {m: [] for m in methods}
-    curves = {m: {"dictionaries_loss": [], "matching_loss": [], "eval_accuracy": []} for m in methods}
-    figure_runs = None
-    for seed in cfg["seeds"]:
-        train_loader = base.loader(train_set, cfg["batch_size"], seed=seed)
-        for method in methods:
-            seed_everything(seed)
-            student = models.build(STUDENT["name"], **student_kwargs)
-            with base.Timer() as t:
-                if method.startswith("srm"):
-                    target = {"srm": "global-local", "srm_global": "global", "srm_local": "local"}[method]
-                    run, history = _train_srm(teacher, student, train_loader, test_loader, cfg, seed, device, target,
-                                              input_shape)
-                    curves[method]["dictionaries_loss"].append(_curve(history["dictionaries"], "loss"))
-                    curves[method]["matching_loss"].append(_curve(history["matching"], "loss"))
-                    final = history["kd"]
-                    if method == "srm" and figure_runs is None:
-                        figure_runs = run
-                else:
-                    final = _train_baseline(method, teacher, student, train_loader, test_loader, cfg, seed, device)
-            timings[f"{method}_seed{seed}_s"] = t.seconds
-            curves[method]["eval_accuracy"].append(_curve(final, "eval_accuracy"))
-            acc[method].append(_final_accuracy(final))
-    figures = [f"{figure_prefix}srm_curves.png", f"{figure_prefix}srm_pixel_labels.png"]
-    _curves_figure(curves, os.path.join(out_dir, figures[0]))
-    images = torch.stack([test_set[i][0] for i in range(min(4, len(test_set)))])
-    codewords_used = _pixel_label_figure(teacher, figure_runs, images, os.path.join(out_dir, figures[1]), device)
-    summary = {m: {"accuracy": acc[m], "mean": base.mean_std(acc[m])[0], "std": base.mean_std(acc[m])[1]}
-               for m in methods}
-    paired = {}
-    for a, b in (("srm", "kd"), ("srm", "ce"), ("kd", "ce"), ("srm_global", "srm"), ("srm_local", "srm")):
-        if a in acc and b in acc:
-            diffs = base.paired_differences(acc[a], acc[b])
-            paired[f"{a}-{b}"] = {"differences": diffs, "mean": base.mean_std(diffs)[0], "std": base.mean_std(diffs)[1]}
-    return {
-        "teacher": {**TEACHER, "accuracy": teacher_acc}, "student": STUDENT, "config": cfg,
-        "pairs": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()} for p in figure_runs.pairs],
-        "codewords": [{"teacher_layer": p["teacher"], "K": d.dictionary.shape[1], "k": d.k}
-                      for p, d in zip(figure_runs.pairs, figure_runs.dictionaries.layers)],
-        "accuracy": summary, "paired_differences": paired, "curves": curves,
-        "pixel_label_codewords_used": codewords_used, "timings_s": timings, "figures": figures,
-    }
-
-
-def _render(results, heading="#") -> str:
-    from . import base
-
-    h2 = heading + "#"
-    acc, paired = results["accuracy"], results["paired_differences"]
-    cfg = results["config"]
-    names = {"srm": "SRM (global-local)", "srm_global": "SRM, global targets only", "srm_local": "SRM, local targets only",
-             "kd": "KD", "ce": "CE"}
-    lines = [
-        f"{heading} SRM: sparse representation matching on digits", "",
-        f"Paper: {PAPER}.", "",
-        f"Teacher {results['teacher']['name']} (width {results['teacher']['width']}, test accuracy "
-        f"{100 * results['teacher']['accuracy']:.2f}%) -> student {results['student']['name']} (width "
-        f"{results['student']['width']}): a different architecture (VGG blocks with max pooling -> residual blocks "
-        "with strided convolutions). Layers matched by spatial size: "
-        + ", ".join(f"{p['teacher']} -> {p['student']} ({p['size'][0]}x{p['size'][1]})" for p in results["pairs"])
-        + "; codewords per layer: " + ", ".join(f"K={c['K']}, k={c['k']}" for c in results["codewords"])
-        + " (m = 2, r = 0.02 as the official CIFAR setting).", "",
-        f"Epochs: dictionaries {cfg['dictionary_epochs']}, matching {cfg['init_epochs']}, KD {cfg['kd_epochs']}; "
-        f"KD and CE baselines: {cfg['kd_epochs']} epochs with the KD stage's optimiser (Adam 1e-3, wd 1e-4, LR / 10 at "
-        f"60% and 85%); KD loss {cfg['alpha']} T^2 KL + {1 - cfg['alpha']} CE, T = {cfg['temperature']}. "
-        f"Seeds {list(cfg['seeds'])} (same student initialisation per seed across methods). Note SRM gets "
-        f"{cfg['init_epochs']} extra epochs of stage B before its KD stage, as in the official protocol.", "",
-        f"{h2} Test accuracy (final epoch)", "",
-        "| method | accuracy % (mean ± std) | per seed |", "|---|---|---|",
-    ]
-    for m, r in acc.items():
-        lines.append(f"| {names.get(m, m)} | {base.fmt_mean_std(r['accuracy'])} | "
-                     + ", ".join(f"{100 * a:.2f}" for a in r["accuracy"]) + " |")
-    lines += ["", f"{h2} Paired differences (same seed), accuracy points", "", "| pair | mean ± std | per seed |",
-              "|---|---|---|"]
-    for key, r in paired.items():
-        lines.append(f"| {key} | {base.fmt_mean_std(r['differences'])} | "
-                     + ", ".join(f"{100 * d:+.2f}" for d in r["differences"]) + " |")
-    srm_kd = paired.get("srm-kd")
-    if srm_kd is not None:
-        m, s = srm_kd["mean"], srm_kd["std"]
-        n = len(srm_kd["differences"])
-        verdict = ("SRM is ahead of KD on every seed" if all(d > 0 for d in srm_kd["differences"]) else
-                   "SRM is behind KD on every seed" if all(d < 0 for d in srm_kd["differences"]) else
-                   "the sign of SRM - KD changes between seeds")
-        lines += ["", f"Reading: {verdict} (mean {100 * m:+.2f} points, std {100 * s:.2f}, {n} seeds). "
-                  "With this few seeds and a 450-image test set (one image = 0.22 points), differences of a "
-                  "point or less are within the noise; this is a small-scale check of the method, not a "
-                  "reproduction of the paper's CIFAR-100 / ImageNet results."]
-    lines += ["", f"{h2} Curves and pixel-level labels", "",
-              f"![curves]({results['figures'][0]})", "",
-              f"![pixel labels]({results['figures'][1]})", "",
-              "Distinct codewords used as pixel labels in the pictured test images: "
-              + "; ".join(f"{k}: {v}" for k, v in results["pixel_label_codewords_used"].items()) + ".", ""]
-    return "\n".join(lines)
-
-
-def run_experiment(out_dir: str, quick: bool = False, device: str = "cpu") -> dict:
-    """``kdfast experiment srm``: teacher vgg8 -> student resnet8 (width 0.5) on digits; SRM vs KD vs CE over
-    3 seeds with the target ablation (global / local / global-local). Writes report.md, results.json,
-    srm_curves.png and srm_pixel_labels.png into ``out_dir``."""
-    from . import base
-
-    cfg = {**_config(quick), "lr": 1e-3, "weight_decay": 1e-4, "alpha": 0.5, "temperature": 4.0}
-    with base.Timer() as timer:
-        results = _experiment(out_dir, cfg, device)
-    results["time_s"] = timer.seconds
-    base.write_report(out_dir, _render(results), results)
-    return results
-
-
-def demo_section(ctx) -> "object":
-    """The tour's SRM section: the tour's teacher -> resnet8 (width 0.5), SRM (global-local) vs KD vs CE over
-    ``ctx.seeds``, epochs sized for ``ctx.budget_s`` (no ablation); ``ctx.tiny``: a seconds-long run."""
-    from . import base
-
-    cfg = {**_config(quick=True, tiny=ctx.tiny), "lr": 1e-3, "weight_decay": 1e-4, "alpha": 0.5, "temperature": 4.0,
-           "seeds": tuple(ctx.seeds), "ablation": False}
-    if not ctx.tiny:
-        cfg.update(dictionary_epochs=2, init_epochs=2, kd_epochs=4)
-    train_set, test_set = ctx.train_set, ctx.test_set
-    if ctx.tiny:
-        train_set, test_set = base.subset(train_set, cfg["train_subset"]), base.subset(test_set, cfg["test_subset"])
-    teacher_acc = base.accuracy(ctx.teacher, test_set, device=ctx.device)
-    with base.Timer() as timer:
-        results = _experiment(ctx.out_dir, cfg, ctx.device, teacher=ctx.teacher, teacher_acc=teacher_acc,
-                              model_kwargs=ctx.model_kwargs, train_set=train_set, test_set=test_set)
-    results["teacher"]["name"] = ctx.teacher_name
-    results["teacher"]["width"] = ctx.model_kwargs.get("width_mult", 1.0)
-    body = _render(results, heading="##").split("\n", 2)[2]  # drop the heading line: the tour adds the title
-    return base.DemoSection(name=NAME, title=TITLE, markdown=body, results=base.json_safe(results),
-                            figures=results["figures"], time_s=timer.seconds)

@@ -35,13 +35,10 @@ def test_demo_writes_report_results_plots_and_checkpoints(demo_dir):
     for png in ("training_curves.png", "robustness.png"):
         assert (demo_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tour = json.loads((demo_dir / "results.json").read_text())
-    from kdfast import methods
+    from kdfast import experiments
 
-    # one section per paper, in the registry's order (methods of one paper share their section)
-    sections = []
-    for name in methods.available():
-        if all(methods.get(name).demo_section is not methods.get(s).demo_section for s in sections):
-            sections.append(name)
+    # one section per paper, in the experiments registry's order (one experiment for the data-free methods)
+    sections = experiments.available()
     assert list(tour["sections"]) == sections
     assert all(t >= 0 for t in tour["section_time_s"].values())
     results = tour["sections"]["kd"]
@@ -68,7 +65,7 @@ def test_demo_writes_report_results_plots_and_checkpoints(demo_dir):
     assert "| Tucker + KD |" in report and "| Teacher |" in report and "KD vs CE" in report
     assert "### Over 2 fine-tuning seeds (1, 2;" in report
     for name in sections:  # a section per paper, with its citation
-        module = methods.get(name)
+        module = experiments.get(name)
         assert f"## {module.TITLE}" in report and module.PAPER in report
     assert "NaN" not in (demo_dir / "results.json").read_text()
 
@@ -78,12 +75,12 @@ def test_checkpoints_load_weights_only_and_reproduce_accuracy(demo_dir):
     assert raw["format"] == checkpoint.MODEL_FORMAT and raw["tucker"] and raw["data"]["name"] == "digits"
     model, ckpt = checkpoint.load_model(demo_dir / "student_kd.pt")
     from kdfast import data
-    from kdfast.methods import base
     from kdfast.distill import evaluate
+    from kdfast.experiments import common
 
     # the tiny demo evaluates on a fixed 96-image subset of the test split: the reloaded model
     # must reproduce the accuracy recorded for it, image for image
-    test = base.subset(data.load("digits", split="test", image_size=ckpt["data"]["image_size"]), 96)
+    test = common.subset(data.load("digits", split="test", image_size=ckpt["data"]["image_size"]), 96)
     loader = torch.utils.data.DataLoader(test, batch_size=256)
     results = json.loads((demo_dir / "results.json").read_text())["sections"]["kd"]
     assert evaluate(model, loader)["accuracy"] == ckpt["meta"]["test_accuracy"]
@@ -197,6 +194,11 @@ def test_distill_config_then_robustness(tmp_path, capsys):
         (["decompose", "--checkpoint", "x.pt", "--ranks", "4,0"], "bad ranks '4,0'"),
         (["distill"], "the following arguments are required: --config"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["experiment", "bss", "--quick"], "unrecognized arguments: --quick"),
+        (["experiment", "bss", "--dataset", "svhn"], "argument --dataset: invalid choice: 'svhn'"),
+        (["experiment", "bss", "--budget", "huge"], "argument --budget: invalid choice: 'huge'"),
+        (["experiment", "bss", "--seeds", "0,x"], "expected comma-separated non-negative integers, got '0,x'"),
+        (["experiment", "bss", "--seeds", "1,1"], "expected distinct non-negative integers, got '1,1'"),
     ],
 )
 def test_bad_arguments_exit_2_with_message(argv, message, capsys):
@@ -213,7 +215,9 @@ def test_bad_arguments_exit_2_with_message(argv, message, capsys):
         (["decompose", "--checkpoint", "does-not-exist.pt"], "checkpoint not found"),
         (["distill", "--config", "does-not-exist.yaml"], "no such file"),
         (["demo", "--model", "resnet1000", "--tiny"], "not a kdfast model"),
-        (["experiment", "frobnicate"], "unknown method 'frobnicate'; registered methods: kd, bss, "),
+        (["experiment", "frobnicate"], "unknown experiment 'frobnicate'; experiments: kd, bss, datafree, kr, srm"),
+        (["experiment", "bss", "--dataset", "cifar10"], "--dataset cifar10 needs --data-root DIR"),
+        (["experiment", "bss", "--dataset", "mnist", "--data-root", "no/such/dir"], "--data-root 'no/such/dir': no such"),
     ],
 )
 def test_errors_after_parsing_return_2(argv, message, capsys):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import feature_map
-from kdfast.methods import _datafree, dafl, dfad, rdskd
+from kdfast.methods import dafl, datafree_base, dfad, rdskd
 from kdfast.testing import baselines, reference
 
 SHAPES = [(1, 2), (3, 10), (17, 7), (64, 10)]
@@ -230,7 +230,7 @@ def test_dfad_gradcheck_and_errors():
 # ------------------------------------------------------------------------------------------ generator
 @pytest.mark.parametrize("size,channels,ngf", [(16, 1, 16), (32, 1, 64), (32, 3, 8), (8, 2, 4)])
 def test_generator_shapes_and_layers(size, channels, ngf):
-    g = _datafree.Generator(latent_dim=20, image_size=size, channels=channels, ngf=ngf)
+    g = datafree_base.Generator(latent_dim=20, image_size=size, channels=channels, ngf=ngf)
     for b in (1, 5):
         x = g(torch.randn(b, 20))
         assert x.shape == (b, channels, size, size)
@@ -249,8 +249,8 @@ def test_generator_shapes_and_layers(size, channels, ngf):
 
 
 def test_generator_bn_eps_quirk():
-    quirk = _datafree.Generator(10, 16, 1, 8, bn_eps_quirk=True)
-    plain = _datafree.Generator(10, 16, 1, 8)
+    quirk = datafree_base.Generator(10, 16, 1, 8, bn_eps_quirk=True)
+    plain = datafree_base.Generator(10, 16, 1, 8)
     eps_q = [m.eps for m in quirk.modules() if isinstance(m, nn.BatchNorm2d)]
     eps_p = [m.eps for m in plain.modules() if isinstance(m, nn.BatchNorm2d)]
     # BN after the linear and the last (non-affine) BN keep the default; the two conv-block BNs get 0.8
@@ -260,12 +260,12 @@ def test_generator_bn_eps_quirk():
 
 def test_generator_errors():
     with pytest.raises(ValueError, match="multiple of 4"):
-        _datafree.Generator(10, 18)
+        datafree_base.Generator(10, 18)
     with pytest.raises(ValueError, match="latent_dim must be a positive int"):
-        _datafree.Generator(0, 16)
+        datafree_base.Generator(0, 16)
     with pytest.raises(ValueError, match="channels must be a positive int"):
-        _datafree.Generator(10, 16, channels=1.5)
-    g = _datafree.Generator(10, 16, ngf=4)
+        datafree_base.Generator(10, 16, channels=1.5)
+    g = datafree_base.Generator(10, 16, ngf=4)
     with pytest.raises(ValueError, match=r"z must have shape \(B, 10\)"):
         g(torch.randn(3, 11))
     with pytest.raises(ValueError, match="B >= 1"):
@@ -279,7 +279,7 @@ def test_penultimate_tap_reads_the_classifier_input():
     from kdfast import models
 
     net = models.build("vgg8", num_classes=10, in_channels=1, width_mult=0.25).eval()
-    tap = _datafree.PenultimateTap(net)
+    tap = datafree_base.PenultimateTap(net)
     assert tap.layer == "classifier"
     x = torch.randn(3, 1, 16, 16)
     logits = net(x)
@@ -292,34 +292,34 @@ def test_penultimate_tap_reads_the_classifier_input():
     net(x)
     assert tap.feature is None
     lenet = models.build("lenet5", num_classes=10, in_channels=1)
-    tap = _datafree.PenultimateTap(lenet)  # the official DAFL feature: the 120-d conv3 output (fc2's input)
+    tap = datafree_base.PenultimateTap(lenet)  # the official DAFL feature: the 120-d conv3 output (fc2's input)
     lenet(torch.randn(2, 1, 32, 32))
     assert tap.layer == "fc2" and tap.pop().shape == (2, 120)
     tap.remove()
-    assert _datafree.PenultimateTap(lenet, "fc1").layer == "fc1"
+    assert datafree_base.PenultimateTap(lenet, "fc1").layer == "fc1"
     with pytest.raises(ValueError, match="no nn.Linear layer"):
-        _datafree.PenultimateTap(nn.Sequential(nn.Conv2d(1, 1, 1)))
+        datafree_base.PenultimateTap(nn.Sequential(nn.Conv2d(1, 1, 1)))
     with pytest.raises(ValueError, match="unknown layer name 'fc9'"):
-        _datafree.PenultimateTap(lenet, "fc9")
+        datafree_base.PenultimateTap(lenet, "fc9")
 
 
 # ------------------------------------------------------------------------------------------ collapse
 def test_collapse_reason():
-    assert _datafree.collapse_reason(torch.tensor([0, 5, 0]), False) == (
+    assert datafree_base.collapse_reason(torch.tensor([0, 5, 0]), False) == (
         "all 5 generated samples were predicted as class 1 by the teacher")
-    assert _datafree.collapse_reason(torch.tensor([1, 5, 0]), False) is None
-    assert _datafree.collapse_reason(torch.tensor([0, 0, 0]), False) is None
-    assert "NaN" in _datafree.collapse_reason(torch.tensor([3, 3]), True)
+    assert datafree_base.collapse_reason(torch.tensor([1, 5, 0]), False) is None
+    assert datafree_base.collapse_reason(torch.tensor([0, 0, 0]), False) is None
+    assert "NaN" in datafree_base.collapse_reason(torch.tensor([3, 3]), True)
     with pytest.raises(ValueError, match="class_counts must be 1-D"):
-        _datafree.collapse_reason(torch.zeros(2, 2), False)
+        datafree_base.collapse_reason(torch.zeros(2, 2), False)
 
 
 def test_collapse_monitor_whole_epoch_one_class_and_nan():
-    mon = _datafree.CollapseMonitor(4)
+    mon = datafree_base.CollapseMonitor(4)
     one_class = torch.tensor([[0.0, 5.0, 0.0, 0.0]]).repeat(8, 1)
     mon.update(one_class)
     mon.update(one_class + 1)
-    with pytest.raises(_datafree.GeneratorCollapse, match=r"collapsed in epoch 7 \(0-based\): all 16 generated "
+    with pytest.raises(datafree_base.GeneratorCollapse, match=r"collapsed in epoch 7 \(0-based\): all 16 generated "
                                                           r"samples were predicted as class 1"):
         mon.check(7)
     # one batch of one class is fine if the epoch as a whole has two classes
@@ -332,24 +332,24 @@ def test_collapse_monitor_whole_epoch_one_class_and_nan():
     images[1, 0, 2, 2] = float("nan")
     mon.update(torch.randn(2, 4), images)
     mon.update(torch.randn(2, 4))
-    with pytest.raises(_datafree.GeneratorCollapse, match="epoch 3.*NaN/inf"):
+    with pytest.raises(datafree_base.GeneratorCollapse, match="epoch 3.*NaN/inf"):
         mon.check(3, "generator")
     mon.update(torch.tensor([[float("inf"), 0, 0, 1.0], [0, 1.0, 0, 0]]))
-    with pytest.raises(_datafree.GeneratorCollapse, match="NaN/inf"):
+    with pytest.raises(datafree_base.GeneratorCollapse, match="NaN/inf"):
         mon.check(0)
 
 
 # ------------------------------------------------------------------------------------------ diversity
 def test_diversity_measures():
     logits = torch.tensor([[1.0, 0, 0], [0, 2.0, 0], [3.0, 0, 0], [0, 0, 1.0]])
-    torch.testing.assert_close(_datafree.class_histogram(logits), torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64))
-    assert _datafree.class_histogram(logits, 5).shape == (5,)
-    assert _datafree.entropy_bits([0.5, 0.25, 0.25]) == pytest.approx(1.5)
-    assert _datafree.entropy_bits([1.0, 0.0]) == 0.0
+    torch.testing.assert_close(datafree_base.class_histogram(logits), torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64))
+    assert datafree_base.class_histogram(logits, 5).shape == (5,)
+    assert datafree_base.entropy_bits([0.5, 0.25, 0.25]) == pytest.approx(1.5)
+    assert datafree_base.entropy_bits([1.0, 0.0]) == 0.0
     x = torch.randn(5, 1, 3, 3)
     manual = [(x[i] - x[j]).norm().item() for i in range(5) for j in range(i + 1, 5)]
-    assert _datafree.mean_pairwise_distance(x) == pytest.approx(sum(manual) / len(manual), rel=1e-6)
+    assert datafree_base.mean_pairwise_distance(x) == pytest.approx(sum(manual) / len(manual), rel=1e-6)
     with pytest.raises(ValueError, match="B >= 2"):
-        _datafree.mean_pairwise_distance(x[:1])
+        datafree_base.mean_pairwise_distance(x[:1])
     with pytest.raises(ValueError, match="non-empty"):
-        _datafree.class_histogram(torch.randn(3))
+        datafree_base.class_histogram(torch.randn(3))

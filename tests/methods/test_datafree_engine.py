@@ -15,7 +15,7 @@ from torch import nn
 
 from helpers import load_ranks_assert_identical
 from kdfast import methods, models
-from kdfast.methods import _datafree, dafl, dfad, rdskd
+from kdfast.methods import dafl, datafree_base, dfad, rdskd
 from kdfast.testing import baselines
 
 HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workers")
@@ -27,7 +27,7 @@ def _models(seed=0, classes=4):
     torch.manual_seed(seed)
     teacher = models.build("vgg8", num_classes=classes, in_channels=1, width_mult=0.125).eval().requires_grad_(False)
     student = models.build("vgg8", num_classes=classes, in_channels=1, width_mult=0.0625)
-    generator = _datafree.Generator(latent_dim=8, image_size=8, channels=1, ngf=4, bn_eps_quirk=True)
+    generator = datafree_base.Generator(latent_dim=8, image_size=8, channels=1, ngf=4, bn_eps_quirk=True)
     return teacher, student, generator
 
 
@@ -43,7 +43,7 @@ def test_dafl_step_equals_official_iteration():
     engine = dafl.DAFLDistiller(teacher, student, generator=generator, num_classes=4, batch_size=6, steps_per_epoch=1,
                                 gen_lr=0.05, gen_optimizer="sgd", optimizer="sgd", lr=0.05, momentum=0.0,
                                 weight_decay=0.0, **QUIET)
-    tap = _datafree.PenultimateTap(teacher)
+    tap = datafree_base.PenultimateTap(teacher)
     opt_g = torch.optim.SGD(g_ref.parameters(), lr=0.05)
     opt_s = torch.optim.SGD(s_ref.parameters(), lr=0.05)
     g_ref.train(), s_ref.train()
@@ -149,7 +149,7 @@ def test_nan_generator_stops_the_run_naming_the_epoch(cls):
     gen = _NaNAfter(generator, bad_from=3 * (6 if cls is dfad.DFADDistiller else 1) + 2)  # in epoch 1
     engine = cls(teacher, student, generator=gen, num_classes=4, batch_size=6, steps_per_epoch=3, gen_lr=1e-3,
                  epochs=3, collapse_warmup=100, **QUIET)
-    with pytest.raises(_datafree.GeneratorCollapse, match=r"generator collapsed in epoch 1 \(0-based\).*NaN"):
+    with pytest.raises(datafree_base.GeneratorCollapse, match=r"generator collapsed in epoch 1 \(0-based\).*NaN"):
         engine.fit()
     assert engine.epoch == 1 and len(engine.history) == 1
     engine.close()
@@ -168,7 +168,7 @@ def test_one_class_for_a_whole_epoch_stops_after_the_warmup():
     _, student, generator = _models(5)
     engine = dafl.DAFLDistiller(_OneClassTeacher(), student, generator=generator, num_classes=4, batch_size=6,
                                 steps_per_epoch=2, gen_lr=1e-3, epochs=4, collapse_warmup=2, **QUIET)
-    with pytest.raises(_datafree.GeneratorCollapse, match=r"epoch 2 \(0-based\): all 12 generated samples were "
+    with pytest.raises(datafree_base.GeneratorCollapse, match=r"epoch 2 \(0-based\): all 12 generated samples were "
                                                           r"predicted as class 0"):
         engine.fit()
     assert [r["class_counts"] for r in engine.history] == [[12, 0, 0, 0]] * 3
@@ -246,7 +246,7 @@ def test_registry_and_options():
     for name in ("dafl", "dfad"):
         engine = methods.build(name, teacher, student, image_size=8, ngf=4, batch_size=4, steps_per_epoch=1,
                                epochs=1, **QUIET)
-        assert isinstance(engine, _datafree.GeneratorDistiller) and engine.generator.image_shape == (1, 8, 8)
+        assert isinstance(engine, datafree_base.GeneratorDistiller) and engine.generator.image_shape == (1, 8, 8)
         engine.fit()
         engine.close()
     assert dafl.build(teacher, student, image_size=8).optimizer.defaults["lr"] == 2e-3
@@ -266,24 +266,3 @@ def test_registry_and_options():
     with pytest.raises(ValueError, match="needs a teacher"):
         dfad.DFADDistiller(None, student, generator=_models()[2], num_classes=4, batch_size=4, steps_per_epoch=1,
                            gen_lr=1e-3, **QUIET)
-
-
-# ------------------------------------------------------------------------------------------ experiment, demo
-def test_tiny_experiment_and_demo_section(tmp_path):
-    from kdfast.methods import _datafree_experiment as exp
-    from kdfast.methods.base import DemoContext, digits, subset, train_teacher
-
-    res = exp.run(str(tmp_path / "exp"), exp.tiny_config(), device="cpu", quick=True)
-    for name in ("report.md", "results.json", "samples.png", "accuracy_curves.png", "sensitivity.png",
-                 "diversity.png"):
-        assert (tmp_path / "exp" / name).exists(), name
-    assert set(res["methods"]) == set(exp.METHODS)
-    json.loads((tmp_path / "exp" / "results.json").read_text())
-    train, test = digits(16)
-    train, test = subset(train, 128), subset(test, 64)
-    teacher, kwargs, _ = train_teacher(train, test, epochs=1)
-    ctx = DemoContext(teacher=teacher, teacher_name="vgg8", model_kwargs=kwargs, train_set=train, test_set=test,
-                      device=torch.device("cpu"), seeds=[0], out_dir=str(tmp_path), budget_s=45, tiny=True)
-    section = dafl.demo_section(ctx)
-    assert section.name == "dafl" and (tmp_path / section.figures[0]).exists()
-    assert set(section.results["methods"]) == {"kd_noise", "dafl", "dfad", "rdskd"}

@@ -1,8 +1,7 @@
 """The data-free experiment (``kdfast experiment datafree``) and its demo section, for DAFL, DFAD and
-RDSKD together (entry points: :func:`kdfast.methods.dafl.run_experiment` and
-:func:`kdfast.methods.dafl.demo_section`).
+RDSKD together (the methods: :mod:`kdfast.methods.dafl`, :mod:`kdfast.methods.dfad`, :mod:`kdfast.methods.rdskd`).
 
-On the embedded digits data a teacher is trained with data; students are then trained without any
+On the chosen dataset (the embedded digits in the tour) a teacher is trained with data; students are then trained without any
 training image by DAFL, DFAD and RDSKD, against KD on the real training set (upper bound) and KD on
 Gaussian-noise images (lower bound). Also measured: RDSKD's two claims (the spread of final
 accuracy over a small hyper-parameter grid per method; the diversity of generated samples: class
@@ -18,9 +17,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import base
-from ._datafree import (GeneratorCollapse, NoiseKD, class_histogram, entropy_bits, infer_num_classes,
-                        mean_pairwise_distance)
+from .. import methods
+from ..methods import dafl, dfad, rdskd
+from ..methods.datafree_base import (GeneratorCollapse, NoiseKD, class_histogram, entropy_bits, infer_num_classes,
+                                     mean_pairwise_distance)
+from . import common
+
+NAME = "datafree"
+# the tour titles the section with DAFL's TITLE and cites DAFL's PAPER (the other two in the section's text)
+TITLE = dafl.TITLE
+PAPER = dafl.PAPER
 
 DATA_FREE = ("dafl", "dfad", "rdskd")
 METHODS = ("kd_real", "kd_noise") + DATA_FREE
@@ -105,7 +111,6 @@ def train_one(method: str, teacher, model_kwargs, train_set, test_set, cfg: Conf
     (data-free methods) the generator, or ``collapsed`` with the error message."""
     from .. import losses
     from ..distill import Distiller, seed_everything
-    from . import get
 
     sched = dict(cfg.schedule[method])
     overrides = dict(overrides or {})
@@ -115,28 +120,28 @@ def train_one(method: str, teacher, model_kwargs, train_set, test_set, cfg: Conf
     seed_everything(seed)
     student = _student(model_kwargs)
     image_shape = (train_set.in_channels, train_set.image_size, train_set.image_size)
-    common = dict(seed=seed, device=device, progress=False)
+    engine_kw = dict(seed=seed, device=device, progress=False)
     out: Dict[str, Any] = {"method": method, "seed": seed, "overrides": dict(overrides), "batch_size": batch}
-    test_loader = base.loader(test_set, 256, shuffle=False)
+    test_loader = common.loader(test_set, 256, shuffle=False)
     start = time.perf_counter()
     generator = None
     engine = None
     try:
         if method == "kd_real":
             engine = Distiller(teacher, student, {"kd": losses.KDLoss(KD_TEMPERATURE, alpha=1.0)}, optimizer="adam",
-                               lr=2e-3, weight_decay=0.0, epochs=sched["epochs"], **common)
-            history = engine.fit(base.loader(train_set, batch, seed=seed), eval_loader=test_loader)
+                               lr=2e-3, weight_decay=0.0, epochs=sched["epochs"], **engine_kw)
+            history = engine.fit(common.loader(train_set, batch, seed=seed), eval_loader=test_loader)
             out["student_steps"] = sched["epochs"] * math.ceil(len(train_set) / batch)
         elif method == "kd_noise":
             engine = NoiseKD(teacher, student, image_shape=image_shape, num_classes=infer_num_classes(teacher, image_shape),
                              batch_size=batch, steps_per_epoch=sched["steps_per_epoch"], temperature=KD_TEMPERATURE,
-                             optimizer="adam", lr=2e-3, weight_decay=0.0, epochs=sched["epochs"], **common)
+                             optimizer="adam", lr=2e-3, weight_decay=0.0, epochs=sched["epochs"], **engine_kw)
             history = engine.fit(None, eval_loader=test_loader)
             out["student_steps"] = sched["epochs"] * sched["steps_per_epoch"]
         else:
-            module = get(method)
+            module = methods.get(method)
             opts = {**sched, **overrides, "batch_size": batch, "image_size": image_shape[1],
-                    "channels": image_shape[0], **common}
+                    "channels": image_shape[0], **engine_kw}
             if checkpoint_dir is not None:
                 opts["checkpoint_dir"] = checkpoint_dir
             engine = module.build(teacher, student, **opts)
@@ -150,7 +155,7 @@ def train_one(method: str, teacher, model_kwargs, train_set, test_set, cfg: Conf
     except GeneratorCollapse as err:
         out["collapsed"] = str(err)
         out["curve"] = []
-        out["final_accuracy"] = base.accuracy(student, test_set, device=device)
+        out["final_accuracy"] = common.accuracy(student, test_set, device=device)
     finally:
         if engine is not None:
             engine.close()
@@ -188,7 +193,7 @@ def diversity(teacher, images: torch.Tensor, num_classes: int, device="cpu") -> 
 def robustness(student, test_set, steps: int, device="cpu") -> Dict[str, Any]:
     from ..robustness import robustness_report
 
-    report = robustness_report(student, base.loader(test_set, 256, shuffle=False), eps=list(PGD_EPS),
+    report = robustness_report(student, common.loader(test_set, 256, shuffle=False), eps=list(PGD_EPS),
                                pgd_steps=steps, clamp=test_set.clamp_range, std=test_set.std, device=device)
     return report.to_dict()
 
@@ -211,7 +216,7 @@ def _to_pixels(images: torch.Tensor, dataset) -> torch.Tensor:
 
 def plot_samples(samples: Dict[str, torch.Tensor], real: torch.Tensor, dataset, path: str, n: int = 32) -> str:
     plt = _plt()
-    rows = [("real digits (test set)", real)] + [(LABELS[m], x) for m, x in samples.items()]
+    rows = [(f"real {dataset.name} (test set)", real)] + [(LABELS[m], x) for m, x in samples.items()]
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.25 * len(rows) + 0.3))
     axes = [axes] if len(rows) == 1 else axes
     for ax, (title, x) in zip(axes, rows):
@@ -236,11 +241,11 @@ def plot_curves(curves: Dict[str, List[List[float]]], teacher_acc: float, path: 
         length = min(len(r) for r in runs)
         t = torch.tensor([r[:length] for r in runs], dtype=torch.float64) * 100
         x = [(i + 1) / length for i in range(length)]
-        ax.plot(x, t.mean(0).tolist(), label=LABELS[m], color=base.colour(m))
+        ax.plot(x, t.mean(0).tolist(), label=LABELS[m], color=common.colour(m))
         if t.shape[0] > 1:
             ax.fill_between(x, (t.mean(0) - t.std(0)).tolist(), (t.mean(0) + t.std(0)).tolist(),
-                            color=base.colour(m), alpha=0.15)
-    ax.axhline(100 * teacher_acc, color=base.colour("teacher"), ls="--", label="teacher")
+                            color=common.colour(m), alpha=0.15)
+    ax.axhline(100 * teacher_acc, color=common.colour("teacher"), ls="--", label="teacher")
     ax.set_xlabel("fraction of the training schedule (epochs differ per method)")
     ax.set_ylabel("student test accuracy (%)")
     ax.set_ylim(0, 100)
@@ -258,10 +263,10 @@ def plot_sensitivity(grid_results: Dict[str, List[Dict[str, Any]]], path: str) -
     for i, (m, runs) in enumerate(grid_results.items()):
         for r in runs:
             acc = 100 * r["final_accuracy"]
-            ax.scatter(i, acc, color=base.colour(m), marker="x" if r["collapsed"] else "o", s=36)
+            ax.scatter(i, acc, color=common.colour(m), marker="x" if r["collapsed"] else "o", s=36)
             ax.annotate(r["label"], (i, acc), fontsize=6, xytext=(5, -2), textcoords="offset points")
         accs = [100 * r["final_accuracy"] for r in runs]
-        ax.vlines(i, min(accs), max(accs), color=base.colour(m), alpha=0.4, lw=6)
+        ax.vlines(i, min(accs), max(accs), color=common.colour(m), alpha=0.4, lw=6)
     ax.set_xticks(range(len(grid_results)), [LABELS[m] for m in grid_results])
     ax.set_xlim(-0.5, len(grid_results) - 0.2)
     ax.set_ylabel("final student test accuracy (%)")
@@ -279,7 +284,7 @@ def plot_diversity(div: Dict[str, Dict[str, Any]], path: str) -> str:
     axes = [axes] if len(div) == 1 else axes
     for ax, (name, d) in zip(axes, div.items()):
         hist = d["class_histogram"]
-        ax.bar(range(len(hist)), [100 * h for h in hist], color=base.colour(name))
+        ax.bar(range(len(hist)), [100 * h for h in hist], color=common.colour(name))
         ax.set_title(f"{LABELS.get(name, name)}\n{d['class_entropy_bits']:.2f} bits, dist {d['mean_pairwise_distance']:.1f}",
                      fontsize=7)
         ax.set_xticks(range(len(hist)))
@@ -298,18 +303,38 @@ def _label(overrides: Dict[str, Any]) -> str:
     return ", ".join(f"{k}={'x' if k == 'batch_size' else ''}{v:g}" for k, v in overrides.items())
 
 
-def run_experiment(out_dir: str, quick: bool = False, device="cpu") -> Dict[str, Any]:
-    """The data-free experiment; writes report.md, results.json and PNGs into ``out_dir``."""
-    return run(out_dir, config(quick), device=device, quick=quick)
+def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = "quick", seeds=None,
+        device: str = "cpu") -> Dict[str, Any]:
+    """``kdfast experiment datafree``: DAFL, DFAD and RDSKD against KD on real data and KD on noise, on
+    ``dataset``; writes report.md, results.json and PNGs into ``out_dir``. Images: digits at 16x16; MNIST and
+    Fashion-MNIST zero-padded to 32x32 (LeNet-5's input in the three papers); CIFAR at 32x32. "quick":
+    seeds 0, 1 and short schedules (and on datasets other than digits a 10,000 / 2,000-image subset)."""
+    seeds = common.check_run(dataset, budget, seeds, device)
+    quick = budget == "quick"
+    cfg = config(quick)
+    if seeds is not None:
+        cfg.seeds = list(seeds)
+    if budget == "quick" and dataset != "digits":
+        cfg.train_subset, cfg.test_subset = common.quick_subsets(dataset, budget)
+    record = common.run_record(NAME, out_dir, dataset=dataset, data_root=data_root, budget=budget,
+                               seeds=list(cfg.seeds), device=device)
+    return run_config(out_dir, cfg, device=device, quick=quick, dataset=dataset, data_root=data_root, record=record)
 
 
-def run(out_dir: str, cfg: Config, device="cpu", quick: bool = False) -> Dict[str, Any]:
+def run_config(out_dir: str, cfg: Config, *, device="cpu", quick: bool = False, dataset: str = "digits",
+               data_root=None, record: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The experiment with an explicit :class:`Config` (:func:`config`, :func:`tiny_config`)."""
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
     device = torch.device(device)
-    train_set, test_set = base.digits(16, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
-    teacher, model_kwargs, teacher_acc = base.train_teacher(train_set, test_set, name=TEACHER[0], width=TEACHER[1],
-                                                            epochs=cfg.teacher_epochs, device=device)
+    if dataset == "digits":
+        train_set, test_set = common.digits(16, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
+    else:
+        train_set, test_set = common.load_data(dataset, data_root, pad_to=32 if dataset in ("mnist", "fashion-mnist")
+                                               else None, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
+    teacher, model_kwargs, teacher_acc, cache = common.cached_teacher(
+        dataset, train_set, test_set, name=TEACHER[0], width=TEACHER[1], epochs=cfg.teacher_epochs, device=device,
+        use_cache=record is not None)
     num_classes = train_set.num_classes
 
     _log(f"teacher {TEACHER[0]}-{TEACHER[1]}: {100 * teacher_acc:.2f}% ({time.perf_counter() - t_start:.0f} s)")
@@ -358,24 +383,26 @@ def run(out_dir: str, cfg: Config, device="cpu", quick: bool = False) -> Dict[st
     ]
     total = time.perf_counter() - t_start
     results = {
-        "quick": quick, "device": str(device), "seeds": cfg.seeds, "teacher": {"model": TEACHER, "accuracy": teacher_acc},
+        "quick": quick, "device": str(device), "seeds": cfg.seeds,
+        "teacher": {"model": TEACHER, "accuracy": teacher_acc, "cache": cache},
+        "data": common.data_info(train_set, test_set, dataset, data_root), "run": record,
         "student_model": STUDENT, "schedule": cfg.schedule, "batch_size": cfg.batch_size,
         "methods": {m: {"final_accuracy": [r["final_accuracy"] for r in runs[m]],
-                        "mean": base.mean_std([r["final_accuracy"] for r in runs[m]])[0],
-                        "std": base.mean_std([r["final_accuracy"] for r in runs[m]])[1],
+                        "mean": common.mean_std([r["final_accuracy"] for r in runs[m]])[0],
+                        "std": common.mean_std([r["final_accuracy"] for r in runs[m]])[1],
                         "curves": [r["curve"] for r in runs[m]], "time_s": [r["time_s"] for r in runs[m]],
                         "student_steps": runs[m][0]["student_steps"],
                         "collapsed": [r["collapsed"] for r in runs[m]]} for m in METHODS},
         "sensitivity": {m: {"runs": grid[m], "spread": _spread(grid[m])} for m in DATA_FREE},
         "diversity": div, "robustness": rob, "figures": figures, "total_time_s": total,
     }
-    base.write_report(out_dir, _report(results, cfg), results)
+    common.write_report(out_dir, _report(results, cfg), results)
     return results
 
 
 def _spread(runs) -> Dict[str, float]:
     accs = [r["final_accuracy"] for r in runs]
-    m, s = base.mean_std(accs)
+    m, s = common.mean_std(accs)
     return {"max_minus_min": max(accs) - min(accs), "std": s, "min": min(accs), "max": max(accs),
             "collapsed": sum(1 for r in runs if r["collapsed"])}
 
@@ -387,7 +414,7 @@ def _pct(x) -> str:
 def _report(res: Dict[str, Any], cfg: Config) -> str:
     ms = res["methods"]
     lines = [
-        "# Data-free knowledge distillation on digits: DAFL, DFAD, RDSKD",
+        f"# Data-free knowledge distillation on {res['data']['name']}: DAFL, DFAD, RDSKD",
         "",
         f"{'Quick' if res['quick'] else 'Full'} run on {res['device']}, {res['total_time_s'] / 60:.1f} min. "
         f"Teacher {TEACHER[0]} (width {TEACHER[1]}) trained with data: {_pct(res['teacher']['accuracy'])}% test accuracy. "
@@ -403,7 +430,7 @@ def _report(res: Dict[str, Any], cfg: Config) -> str:
     ]
     for m in METHODS:
         r = ms[m]
-        lines.append(f"| {LABELS[m]} | {base.fmt_mean_std(r['final_accuracy'])} | "
+        lines.append(f"| {LABELS[m]} | {common.fmt_mean_std(r['final_accuracy'])} | "
                      f"{', '.join(_pct(a) for a in r['final_accuracy'])} | {r['student_steps']} | "
                      f"{sum(r['time_s']) / len(r['time_s']):.0f} | {sum(1 for c in r['collapsed'] if c)} |")
     best_df = max(DATA_FREE, key=lambda m: ms[m]["mean"])
@@ -439,11 +466,11 @@ def _report(res: Dict[str, Any], cfg: Config) -> str:
                  " (RDSKD's claim does not hold on this grid)."), "", "![sensitivity](sensitivity.png)", "",
               "## Claim 2: diversity of generated samples (seed 0 generators)", "",
               f"{cfg.diversity_samples} samples per generator; the teacher's predicted classes (entropy in bits, "
-              "max log2 K) and the mean pairwise L2 distance between images (normalised units). Real test digits "
+              "max log2 K) and the mean pairwise L2 distance between images (normalised units). Real test images "
               "and Gaussian noise for scale.", "",
               "| source | class entropy (bits) | classes present | mean pairwise distance |", "|---|---:|---:|---:|"]
     for name, d in res["diversity"].items():
-        label = {"real": "real digits (test set)", "kd_noise": "Gaussian noise N(0, I)"}.get(name, LABELS.get(name, name))
+        label = {"real": f"real {res['data']['name']} (test set)", "kd_noise": "Gaussian noise N(0, I)"}.get(name, LABELS.get(name, name))
         lines.append(f"| {label} | {d['class_entropy_bits']:.3f} / {d['max_entropy_bits']:.3f} | "
                      f"{d['classes_present']} | {d['mean_pairwise_distance']:.2f} |")
     lines += ["", "![diversity](diversity.png)", "", "![generated samples](samples.png)", "",
@@ -455,14 +482,15 @@ def _report(res: Dict[str, Any], cfg: Config) -> str:
               "|---|" + "---:|" * len(PGD_EPS)]
     for m in METHODS:
         per_eps = list(zip(*[r["pgd"] for r in res["robustness"][m]]))
-        lines.append(f"| {LABELS[m]} | " + " | ".join(base.fmt_mean_std(v) for v in per_eps) + " |")
-    lines += ["", "Run it: `kdfast experiment datafree [--quick]` (or "
-              "`python -c \"from kdfast.methods import dafl; dafl.run_experiment('out', quick=True)\"`).", ""]
+        lines.append(f"| {LABELS[m]} | " + " | ".join(common.fmt_mean_std(v) for v in per_eps) + " |")
+    command = (res.get("run") or {}).get("command") or "kdfast experiment datafree --budget quick"
+    lines += ["", f"Run it: `{command}` (or `python -c \"from kdfast.experiments import datafree; "
+              "datafree.run('out', budget='quick')\"`).", ""]
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ demo
-def demo_section(ctx) -> "base.DemoSection":
+def demo_section(ctx) -> "common.DemoSection":
     """The three methods in one section of ``kdfast demo``: each trains a student from the tour's
     teacher without training images, for a short schedule, and a sample strip is shown."""
     start = time.perf_counter()
@@ -473,9 +501,9 @@ def demo_section(ctx) -> "base.DemoSection":
         "dafl": {"steps_per_epoch": steps, "epochs": 1 if tiny else 3},
         "dfad": {"steps_per_epoch": 1 if tiny else 6, "epochs": 1 if tiny else 3},
         "rdskd": {"steps_per_epoch": steps, "generator_epochs": 1, "epochs": 1 if tiny else 3}}, grid={})
-    methods = ("kd_noise",) + DATA_FREE
+    names = ("kd_noise",) + DATA_FREE
     results, samples = {}, {}
-    for m in methods:
+    for m in names:
         r = train_one(m, ctx.teacher, ctx.model_kwargs, ctx.train_set, ctx.test_set, cfg, cfg.seeds[0], ctx.device)
         results[m] = {"accuracy": r["final_accuracy"], "time_s": r["time_s"], "collapsed": r["collapsed"]}
         if r["generator"] is not None and not r["collapsed"]:
@@ -484,18 +512,16 @@ def demo_section(ctx) -> "base.DemoSection":
     fig = plot_samples(samples, real, ctx.test_set, os.path.join(ctx.out_dir, "datafree_samples.png"))
     rows = "\n".join(f"| {LABELS[m]} | {_pct(r['accuracy'])} | {r['time_s']:.1f} | {'yes' if r['collapsed'] else ''} |"
                      for m, r in results.items())
-    teacher_acc = base.accuracy(ctx.teacher, ctx.test_set, device=ctx.device)
+    teacher_acc = common.accuracy(ctx.teacher, ctx.test_set, device=ctx.device)
     md = (f"Students ({STUDENT[0]} width {STUDENT[1]}) trained from the tour's teacher ({_pct(teacher_acc)}%) "
           "**without any training image**: a generator synthesises the images (DAFL, DFAD, RDSKD), against KD "
           "on Gaussian noise. A very short schedule (the full comparison, with the hyper-parameter "
-          "sensitivity, sample diversity and PGD robustness, is `kdfast experiment datafree`).\n\n"
+          "sensitivity, sample diversity and PGD robustness, is `kdfast experiment datafree --budget full`).\n\n"
           "| method | test accuracy (%) | time (s) | generator collapsed |\n|---|---:|---:|---|\n"
           f"{rows}\n\n![generated samples]({os.path.basename(fig)})\n")
-    from . import dafl, dfad, rdskd
-
     md += (f"\nThis section covers the three data-free methods; besides DAFL (cited above): *{dfad.PAPER}*; "
            f"*{rdskd.PAPER}*.\n")
     # the tour titles a section with its module's TITLE and cites its PAPER: DAFL's, the first of the three
-    return base.DemoSection(name="dafl", title=dafl.TITLE, markdown=md,
+    return common.DemoSection(name=NAME, title=TITLE, markdown=md,
                             results={"teacher_accuracy": teacher_acc, "methods": results},
                             figures=[os.path.basename(fig)], time_s=time.perf_counter() - start)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distill import Auxiliary, Distiller, NoiseSource
+from ..distill import Auxiliary, Distiller, NoiseSource, autocast
 
 __all__ = ["Generator", "GeneratorCollapse", "CollapseMonitor", "PenultimateTap", "class_histogram",
            "collapse_reason", "mean_pairwise_distance", "OFFICIAL_BN_EPS"]
@@ -263,12 +263,6 @@ def infer_num_classes(teacher: nn.Module, image_shape: Sequence[int]) -> int:
     return int(out.shape[1])
 
 
-def _autocast(device: torch.device, amp: Optional[str]):
-    if amp is None:
-        return torch.autocast(device_type=device.type, enabled=False)
-    return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
-
-
 class _Frozen:
     """``with _Frozen(module):`` parameters temporarily without requires_grad (no weight gradients are
     computed through it; gradients still flow to its input)."""
@@ -364,12 +358,12 @@ class GeneratorDistiller(Distiller):
     # -- building blocks
     def generate(self, z: torch.Tensor) -> torch.Tensor:
         gen = self.auxiliary_model("generator") if "generator" in self.auxiliaries else self.generator
-        with _autocast(self.device, self.amp):
+        with autocast(self.device, self.amp):
             return gen(z.to(self.device, non_blocking=True)).float()
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits (float32); gradients flow to ``x`` when it requires grad (teacher frozen)."""
-        with _autocast(self.device, self.amp):
+        with autocast(self.device, self.amp):
             return self.teacher(x).float()
 
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
