@@ -15,7 +15,7 @@ threads never slow the other's step); a cell's speed-up is the median of the per
 teacher / student (> 1: the student is faster), with quartiles. PyTorch and ONNX Runtime both use
 --threads intra-op threads (default 2).
 
-    python benchmarks/bench_export.py --rounds 45 --out benchmarks/results/export-onnxruntime-cpu-intel-xeon-2core
+    python benchmarks/bench_export.py --rounds 45 --out benchmarks/results/cpu-intel-xeon-2core/export-onnxruntime
     python benchmarks/bench_export.py --quick        # smoke run (resnet20 only, 3 rounds)
 """
 from __future__ import annotations
@@ -125,6 +125,7 @@ def bench(names, batches, rounds_for, threads, log) -> list:
 
 
 def write_report(rows, meta, out):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     lines = [
         f"# Teacher vs EVBMF Tucker student where it is deployed: ONNX Runtime and PyTorch on CPU ({meta['cpu']}, "
         f"{meta['threads']} threads)",

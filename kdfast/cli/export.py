@@ -19,6 +19,10 @@ import os
 FORMATS = ("plain", "exported", "onnx")
 
 
+class CLIError(Exception):
+    """A user error of `kdfast export`; kdfast.cli.main prints it as ``kdfast export: error: ...`` (exit 2)."""
+
+
 def parse_input_shape(text: str) -> tuple:
     """'1,3,32,32' -> (1, 3, 32, 32): four positive ints (batch, channels, height, width)."""
     parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
@@ -57,7 +61,6 @@ def cmd_export(args) -> int:
     import torch
 
     from .. import export, fusion, model_file
-    from .main import CLIError  # main imports this module only inside build_parser / cmd_export: no cycle
 
     if args.kdfast_ops and args.format != "exported":
         raise CLIError("--kdfast-ops applies to --format exported only")

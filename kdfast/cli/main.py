@@ -392,9 +392,12 @@ def cmd_decompose(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import cmd_export as run_export
+    from . import export
 
-    return run_export(args)
+    try:
+        return export.cmd_export(args)
+    except export.CLIError as exc:
+        raise CLIError(str(exc)) from None
 
 
 COMMANDS = {
