@@ -12,11 +12,15 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -na
 # `pip install torch` would pull gigabytes of CUDA packages); a GPU box keeps its own CUDA torch.
 # pip runs only when a required module is missing, so a machine without network that has them all
 # never calls it. tensorly is optional (installed along when pip runs at all): without it the
-# Tucker-decomposition tests skip (tests/conftest.py).
+# Tucker-decomposition tests skip (tests/conftest.py). onnx, onnxscript and onnxruntime are the
+# `kdfast[export]` extra (ONNX export and its tests, which skip without them): installed when missing,
+# and a failed install (no network) only warns.
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
 	@$(PYTHON) -c "import ninja, numpy, pytest, pytest_benchmark, matplotlib, sklearn, tqdm, yaml" 2>/dev/null || \
 		$(PYTHON) -m pip install setuptools wheel ninja numpy pytest pytest-benchmark matplotlib tensorly scikit-learn tqdm PyYAML
+	@$(PYTHON) -c "import onnx, onnxscript, onnxruntime" 2>/dev/null || $(PYTHON) -m pip install onnx onnxscript onnxruntime || \
+		echo "warning: could not install onnx/onnxscript/onnxruntime: the ONNX export tests will skip"
 
 # Rebuilt only when a source changed (the stamp records the last successful build).
 .build-stamp: $(SOURCES) | deps

@@ -15,14 +15,16 @@ __version__ = "0.1.0"
 # Subpackages and top-level shortcuts are imported on first use, so `import kdfast` stays cheap
 # (no tensorly, scikit-learn or matplotlib import) and one broken optional part cannot break the rest.
 _SUBMODULES = {
-    "attacks", "cli", "cost", "data", "decomposition", "distill", "evbmf", "experiments", "fusion", "methods",
-    "model_file",
+    "attacks", "cli", "cost", "data", "decomposition", "distill", "evbmf", "experiments", "export", "fusion",
+    "methods", "model_file",
     "losses", "models", "nn", "robustness",
 }
 _SHORTCUTS = {
     "decompose": ("kdfast.decomposition", "decompose"),
+    "export_onnx": ("kdfast.export", "export_onnx"),
     "fuse_for_inference": ("kdfast.fusion", "fuse_for_inference"),
     "robustness_report": ("kdfast.robustness", "robustness_report"),
+    "to_plain": ("kdfast.export", "to_plain"),
 }
 
 

@@ -12,6 +12,8 @@
                                                     clean / FGSM / PGD accuracy of a saved model
     kdfast decompose --checkpoint FILE [--ranks evbmf|0.5|R_OUT,R_IN] [--out FILE]
                                                     Tucker-2 decompose a saved model
+    kdfast export MODEL_FILE --format plain|exported|onnx --out PATH [--input-shape 1,3,32,32]
+                                                    a saved model without kdfast (kdfast.cli.export)
 
 The checkpoints are kdfast model checkpoints (kdfast.model_file: model name + kwargs + Tucker
 layer structure + state dict, loadable with torch.load(weights_only=True)); `kdfast demo` and
@@ -136,7 +138,7 @@ def _check_device(device: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdfast", description="kdfast: fast knowledge distillation for CNNs")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{info,demo,experiment,distill,robustness,decompose}")
+                                metavar="{info,demo,experiment,distill,robustness,decompose,export}")
     info = sub.add_parser(
         "info",
         help="version, the torch it was built against, compiled kernels per op, the CUDA path of each op",
@@ -244,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--image-size", type=_positive_int, default=None,
                      help="input size for the MAC counts (default: the one the model file records; needed for "
                      "files that record none)")
+
+    from . import export
+
+    export.add_parser(sub)
     return parser
 
 
@@ -425,6 +431,15 @@ def cmd_decompose(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from . import export
+
+    try:
+        return export.cmd_export(args)
+    except export.CLIError as exc:
+        raise CLIError(str(exc)) from None
+
+
 COMMANDS = {
     "info": cmd_info,
     "demo": cmd_demo,
@@ -432,6 +447,7 @@ COMMANDS = {
     "distill": cmd_distill,
     "robustness": cmd_robustness,
     "decompose": cmd_decompose,
+    "export": cmd_export,
 }
 
 

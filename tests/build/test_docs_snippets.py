@@ -9,6 +9,8 @@ import torch
 from helpers import fenced_blocks, markdown_files, read_markdown
 
 FILES = markdown_files()
+# Optional dependencies a page may use: tensorly (Tucker decomposition) and the kdfast[export] extra.
+OPTIONAL = ("tensorly", "onnx", "onnxscript", "onnxruntime")
 
 
 def python_blocks(rel: str) -> list:
@@ -36,8 +38,9 @@ def test_python_blocks_run(rel, tmp_path, monkeypatch):
             try:
                 exec(compiled, namespace)
             except ModuleNotFoundError as exc:
-                if (exc.name or "").split(".")[0] == "tensorly":  # optional dependency: skip, as conftest does
-                    pytest.skip(f"{rel}: the python block at line {line} needs tensorly, which is not installed")
+                missing = (exc.name or "").split(".")[0]
+                if missing in OPTIONAL:  # optional dependency: skip, as conftest does for tensorly
+                    pytest.skip(f"{rel}: the python block at line {line} needs {missing}, which is not installed")
                 raise AssertionError(f"{rel}: the python block at line {line} failed: {exc!r}") from exc
             except Exception as exc:
                 raise AssertionError(f"{rel}: the python block at line {line} failed: {exc!r}") from exc
