@@ -185,9 +185,9 @@ struct Choice {
 // Which path a call runs on CPU:
 //  1. KDFAST_CPU_KERNELS without tucker_conv2d, float16/bfloat16: the composition;
 //  2. KDFAST_TUCKER_CONV_PATH=fused|composed: that path;
-//  3. autotuning on (kdfast.backends.tucker.autotune / KDFAST_TUCKER_AUTOTUNE, default on) and the
-//     call big enough (autotune::kMinFlops): the cached measurement for its key, or, on the key's first
-//     call, a measurement (kPathAutotune);
+//  3. autotuning on (kdfast.backends.tucker.autotune / KDFAST_TUCKER_AUTOTUNE, default on): a call
+//     below autotune::kMinFlops takes the fused kernel; a bigger one the cached measurement for its
+//     key, or, on the key's first call, a measurement (kPathAutotune);
 //  4. otherwise default_path: the rule inside the measured envelope, the composition outside.
 Choice cpu_choice(const at::Tensor& x, const Geometry& g, int64_t epilogue) {
   if (!paths::use_kernel(paths::kTuckerConv2d, x)) return {kPathComposed, {}};  // KDFAST_CPU_KERNELS
@@ -195,7 +195,11 @@ Choice cpu_choice(const at::Tensor& x, const Geometry& g, int64_t epilogue) {
   if (dtype != at::kFloat && dtype != at::kDouble) return {kPathComposed, {}};
   if (const char* forced = forced_path()) return {forced, {}};
   const int64_t threads = at::get_num_threads();
-  if (g.n > 0 && autotune::enabled() && layer_flops(g) >= autotune::kMinFlops) {
+  if (g.n > 0 && autotune::enabled()) {
+    // Too small to be worth a lookup: fixed per-call costs dominate there, and the fused kernel makes
+    // one pass where the composition makes three library calls (every measured row under kMinFlops
+    // ran the fused kernel 2-5x faster).
+    if (layer_flops(g) < autotune::kMinFlops) return {kPathFused, {}};
     std::string key = autotune_key(x, g, epilogue, threads);
     if (const char* cached = autotune::lookup(key)) return {cached, {}};
     if (autotune::has_room()) return {kPathAutotune, std::move(key)};

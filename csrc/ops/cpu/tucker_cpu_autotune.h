@@ -22,9 +22,10 @@ namespace kdfast {
 namespace tucker {
 namespace autotune {
 
-// Calls whose work (multiply-adds of the three products, x2) is below this are never measured: a
-// lookup (building the key and one hash-map find under a mutex, ~0.5 us) is then no longer small
-// against the call (below ~1 %), and the two paths' times there are within a few microseconds.
+// Calls whose work (multiply-adds of the three products, x2) is below this are never measured (they
+// take the fused kernel): a lookup (building the key and one hash-map find under a mutex, measured
+// within noise of a ~30 us call at 4 MFLOP) would no longer be small against them, and there the
+// composition's three library calls cost more in fixed overhead than the fused kernel's one pass.
 constexpr double kMinFlops = 4.0e6;
 // Cache size bound: beyond it new keys take the default path (dynamic shapes, e.g. a server seeing
 // every batch size, would otherwise measure without end).
