@@ -94,7 +94,10 @@ def collect() -> dict:
     info["tucker_conv2d paths"] = TUCKER_CONV2D_PATHS
     info["sparse_codes paths"] = SPARSE_CODES_PATHS
     if _ext.is_loaded():
-        info["tucker_conv2d autotune"] = tucker_autotune_summary(tucker_autotune_state())
+        try:
+            info["tucker_conv2d autotune"] = tucker_autotune_summary(tucker_autotune_state())
+        except (ValueError, RuntimeError) as exc:  # a bad KDFAST_TUCKER_AUTOTUNE value
+            info["tucker_conv2d autotune"] = f"error: {str(exc).splitlines()[0]}"
     return info
 
 
@@ -142,7 +145,10 @@ def collect_json() -> dict:
             row.update(table["ops"][op])
         ops[op] = row
     out["ops"] = ops
-    out["tucker_autotune"] = tucker_autotune_state()
+    try:
+        out["tucker_autotune"] = tucker_autotune_state()
+    except (ValueError, RuntimeError) as exc:
+        out["tucker_autotune"] = {"error": str(exc).splitlines()[0]}
     return out
 
 

@@ -315,3 +315,14 @@ def test_decompose_keep_dense_if_slower_uses_the_cache():
     # the layer timing measured the Tucker layer once at its input (with the bias BN folding gives it)
     assert any(k.endswith("epilogue=bias") and " N=4 " in k for k in keys)
     assert len(report.layers) + len(report.kept_dense) == 1
+
+
+def test_kdfast_info_shows_the_cache():
+    from kdfast import info
+
+    call(make_args())
+    line = info.collect()["tucker_conv2d autotune"]
+    assert line.startswith("on (set by default); 1 cached paths")
+    assert info.collect_json()["tucker_autotune"]["entries"][0]["source"] == "measured"
+    tucker.autotune = False
+    assert info.collect()["tucker_conv2d autotune"].startswith("off (set by kdfast.backends.tucker.autotune)")
