@@ -12,11 +12,12 @@
 //   3. projects to O channels with a third GEMM whose store applies the epilogue
 //      y = relu?((t + bias) * scale + shift + residual) and writes y once.
 // The intermediates of a tile stay in L1/L2; x is read once (plus halo rows) and y written once.
-// All three GEMMs share one register-blocked micro-kernel (4 rows x 3 vectors of accumulators, GCC
-// vector extensions, compiled for AVX2+FMA and the baseline with target_clones like kd_loss).
+// All three GEMMs share one register-blocked micro-kernel: AVX-512 (8 rows x 3 zmm) where the CPU has
+// it, else AVX2+FMA (4 rows x 3 ymm), else GCC vector extensions (target_clones like kd_loss).
 // Composed path: three at::conv2d calls (oneDNN) + the epilogue in ATen ops, for dtypes the fused
-// path does not cover (float16, bfloat16: this kernel has no bf16 arithmetic) and where the
-// measured rule (cpu_path) prefers it.
+// path does not cover (float16, bfloat16: this kernel has no bf16 arithmetic) and where cpu_choice
+// picks it: by measurement on the key's first call (tucker_cpu_autotune.h), or without autotuning by
+// the measured table inside its envelope (docs/tucker-path.md).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
