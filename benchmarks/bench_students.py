@@ -18,6 +18,16 @@ the same with the fused kernel forced and the composition forced, so the path ru
 
     python benchmarks/bench_students.py --out benchmarks/results/cpu-amd-epyc-2core/students-2threads   # .md/.json/.png
     python benchmarks/bench_students.py --quick                                                # smoke run
+Part 3 (imagenet): torchvision-structured ResNet-18 and ResNet-50 (kdfast.models.resnet18_imagenet /
+resnet50_imagenet, full width, random weights with BN statistics of random data) against Tucker-2
+students (ranks 0.5, 0.25 of each full rank and EVBMF), input 3x224x224, batch 1 and 8, both sides after
+kdfast.fuse_for_inference, paired; beside the speed-up the MAC ratio and "need" = the speed-up at which
+the time saved is half the MACs saved, 1 / (1 - 0.5 (1 - 1 / MAC ratio)). The Tucker path of every
+layer is chosen by the op's run-time autotuning (docs/tucker-path.md; --tucker-autotune off for the
+table/envelope default); first_call_s is the student's first forward, which pays for that measurement.
+
+    python benchmarks/bench_students.py --only imagenet --out benchmarks/results/students-imagenet-X
+
 The path rule's table (csrc/ops/cpu/tucker_cpu_rule.h) is regenerated from layer runs at each thread
 count the rule should know, e.g.
     python benchmarks/bench_students.py --only layers --threads 1 --out benchmarks/results/X/tucker-layers-1thread
@@ -169,16 +179,94 @@ def bench_models(names, batches, ranks, modes, rounds, log) -> list:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ imagenet
+IMAGENET_MODELS = ["resnet18_imagenet", "resnet50_imagenet"]
+IMAGENET_BATCHES = [1, 8]
+
+
+def half_mac_need(mac_ratio: float) -> float:
+    """The speed-up at which the time saved is half the MACs saved."""
+    return 1.0 / (1.0 - 0.5 * (1.0 - 1.0 / mac_ratio))
+
+
+def tucker_paths_taken(model: nn.Module, x: torch.Tensor) -> dict:
+    """{"fused": k, "composed": m}: the path each Tucker layer of ``model`` runs on x (after its first call)."""
+    counts = {}
+
+    def hook(m, inputs, out):
+        kw = {"bias": m.bias, "relu": bool(getattr(m, "relu", False))}
+        if len(inputs) > 1:
+            kw["residual"] = inputs[1]
+        path = ops.tucker_conv2d_path(inputs[0], m.first, m.core, m.last, stride=m.stride, padding=m.padding,
+                                      dilation=m.dilation, **kw)
+        counts[path] = counts.get(path, 0) + 1
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, TuckerConv2d)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return counts
+
+
+def bench_imagenet(names, batches, ranks, rounds, log) -> list:
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        teacher = models.build(name)
+        teacher.train()
+        with torch.no_grad():  # BN statistics of random data, so that BN is not the identity
+            for _ in range(2):
+                teacher(torch.randn(8, 3, 112, 112))
+        teacher.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused_teacher = kdfast.fuse_for_inference(teacher)
+        for r in ranks:
+            student, report = kdfast.decompose(teacher, ranks=r, input_shape=(3, 224, 224))
+            student.eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fused_student = kdfast.fuse_for_inference(student)
+            for batch in batches:
+                x = torch.randn(batch, 3, 224, 224)
+                mac_ratio = conv_macs(teacher, x) / conv_macs(student, x)
+                with torch.no_grad():
+                    ref = fused_teacher(x)
+                    t0 = time.perf_counter()
+                    out = fused_student(x)  # first call: each Tucker layer's path is measured here
+                    first_call_s = time.perf_counter() - t0
+                    times = paired_times({"teacher": lambda: fused_teacher(x), "student": lambda: fused_student(x)},
+                                         rounds)
+                st = ratio_stats(times["teacher"], times["student"])
+                row = {"model": name, "batch": batch, "ranks": str(r), "mode": "fused",
+                       "decomposed_layers": len(report.layers), "mac_ratio": mac_ratio,
+                       "need": half_mac_need(mac_ratio), "teacher_ms": st["num_ms"], "student_ms": st["den_ms"],
+                       "speedup": st["ratio"], "q1": st["q1"], "q3": st["q3"], "rounds": st["rounds"],
+                       "first_call_s": first_call_s, "paths": tucker_paths_taken(fused_student, x),
+                       "finite": bool(torch.isfinite(out).all() and torch.isfinite(ref).all())}
+                row["half_saving_met"] = row["speedup"] >= row["need"]
+                rows.append(row)
+                log(f"{name:18s} b{batch:<2d} {str(r):6s} MACs {mac_ratio:5.2f}x need {row['need']:.2f}x  "
+                    f"teacher {row['teacher_ms']:8.2f} ms  student {row['student_ms']:8.2f} ms  "
+                    f"speed-up {row['speedup']:.2f}x [{row['q1']:.2f}-{row['q3']:.2f}]  paths {row['paths']}  "
+                    f"first call {first_call_s:.2f} s")
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ layers
-def layer_shapes(quick: bool):
+def layer_shapes(quick: bool, wide_only: bool = False):
     if quick:
         return [(8, 16, 32, 0.25), (64, 64, 8, 0.5)]
+    if wide_only:
+        return list(WIDE)
     thin = [(n, c, hw, f) for c in LAYER_C for f in LAYER_RANKS for hw in LAYER_HW for n in LAYER_N]
     return thin + WIDE
 
 
 # Wider ImageNet-ResNet-like shapes, measured only to place the path rule's boundary (not "thin").
-WIDE = [(8, 128, 28, 0.25), (8, 128, 28, 0.5), (8, 256, 14, 0.25), (8, 256, 14, 0.5)]
+WIDE = [(8, 128, 28, 0.25), (8, 128, 28, 0.5), (8, 256, 14, 0.25), (8, 256, 14, 0.5),
+        (1, 512, 7, 0.5), (8, 512, 7, 0.5), (1, 256, 14, 0.5), (1, 64, 56, 0.5), (8, 64, 56, 0.5)]
 
 
 def machine_ceilings(log) -> dict:
@@ -210,10 +298,10 @@ def layer_floor(n, c, r, hw, ceilings) -> dict:
     return {"flops": flops, "floor_ms": 1e3 * floor_s}
 
 
-def bench_layers(rounds, quick, log) -> list:
+def bench_layers(rounds, quick, log, wide_only=False) -> list:
     ceilings = machine_ceilings(log)
     rows = []
-    for n, c, hw, frac in layer_shapes(quick):
+    for n, c, hw, frac in layer_shapes(quick, wide_only):
         r = max(1, math.ceil(frac * c))
         g = torch.Generator().manual_seed(0)
         first, core, last = (torch.randn(r, c, generator=g) / math.sqrt(c), torch.randn(r, r, 3, 3, generator=g) / math.sqrt(9 * r),
@@ -227,8 +315,7 @@ def bench_layers(rounds, quick, log) -> list:
             seq[2].bias.copy_(bias)
         seq.eval()
         x = torch.randn(n, c, hw, hw)
-        row = {"N": n, "C": c, "R": r, "rank_fraction": frac, "HW": hw, "thin": (n, c, hw, frac) not in WIDE,
-               "path": ops.tucker_conv2d_path(x, first, core, last, padding=1)}
+        row = {"N": n, "C": c, "R": r, "rank_fraction": frac, "HW": hw, "thin": (n, c, hw, frac) not in WIDE}
         with torch.no_grad():
             err = (ops.tucker_conv2d(x, first, core, last, bias, padding=1) - seq(x)).abs().max().item()
             row["max_abs_diff"] = err
@@ -239,6 +326,16 @@ def bench_layers(rounds, quick, log) -> list:
                 st = ratio_stats(times["sequential"], times["kdfast"])
                 row[label] = {"speedup": st["ratio"], "q1": st["q1"], "q3": st["q3"], "kdfast_ms": st["den_ms"],
                               "sequential_ms": st["num_ms"], "rounds": st["rounds"]}
+            # The path taken against the forced composition, paired directly (>= 0.95: never slower beyond
+            # noise; issue 24). The C++ op reads KDFAST_TUCKER_CONV_PATH at every call.
+            def with_path(name):
+                with forced_path(name):
+                    return ops.tucker_conv2d(x, first, core, last, bias, padding=1)
+
+            times = paired_times({"auto": lambda: with_path(None), "composed": lambda: with_path("composed")}, rounds)
+            row["vs_composed"] = ratio_stats(times["composed"], times["auto"])["ratio"]
+        # after the timed calls: with autotuning the first of them measured this key, the path is now cached
+        row["path"] = ops.tucker_conv2d_path(x, first, core, last, padding=1, bias=bias)
         row.update(layer_floor(n, c, r, hw, ceilings))
         row["ceilings"] = ceilings
         row["ceiling_speedup"] = row["auto"]["sequential_ms"] / row["floor_ms"]
@@ -246,7 +343,8 @@ def bench_layers(rounds, quick, log) -> list:
         a = row["auto"]
         log(f"layer N{n:<2d} C{c:<2d} R{r:<2d} {hw:2d}x{hw:<2d} {row['path']:8s} kdfast {a['kdfast_ms']:7.3f} ms  "
             f"Sequential {a['sequential_ms']:7.3f} ms  {a['speedup']:.2f}x [{a['q1']:.2f}-{a['q3']:.2f}]  "
-            f"(fused {row['fused']['speedup']:.2f}x, composed {row['composed']['speedup']:.2f}x; "
+            f"(fused {row['fused']['speedup']:.2f}x, composed {row['composed']['speedup']:.2f}x, "
+            f"path taken vs composed {row['vs_composed']:.2f}x; "
             f"roofline ceiling {row['ceiling_speedup']:.2f}x)")
     return rows
 
@@ -283,13 +381,34 @@ def write_report(path: str, data: dict) -> None:
                          f"{r['mode']} | {r['teacher_ms']:.2f} | {r['student_ms']:.2f} | **{r['speedup']:.2f}x** | "
                          f"{r['q1']:.2f}-{r['q3']:.2f} |")
         lines.append("")
+    if data.get("imagenet"):
+        lines += ["## ImageNet-shape students (torchvision ResNet structure, 224x224, both fused)", "",
+                  f"Tucker path: run-time autotuning {data.get('tucker_autotune', 'on')} (docs/tucker-path.md). "
+                  "*need* = the speed-up at which the time saved is half the MACs saved, "
+                  "1 / (1 - 0.5 (1 - 1 / MAC ratio)); *paths* = how many Tucker layers run the fused kernel / "
+                  "the composition; *first call* = the student's first forward (it measures each new layer key).", "",
+                  "| model | batch | ranks | Tucker layers | MAC ratio | need | teacher ms | student ms | speed-up | Q1-Q3 "
+                  "| met | paths (fused/composed) | first call s |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|"]
+        for r in data["imagenet"]:
+            p = r["paths"]
+            lines.append(f"| {r['model']} | {r['batch']} | {r['ranks']} | {r['decomposed_layers']} | {r['mac_ratio']:.2f}x | "
+                         f"{r['need']:.2f}x | {r['teacher_ms']:.1f} | {r['student_ms']:.1f} | **{r['speedup']:.2f}x** | "
+                         f"{r['q1']:.2f}-{r['q3']:.2f} | {'yes' if r['half_saving_met'] else 'no'} | "
+                         f"{p.get('fused', 0)}/{p.get('composed', 0)} | {r['first_call_s']:.2f} |")
+        lines.append("")
     if data["layers"]:
         ups = sorted(r["auto"]["speedup"] for r in data["layers"] if r.get("thin", True))
+        vs = sorted(r["vs_composed"] for r in data["layers"] if "vs_composed" in r)
+        summary = (f"Over the {len(ups)} thin shapes (C <= 64; the wider rows are ImageNet-like shapes): median "
+                   f"speed-up **{statistics.median(ups):.2f}x**, min {ups[0]:.2f}x, max {ups[-1]:.2f}x. " if ups else "")
+        if vs:
+            summary += (f"The path taken against the forced composition (kdfast against kdfast, paired directly), "
+                        f"over all {len(vs)} shapes: min **{vs[0]:.2f}x**, median {statistics.median(vs):.2f}x.")
         lines += ["## Tucker layer alone vs the three-conv nn.Sequential", "",
-                  f"kdfast.ops.tucker_conv2d (path from its rule) / forced fused kernel / forced composition, each "
-                  f"against nn.Sequential(1x1, 3x3 pad 1, 1x1 + bias), stride 1, R = ceil(fraction x C). Over the "
-                  f"{len(ups)} thin shapes (C <= 64; the last rows are wider shapes measured for the path rule): median speed-up **{statistics.median(ups):.2f}x**, min {ups[0]:.2f}x, "
-                  f"max {ups[-1]:.2f}x.", "",
+                  f"kdfast.ops.tucker_conv2d (the path it picks: autotuning {data.get('tucker_autotune', 'off')}) / "
+                  f"forced fused kernel / forced composition, each "
+                  f"against nn.Sequential(1x1, 3x3 pad 1, 1x1 + bias), stride 1, R = ceil(fraction x C). " + summary, "",
                   f"Roofline: this CPU's rates measured at the start of the run (a tuned library's, not hard limits: "
                   f"a kernel can beat them by a few %), float32 GEMM "
                   f"{data['layers'][0]['ceilings']['gemm_gflops']:.1f} GFLOP/s (torch.mm 1024^3) and copy "
@@ -297,13 +416,13 @@ def write_report(path: str, data: dict) -> None:
                   "bytes of x + y / copy rate); *ceiling* = Sequential ms / floor, the largest speed-up any kernel "
                   "could reach on that shape; GFLOP/s = layer FLOPs / median time.", "",
                   "| N | C | R | HxW | path | kdfast ms | Sequential ms | speed-up | Q1-Q3 | forced fused | forced composed "
-                  "| kdfast GFLOP/s | Sequential GFLOP/s | floor ms | ceiling |",
-                  "|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "| path taken vs composed | kdfast GFLOP/s | Sequential GFLOP/s | floor ms | ceiling |",
+                  "|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in data["layers"]:
             a = r["auto"]
             lines.append(f"| {r['N']} | {r['C']} | {r['R']} | {r['HW']}x{r['HW']} | {r['path']} | {a['kdfast_ms']:.3f} | "
                          f"{a['sequential_ms']:.3f} | **{a['speedup']:.2f}x** | {a['q1']:.2f}-{a['q3']:.2f} | "
-                         f"{r['fused']['speedup']:.2f}x | {r['composed']['speedup']:.2f}x | "
+                         f"{r['fused']['speedup']:.2f}x | {r['composed']['speedup']:.2f}x | {r['vs_composed']:.2f}x | "
                          f"{r['flops'] / a['kdfast_ms'] / 1e6:.1f} | {r['flops'] / a['sequential_ms'] / 1e6:.1f} | "
                          f"{r['floor_ms']:.3f} | {r['ceiling_speedup']:.2f}x |")
         lines.append("")
@@ -402,7 +521,13 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="resnet20 at batch 8, two layer shapes, 3 rounds")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None, help="model rounds (layers: 15 unless --quick)")
-    parser.add_argument("--only", choices=["models", "layers"], default=None)
+    parser.add_argument("--only", choices=["models", "layers", "imagenet"], default=None)
+    parser.add_argument("--layer-rounds", type=int, default=None, help="layer rounds (default 15, --quick 3)")
+    parser.add_argument("--wide-only", action="store_true", help="layers: only the wide (ImageNet-like) shapes")
+    parser.add_argument("--imagenet-models", default=None,
+                        help="comma-separated subset of " + ",".join(IMAGENET_MODELS) + " (part 3)")
+    parser.add_argument("--tucker-autotune", choices=["on", "off"], default="on",
+                        help="kdfast.backends.tucker.autotune for the run (off: the table / envelope default)")
     parser.add_argument("--emit-rule", default=None,
                         help="write the path rule's C++ table from this run's layer rows and --rule-from's")
     parser.add_argument("--rule-from", default="", help="comma-separated layer reports (.json, other thread "
@@ -417,15 +542,24 @@ def main(argv=None) -> None:
     names = args.models.split(",") if args.models else (["resnet20"] if quick else MODELS)
     modes = args.modes.split(",") if args.modes else MODES
     model_rounds = args.rounds or (3 if quick else 9)
-    layer_rounds = 3 if quick else 15
+    layer_rounds = args.layer_rounds or (3 if quick else 15)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    data = {"machine": machine(), "load_start": [round(v, 1) for v in os.getloadavg()], "models": [], "layers": []}
-    if args.only != "models":
-        data["layers"] = bench_layers(layer_rounds, quick, log)
-    if args.only != "layers":
-        ranks = ["evbmf"] if quick else RANKS
-        if args.ranks:
-            ranks = [r if r == "evbmf" else float(r) for r in args.ranks.split(",")]
+    import kdfast.backends.tucker as tucker_backend
+
+    tucker_backend.autotune = args.tucker_autotune == "on"
+    data = {"machine": machine(), "load_start": [round(v, 1) for v in os.getloadavg()], "models": [], "layers": [],
+            "imagenet": [], "tucker_autotune": args.tucker_autotune, "command": " ".join(sys.argv)}
+    ranks = ["evbmf"] if quick else RANKS
+    if args.ranks:
+        ranks = [r if r == "evbmf" else float(r) for r in args.ranks.split(",")]
+    if args.only in (None, "layers"):
+        data["layers"] = bench_layers(layer_rounds, quick, log, args.wide_only)
+    if args.only in (None, "imagenet"):
+        inames = args.imagenet_models.split(",") if args.imagenet_models else IMAGENET_MODELS
+        ibatches = [int(b) for b in args.batches.split(",")] if args.batches else IMAGENET_BATCHES
+        data["imagenet"] = bench_imagenet(inames, ibatches, ranks, args.rounds or (3 if quick else 7), log)
+        data["tucker_cache"] = tucker_backend.state()["entries"]
+    if args.only in (None, "models"):
         batches = [int(b) for b in args.batches.split(",")] if args.batches else ([8] if quick else BATCHES)
         data["models"] = bench_models(names, batches, ranks, modes, model_rounds, log)
     data["load_end"] = [round(v, 1) for v in os.getloadavg()]

@@ -1,5 +1,6 @@
 """kdfast: fast knowledge distillation for CNNs (fused C++/CUDA kernels under a thin PyTorch API)."""
 import importlib
+import os
 
 import torch  # noqa: F401  (torch must be imported before kdfast._C)
 
@@ -10,13 +11,19 @@ if _ext.is_loaded():
 
 from . import ops  # noqa: E402
 
+if _ext.is_loaded() and os.environ.get("KDFAST_TUCKER_CACHE"):
+    # a saved Tucker path cache (docs/tucker-path.md): the deployment measures nothing on first calls
+    from .backends import tucker as _tucker_backend
+
+    _tucker_backend.load_cache_from_environment()
+
 __version__ = "0.1.0"
 
 # Subpackages and top-level shortcuts are imported on first use, so `import kdfast` stays cheap
 # (no tensorly, scikit-learn or matplotlib import) and one broken optional part cannot break the rest.
 _SUBMODULES = {
-    "attacks", "cli", "cost", "data", "decomposition", "distill", "evbmf", "experiments", "export", "fusion",
-    "methods", "model_file",
+    "attacks", "backends", "cli", "cost", "data", "decomposition", "distill", "evbmf", "experiments", "export",
+    "fusion", "methods", "model_file",
     "losses", "models", "nn", "robustness",
 }
 _SHORTCUTS = {

@@ -317,7 +317,10 @@ def decompose(
             dense conv at its real input (the batch, size and memory format of ``example_input``, or
             the batch of ``input_shape``: 1 for (C, H, W); one of them is required) on the model's device, both as
             fuse_for_inference runs them (BN folded: with bias), ``timing_rounds`` rounds in alternation;
-            the dense conv is kept wherever the Tucker layer's median is not lower. The report then lists
+            the dense conv is kept wherever the Tucker layer's median is not lower. On CPU the Tucker layer
+            runs the path the op's run-time autotuning picks for that input (kdfast.backends.tucker: its
+            first call measures the fused kernel against the composition and caches the faster, and the
+            fused model later reuses the same cache), so each conv is compared with the faster Tucker path. The report then lists
             every layer's latencies, the convs kept dense (``report.kept_dense``) and the model's
             measured and predicted latencies (``report.latency``; both models fused for inference).
         **rank_options: weaken, min_rank, align for ranks="evbmf" (see kdfast.evbmf.tucker2_ranks).

@@ -172,7 +172,8 @@ def _fuse(module: nn.Module, path: str, untraced: list, strict: bool) -> nn.Modu
     return _fuse_graph(gm)
 
 
-def fuse_for_inference(model: nn.Module, inplace: bool = False, strict: bool = False) -> nn.Module:
+def fuse_for_inference(model: nn.Module, inplace: bool = False, strict: bool = False, *,
+                       example_input=None) -> nn.Module:
     """The eval-mode ``model`` with BatchNorm folded and Tucker epilogues fused (see module docstring).
 
     Args:
@@ -183,6 +184,10 @@ def fuse_for_inference(model: nn.Module, inplace: bool = False, strict: bool = F
             torch.fx.GraphModule when the model could be traced).
         strict: raise :class:`FusionError` when torch.fx cannot trace a module that has children,
             instead of fusing its children one by one with a warning.
+        example_input: a tensor (or tuple of forward args) of the deployment's shape. The fused model then
+            runs it once (no grad), so that each Tucker layer's CPU path is measured now, at its real input
+            and with its fused epilogue (the run-time autotuning of kdfast.backends.tucker, whose cache
+            ``save_cache`` can write for deployment), instead of on the first real call.
     Returns:
         a torch.fx.GraphModule (or, where tracing failed, the model with its children fused).
     """
@@ -201,4 +206,9 @@ def fuse_for_inference(model: nn.Module, inplace: bool = False, strict: bool = F
             "children: " + "; ".join(untraced),
             stacklevel=2,
         )
-    return fused.eval()
+    fused = fused.eval()
+    if example_input is not None:
+        args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+        with torch.no_grad():
+            fused(*args)
+    return fused

@@ -8,6 +8,7 @@ kernel, the default only where the table in csrc/ops/kernel_paths.cpp marks it v
 from __future__ import annotations
 
 import json
+import os
 import platform
 
 import torch
@@ -36,8 +37,10 @@ BACKENDS = ("CPU", "CUDA")
 #: Which implementation kdfast.ops.tucker_conv2d runs (kdfast.ops.tucker_conv2d_path(...) answers it
 #: for given arguments from the compiled rule; KDFAST_DEBUG=1 logs it per call).
 TUCKER_CONV2D_PATHS = (
-    "CPU: float32/float64 the fused tiled kernel (with BN/residual/ReLU epilogue) where the measured rule "
-    "(csrc/ops/cpu/tucker_cpu_rule.h, per thread count) prefers it, else 3 ATen convs; float16/bfloat16 3 ATen convs; "
+    "CPU: float32/float64 the fused tiled kernel (with BN/residual/ReLU epilogue) or 3 ATen convs, whichever "
+    "measured faster on the first call of a shape (autotune, kdfast.backends.tucker; docs/tucker-path.md); "
+    "untuned calls: the measured table (csrc/ops/cpu/tucker_cpu_rule.h) inside its envelope, else 3 ATen convs; "
+    "float16/bfloat16 3 ATen convs; "
     "CUDA: 3 cuDNN convs; the fused kernel (float32/16/bf16, kernel 1/3/5/7, stride <= 2, shared memory "
     "permitting) only when enabled (KDFAST_CUDA_KERNELS, or once verified on a GPU)"
 )
@@ -90,7 +93,31 @@ def collect() -> dict:
     info["CPU threads"] = torch.get_num_threads()
     info["tucker_conv2d paths"] = TUCKER_CONV2D_PATHS
     info["sparse_codes paths"] = SPARSE_CODES_PATHS
+    if _ext.is_loaded():
+        try:
+            info["tucker_conv2d autotune"] = tucker_autotune_summary(tucker_autotune_state())
+        except (ValueError, RuntimeError) as exc:  # a bad KDFAST_TUCKER_AUTOTUNE value
+            info["tucker_conv2d autotune"] = f"error: {str(exc).splitlines()[0]}"
     return info
+
+
+def tucker_autotune_state() -> dict | None:
+    """The Tucker path switch and cache (kdfast.backends.tucker.state()), or None without the extension."""
+    if not _ext.is_loaded():
+        return None
+    from .backends import tucker
+
+    return tucker.state()
+
+
+def tucker_autotune_summary(st: dict) -> str:
+    """One line: the switch, who set it, and the cache's size and counters."""
+    entries = st["entries"]
+    loaded = sum(e["source"] == "file" for e in entries)
+    fused = sum(e["path"] == "fused" for e in entries)
+    return (f"{'on' if st['enabled'] else 'off'} (set by {st['set_by']}); {len(entries)} cached paths "
+            f"({fused} fused, {len(entries) - fused} composed; {loaded} from a file), {st['tunings']} measured "
+            f"in this process, {st['hits']} cache hits; KDFAST_TUCKER_CACHE={os.environ.get('KDFAST_TUCKER_CACHE')}")
 
 
 def _paths_or_error():
@@ -118,6 +145,10 @@ def collect_json() -> dict:
             row.update(table["ops"][op])
         ops[op] = row
     out["ops"] = ops
+    try:
+        out["tucker_autotune"] = tucker_autotune_state()
+    except (ValueError, RuntimeError) as exc:
+        out["tucker_autotune"] = {"error": str(exc).splitlines()[0]}
     return out
 
 

@@ -101,7 +101,9 @@ def tucker_conv2d(x, first, core, last, bias=None, stride=1, padding=0, dilation
     epilogue through ATen ops and the convolution exactly as without it).
 
     CPU float32/float64 runs a fused tiled kernel (the R_in/R_out intermediates of a tile stay in
-    cache) where it measured faster than three oneDNN convolutions, otherwise the composition; CUDA
+    cache) or the composition, whichever measured faster on this machine: the first inference call of a
+    shape times both on its input and caches the choice (kdfast.backends.tucker, docs/tucker-path.md);
+    with autotuning off, the measured table inside its envelope, else the composition; CUDA
     runs the composition (three cuDNN convolutions) unless its fused kernel is enabled (see the module
     docstring). :func:`tucker_conv2d_path` says which. Differentiable in x, first, core, last and bias.
 
@@ -148,16 +150,25 @@ def _tucker_conv2d_call(x, first, core, last, bias, stride, padding, dilation, s
                                           scale, shift, residual, relu)
 
 
-def tucker_conv2d_path(x, first, core, last, stride=1, padding=0, dilation=1) -> str:
-    """Which implementation :func:`tucker_conv2d` runs for these arguments on their device:
-    "fused" or "composed" (three ATen convolutions). Asks the compiled kernel's own rule.
-    Set KDFAST_DEBUG=1 to have every call print its path on stderr."""
+def tucker_conv2d_path(x, first, core, last, stride=1, padding=0, dilation=1, *, bias=None, scale=None,
+                       shift=None, residual=None, relu: bool = False) -> str:
+    """Which implementation :func:`tucker_conv2d` runs for these arguments on their device: "fused",
+    "composed" (three ATen convolutions), or on CPU "autotune": autotuning is on and this key has not
+    been measured yet, so the next call times both paths and caches the faster (docs/tucker-path.md;
+    the cache key includes the epilogue, hence bias ... relu here, used for their presence only).
+    Asks the compiled op. Set KDFAST_DEBUG=1 to have every call print its path on stderr."""
     _ext.require_ops()
     stride = _checks.conv_pair("stride", stride, 1)
     padding = _checks.conv_pair("padding", padding, 0)
     dilation = _checks.conv_pair("dilation", dilation, 1)
-    _checks.tucker_conv2d_args(x, first, core, last, None, stride, padding, dilation)
-    return torch.ops.kdfast._tucker_conv2d_path(x, first, core, last, stride, padding, dilation)
+    _checks.tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation)
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+    _checks.tucker_epilogue_args(x, core, last, scale, shift, residual, stride, padding, dilation)
+    epilogue = sum(bit for bit, t in ((1, bias), (2, scale), (4, shift), (8, residual)) if t is not None)
+    epilogue += 16 if relu else 0
+    return torch.ops.kdfast._tucker_conv2d_path(x, first, core, last, stride, padding, dilation, epilogue)
+
 
 def kd_loss(
     student_logits: torch.Tensor,

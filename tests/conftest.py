@@ -80,3 +80,13 @@ def _seed():
 def _ops_loaded():
     # Every test here exercises the compiled ops: a missing or stale build is a failure, not a skip.
     _ext.require_ops()
+
+
+@pytest.fixture
+def no_tucker_autotune():
+    """The Tucker path without run-time measurement (the table and its envelope decide); restored after."""
+    import kdfast.backends.tucker as tucker
+
+    tucker.autotune = False
+    yield
+    tucker.autotune = None

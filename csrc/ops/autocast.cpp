@@ -16,7 +16,8 @@ void call_without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* sta
   op.callBoxed(stack);
 }
 
-// Every op declared in csrc/ops/schemas.cpp except the CatchAll ones (_build_info, _kernel_paths);
+// Every op declared in csrc/ops/schemas.cpp except the CatchAll ones (_build_info, _kernel_paths,
+// _tucker_autotune);
 // tests/ops/test_autocast.py and tests/ops/test_kernel_paths.py check that this list and the schemas agree.
 constexpr const char* kOps[] = {
     "fsp_matrix", "_fsp_matrix_backward", "fsp_loss", "_fsp_loss_backward",

@@ -45,10 +45,15 @@ TORCH_LIBRARY(kdfast, m) {
       "_tucker_conv2d_backward_saved(Tensor grad_y, Tensor x, Tensor first, Tensor core, Tensor last, Tensor z1, "
       "Tensor z2, int[2] stride, int[2] padding, int[2] dilation, bool[5] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Which implementation tucker_conv2d runs for these arguments on their device: 'fused' or 'composed'.
+  // Which implementation tucker_conv2d runs for these arguments on their device: 'fused', 'composed', or
+  // 'autotune' (CPU: the next call measures both; see csrc/ops/cpu/tucker_cpu_autotune.h). epilogue: the
+  // bit mask of the call's epilogue (1 bias, 2 scale, 4 shift, 8 residual, 16 relu), part of the cache key.
   m.def(
       "_tucker_conv2d_path(Tensor x, Tensor first, Tensor core, Tensor last, int[2] stride, int[2] padding, "
-      "int[2] dilation) -> str");
+      "int[2] dilation, int epilogue=0) -> str");
+  // The CPU Tucker path cache (kdfast/backends/tucker.py): command 'state' (JSON), 'set' ('1', '0', ''),
+  // 'clear', 'insert' (one tab-separated entry).
+  m.def("_tucker_autotune(str command, str argument=\"\") -> str");
   // Hinton KD (kd_loss): (1 - alpha) CE(targets, s) + alpha c KL(softmax(t/T) || softmax(s/T)), c = T^2 if
   // t2_scale else 1; targets may be None when alpha = 1. Returns (loss, stats): stats (B, 5) per-row
   // statistics in the accumulate dtype (see csrc/include/kdfast/kd_loss_math.h), kept for backward.

@@ -3,7 +3,8 @@
     model = kdfast.models.build("resnet20", num_classes=100)
     kdfast.models.available()  # names build() accepts
 
-Every model takes ``num_classes`` (default 10), ``in_channels`` (default 3) and ``width_mult``
+Every model takes ``num_classes`` (default 10; the ImageNet ResNets ``resnet18_imagenet`` and
+``resnet50_imagenet``, torchvision's structure without weights: 1000), ``in_channels`` (default 3) and ``width_mult``
 (default 1.0) and pools adaptively before its classifier, so it runs on any input size (LeNet5: at
 least 13x13). Each class lists the module names of its stage outputs in ``feature_layers``, for
 feature-based distillation hooks.
@@ -14,6 +15,7 @@ from typing import Callable
 
 from torch import nn
 
+from .imagenet_resnet import Bottleneck, ImageNetResNet, resnet18_imagenet, resnet50_imagenet
 from .lenet import LeNet5, lenet5
 from .resnet import (
     BasicBlock,
@@ -46,6 +48,8 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vgg11": vgg11,
     "vgg13": vgg13,
     "lenet5": lenet5,
+    "resnet18_imagenet": resnet18_imagenet,
+    "resnet50_imagenet": resnet50_imagenet,
 }
 
 
@@ -69,6 +73,6 @@ def build(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = [
-    "BasicBlock", "CifarResNet", "LeNet5", "VGG", "available", "build",
+    "BasicBlock", "Bottleneck", "CifarResNet", "ImageNetResNet", "LeNet5", "VGG", "available", "build",
     *sorted(_REGISTRY),
 ]

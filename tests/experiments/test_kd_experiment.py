@@ -1,4 +1,4 @@
-"""kdfast.experiments.kd: the Sadhukhan et al. protocol's ``run`` (the tour's section is tested by tests/test_cli.py)."""
+"""kdfast.experiments.kd: the Sadhukhan et al. protocol's ``run`` (the tour's section is tested by tests/cli/test_cli.py)."""
 import functools
 import json
 

@@ -13,7 +13,7 @@ import torch
 from kdfast import info, ops
 
 ROOT = Path(__file__).resolve().parents[2]
-CATCH_ALL = {"_build_info", "_kernel_paths"}  # ops with no backend kernel (registered as CatchAll)
+CATCH_ALL = {"_build_info", "_kernel_paths", "_tucker_autotune"}  # ops with no backend kernel (registered as CatchAll)
 
 
 def _schema_ops():

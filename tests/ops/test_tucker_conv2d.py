@@ -213,8 +213,8 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_cpu_automatic_rule_follows_measurements(monkeypatch, restore_threads):
-    """float32/float64 follow the measured table (csrc/ops/cpu/tucker_cpu_rule.h): at each measured
+def test_cpu_automatic_rule_follows_measurements(monkeypatch, restore_threads, no_tucker_autotune):
+    """Without autotuning, float32/float64 follow the measured table (csrc/ops/cpu/tucker_cpu_rule.h): at each measured
     thread count, every measured shape takes the path that measured faster there. Half types: always
     the composition."""
     monkeypatch.delenv("KDFAST_TUCKER_CONV_PATH", raising=False)

@@ -12,11 +12,12 @@
 //   3. projects to O channels with a third GEMM whose store applies the epilogue
 //      y = relu?((t + bias) * scale + shift + residual) and writes y once.
 // The intermediates of a tile stay in L1/L2; x is read once (plus halo rows) and y written once.
-// All three GEMMs share one register-blocked micro-kernel (4 rows x 3 vectors of accumulators, GCC
-// vector extensions, compiled for AVX2+FMA and the baseline with target_clones like kd_loss).
+// All three GEMMs share one register-blocked micro-kernel: AVX-512 (8 rows x 3 zmm) where the CPU has
+// it, else AVX2+FMA (4 rows x 3 ymm), else GCC vector extensions (target_clones like kd_loss).
 // Composed path: three at::conv2d calls (oneDNN) + the epilogue in ATen ops, for dtypes the fused
-// path does not cover (float16, bfloat16: this kernel has no bf16 arithmetic) and where the
-// measured rule (cpu_path) prefers it.
+// path does not cover (float16, bfloat16: this kernel has no bf16 arithmetic) and where cpu_choice
+// picks it: by measurement on the key's first call (tucker_cpu_autotune.h), or without autotuning by
+// the measured table inside its envelope (docs/tucker-path.md).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -28,6 +29,7 @@
 
 #include "../kernel_paths.h"
 #include "../tucker_conv2d_common.h"
+#include "tucker_cpu_autotune.h"
 #include "tucker_cpu_rule.h"
 #include "tucker_cpu_tiles.h"
 
@@ -78,17 +80,18 @@ at::Tensor fused_forward(const at::Tensor& x, const at::Tensor& first, const at:
   return y;
 }
 
-// Which path runs for these arguments on CPU.
+// The path without autotuning (also what a call takes that is not measured, see cpu_choice).
 //  - float16 / bfloat16: the composition (the fused kernel has no reduced-precision arithmetic; this
 //    CPU has no AVX512-BF16 to make one pay).
-//  - float32 / float64: the measured rule. tucker_cpu_rule.h holds, for each shape measured by
-//    benchmarks/bench_students.py (layer part, 3x3 cores; thin CIFAR shapes and a few wide ImageNet
-//    ones) at each measured thread count, the fused kernel's speed-up over oneDNN's three
-//    convolutions; a call takes the fused kernel when, among the measurements at the thread count
-//    nearest to at::get_num_threads() (the balance shifts with it: oneDNN scales better to 2 threads
-//    on wide layers), the nearest measured shape (in log2 of N, C, R, H*W) measured it faster.
-//    Other kernel sizes and strides use the same table (the fused kernel's per-pixel cost scales like
-//    the composition's).
+//  - float32 / float64 inside the measured envelope (in_envelope): the measured rule.
+//    tucker_cpu_rule.h holds, for each shape measured by benchmarks/bench_students.py (layer part,
+//    3x3 cores, stride 1; thin CIFAR shapes and a few wide ImageNet ones) at each measured thread
+//    count, the fused kernel's speed-up over oneDNN's three convolutions; a call takes the fused
+//    kernel when, among the measurements at the thread count nearest to at::get_num_threads(), the
+//    nearest measured shape (in log2 of N, C, R, H*W) measured it faster.
+//  - outside the envelope: the composition. The table says nothing there (it was measured on one
+//    2-vCPU VM), and the composition is oneDNN's own choice for this CPU: extrapolating the table
+//    picked the fused kernel where it ran 0.7x (issue 24).
 bool rule_prefers_fused(const Geometry& g, int64_t threads) {
   const double t = std::log2(double(std::max<int64_t>(threads, 1)));
   double nearest_threads = 1e300;
@@ -108,12 +111,101 @@ bool rule_prefers_fused(const Geometry& g, int64_t threads) {
   return speedup > 1.0;
 }
 
-const char* cpu_path(const at::Tensor& x, const Geometry& g) {
-  if (!paths::use_kernel(paths::kTuckerConv2d, x)) return kPathComposed;  // KDFAST_CPU_KERNELS
+// within a factor of 2 of a measured value
+bool near(int64_t value, double measured) { return value >= measured / 2 && value <= measured * 2; }
+
+// The measured envelope: a 3x3 core at stride 1 and dilation 1 (the only geometry measured), a
+// thread count between the smallest and largest measured, and one measured row (at the nearest
+// measured thread count) within a factor of 2 of the call in each of N, C, O, R_in, R_out, H and W.
+bool in_envelope(const Geometry& g, int64_t threads) {
+  if (g.kh != 3 || g.kw != 3 || g.sh != 1 || g.sw != 1 || g.dh != 1 || g.dw != 1 || g.n == 0) return false;
+  double lo = 1e300, hi = 0;
+  for (const MeasuredTuckerShape& m : kTuckerCpuMeasurements) lo = std::min(lo, m.threads), hi = std::max(hi, m.threads);
+  if (threads < lo || threads > hi) return false;
+  double nearest = 1e300;
+  for (const MeasuredTuckerShape& m : kTuckerCpuMeasurements) nearest = std::min(nearest, std::abs(threads - m.threads));
+  for (const MeasuredTuckerShape& m : kTuckerCpuMeasurements) {
+    if (std::abs(threads - m.threads) > nearest) continue;
+    if (near(g.n, m.n) && near(g.c, m.c) && near(g.o, m.c) && near(g.r_in, m.r) && near(g.r_out, m.r) &&
+        near(g.h, m.hw) && near(g.w, m.hw))
+      return true;
+  }
+  return false;
+}
+
+// Epilogue bits of the autotune key and of _tucker_conv2d_path's `epilogue` argument (kdfast/ops.py).
+enum EpilogueBit : int64_t { kBias = 1, kScale = 2, kShift = 4, kResidual = 8, kRelu = 16 };
+
+int64_t epilogue_bits(const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
+                      const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& residual, bool relu) {
+  return (has_tensor(bias) ? kBias : 0) | (has_tensor(scale) ? kScale : 0) | (has_tensor(shift) ? kShift : 0) |
+         (has_tensor(residual) ? kResidual : 0) | (relu ? kRelu : 0);
+}
+
+std::string epilogue_name(int64_t bits) {
+  const std::pair<int64_t, const char*> names[] = {
+      {kBias, "bias"}, {kScale, "scale"}, {kShift, "shift"}, {kResidual, "residual"}, {kRelu, "relu"}};
+  std::string out;
+  for (const auto& [bit, name] : names)
+    if (bits & bit) out += (out.empty() ? "" : "+") + std::string(name);
+  return out.empty() ? "none" : out;
+}
+
+const char* memory_format_name(const at::Tensor& x) {
+  if (x.is_contiguous()) return "nchw";
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return "channels_last";
+  return "strided";
+}
+
+// The autotune cache key; its text is also the key in saved cache files (docs/tucker-path.md).
+std::string autotune_key(const at::Tensor& x, const Geometry& g, int64_t epilogue, int64_t threads) {
+  char buf[512];
+  std::snprintf(buf, sizeof(buf),
+                "device=cpu dtype=%s format=%s threads=%lld N=%lld C=%lld O=%lld R_in=%lld R_out=%lld H=%lld W=%lld "
+                "kernel=%lldx%lld stride=%lldx%lld padding=%lldx%lld dilation=%lldx%lld epilogue=%s",
+                x.scalar_type() == at::kDouble ? "float64" : "float32", memory_format_name(x), (long long)threads,
+                (long long)g.n, (long long)g.c, (long long)g.o, (long long)g.r_in, (long long)g.r_out, (long long)g.h,
+                (long long)g.w, (long long)g.kh, (long long)g.kw, (long long)g.sh, (long long)g.sw, (long long)g.ph,
+                (long long)g.pw, (long long)g.dh, (long long)g.dw, epilogue_name(epilogue).c_str());
+  return buf;
+}
+
+// FLOPs of the three products (the size that decides whether a call is worth measuring).
+double layer_flops(const Geometry& g) {
+  return 2.0 * double(g.n) *
+         (double(g.h * g.w) * g.r_in * g.c + double(g.oh * g.ow) * (g.r_out * g.r_in * g.kh * g.kw + g.o * g.r_out));
+}
+
+constexpr const char* kPathAutotune = "autotune";  // this call measures both paths
+
+struct Choice {
+  const char* path;  // kPathFused, kPathComposed or kPathAutotune
+  std::string key;   // set when path == kPathAutotune
+};
+
+// Which path a call runs on CPU:
+//  1. KDFAST_CPU_KERNELS without tucker_conv2d, float16/bfloat16: the composition;
+//  2. KDFAST_TUCKER_CONV_PATH=fused|composed: that path;
+//  3. autotuning on (kdfast.backends.tucker.autotune / KDFAST_TUCKER_AUTOTUNE, default on): a call
+//     below autotune::kMinFlops takes the fused kernel; a bigger one the cached measurement for its
+//     key, or, on the key's first call, a measurement (kPathAutotune);
+//  4. otherwise default_path: the rule inside the measured envelope, the composition outside.
+Choice cpu_choice(const at::Tensor& x, const Geometry& g, int64_t epilogue) {
+  if (!paths::use_kernel(paths::kTuckerConv2d, x)) return {kPathComposed, {}};  // KDFAST_CPU_KERNELS
   const auto dtype = x.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kDouble) return kPathComposed;
-  if (const char* forced = forced_path()) return forced;
-  return rule_prefers_fused(g, at::get_num_threads()) ? kPathFused : kPathComposed;
+  if (dtype != at::kFloat && dtype != at::kDouble) return {kPathComposed, {}};
+  if (const char* forced = forced_path()) return {forced, {}};
+  const int64_t threads = at::get_num_threads();
+  if (g.n > 0 && autotune::enabled()) {
+    // Too small to be worth a lookup: fixed per-call costs dominate there, and the fused kernel makes
+    // one pass where the composition makes three library calls (every measured row under kMinFlops
+    // ran the fused kernel 2-5x faster).
+    if (layer_flops(g) < autotune::kMinFlops) return {kPathFused, {}};
+    std::string key = autotune_key(x, g, epilogue, threads);
+    if (const char* cached = autotune::lookup(key)) return {cached, {}};
+    if (autotune::has_room()) return {kPathAutotune, std::move(key)};
+  }
+  return {in_envelope(g, threads) && rule_prefers_fused(g, threads) ? kPathFused : kPathComposed, {}};
 }
 
 at::Tensor tucker_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
@@ -124,22 +216,30 @@ at::Tensor tucker_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const
   check_tucker_conv2d_args(x, first, core, last, bias, stride, padding, dilation);
   check_tucker_epilogue_args(x, core, last, scale, shift, residual, stride, padding, dilation);
   const Geometry g = geometry(x, core, last, stride, padding, dilation);
-  const char* path = cpu_path(x, g);
-  log_path("cpu", path, x, core);
-  if (std::strcmp(path, kPathComposed) == 0)
+  const Choice choice = cpu_choice(x, g, epilogue_bits(bias, scale, shift, residual, relu));
+  log_path("cpu", choice.path, x, core);
+  const auto composed = [&] {
     return apply_epilogue(composed_forward(x, first, core, last, bias, stride, padding, dilation), scale, shift,
                           residual, relu);
-  if (g.n == 0) return at::empty({0, g.o, g.oh, g.ow}, x.options());
-  if (x.scalar_type() == at::kFloat)
-    return fused_forward<float>(x, first, core, last, bias, scale, shift, residual, relu, g);
-  return fused_forward<double>(x, first, core, last, bias, scale, shift, residual, relu, g);
+  };
+  const auto fused = [&] {
+    if (g.n == 0) return at::empty({0, g.o, g.oh, g.ow}, x.options());
+    if (x.scalar_type() == at::kFloat)
+      return fused_forward<float>(x, first, core, last, bias, scale, shift, residual, relu, g);
+    return fused_forward<double>(x, first, core, last, bias, scale, shift, residual, relu, g);
+  };
+  // strcmp: the path names of two translation units need not share one address
+  if (std::strcmp(choice.path, kPathAutotune) == 0) return autotune::measure(choice.key, fused, composed);
+  return std::strcmp(choice.path, kPathComposed) == 0 ? composed() : fused();
 }
 
+// "fused", "composed", or "autotune" (the next call with these arguments measures both paths).
 std::string tucker_conv2d_path_cpu(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
                                    const at::Tensor& last, at::IntArrayRef stride, at::IntArrayRef padding,
-                                   at::IntArrayRef dilation) {
+                                   at::IntArrayRef dilation, int64_t epilogue) {
   check_tucker_conv2d_args(x, first, core, last, c10::nullopt, stride, padding, dilation);
-  return cpu_path(x, geometry(x, core, last, stride, padding, dilation));
+  TORCH_CHECK_VALUE(epilogue >= 0 && epilogue < 32, "epilogue must be a bit mask in [0, 32), got ", epilogue);
+  return cpu_choice(x, geometry(x, core, last, stride, padding, dilation), epilogue).path;
 }
 
 }  // namespace

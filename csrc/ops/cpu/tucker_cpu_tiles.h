@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -263,6 +264,95 @@ __attribute__((target("avx2,fma"))) void gemm_avx2(int64_t m_total, int64_t k_to
   }
 }
 
+// float32 on AVX-512 CPUs: 16-lane vectors and 48-column blocks (3 zmm), up to 8 rows of
+// accumulators (24 of the 32 zmm registers). oneDNN runs its convolutions with AVX-512 on these CPUs,
+// so an AVX2-only fused kernel had half their FMA rate and lost wherever a layer is compute-bound
+// (wide layers: docs/tucker-path.md). Partial blocks use masked stores (and masked residual loads).
+#define KDFAST_AVX512_FN __attribute__((target("avx512f"), always_inline)) inline
+template <int MR, int NV, bool kEpilogue>
+KDFAST_AVX512_FN void micro_kernel_avx512(int64_t k_total, const float* a, int64_t lda, const float* const* b,
+                                          int64_t n0, const Store<float>& st, int64_t m0, int64_t count) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  const float* arow = a + m0 * lda;
+  for (int64_t k = 0; k < k_total; ++k) {
+    const float* bk = b[k] + n0;
+    __m512 bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(bk + 16 * v);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512 am = _mm512_set1_ps(arow[m * lda + k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(am, bv[v], acc[m][v]);
+    }
+  }
+  float* const c = st.c;
+  const int64_t ldc = st.ldc;
+  const float* const mul_p = st.mul;
+  const float* const add_p = st.add;
+  const float* const res = st.res;
+  const int64_t ld_res = st.ld_res;
+  const bool relu = st.relu;
+  const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    const int64_t row = m0 + m;
+    float* crow = c + row * ldc + n0;
+    const float* rrow = (kEpilogue && res) ? res + row * ld_res + n0 : nullptr;
+    const __m512 mul = _mm512_set1_ps(kEpilogue && mul_p ? mul_p[row] : 1.0f);
+    const __m512 add = _mm512_set1_ps(kEpilogue && add_p ? add_p[row] : 0.0f);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const int64_t left = count - 16 * v;
+      if (left <= 0) break;
+      const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+      __m512 r = acc[m][v];
+      if (kEpilogue) {
+        r = _mm512_fmadd_ps(r, mul, add);
+        if (rrow) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask, rrow + 16 * v));
+        // max(0, r) returns its second operand when r is NaN: NaN stays NaN, as with torch.relu
+        if (relu) r = _mm512_maskz_max_ps(__mmask16(0xFFFF), zero, r);  // maskz: GCC 12 warns on max_ps
+      }
+      _mm512_mask_storeu_ps(crow + 16 * v, mask, r);
+    }
+  }
+}
+
+template <bool E>
+__attribute__((target("avx512f"))) void gemm_avx512(int64_t m_total, int64_t k_total, int64_t n_total,
+                                                     const float* a, int64_t lda, const float* const* b,
+                                                     const Store<float>& st) {
+  constexpr int64_t kBlock = 48;  // = read_block(4)
+  for (int64_t n0 = 0; n0 < n_total; n0 += kBlock) {
+    const int64_t count = n_total - n0 < kBlock ? n_total - n0 : kBlock;
+    int64_t m0 = 0;
+    if (count > 32) {
+      for (; m0 + 8 <= m_total; m0 += 8) micro_kernel_avx512<8, 3, E>(k_total, a, lda, b, n0, st, m0, count);
+      for (; m0 + 4 <= m_total; m0 += 4) micro_kernel_avx512<4, 3, E>(k_total, a, lda, b, n0, st, m0, count);
+      for (; m0 < m_total; ++m0) micro_kernel_avx512<1, 3, E>(k_total, a, lda, b, n0, st, m0, count);
+    } else if (count > 16) {
+      for (; m0 + 8 <= m_total; m0 += 8) micro_kernel_avx512<8, 2, E>(k_total, a, lda, b, n0, st, m0, count);
+      for (; m0 < m_total; ++m0) micro_kernel_avx512<1, 2, E>(k_total, a, lda, b, n0, st, m0, count);
+    } else {
+      for (; m0 + 8 <= m_total; m0 += 8) micro_kernel_avx512<8, 1, E>(k_total, a, lda, b, n0, st, m0, count);
+      for (; m0 < m_total; ++m0) micro_kernel_avx512<1, 1, E>(k_total, a, lda, b, n0, st, m0, count);
+    }
+  }
+}
+
+// KDFAST_TUCKER_ISA=avx2 keeps the AVX2 kernel on an AVX-512 CPU (to compare the two).
+inline bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f") && [] {
+    const char* isa = std::getenv("KDFAST_TUCKER_ISA");
+    return isa == nullptr || std::strcmp(isa, "avx2") != 0;
+  }();
+  return has;
+}
+
 inline bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
@@ -275,6 +365,14 @@ KDFAST_TUCKER_CLONES void gemm_f32(int64_t m, int64_t k, int64_t n, const float*
                                    const float* const* b, const Store<float>& st) {
   const bool epilogue = st.mul || st.add || st.res || st.relu;
 #ifdef KDFAST_TUCKER_AVX2
+  if (cpu_has_avx512f()) {
+    if (epilogue) {
+      gemm_avx512<true>(m, k, n, a, lda, b, st);
+    } else {
+      gemm_avx512<false>(m, k, n, a, lda, b, st);
+    }
+    return;
+  }
   if (cpu_has_avx2_fma()) {
     if (epilogue) {
       gemm_avx2<true>(m, k, n, a, lda, b, st);
@@ -307,6 +405,10 @@ inline void gemm(int64_t m, int64_t k, int64_t n, const double* a, int64_t lda, 
   gemm_f64(m, k, n, a, lda, b, st);
 }
 
+// Columns a GEMM may read past the last one it computes, rounded up: every B row it reads must be
+// readable up to its column count rounded up to this (float32: the AVX-512 kernel's 48-column block).
+constexpr int64_t read_block(size_t elem_size) { return elem_size == 4 ? 2 * kNV * 8 : kNV * 4; }
+
 struct Geometry {
   int64_t n, c, h, w, r_in, r_out, o, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw;
   int64_t wq;  // width of a phase plane: ceil((W + 2 pw) / sw)
@@ -318,9 +420,8 @@ struct TileSizes {
   int64_t band_rows, plane_rows, plane, planes, xt, t1, z2, z2c;
 };
 
-inline TileSizes tile_sizes(const Geometry& g, int64_t rows, int64_t lanes) {
+inline TileSizes tile_sizes(const Geometry& g, int64_t rows, int64_t slack) {
   TileSizes s;
-  const int64_t slack = kNV * lanes;
   s.band_rows = halo_extent<int64_t>(rows, g.kh, g.sh, g.dh);  // padded input rows read
   s.plane_rows = ceil_div<int64_t>(s.band_rows, g.sh);
   // Reads of the core GEMM go up to row (rows - 1 + (kh - 1) dh / sh) of a plane plus one vector block.
@@ -336,11 +437,11 @@ inline TileSizes tile_sizes(const Geometry& g, int64_t rows, int64_t lanes) {
 // Output rows per tile: the largest band whose buffers fit in ~256 KiB (L2), cut further until
 // there are at least two tiles per thread so that both cores get work at batch 1.
 inline int64_t rows_per_tile(const Geometry& g, size_t elem_size, int64_t threads) {
-  const int64_t lanes = 32 / static_cast<int64_t>(elem_size);
+  const int64_t slack = read_block(elem_size);
   const int64_t budget = (256 * 1024) / static_cast<int64_t>(elem_size);
   int64_t rows = g.oh;
   while (rows > 1) {
-    const TileSizes s = tile_sizes(g, rows, lanes);
+    const TileSizes s = tile_sizes(g, rows, slack);
     if (s.planes + s.t1 + s.z2 + s.z2c <= budget) break;
     rows = ceil_div<int64_t>(rows, 2);
   }
@@ -402,7 +503,7 @@ void fused_tile(const FusedArgs<T>& p, const Geometry& g, const TileSizes& cap, 
     }
     // The GEMM reads whole vectors: the last block of x may end inside a vector, so that block is
     // computed from a copy with slack (t1's tail doubles as that copy's destination row below).
-    constexpr int64_t kBlock = kNV * Vec<T>::kLanes;
+    constexpr int64_t kBlock = read_block(sizeof(T));
     const int64_t safe = (pixels / kBlock) * kBlock;
     const Store<T> st{t1, pixels, nullptr, nullptr, nullptr, 0, false};
     if (safe > 0) gemm(g.r_in, g.c, safe, p.first, g.c, ptrs.data(), st);
@@ -443,7 +544,7 @@ void fused_tile(const FusedArgs<T>& p, const Geometry& g, const TileSizes& cap, 
         const int64_t ti = i * g.dh, tj = j * g.dw;
         ptrs[(ri * g.kh + i) * g.kw + j] = plane_of(ri, ti % g.sh, tj % g.sw) + (ti / g.sh) * g.wq + tj / g.sw;
       }
-  const int64_t ldz2 = nq + kNV * Vec<T>::kLanes;
+  const int64_t ldz2 = nq + read_block(sizeof(T));
   gemm(g.r_out, g.r_in * g.kh * g.kw, nq, p.core, g.r_in * g.kh * g.kw, ptrs.data(),
           Store<T>{z2, ldz2, nullptr, nullptr, nullptr, 0, false});
 
@@ -451,7 +552,7 @@ void fused_tile(const FusedArgs<T>& p, const Geometry& g, const TileSizes& cap, 
   const T* zsrc = z2;
   int64_t ldz = ldz2;
   if (g.wq != g.ow) {
-    ldz = rows * g.ow + kNV * Vec<T>::kLanes;
+    ldz = rows * g.ow + read_block(sizeof(T));
     for (int64_t r = 0; r < g.r_out; ++r)
       for (int64_t oh = 0; oh < rows; ++oh)
         std::memcpy(z2c + r * ldz + oh * g.ow, z2 + r * ldz2 + oh * g.wq, sizeof(T) * g.ow);
@@ -469,7 +570,7 @@ void fused_tile(const FusedArgs<T>& p, const Geometry& g, const TileSizes& cap, 
 template <typename T>
 void fused_range(const FusedArgs<T>& p, const Geometry& g, int64_t rows, int64_t tiles,
                                       int64_t begin, int64_t end) {
-  const TileSizes cap = tile_sizes(g, rows, Vec<T>::kLanes);
+  const TileSizes cap = tile_sizes(g, rows, read_block(sizeof(T)));
   // Zero once: the padding columns and the slack are never written.
   std::vector<T> buf(static_cast<size_t>(cap.planes + (p.x_nchw ? 0 : cap.xt) + cap.t1 + cap.z2 + cap.z2c), T(0));
   T* planes = buf.data();

@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tucker_co
 
 std::string tucker_conv2d_path_cuda(const at::Tensor& x, const at::Tensor& first, const at::Tensor& core,
                                     const at::Tensor& last, at::IntArrayRef stride, at::IntArrayRef padding,
-                                    at::IntArrayRef dilation) {
+                                    at::IntArrayRef dilation, int64_t /*epilogue: CUDA does not autotune*/) {
   check_tucker_conv2d_args(x, first, core, last, c10::nullopt, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(x.device());
   FusedParams p{};
