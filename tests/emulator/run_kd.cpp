@@ -1,0 +1,36 @@
+// Emulator commands for csrc/ops/cuda/kd_loss_kernels.cuh, launched as kd_loss_kernel.cu launches them.
+#include "runner.h"  // the emulator first: it defines the CUDA spellings
+#include "kd_loss_kernels.cuh"
+
+namespace {
+using namespace emu_runner;
+
+const Register kd_forward("kd_forward", [](const Args& a, const emu::LaunchOptions& opt) {
+  const int64_t batch = a.i("batch"), k = a.i("k");
+  const bool need_ce = a.i("need_ce") != 0;
+  dispatch_floating(a.dtype("s"), [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_type<T>;
+    emu::launch(opt, kdfast::cuda::kd_forward_kernel<T, A>, dim3(static_cast<unsigned>(batch)),
+                dim3(kdfast::cuda::kd_forward_threads(k)), 0, a.ptr<const T>("s"), a.i("s_stride"),
+                a.ptr<const T>("t"), a.i("t_stride"), need_ce ? a.ptr<const int64_t>("y") : nullptr, k,
+                static_cast<A>(1.0 / a.f("temperature")), need_ce, a.i("ignore_index"), a.ptr<A>("stats"));
+  });
+});
+
+// grid: min(ceil(batch * k / kThreads), max_blocks) (kd_loss_kernel.cu uses 65535 * 8; tests pass a
+// small cap to exercise the grid-stride loop).
+const Register kd_backward("kd_backward", [](const Args& a, const emu::LaunchOptions& opt) {
+  const int64_t batch = a.i("batch"), k = a.i("k");
+  const int64_t threads = kdfast::cuda::kThreads;
+  const int64_t blocks = std::min<int64_t>((batch * k + threads - 1) / threads, a.i("max_blocks"));
+  dispatch_floating(a.dtype("s"), [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_type<T>;
+    emu::launch(opt, kdfast::cuda::kd_backward_kernel<T, A>, dim3(static_cast<unsigned>(blocks)),
+                dim3(static_cast<unsigned>(threads)), 0, a.ptr<const T>("s"), a.i("s_stride"), a.ptr<const T>("t"),
+                a.i("t_stride"), a.ptr_or_null<const int64_t>("y"), batch, k, static_cast<A>(1.0 / a.f("temperature")),
+                a.ptr<const A>("stats"), a.ptr<const A>("coefs"), a.ptr_or_null<T>("grad_s"), a.ptr_or_null<T>("grad_t"));
+  });
+});
+}  // namespace
