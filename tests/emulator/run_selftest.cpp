@@ -34,7 +34,7 @@ __global__ void uneven_loop_kernel() {
 // Reads a neighbour's shared slot with no barrier after the writes: a race.
 __global__ void missing_barrier_kernel(float* out) {
   __shared__ float slots[64];
-  slots[threadIdx.x] = static_cast<float>(threadIdx.x);
+  slots[threadIdx.x] = static_cast<float>(threadIdx.x + 1);
   out[threadIdx.x] = slots[(threadIdx.x + 1) % blockDim.x];
 }
 // Reads dynamic shared memory it never wrote.
