@@ -33,4 +33,26 @@ const Register kd_backward("kd_backward", [](const Args& a, const emu::LaunchOpt
                 a.ptr<const A>("stats"), a.ptr<const A>("coefs"), a.ptr_or_null<T>("grad_s"), a.ptr_or_null<T>("grad_t"));
   });
 });
+// block_max's contract, every thread gets the block's maximum, on `rounds` back-to-back calls.
+template <typename T>
+__global__ void block_max_test_kernel(const T* in, int rounds, T* out) {
+  __shared__ T shared[kdfast::cuda::kThreads / kdfast::cuda::kWarp];
+  for (int r = 0; r < rounds; ++r) {
+    const int64_t i = (static_cast<int64_t>(blockIdx.x) * rounds + r) * blockDim.x + threadIdx.x;
+    out[i] = kdfast::cuda::block_max(in[i], shared);
+  }
+}
+
+const Register block_max("block_max", [](const Args& a, const emu::LaunchOptions& opt) {
+  dispatch_floating(a.dtype("in"), [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+      emu::launch(opt, block_max_test_kernel<T>, dim3(static_cast<unsigned>(a.i("blocks"))),
+                  dim3(static_cast<unsigned>(a.i("threads"))), 0, a.ptr<const T>("in"), static_cast<int>(a.i("rounds")),
+                  a.ptr<T>("out"));
+    } else {
+      throw emu::Error("block_max: float32 / float64 only");
+    }
+  });
+});
 }  // namespace

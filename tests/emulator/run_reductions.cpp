@@ -51,4 +51,27 @@ const Register normalize_rows_backward("normalize_rows_backward", [](const Args&
                 a.ptr<T>("out"));
   });
 });
+// block_sum's contract, every thread gets the block's sum, on `rounds` back-to-back calls per block
+// (the callers above read the result in thread 0 only, or call it once).
+template <typename T>
+__global__ void block_sum_test_kernel(const T* in, int rounds, T* out) {
+  __shared__ T shared[kThreads / kdfast::cuda::kWarp];
+  for (int r = 0; r < rounds; ++r) {
+    const int64_t i = (static_cast<int64_t>(blockIdx.x) * rounds + r) * blockDim.x + threadIdx.x;
+    out[i] = kdfast::cuda::block_sum(in[i], shared);
+  }
+}
+
+const Register block_sum("block_sum", [](const Args& a, const emu::LaunchOptions& opt) {
+  dispatch_floating(a.dtype("in"), [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+      emu::launch(opt, block_sum_test_kernel<T>, dim3(static_cast<unsigned>(a.i("blocks"))),
+                  dim3(static_cast<unsigned>(a.i("threads"))), 0, a.ptr<const T>("in"), static_cast<int>(a.i("rounds")),
+                  a.ptr<T>("out"));
+    } else {
+      throw emu::Error("block_sum: float32 / float64 only");
+    }
+  });
+});
 }  // namespace

@@ -24,6 +24,9 @@ import harness  # noqa: E402
 pytestmark = pytest.mark.skipif(harness.compiler() is None, reason="needs g++ to build the CUDA emulator")
 
 VARIANTS = ["plain", "asan"] + (["tsan"] if os.environ.get("KDFAST_EMULATOR_TSAN") == "1" else [])
+# tools/emulator_mutants.py runs this suite on a mutant: one variant, its prebuilt runner.
+if os.environ.get("KDFAST_EMULATOR_EXE"):
+    VARIANTS = [os.environ["KDFAST_EMULATOR_VARIANT"]]
 FLOATING = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # ||out - ref|| / ||ref||: accumulate dtype float64 / float32; half types are rounded once at the output.
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -31,7 +34,7 @@ TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfl
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def emu(request):
-    return harness.build(request.param)
+    return Path(os.environ["KDFAST_EMULATOR_EXE"]) if os.environ.get("KDFAST_EMULATOR_EXE") else harness.build(request.param)
 
 
 def gen(seed):
@@ -104,6 +107,22 @@ def test_emulator_builtins(emu):
         rounding = r["half_round"].view(n, 2)
         assert torch.equal(rounding[:, 0], (1 + tid / 4096).half().float()), schedule
         assert torch.equal(rounding[:, 1], (1 + tid / 512).bfloat16().float()), schedule
+
+
+# ------------------------------------------------------------------------------------ block reductions
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("op", ["block_sum", "block_max"])
+@pytest.mark.parametrize("threads", [32, 64, 256])
+def test_block_reductions(emu, dtype, op, threads):
+    # The contract of kernels.cuh's block_sum and kd_loss_kernels.cuh's block_max: every thread gets
+    # the result, also on back-to-back calls reusing the same shared array.
+    blocks, rounds = 2, 3
+    x = torch.randn(blocks, rounds, threads, generator=gen(threads), dtype=torch.float64).to(dtype)
+    res = harness.run(emu, op, ints=dict(blocks=blocks, rounds=rounds, threads=threads), inputs={"in": x},
+                      outputs={"out": (dtype, x.numel())})
+    x64 = x.double()
+    want = (x64.sum(2, keepdim=True) if op == "block_sum" else x64.amax(2, keepdim=True)).expand_as(x64)
+    check(res, "out", want, TOL[dtype] * 4)
 
 
 # ------------------------------------------------------------------------------------ FSP / NST primitives
@@ -183,6 +202,12 @@ def _kd_inputs(b, k, stride, dtype, seed):
     t = (3 * torch.randn(b, stride, generator=g, dtype=torch.float64)).to(dtype)
     y = torch.randint(0, k, (b,), generator=g)
     y[-1] = -100  # an ignored row
+    # Row 1: logits of a trained model's size where another thread than the first warp's holds the
+    # row maximum (index 40 is thread 40 at 64 or 256 threads): exp(s - max) overflows unless every
+    # warp's maximum reaches the block maximum.
+    if k > 40:
+        s[1, 40] = 1000.0
+        t[1, k - 1] = 900.0
     return s, t, y
 
 
