@@ -34,7 +34,9 @@ TESTS_OF = {
     "tucker_conv2d_kernels.cuh": "tucker",
 }
 
-# (name, header, exact text, replacement): each text must occur exactly once in the header.
+# (name, header, exact text, replacement[, builds]): each text must occur exactly once in the header.
+# builds: where the fault can show (default plain, then asan); an out-of-bounds static __shared__
+# access is seen by AddressSanitizer only (plain builds keep static shared arrays in one section).
 EDITS = [
     # shifted indices
     ("block_sum reads the next warp's partial", "kernels.cuh",
@@ -70,9 +72,11 @@ EDITS = [
      "for (int ro = 0; ro < p.r_out; ++ro) acc = fmaf(static_cast<float>(l[ro]), z2s[ro * tile + (t + 1) % tile], acc);"),
     # shrunk shared allocations
     ("sum_of_squares static shared one short", "kernels.cuh",
-     "  __shared__ scalar_t shared[kThreads / kWarp];", "  __shared__ scalar_t shared[kThreads / kWarp - 1];"),
+     "  __shared__ scalar_t shared[kThreads / kWarp];", "  __shared__ scalar_t shared[kThreads / kWarp - 1];",
+     ("asan",)),
     ("kd_forward static shared halved", "kd_loss_kernels.cuh",
-     "  __shared__ acc_t shared[kThreads / kWarp];", "  __shared__ acc_t shared[kThreads / kWarp / 2];"),
+     "  __shared__ acc_t shared[kThreads / kWarp];", "  __shared__ acc_t shared[kThreads / kWarp / 2];",
+     ("asan",)),
     ("tucker dynamic shared without the `first` chunk", "tucker_conv2d_kernels.cuh",
      "+ kChannelChunk * halo + static_cast<size_t>(p.r_in) * kChannelChunk;", "+ kChannelChunk * halo;"),
     ("sparse_codes dynamic shared without the indices", "sparse_codes_kernels.cuh",
@@ -90,20 +94,20 @@ EDITS = [
 
 
 def mutants():
-    """(name, header, mutated text) for every fault."""
+    """(name, header, mutated text, builds) for every fault."""
     out = []
     for path in sorted(harness.KERNEL_DIR.glob("*.cuh")):
         text = path.read_text()
         for i, m in enumerate(re.finditer(r"[ \t]*__syncthreads\(\);[^\n]*\n", text)):
             line = text.count("\n", 0, m.start()) + 1
             out.append((f"remove __syncthreads #{i + 1} ({path.name}:{line})", path.name,
-                        text[:m.start()] + text[m.end():]))
-    for name, header, old, new in EDITS:
+                        text[:m.start()] + text[m.end():], ("plain", "asan")))
+    for name, header, old, new, *builds in EDITS:
         text = (harness.KERNEL_DIR / header).read_text()
         if text.count(old) != 1:
             raise SystemExit(f"mutant {name!r}: the text to mutate occurs {text.count(old)} times in {header} "
                              f"(update tools/emulator_mutants.py with the kernel)")
-        out.append((name, header, text.replace(old, new)))
+        out.append((name, header, text.replace(old, new), builds[0] if builds else ("plain", "asan")))
     return out
 
 
@@ -125,21 +129,21 @@ def main() -> int:
     args = parser.parse_args()
     todo = [m for m in mutants() if args.only is None or args.only in m[0]]
     if args.list:
-        for name, header, _ in todo:
+        for name, header, _, _ in todo:
             print(f"{header}: {name}")
         return 0
     base = {v: harness.build(v) for v in ("plain", "asan")}
     survivors = []
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="kdfast-mutants-") as tmp:
-        for index, (name, header, text) in enumerate(todo):
+        for index, (name, header, text, builds) in enumerate(todo):
             kernel_dir = Path(tmp, f"m{index}", "cuda")
             kernel_dir.mkdir(parents=True)
             for path in harness.KERNEL_DIR.glob("*.cuh"):
                 shutil.copy(path, kernel_dir / path.name)
             (kernel_dir / header).write_text(text)
             verdict = None
-            for variant in ("plain", "asan"):
+            for variant in builds:
                 exe = harness.build(variant, kernel_dir=kernel_dir, out_dir=Path(tmp, f"m{index}", variant),
                                     reuse_from=base[variant].parent)
                 failed, first = suite_fails(exe, variant, header)

@@ -444,6 +444,17 @@ inline void poison_static_shared() {
 #endif
 }
 
+#if defined(__SANITIZE_ADDRESS__)
+constexpr size_t kGuardBytes = 0;
+#else
+constexpr size_t kGuardBytes = 4096;
+#endif
+inline bool guard_is_nan(const unsigned char* guard) {
+  std::vector<unsigned char> want(kGuardBytes);
+  fill_nan(want.data(), kGuardBytes);
+  return kGuardBytes == 0 || std::memcmp(guard, want.data(), kGuardBytes) == 0;
+}
+
 struct LaunchOptions {
   Schedule schedule = Schedule::Free;
   uint64_t seed = 0;
@@ -471,9 +482,10 @@ void launch(const LaunchOptions& opt, void (*kernel)(Params...), dim3 grid, dim3
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        // Exactly `smem` bytes (AddressSanitizer sees any access past them), filled with NaN.
-        void* buffer = ::operator new[](smem == 0 ? 1 : smem, std::align_val_t(16));
-        fill_nan(buffer, smem);
+        // Exactly `smem` bytes, filled with NaN: AddressSanitizer sees any access past them; other
+        // builds put a NaN-filled guard after them and check after the block that nothing wrote there.
+        void* buffer = ::operator new[](smem + kGuardBytes, std::align_val_t(16));
+        fill_nan(buffer, smem + kGuardBytes);
         poison_static_shared();
         Block state(static_cast<int>(block.x), opt.schedule, opt.seed * 1000003u + (bz * grid.y + by) * grid.x + bx,
                     smem == 0 ? nullptr : buffer);
@@ -496,7 +508,11 @@ void launch(const LaunchOptions& opt, void (*kernel)(Params...), dim3 grid, dim3
         }
         state.start_serial();
         for (auto& th : threads) th.join();
+        const bool guard_intact = guard_is_nan(static_cast<unsigned char*>(buffer) + smem);
         ::operator delete[](buffer, std::align_val_t(16));
+        if (!guard_intact && !state.failed())
+          state.fail_external("a thread wrote past the block's " + std::to_string(smem) +
+                              " bytes of dynamic shared memory");
         if (state.failed())
           throw Error("block (" + std::to_string(bx) + "," + std::to_string(by) + "," + std::to_string(bz) + "), " +
                       schedule_name(opt.schedule) + " schedule: " + state.error());
