@@ -54,8 +54,11 @@ inline size_t plan_tile(FusedParams& p, size_t smem_limit) {
 }
 
 // grid N * ceil(OH / tile_h) * ceil(OW / tile_w), block kThreads, dynamic shared smem_floats(p) floats.
+// __launch_bounds__(kThreads, 2): with kThreads alone ptxas (CUDA 13) capped sm_80 at 40 registers
+// and spilled 12 bytes in the float16 / bfloat16 instances; 2 blocks per SM lets it use 64
+// (tests/build/ptxas_expected.json).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) tucker_conv2d_fused_kernel(
+__global__ void __launch_bounds__(kThreads, 2) tucker_conv2d_fused_kernel(
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ first, const scalar_t* __restrict__ core,
     const scalar_t* __restrict__ last, const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
     const FusedParams p) {
