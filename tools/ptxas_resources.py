@@ -1,6 +1,6 @@
 """Per-kernel resources from ptxas (registers, spill stores/loads, stack frame, static shared memory,
 barriers) for every kernel of csrc/ops/cuda/*.cuh (instantiated as the .cu files launch them, in
-tools/ptxas_kernels.cu), for sm_80 and sm_90, with setup.py's nvcc flags. No GPU and no CUDA torch
+tools/ptxas_kernels.cu), for sm_80 and sm_90, with the extension build's nvcc flags. No GPU and no CUDA torch
 needed: only nvcc and torch's header-only c10 half types.
 
   python tools/ptxas_resources.py            print the table
@@ -29,10 +29,15 @@ ARCHS = ("sm_80", "sm_90")
 
 
 def nvcc_flags() -> list[str]:
-    spec = importlib.util.spec_from_file_location("kdfast_setup", ROOT / "setup.py")
+    """The extension build's device flags: torch's C++ standard and COMMON_NVCC_FLAGS (no half operators /
+    conversions), then setup.py's nvcc arguments (tools/check_cuda_compile.py uses the same)."""
+    from torch.utils import cpp_extension
+
+    spec = importlib.util.spec_from_file_location("check_cuda_compile", ROOT / "tools" / "check_cuda_compile.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return [f for f in module.compile_args(with_cuda=True)["nvcc"] if f not in ("-g", "-O0")]
+    setup_flags = [f for f in module.setup_compile_args()["nvcc"] if f not in ("-g", "-O0")]
+    return [module.torch_std_flag(), *setup_flags, *cpp_extension.COMMON_NVCC_FLAGS]
 
 
 def torch_include() -> str:
@@ -80,7 +85,7 @@ def measure(arch: str) -> dict[str, dict]:
     if nvcc is None:
         raise RuntimeError("nvcc not found")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-std=c++17", *nvcc_flags(), f"-arch={arch}", "-cubin", "-Xptxas", "-v",
+        cmd = [nvcc, *nvcc_flags(), f"-arch={arch}", "-cubin", "-Xptxas", "-v",
                f"-I{ROOT / 'csrc' / 'ops' / 'cuda'}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{torch_include()}",
                str(SOURCE), "-o", os.path.join(tmp, "kernels.cubin")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
