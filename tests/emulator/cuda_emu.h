@@ -165,16 +165,28 @@ class Block {
 
   // Thread entry and exit.
   void begin(int me) {
-    std::unique_lock<std::mutex> lock(m_);
-    ts_[me].started = true;
-    ++started_;
-    main_cv_.notify_all();
-    if (serial()) wait_for_turn(lock, me);
+    {
+      std::unique_lock<std::mutex> lock(m_);
+      ts_[me].started = true;
+      ++started_;
+      main_cv_.notify_all();
+      if (serial()) {
+        wait_for_turn(lock, me);
+        return;
+      }
+    }
+    // Free schedule: wait for the start on a relaxed atomic, not on the lock, so that ThreadSanitizer
+    // sees no order between the threads' kernel bodies other than the barriers and warp operations.
+    while (!go_.load(std::memory_order_relaxed)) std::this_thread::yield();
   }
-  void start_serial() {  // main thread: hand the first turn once every thread waits for it
+  void start() {  // main thread, once every thread has begun: the first turn, or the free start
     std::unique_lock<std::mutex> lock(m_);
     main_cv_.wait(lock, [&] { return started_ == n_; });
-    if (serial()) pass_turn();
+    if (serial()) {
+      pass_turn();
+    } else {
+      go_.store(true, std::memory_order_relaxed);
+    }
   }
   void end(int me) {
     std::unique_lock<std::mutex> lock(m_);
@@ -414,6 +426,7 @@ class Block {
   Site barrier_site_;
   bool failed_ = false;
   std::string error_;
+  std::atomic<bool> go_{false};
 };
 
 struct ThreadContext {
@@ -506,7 +519,7 @@ void launch(const LaunchOptions& opt, void (*kernel)(Params...), dim3 grid, dim3
             state.end(static_cast<int>(t));
           });
         }
-        state.start_serial();
+        state.start();
         for (auto& th : threads) th.join();
         const bool guard_intact = guard_is_nan(static_cast<unsigned char*>(buffer) + smem);
         ::operator delete[](buffer, std::align_val_t(16));
