@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 CMAKE_BUILD_DIR ?= build-cmake
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: demo test deps data data-if-missing build cmake-build bench bench-quick bench-train-step gpu-check gpu-check-dry clean
+.PHONY: demo test deps data data-if-missing build cmake-build bench bench-quick bench-train-step gpu-check gpu-check-dry cuda-emulator cuda-mutants clean
 
 # torch is installed only when missing, pinned to the version these machines carry (a bare
 # `pip install torch` would pull gigabytes of CUDA packages); a GPU box keeps its own CUDA torch.
@@ -106,6 +106,15 @@ gpu-check:
 # The same stages on the CPU with tiny shapes (tests/build/test_gpu_check.py runs it under `make test`).
 gpu-check-dry:
 	$(PYTHON) tools/gpu_check.py --dry-run --out $(OUT)
+
+# The CUDA kernels without a GPU (docs/cuda.md; both also run under `make test`): the exact-barrier
+# emulator suite (plain and ASan+UBSan builds, ~3 min on 2 cores) with the ptxas resource check, and the
+# mutation check that every seeded kernel fault fails the suite (~5 min).
+cuda-emulator:
+	$(PYTHON) -m pytest tests/ops/test_cuda_emulator.py tests/build/test_ptxas_resources.py -q
+
+cuda-mutants:
+	$(PYTHON) tools/emulator_mutants.py
 
 clean:
 	rm -rf build $(CMAKE_BUILD_DIR) $(DEMO_OUT) kdfast/_C*.so .build-stamp *.egg-info

@@ -19,6 +19,17 @@ from torch.utils import cpp_extension
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+# CUDA builds need torch >= 2.8: csrc/ops/cuda/primitives.cu calls at::bmm_out / at::baddbmm_out with an
+# out_dtype (float16 / bfloat16 operands, float32 result), which ATen gained in 2.8. Older torch would
+# need a cast of the operands to float32 there (slower, and a different kernel); we require the newer
+# torch instead. CPU-only builds keep working from torch 2.4 (pyproject.toml).
+MIN_TORCH_FOR_CUDA = (2, 8)
+
+
+def torch_version() -> tuple:
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
 def _want_cuda() -> bool:
     choice = os.environ.get("KDFAST_WITH_CUDA", "auto").lower()
     if os.environ.get("FORCE_CUDA") == "1":
@@ -76,6 +87,12 @@ def compile_args(with_cuda: bool, debug: bool = False) -> dict:
 
 def get_extensions():
     with_cuda = _want_cuda()
+    if with_cuda and torch_version() < MIN_TORCH_FOR_CUDA:
+        raise RuntimeError(
+            f"kdfast's CUDA kernels need torch >= {'.'.join(map(str, MIN_TORCH_FOR_CUDA))} (at::bmm_out with "
+            f"out_dtype, csrc/ops/cuda/primitives.cu); this is torch {torch.__version__}. Upgrade torch, or build "
+            "without CUDA: KDFAST_WITH_CUDA=0."
+        )
     debug = os.environ.get("KDFAST_DEBUG") == "1"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "ops", "cpu", "*.cpp")))

@@ -1,12 +1,13 @@
 """Every kdfast op against its baselines, timed with CUDA events: `make gpu-check`'s benchmark stage.
 
-For each op, at a CIFAR and an ImageNet shape, in float32 and bfloat16, it times
+For each op, at a CIFAR and an ImageNet shape, in float32 and float16, it times
   kdfast-aten    kdfast's default CUDA path (KDFAST_CUDA_KERNELS=none: ATen calls only)
   kdfast-kernel  the op's hand-written CUDA kernel forced on (KDFAST_CUDA_KERNELS=all)
   eager          the plain PyTorch formula (kdfast.testing.reference at the input dtype)
   peers          the formulations of kdfast.testing.baselines (RepDistiller, torchdistill, bmm Grams)
 and reports the median time, its floor max(FLOPs / matmul rate, bytes / copy rate) from the measured
-ceilings, and the fraction of that floor reached (floor / time). Loss ops are timed forward plus
+ceilings, and the fraction of that floor reached (floor / time). TF32 is off for the whole run (matmul
+and cuDNN), so float32 rows of the ATen baselines are true float32, as kdfast's kernels are. Loss ops are timed forward plus
 backward (student inputs require grad, as in distillation); tucker_conv2d forward without grad (the
 fused kernel's case); sparse_recoding_ one in-place step over a ResNet's parameter list.
 
@@ -242,10 +243,13 @@ def main(argv=None) -> int:
     sizes = ["tiny"] if args.tiny else ["cifar", "imagenet"]
     reps, warmup = (2, 1) if args.tiny else (10, 3)
     torch.manual_seed(0)
+    # float32 baselines in true float32: cuDNN defaults to TF32 for convolutions (the Tucker baselines).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     with open(args.log, "a") as log:
-        rows = run(args.device, sizes, [torch.float32, torch.bfloat16], ceilings, reps, warmup, log)
+        rows = run(args.device, sizes, [torch.float32, torch.float16], ceilings, reps, warmup, log)
     with open(args.out, "w") as f:
-        json.dump({"device": args.device, "ceilings": ceilings, "rows": rows}, f, indent=1)
+        json.dump({"device": args.device, "ceilings": ceilings, "tf32": False, "rows": rows}, f, indent=1)
     failed = [r for r in rows if "error" in r and r["impl"].startswith("kdfast")]
     print(f"gpu_bench: {len(rows)} timings, {len(failed)} kdfast errors")
     return 1 if failed else 0

@@ -3,23 +3,30 @@ command of at most 8 minutes (an H200 with 16 cores, a preinstalled CUDA torch, 
 `make gpu-check-dry OUT=<dir>` runs the same stages on the CPU with tiny shapes (GPU-only stages say
 "skipped: no GPU") and writes the same files; tests/build/test_gpu_check.py runs it, so this script cannot rot.
 
-Stages, in order, each with its own time limit; once the overall deadline has passed, the remaining
-stages are skipped and say so:
-  1. environment  nvidia-smi, nvcc, torch, device properties; in the background during the build, the
+Stages, in order, each with its own time limit (the limits add up to the overall deadline, under the
+8-minute budget); once the overall deadline has passed, the remaining stages are skipped and say so:
+  1. preflight    ~10 s: torch >= setup.MIN_TORCH_FOR_CUDA (primitives.cu's out_dtype GEMMs), ninja
+                  present (without it setup.py compiles one file at a time and overruns the build
+                  limit), nvcc's CUDA major version = torch's
+  2. environment  nvidia-smi, nvcc, torch, device properties; in the background during the build, the
                   measured ceilings: device-to-device copy GB/s and 8192^3 bf16 (4096^3 fp32) matmul
                   TFLOP/s, timed with CUDA events
-  2. build        in place, no pip, no CMake: KDFAST_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+  3. build        in place, no pip, no CMake: KDFAST_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
                   python setup.py build_ext --inplace (the dry run checks the flags and the loaded build)
-  3. sass         cuobjdump: per-kernel registers / shared / local memory / spills, and a SASS summary
+  4. sass         cuobjdump: per-kernel registers / shared / local memory / spills, and a SASS summary
                   (HGMMA, HMMA, FFMA counts, 128-bit loads, local loads/stores)
-  4. cuda tests   pytest -m cuda_kernels: every hand-written kernel forced on, against the ATen path and
-                  the float64 reference (tests/ops/test_cuda_kernels.py)
-  5. sanitizer    compute-sanitizer memcheck and racecheck over tools/gpu_sanitize_cases.py, restricted
-                  to kdfast's kernels
-  6. benchmark    benchmarks/gpu_bench.py: every op vs its baselines, CIFAR and ImageNet shapes, fp32 and
-                  bf16, CUDA events, each with its floor and the fraction of it reached
-  7. default-path tests  pytest -m "needs_cuda and not cuda_kernels": the rest of the suite's CUDA cases
-                  on the default (ATen) path, if time remains
+  5. cuda tests   pytest -m cuda_kernels (tests/ops/test_cuda_kernels.py), ONE PROCESS PER OP (a CUDA error is
+                  sticky: an illegal access would fail every later test of its process), the first
+                  failure of each op reported; CUBLAS_WORKSPACE_CONFIG set for the bit-exact stream tests
+  6. benchmark    benchmarks/gpu_bench.py: every op vs its baselines, CIFAR and ImageNet shapes, float32
+                  and float16, TF32 off (ATen baselines in true float32), CUDA events, each with its floor
+                  and the fraction of it reached
+  7. sanitizer    compute-sanitizer memcheck, racecheck, synccheck and initcheck over
+                  tools/gpu_sanitize_cases.py, restricted to kdfast's kernels, with
+                  PYTORCH_NO_CUDA_MEMORY_CACHING=1 (memcheck cannot see an out-of-bounds access that
+                  stays inside a block of the caching allocator)
+  8. default-path tests  pytest -m "needs_cuda and not cuda_kernels": the rest of the suite's CUDA cases
+                  on the default (ATen) path, in the time that remains
 Files in OUT (at most 8): summary.md (read it first; also printed last), results.json,
 junit-kernels.xml, junit-default.xml, logs.tar.gz (every log and raw output). summary.md and
 results.json are rewritten after every stage, so a run cut short still leaves what it found.
@@ -47,10 +54,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Overall deadlines: under 8 minutes on the GPU. The dry run needs about 25 s of CPU; its deadline is
 # only a safety net for a heavily shared machine, and its stages have no limits of their own.
 TOTAL_SECONDS = {"gpu": 465, "dry": 900}
-STAGE_SECONDS = {  # each stage's own limit (GPU run); the dry run's stages share its shorter deadline
-    "environment": 30, "build": 240, "sass": 30, "cuda tests": 130, "sanitizer": 100, "benchmark": 100,
-    "default-path tests": 120,
+STAGE_SECONDS = {  # each stage's own limit (GPU run), adding up to TOTAL_SECONDS["gpu"] (tests/build/test_gpu_check.py)
+    "preflight": 10, "environment": 15, "build": 170, "sass": 10, "cuda tests": 100, "benchmark": 60,
+    "sanitizer": 80, "default-path tests": 20,
 }
+# The kernel tests, one pytest process per op: (op, pytest -k expression).
+TEST_OPS = (("fsp_loss / fsp_matrix", "test_fsp"), ("nst_loss", "test_nst"), ("kd_loss", "test_kd"),
+            ("tucker_conv2d", "test_tucker"), ("sparse_recoding_", "test_sparse_recoding"),
+            ("sparse_codes", "test_sparse_codes"))
+OTHER_TESTS = "every op (determinism, streams, opcheck)"
+SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 
 
 def now() -> float:
@@ -115,6 +128,44 @@ class Check:
         self.write_reports()
 
     # ----------------------------------------------------------------------------------- stages
+    def preflight(self, limit):
+        """What would make the build or the tests fail for a reason outside kdfast, found in seconds."""
+        import torch
+
+        setup = _setup_module()
+        problems, facts = [], {}
+        facts["torch"] = torch.__version__
+        if setup.torch_version() < setup.MIN_TORCH_FOR_CUDA:
+            problems.append(f"torch {torch.__version__} < {'.'.join(map(str, setup.MIN_TORCH_FOR_CUDA))} "
+                            "(primitives.cu's bmm/baddbmm with out_dtype)")
+        ninja = shutil.which("ninja")
+        if ninja is None:
+            try:
+                import ninja as ninja_module  # noqa: F401  (pip's ninja puts its binary on PATH via this module)
+
+                ninja = "python module"
+            except ImportError:
+                problems.append("ninja not found (setup.py would compile serially and overrun the build limit)")
+        facts["ninja"] = ninja or "missing"
+        nvcc_release = None
+        if shutil.which("nvcc"):
+            _, v = self.sh(["nvcc", "--version"], "preflight.txt", min(limit, 8))
+            m = re.search(r"release (\d+)\.(\d+)", v)
+            nvcc_release = f"{m.group(1)}.{m.group(2)}" if m else None
+        facts["nvcc"], facts["torch CUDA"] = nvcc_release, torch.version.cuda
+        if not self.dry:
+            if nvcc_release is None:
+                problems.append("nvcc not found")
+            elif torch.version.cuda is None:
+                problems.append("torch is a CPU build")
+            elif nvcc_release.split(".")[0] != torch.version.cuda.split(".")[0]:
+                problems.append(f"nvcc CUDA {nvcc_release} and torch CUDA {torch.version.cuda} differ in major version")
+        self.results["preflight"] = facts
+        detail = ", ".join(f"{k} {v}" for k, v in facts.items())
+        if problems:
+            return "fail", "; ".join(problems) + f" ({detail})"
+        return "pass", detail + (" (dry run: CUDA versions not compared)" if self.dry else "")
+
     def environment(self, limit):
         import torch
 
@@ -198,25 +249,58 @@ class Check:
             return "fail", f"cuobjdump exit {code}/{code2}, {len(kernels)} kernels parsed"
         return "pass", f"{len(kernels)} kernels; local memory or spills in: {', '.join(spills) or 'none'}"
 
-    def pytest(self, marker, junit, log, limit):
-        cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests"), "-m", marker, "-q", "-rfEs",
-               "-p", "no:cacheprovider", f"--junitxml={os.path.join(self.out, junit)}", "-o", "junit_family=xunit2"]
-        if self.dry:
-            cmd[3] = os.path.join(ROOT, "tests", "ops", "test_cuda_kernels.py")  # the dry run collects just these
-        code, text = self.sh(cmd, log, limit)
-        if marker == "cuda_kernels":
-            self.results["kernel tests per op"] = _tests_per_op(os.path.join(self.out, junit))
+    def pytest(self, marker, junit, log, limit, tests=None, keyword=None, env=None):
+        """One pytest process; returns (status, detail, exit code, counts)."""
+        cmd = [sys.executable, "-m", "pytest", tests or os.path.join(ROOT, "tests"), "-m", marker, "-q", "-rfEs",
+               "-p", "no:cacheprovider", f"--junitxml={junit}", "-o", "junit_family=xunit2"]
+        if keyword:
+            cmd += ["-k", keyword]
+        code, text = self.sh(cmd, log, limit, env=env)
         tail = next((line for line in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|skipped|error|deselected)", line)), "")
         counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", tail)}
-        self.results.setdefault("tests", {})[marker] = {"exit": code, "summary": tail.strip("= "), **counts}
         if code is None:
-            return "fail", f"timed out: {tail.strip('= ')}"
+            return "fail", f"timed out: {tail.strip('= ')}", code, counts
         if self.dry:
             ok = code in (0, 5) and not counts.get("failed") and not counts.get("error") and not counts.get("errors")
-            return ("skipped" if ok else "fail"), f"skipped: no GPU ({tail.strip('= ') or 'nothing collected'})"
+            return ("skipped" if ok else "fail"), f"skipped: no GPU ({tail.strip('= ') or 'nothing collected'})", code, counts
         if code == 0 and counts.get("passed"):
-            return "pass", tail.strip("= ")
-        return "fail", tail.strip("= ") or f"pytest exit {code}"
+            return "pass", tail.strip("= "), code, counts
+        return "fail", tail.strip("= ") or f"pytest exit {code}", code, counts
+
+    def kernel_tests(self, limit):
+        """The kernel tests, one process per op (a sticky CUDA error stays within its op)."""
+        tests = _kernel_test_file()
+        env = dict(self.env, CUBLAS_WORKSPACE_CONFIG=":4096:8")  # cuBLAS bit-exact across streams and runs
+        groups = list(TEST_OPS) + [(OTHER_TESTS, "not (" + " or ".join(k for _, k in TEST_OPS) + ")")]
+        per_op, statuses, junits = {}, [], []
+        end = now() + limit
+        for i, (op, keyword) in enumerate(groups):
+            junit = self.log_path(f"junit-kernels-{i}.xml")
+            budget = max(1.0, (end - now()) / (len(groups) - i))
+            status, detail, code, counts = self.pytest("cuda_kernels", junit, "pytest-kernels.log", budget,
+                                                       tests=tests, keyword=keyword, env=env)
+            row = _junit_counts(junit)
+            row.update(status=status, exit=code)
+            if code is None:
+                row["first failure"] = f"timed out after {budget:.0f} s: {detail}"
+            elif status == "fail" and not row.get("first failure"):
+                row["first failure"] = detail
+            per_op[op] = row
+            statuses.append(status)
+            junits.append(junit)
+        _merge_junit(junits, os.path.join(self.out, "junit-kernels.xml"))
+        self.results["kernel tests per op"] = per_op
+        total = {k: sum(r[k] for r in per_op.values()) for k in ("passed", "failed", "skipped")}
+        self.results.setdefault("tests", {})["cuda_kernels"] = {
+            "exit": max((r["exit"] or 0) if r["exit"] is not None else 124 for r in per_op.values()),
+            "summary": f"{total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped "
+                       f"in {len(groups)} processes", **total}
+        failed = [op for op, r in per_op.items() if r["status"] == "fail"]
+        if failed:
+            return "fail", "; ".join(f"{op}: {per_op[op].get('first failure', '')}"[:160] for op in failed)
+        if self.dry:
+            return "skipped", f"skipped: no GPU ({self.results['tests']['cuda_kernels']['summary']})"
+        return "pass", self.results["tests"]["cuda_kernels"]["summary"]
 
     def sanitizer(self, limit):
         cases = [sys.executable, os.path.join(ROOT, "tools", "gpu_sanitize_cases.py")]
@@ -227,14 +311,18 @@ class Check:
                 return "fail", f"compute-sanitizer not found; {ran}"
             return ("skipped" if code == 0 else "fail"), f"skipped: no GPU ({ran}, without compute-sanitizer)"
         out = {}
-        for tool in ("memcheck", "racecheck"):
+        # Without the caching allocator every tensor is its own cudaMalloc: memcheck sees accesses past it.
+        env = dict(self.env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+        end = now() + limit
+        for i, tool in enumerate(SANITIZER_TOOLS):
+            budget = max(1.0, (end - now()) / (len(SANITIZER_TOOLS) - i))
             cmd = ["compute-sanitizer", "--tool", tool, "--kernel-name", "kns=kdfast", "--error-exitcode", "99",
                    *cases, "--device", "cuda"]
-            code, text = self.sh(cmd, f"sanitizer-{tool}.log", limit / 2)
+            code, text = self.sh(cmd, f"sanitizer-{tool}.log", budget, env=env)
             if code not in (0, 99, None) and "kernel-name" in text:  # an older sanitizer: the --filter spelling
                 cmd[3:5] = ["--filter", "kns=kdfast"]
-                code, text = self.sh(cmd, f"sanitizer-{tool}.log", limit / 2)
-            summary = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: .*", text)
+                code, text = self.sh(cmd, f"sanitizer-{tool}.log", budget, env=env)
+            summary = re.findall(r"(?:ERROR|RACECHECK|SYNCCHECK|INITCHECK) SUMMARY: .*", text)
             out[tool] = {"exit": code, "summary": summary[-1] if summary else "",
                          "cases ran": "every kdfast kernel ran" in text}
         self.results["sanitizer"] = out
@@ -268,7 +356,11 @@ class Check:
     def default_tests(self, limit):
         if self.dry:
             return "skipped", "skipped: no GPU"
-        return self.pytest("needs_cuda and not cuda_kernels", "junit-default.xml", "pytest-default.log", limit)
+        marker = "needs_cuda and not cuda_kernels"
+        status, detail, code, counts = self.pytest(marker, os.path.join(self.out, "junit-default.xml"),
+                                                   "pytest-default.log", limit)
+        self.results.setdefault("tests", {})[marker] = {"exit": code, "summary": detail, **counts}
+        return status, detail
 
     # ----------------------------------------------------------------------------------- reports
     def write_reports(self):
@@ -321,25 +413,41 @@ def _load_extension(want_cuda: bool):
         return f"{type(exc).__name__}: {exc}"
 
 
-TEST_OPS = (("test_fsp", "fsp_loss / fsp_matrix"), ("test_nst", "nst_loss"), ("test_kd", "kd_loss"),
-            ("test_tucker", "tucker_conv2d"), ("test_sparse_recoding", "sparse_recoding_"))
+def _kernel_test_file():
+    found = sorted(glob.glob(os.path.join(ROOT, "tests", "**", "test_cuda_kernels.py"), recursive=True))
+    return found[0] if found else os.path.join(ROOT, "tests")
 
 
-def _tests_per_op(junit_path):
-    """{op: {passed, failed, skipped}} from the junit XML of the kernel tests (by test name)."""
+def _junit_counts(junit_path):
+    """{passed, failed, skipped, first failure} from one pytest process's junit XML."""
     import xml.etree.ElementTree as ET
 
+    row = {"passed": 0, "failed": 0, "skipped": 0}
     if not os.path.exists(junit_path):
-        return {}
-    out = {}
+        return row
     for case in ET.parse(junit_path).getroot().iter("testcase"):
-        name = case.get("name", "")
-        op = next((o for prefix, o in TEST_OPS if name.startswith(prefix)), "every op (determinism, streams, opcheck)")
-        kind = "failed" if case.find("failure") is not None or case.find("error") is not None else (
-            "skipped" if case.find("skipped") is not None else "passed")
-        row = out.setdefault(op, {"passed": 0, "failed": 0, "skipped": 0})
-        row[kind] += 1
-    return out
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if bad is not None:
+            row["failed"] += 1
+            if "first failure" not in row:
+                row["first failure"] = f"{case.get('name', '')}: {(bad.get('message') or '').splitlines()[0][:200] if bad.get('message') else ''}"
+        elif case.find("skipped") is not None:
+            row["skipped"] += 1
+        else:
+            row["passed"] += 1
+    return row
+
+
+def _merge_junit(paths, out_path):
+    """The per-op junit files as one (one <testsuite> per process)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.Element("testsuites")
+    for path in paths:
+        if os.path.exists(path):
+            tree = ET.parse(path).getroot()
+            root.extend(tree.iter("testsuite") if tree.tag == "testsuites" else [tree])
+    _write(out_path, '<?xml version="1.0" encoding="utf-8"?>' + ET.tostring(root, encoding="unicode") + "\n")
 
 
 def _setup_module():
@@ -414,9 +522,11 @@ def render_summary(r):
         lines += [f"| `-m {m}` | {t['exit']} | {t['summary']} |" for m, t in r["tests"].items()]
         lines.append("")
     if r.get("kernel tests per op"):
-        lines += ["## CUDA kernel tests per op (kernels forced on, vs ATen path and float64 reference)", "",
-                  "| op | passed | failed | skipped |", "|---|---|---|---|"]
-        lines += [f"| {op} | {v['passed']} | {v['failed']} | {v['skipped']} |" for op, v in r["kernel tests per op"].items()]
+        lines += ["## CUDA kernel tests per op (kernels forced on, vs ATen path and float64 reference; one process "
+                  "per op)", "", "| op | passed | failed | skipped | first failure |", "|---|---|---|---|---|"]
+        lines += [f"| {op} | {v['passed']} | {v['failed']} | {v['skipped']} | "
+                  f"{str(v.get('first failure', '')).replace('|', '/')[:200]} |"
+                  for op, v in r["kernel tests per op"].items()]
         lines.append("")
     if r.get("kernels"):
         lines += ["## Kernels (cuobjdump)", "",
@@ -507,12 +617,13 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     check = Check(os.path.abspath(args.out), args.dry_run)
     check.write_reports()
+    check.stage("preflight", check.preflight)
     check.stage("environment", check.environment)
     check.stage("build", check.build)
     check.stage("sass", check.sass)
-    check.stage("cuda tests", lambda limit: check.pytest("cuda_kernels", "junit-kernels.xml", "pytest-kernels.log", limit))
-    check.stage("sanitizer", check.sanitizer)
+    check.stage("cuda tests", check.kernel_tests)
     check.stage("benchmark", check.benchmark)
+    check.stage("sanitizer", check.sanitizer)
     check.stage("default-path tests", check.default_tests)
     return check.finish()
 

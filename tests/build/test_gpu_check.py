@@ -7,7 +7,17 @@ import sys
 import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STAGES = ["environment", "build", "sass", "cuda tests", "sanitizer", "benchmark", "default-path tests"]
+STAGES = ["preflight", "environment", "build", "sass", "cuda tests", "benchmark", "sanitizer", "default-path tests"]
+
+
+def test_stage_limits_fit_the_deadline():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "tools", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert list(module.STAGE_SECONDS) == STAGES
+    assert sum(module.STAGE_SECONDS.values()) <= module.TOTAL_SECONDS["gpu"] <= 8 * 60
 
 
 def test_dry_run_writes_the_same_files(tmp_path):
@@ -23,7 +33,7 @@ def test_dry_run_writes_the_same_files(tmp_path):
     results = json.loads((out / "results.json").read_text())
     status = {s["stage"]: s for s in results["stages"]}
     assert list(status) == STAGES
-    for stage in ("environment", "build", "benchmark"):
+    for stage in ("preflight", "environment", "build", "benchmark"):
         assert status[stage]["status"] == "pass", status[stage]
     for stage in ("sass", "cuda tests", "sanitizer", "default-path tests"):  # GPU-only
         assert status[stage]["status"] == "skipped" and "no GPU" in status[stage]["detail"], status[stage]
@@ -31,7 +41,8 @@ def test_dry_run_writes_the_same_files(tmp_path):
     # The CUDA tests were collected (and skipped): the marker selects them and the file imports.
     assert results["tests"]["cuda_kernels"]["skipped"] >= 20
     per_op = results["kernel tests per op"]
-    assert {"nst_loss", "kd_loss", "tucker_conv2d", "sparse_recoding_"} <= set(per_op)
+    assert {"fsp_loss / fsp_matrix", "nst_loss", "kd_loss", "tucker_conv2d", "sparse_recoding_", "sparse_codes",
+            "every op (determinism, streams, opcheck)"} == set(per_op)  # one pytest process each
     assert all(v["failed"] == 0 and v["skipped"] > 0 for v in per_op.values()), per_op
     assert results["ceilings"]["copy_gbps"] > 0 and results["ceilings"]["matmul_fp32_tflops"] > 0
     rows = results["benchmark"]
@@ -47,3 +58,4 @@ def test_dry_run_writes_the_same_files(tmp_path):
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = tar.getnames()
     assert "logs/bench.log" in names and "logs/pytest-kernels.log" in names
+    assert sum(f"junit-kernels-{i}.xml" in n for n in names for i in range(7)) == 7

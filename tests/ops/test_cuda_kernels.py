@@ -2,7 +2,8 @@
 (KDFAST_CUDA_KERNELS=none, the CUDA default) and the float64 reference, on the inputs real models
 reach first: Tucker tiles over 48 KB of shared memory and the smaller-tile fallbacks, channels_last and
 strided maps, NST gaussian over several sample chunks and at small sigma, strided KD rows, a batch
-over 65,535 (the grid-y limit), bitwise determinism, a side stream, CUDA-graph capture.
+over 65,535 (the grid-y limit), sparse codes (ragged pixel blocks, k up to 32), bitwise determinism
+(CUBLAS_WORKSPACE_CONFIG fixed), a side stream, CUDA-graph capture.
 
 Marked `cuda_kernels` (and `needs_cuda`): `make gpu-check` runs these with `-m cuda_kernels`; on a
 machine without a GPU they skip. A table entry in csrc/ops/kernel_paths.cpp may be marked verified
@@ -17,6 +18,11 @@ from kdfast import ops
 from kdfast.testing import reference
 
 pytestmark = [pytest.mark.needs_cuda, pytest.mark.cuda_kernels]
+
+# The bit-exact tests (determinism, side stream) include cuBLAS GEMMs: cuBLAS is reproducible across runs
+# and streams only with a fixed workspace configuration, read when its handle is created (after this
+# module is imported; make gpu-check also sets it for the process).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 DEV = "cuda"
 LOW = [torch.float32, torch.bfloat16, torch.float16]
@@ -294,6 +300,29 @@ def test_sparse_recoding_under_graph_capture():
             ops.sparse_recoding_(grads, params, taus, **kw)
 
 
+# ------------------------------------------------------------------------------------------ sparse codes
+@pytest.mark.parametrize("dtype", LOW + [torch.float64])
+@pytest.mark.parametrize("k", [1, 8, 32])
+def test_sparse_codes(dtype, k):
+    # 189 pixels: a full block of 128 and a ragged one; k = 32 in float64 takes the opt-in shared memory.
+    g = torch.Generator(device=DEV).manual_seed(k)
+    x = torch.randn(3, 24, 7, 9, device=DEV, generator=g).to(dtype)
+    dictionary = torch.randn(24, 100, device=DEV, generator=g).to(dtype)
+    bias = torch.full((1,), 0.2, device=DEV, dtype=dtype)
+    with kernels("all"):
+        k_values, k_indices = ops.sparse_codes(x, dictionary, bias, k)
+    with kernels("none"):
+        a_values, a_indices = ops.sparse_codes(x, dictionary, bias, k)
+    r_values, r_indices = reference.sparse_codes(x.double().cpu(), dictionary.double().cpu(), bias.double().cpu(), k)
+    assert k_values.dtype == a_values.dtype == dtype and k_indices.dtype == torch.int64
+    for values, indices, name in ((k_values, k_indices, "kernel"), (a_values, a_indices, "aten")):
+        assert values.shape == indices.shape == (3, 7, 9, k), name
+        # Near-ties may order differently in a lower precision: nearly every selection must agree.
+        agree = (indices.cpu() == r_indices).double().mean().item()
+        assert agree >= (1.0 if dtype == torch.float64 else 0.98), f"{name}: {agree:.3f} of the indices agree"
+        assert _rel(values.cpu(), r_values) <= _tolerance(dtype), name
+
+
 # ------------------------------------------------------------------------------------------ every kernel
 def _all_ops():
     """One call of every op with a hand-written kernel, forward and backward; returns every result."""
@@ -314,6 +343,7 @@ def _all_ops():
     grads, params, taus = _recoding_lists(torch.float32)
     ops.sparse_recoding_(grads, params, taus, boost=2.0, damp=0.3, shrink=0.01, tau_rate=0.5)
     out.extend(grads + [taus])
+    out.extend(ops.sparse_codes(rnd(2, 16, 9, 9), rnd(16, 64), rnd(1), 8))
     return [x for x in out if x is not None]
 
 

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "device.cuh"
 #include "kdfast/math.h"
 
 namespace kdfast {

@@ -1,53 +1,27 @@
 // sparse_codes on CUDA. UNVERIFIED: this kernel has been compiled (tests/build/test_build.py) but never run
 // on a GPU, so it is not the default: CUDA runs the ATen formulation of csrc/ops/sparse_codes_impl.h
 // (chunked cuBLAS GEMM + stable sort) until the kernel table (csrc/ops/kernel_paths.cpp) marks it
-// verified; KDFAST_CUDA_KERNELS=sparse_codes opts into this kernel for the forward. The backward always runs the ATen formulation on CUDA.
-//
-// Kernel: one thread per pixel; the thread streams over the K codewords, computing z_j = x_p . c_j
-// (x read as (D, P) so that a warp's loads are coalesced, C^T rows as broadcast loads), and keeps a
-// running top-k in registers (k <= kMaxK; larger k falls back to the ATen formulation); the sigmoid
-// is evaluated for the k winners only (selection rule in kdfast/sparse_codes.h).
+// verified; KDFAST_CUDA_KERNELS=sparse_codes opts into this kernel for the forward. The backward always
+// runs the ATen formulation on CUDA.
+// The kernel is in sparse_codes_kernels.cuh (ATen-free, so tests/emulator runs it on the CPU).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <type_traits>
 
 #include "../sparse_codes_impl.h"
 #include "kdfast/sparse_codes.h"
+#include "sparse_codes_kernels.cuh"
 
 namespace kdfast {
 namespace sparse_codes {
 namespace {
-
-constexpr int kMaxK = 32;
-constexpr int kThreadsPerBlock = 128;
-
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreadsPerBlock) sparse_codes_kernel(
-    const acc_t* __restrict__ x_cols,  // (D, P): pixel p's features at x_cols[d * P + p]
-    const acc_t* __restrict__ c_rows,  // (K, D): codeword j at c_rows[j * D]
-    acc_t b, int64_t pixels, int64_t d, int64_t num_codewords, int k, scalar_t* __restrict__ values,
-    int64_t* __restrict__ indices) {
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p >= pixels) return;
-  acc_t best_v[kMaxK];
-  int64_t best_i[kMaxK];
-  int filled = 0;
-  for (int64_t j = 0; j < num_codewords; ++j) {
-    const acc_t* cj = c_rows + j * d;
-    acc_t z = 0;
-    for (int64_t q = 0; q < d; ++q) z += x_cols[q * pixels + p] * __ldg(cj + q);
-    topk_push<acc_t, int64_t>(z, j, k, filled, best_v, best_i);
-  }
-  for (int i = 0; i < k; ++i) {
-    values[p * k + i] = static_cast<scalar_t>(sigmoid<acc_t>(best_v[i] + b));
-    indices[p * k + i] = best_i[i];
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& x, const at::Tensor& dictionary,
                                                   const at::Tensor& bias, int64_t k) {
@@ -63,7 +37,12 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& x, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kdfast_sparse_codes_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     const acc_t b = bias.reshape({}).to(acc).item<acc_t>();
-    sparse_codes_kernel<scalar_t, acc_t><<<blocks, kThreadsPerBlock, 0, stream>>>(
+    const size_t smem = topk_smem_bytes<acc_t>(static_cast<int>(k));
+    const auto kernel = sparse_codes_kernel<scalar_t, acc_t>;
+    // float64 at k > 30 needs more than the default 48 KiB (every sm_80+ device allows it).
+    if (smem > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<blocks, kThreadsPerBlock, smem, stream>>>(
         x_cols.const_data_ptr<acc_t>(), c_rows.const_data_ptr<acc_t>(), b, pixels, d, kk, static_cast<int>(k),
         values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -76,7 +55,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_codes_cuda(const at::Tensor& x, const 
   const c10::cuda::CUDAGuard guard(x.device());
   check_args(x, dictionary, bias, k);
   // Default: the ATen formulation (the kernel above is unverified).
-  if (!paths::use_kernel(paths::kSparseCodes, x) || k > kMaxK) return forward_aten(x, dictionary, bias, k);
+  // The kernel keeps codeword indices as int32 in shared memory.
+  if (!paths::use_kernel(paths::kSparseCodes, x) || k > kMaxK || dictionary.size(1) > INT32_MAX)
+    return forward_aten(x, dictionary, bias, k);
   return forward_kernel(x, dictionary, bias, k);
 }
 

@@ -2,18 +2,8 @@
 // By default CUDA runs the composition (three cuDNN convolutions); the fused kernel below runs only
 // where csrc/ops/kernel_paths.h enables it (KDFAST_CUDA_KERNELS, or a verified table entry).
 //
-// Fused path: one kernel for the whole Tucker-2 block. Each thread block owns a TILE_H x TILE_W tile
-// of output pixels of one sample and all O output channels:
-//   1. stage 1: projects the input tile plus its halo (kdfast/tucker_geometry.h) to R_in channels
-//      into shared memory, streaming x through shared memory in chunks of kChannelChunk channels;
-//      positions outside the image are the core's zero padding;
-//   2. stage 2: applies the R_out x R_in x kh x kw core from shared memory to get the R_out x tile
-//      intermediate, also in shared memory;
-//   3. stage 3: projects to O channels (+ bias) and writes y. Only x is read and y written in global
-//      memory: neither intermediate ever leaves the SM.
-// float32, float16 and bfloat16 inputs, float32 accumulation and float32 intermediates (so half
-// types are rounded once, at the output). Plain FMA loops: no tensor cores (TDC, PPoPP'23, shows a
-// scalar-FMA core kernel of this shape; CUTLASS b2b fusion would be the tensor-core route).
+// Fused path: one kernel for the whole Tucker-2 block (tucker_conv2d_kernels.cuh, ATen-free, so
+// tests/emulator runs it on the CPU); this file plans and launches it.
 // Kernel sizes 1/3/5/7 (each side), stride 1 or 2, any padding / dilation, and only when the tile's
 // shared memory fits the device; everything else runs the three-convolution composition (cuDNN).
 #include <c10/cuda/CUDAException.h>
@@ -26,103 +16,11 @@
 
 #include "../kernel_paths.h"
 #include "../tucker_conv2d_common.h"
+#include "tucker_conv2d_kernels.cuh"
 
 namespace kdfast {
 namespace tucker {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kChannelChunk = 16;  // input channels staged in shared memory per step of stage 1
-
-struct FusedParams {
-  int n, c, h, w, r_in, r_out, o, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
-  int tile_h, tile_w, halo_h, halo_w;
-};
-
-// Shared memory of one block, in floats: z1 (R_in x halo), z2 (R_out x tile), x chunk, first chunk.
-size_t smem_floats(const FusedParams& p) {
-  const size_t halo = static_cast<size_t>(p.halo_h) * p.halo_w, tile = static_cast<size_t>(p.tile_h) * p.tile_w;
-  return p.r_in * halo + p.r_out * tile + kChannelChunk * halo + static_cast<size_t>(p.r_in) * kChannelChunk;
-}
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) tucker_conv2d_fused_kernel(
-    const scalar_t* __restrict__ x, const scalar_t* __restrict__ first, const scalar_t* __restrict__ core,
-    const scalar_t* __restrict__ last, const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
-    const FusedParams p) {
-  extern __shared__ float smem[];
-  const int halo = p.halo_h * p.halo_w, tile = p.tile_h * p.tile_w;
-  float* z1s = smem;                     // [R_in][halo]
-  float* z2s = z1s + p.r_in * halo;      // [R_out][tile]
-  float* xs = z2s + p.r_out * tile;      // [kChannelChunk][halo]
-  float* fs = xs + kChannelChunk * halo;  // [R_in][kChannelChunk]
-
-  const int tiles_w = ceil_div(p.ow, p.tile_w), tiles_h = ceil_div(p.oh, p.tile_h);
-  int block = blockIdx.x;
-  const int tile_col = block % tiles_w;
-  block /= tiles_w;
-  const int tile_row = block % tiles_h;
-  const int n = block / tiles_h;
-  const int oh0 = tile_row * p.tile_h, ow0 = tile_col * p.tile_w;
-  const int ih0 = halo_begin(oh0, p.sh, p.ph), iw0 = halo_begin(ow0, p.sw, p.pw);
-  const int tid = threadIdx.x;
-
-  // Stage 1: z1[r][q] = sum_c first[r][c] x[n][c][halo position q] (0 outside the image).
-  for (int i = tid; i < p.r_in * halo; i += kThreads) z1s[i] = 0.f;
-  for (int c0 = 0; c0 < p.c; c0 += kChannelChunk) {
-    const int cc = min(kChannelChunk, p.c - c0);
-    __syncthreads();  // the previous chunk has been consumed
-    for (int i = tid; i < cc * halo; i += kThreads) {
-      const int c = i / halo, q = i % halo;
-      const int ih = ih0 + q / p.halo_w, iw = iw0 + q % p.halo_w;
-      xs[i] = (in_range(ih, p.h) && in_range(iw, p.w))
-                  ? static_cast<float>(x[((static_cast<int64_t>(n) * p.c + c0 + c) * p.h + ih) * p.w + iw])
-                  : 0.f;
-    }
-    for (int i = tid; i < p.r_in * cc; i += kThreads) {
-      const int r = i / cc, c = i % cc;
-      fs[r * kChannelChunk + c] = static_cast<float>(first[static_cast<int64_t>(r) * p.c + c0 + c]);
-    }
-    __syncthreads();
-    for (int i = tid; i < p.r_in * halo; i += kThreads) {
-      const int r = i / halo, q = i % halo;
-      float acc = z1s[i];
-      for (int c = 0; c < cc; ++c) acc = fmaf(fs[r * kChannelChunk + c], xs[c * halo + q], acc);
-      z1s[i] = acc;
-    }
-  }
-  __syncthreads();
-
-  // Stage 2: z2[ro][t] = sum_{r, i, j} core[ro][r][i][j] z1[r][row(t, i)][col(t, j)].
-  const int taps = p.kh * p.kw;
-  for (int idx = tid; idx < p.r_out * tile; idx += kThreads) {
-    const int ro = idx / tile, t = idx % tile;
-    const int th = t / p.tile_w, tw = t % p.tile_w;
-    const scalar_t* w = core + static_cast<int64_t>(ro) * p.r_in * taps;
-    float acc = 0.f;
-    for (int r = 0; r < p.r_in; ++r) {
-      for (int i = 0; i < p.kh; ++i) {
-        // Halo-local row/column of output (th, tw) through taps (i, 0): the tile-relative input_index.
-        const float* z_row = z1s + r * halo + input_index(th, i, p.sh, 0, p.dh) * p.halo_w + tw * p.sw;
-        const scalar_t* w_row = w + (r * p.kh + i) * p.kw;
-        for (int j = 0; j < p.kw; ++j) acc = fmaf(static_cast<float>(w_row[j]), z_row[j * p.dw], acc);
-      }
-    }
-    z2s[idx] = acc;
-  }
-  __syncthreads();
-
-  // Stage 3: y[n][o][oh][ow] = bias[o] + sum_ro last[o][ro] z2[ro][t], for the tile's in-image pixels.
-  for (int idx = tid; idx < p.o * tile; idx += kThreads) {
-    const int o = idx / tile, t = idx % tile;
-    const int oh = oh0 + t / p.tile_w, ow = ow0 + t % p.tile_w;
-    if (oh >= p.oh || ow >= p.ow) continue;
-    float acc = bias != nullptr ? static_cast<float>(bias[o]) : 0.f;
-    const scalar_t* l = last + static_cast<int64_t>(o) * p.r_out;
-    for (int ro = 0; ro < p.r_out; ++ro) acc = fmaf(static_cast<float>(l[ro]), z2s[ro * tile + t], acc);
-    y[((static_cast<int64_t>(n) * p.o + o) * p.oh + oh) * p.ow + ow] = static_cast<scalar_t>(acc);
-  }
-}
 
 bool supported_kernel_size(int64_t k) { return k == 1 || k == 3 || k == 5 || k == 7; }
 
@@ -137,15 +35,8 @@ bool plan_fused(const at::Tensor& x, const at::Tensor& core, const at::Tensor& l
   p.ow = conv_output_size(p.w, p.kw, p.sw, p.pw, p.dw);
   int device_limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&device_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
-  const int tiles[][2] = {{8, 8}, {4, 8}, {4, 4}, {2, 4}};
-  for (const auto& t : tiles) {
-    p.tile_h = t[0], p.tile_w = t[1];
-    p.halo_h = halo_extent(p.tile_h, p.kh, p.sh, p.dh);
-    p.halo_w = halo_extent(p.tile_w, p.kw, p.sw, p.dw);
-    smem_bytes = smem_floats(p) * sizeof(float);
-    if (smem_bytes <= static_cast<size_t>(device_limit)) return true;
-  }
-  return false;
+  smem_bytes = plan_tile(p, static_cast<size_t>(device_limit));
+  return smem_bytes != 0;
 }
 
 // The fused kernel runs only where kernel_paths.h enables it (not verified on a GPU: off by default),
