@@ -370,8 +370,10 @@ def write_report(path: str, data: dict) -> None:
              "passes of random data). Paired timings: teacher and student (or kdfast and the Sequential) run in "
              "turns, order swapped every round; *speed-up* = median of the per-round ratios teacher / student "
              "(> 1: the student is faster), Q1-Q3 in brackets. MAC ratio = conv + linear MACs teacher / student. "
-             f"Load average while running (start, end): {data['load_start']} / {data['load_end']} on a machine "
-             "shared with other jobs: single cells move by 10-30%; the per-round ratios are steadier.", ""]
+             f"Load average while running (start, end): {data['load_start']} / {data['load_end']} (1, 5, 15 "
+             "minutes; they include this benchmark's own threads and trail earlier work: a 1-minute figure well "
+             "above the thread count means other jobs shared the machine, and single cells then move by 10-30%; "
+             "the per-round ratios are steadier).", ""]
     if data["models"]:
         lines += ["## Whole models", "",
                   "| model | batch | student ranks | Tucker layers | MAC ratio | mode | teacher ms | student ms | speed-up | Q1-Q3 |",
