@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,7 @@ sys.path.insert(0, HERE)
 
 import kdfast  # noqa: E402
 from kdfast import models  # noqa: E402
+from kdfast.backends.tucker import cpu_name  # noqa: E402
 from kdfast.decomposition import paired_times  # noqa: E402
 from kdfast.export import export_onnx  # noqa: E402
 from bench_students import conv_macs, ratio_stats, trained_like  # noqa: E402
@@ -45,17 +45,6 @@ from bench_students import conv_macs, ratio_stats, trained_like  # noqa: E402
 MODELS = ["resnet20", "resnet56", "vgg13"]
 BATCHES = [1, 64]
 BACKENDS = ["eager", "fused", "onnxrt"]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def ort_session(path: str, threads: int):

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import randomise_bn
 from torch import fx, nn
 
 import kdfast
@@ -26,19 +27,6 @@ ONNX_MISSING = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.ut
 needs_onnx = pytest.mark.skipif(bool(ONNX_MISSING), reason=f"needs {', '.join(ONNX_MISSING)} (pip install 'kdfast[export]')")
 
 
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial running statistics and affine parameters, so that a folded BatchNorm is really exercised."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-    return model
-
-
 _BUILT: dict = {}  # (name, student, dtype) -> model: EVBMF runs once per model, the variants get copies
 
 
@@ -47,7 +35,7 @@ def _model(name: str, variant: str, dtype=torch.float64) -> nn.Module:
     key = (name, "student" in variant, dtype)
     if key not in _BUILT:
         torch.manual_seed(0)
-        model = _randomise_bn(models.build(name)).to(dtype).eval()
+        model = randomise_bn(models.build(name)).to(dtype).eval()
         if "student" in variant:
             small = {"min_channels": 1, "skip_first": False} if name == "lenet5" else {}  # LeNet5 has 6/16 channels
             model, report = kdfast.decompose(model, ranks="evbmf", **small)

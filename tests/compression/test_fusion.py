@@ -7,26 +7,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomise_bn
 from torch import nn
 
 import kdfast
 from kdfast import models
 from kdfast.fusion import FusionError, fuse_for_inference
 from kdfast.nn import FusedTuckerConv2d, TuckerConv2d
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial running statistics and affine parameters, so that folding is really exercised."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-    return model
 
 
 def _assert_fused_equal(model, x, expect_warning=False):
@@ -51,7 +38,7 @@ def _types(module):
 @pytest.mark.parametrize("student", [False, True], ids=["teacher", "tucker-student"])
 def test_every_kdfast_model(name, student):
     torch.manual_seed(0)
-    model = _randomise_bn(models.build(name, num_classes=10)).double()
+    model = randomise_bn(models.build(name, num_classes=10)).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     if student:
         small = {"min_channels": 1, "skip_first": False} if name == "lenet5" else {}  # LeNet5 has 6/16 channels
@@ -156,7 +143,7 @@ class TVResNet(nn.Module):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_torchvision_style_resnet(block, layers, student, layout):
     torch.manual_seed(0)
-    model = _randomise_bn(TVResNet(block, layers)).double()
+    model = randomise_bn(TVResNet(block, layers)).double()
     x = torch.randn(2, 3, 48, 40, dtype=torch.float64)
     if layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
@@ -188,7 +175,7 @@ class TwoUsers(nn.Module):
 
 
 def test_shared_outputs_and_broadcast_residual():
-    model = _randomise_bn(TwoUsers())
+    model = randomise_bn(TwoUsers())
     fused = _assert_fused_equal(model, torch.randn(2, 4, 7, 6, dtype=torch.float64))
     modules = dict(fused.named_modules())
     assert type(modules["t"]) is TuckerConv2d  # a has three users: left alone
@@ -207,7 +194,7 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_model_strict_raises_and_default_fuses_children():
-    model = _randomise_bn(Untraceable()).double()
+    model = randomise_bn(Untraceable()).double()
     with pytest.raises(FusionError, match="cannot trace Untraceable"):
         fuse_for_inference(model, strict=True)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64).abs()
@@ -216,7 +203,7 @@ def test_untraceable_model_strict_raises_and_default_fuses_children():
 
 
 def test_copy_inplace_and_eval_mode():
-    model = _randomise_bn(models.build("resnet8")).double().train()
+    model = randomise_bn(models.build("resnet8")).double().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fused = kdfast.fuse_for_inference(model)
     assert not fused.training
@@ -228,7 +215,7 @@ def test_copy_inplace_and_eval_mode():
 def test_fused_student_trains_like_the_unfused_one():
     """FusedTuckerConv2d differentiates its epilogue (ATen ops) and keeps the convolution's backward."""
     torch.manual_seed(0)
-    model, _ = kdfast.decompose(_randomise_bn(models.build("resnet8")).double(), ranks=0.5)
+    model, _ = kdfast.decompose(randomise_bn(models.build("resnet8")).double(), ranks=0.5)
     fused = fuse_for_inference(model)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     model.eval()
