@@ -10,10 +10,9 @@ the paper's text, not a transcription.
   student layer. :class:`Aggregator`: per teacher layer a 1x1 convolution to the student layer's
   channels and adaptive average pooling to its spatial size (the paper bridges spatial scales with
   identity-mapping layers), summed with softmax-normalised learnable weights.
-* :func:`aggregation_loss`: over groups, a convex combination of relative squared errors
-  ``MSE(a_l, s_l) / (mean(a_l^2) + mean(s_l^2))`` with weights proportional to the relative std of
-  the residual, detached: "the standard deviation serves as the measure that weighs layers with larger
-  accumulated error more"; normalised so that its weight means the same at every feature size.
+* :func:`aggregation_loss`: sum over groups of ``w_l * MSE(aggregated_l, student_l)`` with
+  ``w_l = std(aggregated_l - student_l)`` detached: "the standard deviation serves as the measure
+  that weighs layers with larger accumulated error more".
 * Sparse recoding of the student's gradients: :class:`kdfast.methods.kr.SparseRecoding`.
 * Training (the paper's Algorithm 1): :class:`KRDistiller`.
 """
@@ -122,32 +121,20 @@ def group_layers(num_teacher: int, num_student: int, k: int | None = 3) -> list[
 
 
 def aggregation_loss(aggregated: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_l w_l * r_l``: a convex combination over groups of the relative squared errors
-    ``r_l = MSE(a_l, s_l) / (mean(a_l^2) + mean(s_l^2))`` (a: the aggregated teacher map, s: the student's),
-    with weights ``w_l = sigma_l / sum_j sigma_j``, ``sigma_l = std(a_l - s_l) / sqrt(mean(a_l^2) + mean(s_l^2))``
-    (kdfast's interpretation of the paper's std-weighting, "the standard deviation serves as the measure
-    that weighs layers with larger accumulated error more"). Both maps are trained, so both set the scale:
-    a student map that dies (all zeros) cannot blow the loss up.
-
-    Normalisers and weights are detached (measures, not terms to minimise). The loss is dimensionless:
-    scaling every map by c, changing the feature sizes or the number of groups leaves its range the same
-    (a perfect fit: 0; one map all zeros: 1; independent maps of equal variance: 1), so a loss weight
-    means the same for every student; r_l is in [0, 2]. (An earlier kdfast version summed ``std * MSE`` unnormalised,
-    which grows with the cube of the features' scale.)"""
+    """``sum_l w_l * MSE(aggregated_l, student_l)`` with ``w_l = std(aggregated_l - student_l)``,
+    detached (a weight, not a term to minimise; kdfast's interpretation of the paper's
+    std-weighting)."""
     if len(aggregated) != len(student) or not aggregated:
         raise ValueError(f"need as many aggregated maps as student maps (>= 1), got {len(aggregated)} and {len(student)}")
-    relative, sigmas = [], []
+    terms = []
     for l, (a, s) in enumerate(zip(aggregated, student)):
         if a.shape != s.shape:
             raise ValueError(f"group {l}: aggregated map has shape {tuple(a.shape)} but the student map {tuple(s.shape)}")
         residual = a - s
-        energy = (a.detach().float().pow(2).mean() + s.detach().float().pow(2).mean()).clamp_min(1e-12)
-        relative.append(residual.pow(2).mean() / energy.to(residual.dtype))
-        spread = residual.detach().float().std() if residual.numel() > 1 else residual.detach().float().abs().sum()
-        sigmas.append(spread / energy.sqrt())
-    sigma = torch.stack(sigmas)
-    weights = sigma / sigma.sum() if float(sigma.sum()) > 0 else torch.full_like(sigma, 1.0 / len(sigmas))
-    return sum_terms([w.to(r.dtype) * r for w, r in zip(weights, relative)])
+        weight = residual.detach().float().std() if residual.numel() > 1 else residual.new_ones((), dtype=torch.float32)
+        term = weight.to(residual.dtype) * residual.pow(2).mean()
+        terms.append(term)
+    return sum_terms(terms)
 
 
 class KnowledgeAggregation(nn.Module):
