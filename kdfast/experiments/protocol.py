@@ -154,3 +154,19 @@ def tail_table(curves: Dict[str, Sequence[Sequence[float]]], tail: float = 0.2) 
         rows.append(f"| {method} | {sum(ok)}/{len(checks)} | "
                     f"{(100 * max(moved)):.2f} points |" if moved else f"| {method} | 0/{len(checks)} | — |")
     return rows, every
+
+
+# ------------------------------------------------------------------------------------------ teachers
+# The CIFAR-style ResNet teacher of the supervised reproductions at 28x28 (BSS's official teacher is a
+# ResNet-26; Heo et al., AAAI 2019, bhheo/BSS_distillation). Measured on the idle 2-vCPU Xeon: one epoch
+# of 54,000 images takes about 1.5 min, so 15 epochs stay within the 30 minutes a teacher may take.
+REFERENCE_TEACHER = {"name": "resnet26", "width": 1.0, "epochs": 15, "lr": 0.05, "seed": 0}
+
+
+def reference_teacher(dataset: str, train_part, test_set, device="cpu", **overrides):
+    """The teacher of the supervised reproductions, trained once on the training part of
+    :func:`validation_split` (so the validation images stay unseen) and cached:
+    ``(teacher, model_kwargs, test_accuracy, info)`` as :func:`common.cached_teacher`."""
+    recipe = {**REFERENCE_TEACHER, **overrides}
+    return common.cached_teacher(dataset, train_part, test_set, name=recipe["name"], width=recipe["width"],
+                                 epochs=recipe["epochs"], lr=recipe["lr"], seed=recipe["seed"], device=device)
