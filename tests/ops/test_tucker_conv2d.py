@@ -105,6 +105,17 @@ def test_large_fused_tiles_match_reference(monkeypatch):
                                rtol=1e-10, atol=1e-10)
 
 
+
+@pytest.mark.parametrize("shape", [(2, 96, 57, 55, 40, 36, 80, (3, 3), 2, 1, 1),   # stride 2, odd sizes
+                                   (1, 256, 14, 13, 128, 120, 200, (3, 3), 1, 1, 1)])  # wide, batch 1
+def test_wide_fused_tiles_match_reference(shape, monkeypatch):
+    """Layers whose tile buffers exceed the per-thread budget (up to 1 MiB, half the L2) at any row
+    count: many bands per sample, each recomputing its halo rows."""
+    monkeypatch.setenv("KDFAST_TUCKER_CONV_PATH", "fused")
+    inputs, kwargs = _args(shape)
+    torch.testing.assert_close(ops.tucker_conv2d(*inputs, **kwargs), reference.tucker_conv2d(*inputs, **kwargs),
+                               rtol=1e-10, atol=1e-10)
+
 def test_gradcheck(path):
     inputs, kwargs = _args((2, 2, 4, 3, 2, 2, 2, (3, 3), 2, 1, 1), requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: ops.tucker_conv2d(*t, **kwargs), inputs)
