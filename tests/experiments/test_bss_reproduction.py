@@ -43,13 +43,14 @@ def test_reproduction_reports_verdicts_and_a_killed_run_continues_exactly(tmp_pa
     calls = {"n": 0}
     accuracy = common.accuracy
 
-    def killed_at_the_fourth_evaluation(*args, **kwargs):  # 2 tuning runs, then CE epoch 1, then CE epoch 2
+    def killed_at_the_fifth_evaluation(*args, **kwargs):
+        # the cached teacher's test accuracy, 2 tuning runs, the first CE run's epoch 1, then its epoch 2
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 5:
             raise KeyboardInterrupt
         return accuracy(*args, **kwargs)
 
-    monkeypatch.setattr(common, "accuracy", killed_at_the_fourth_evaluation)
+    monkeypatch.setattr(common, "accuracy", killed_at_the_fifth_evaluation)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         bss.reproduce(cfg, str(out), "cpu", dataset="digits", train=train, test=test)
