@@ -1,9 +1,14 @@
 """The BSS experiment (Heo, Lee, Yun, Choi, AAAI 2019): CE vs KD vs BSS with limited training data.
 
-A vgg8 teacher trained with cross-entropy, a vgg8 student at half its width (a quarter of its parameters)
-trained by each method on class-stratified fractions of the training set, over seeds; paired (same seed
-and subset) differences with 95 % confidence intervals; the cost of a BSS step against a KD step; and a
-picture of boundary-supporting samples. The method itself: :mod:`kdfast.methods.bss`.
+Quick budget and the tour: a vgg8 teacher trained with cross-entropy, a vgg8 student at half its width (a
+quarter of its parameters) trained by each method on class-stratified fractions of the training set, over
+seeds; paired (same seed and subset) differences with 95 % confidence intervals; the cost of a BSS step
+against a KD step; and a picture of boundary-supporting samples.
+
+Full budget (:class:`ReproductionConfig`, :func:`reproduce`): the reproduction protocol of the paper's two
+claims (BSS beats KD; more so with less data): the reference ResNet-26 teacher, a ResNet-8 student, a KD
+baseline tuned on a validation split, 1/5/20/100 % of the data x 3 seeds, test curves and the convergence
+check, verdicts per claim, resumable runs. The method itself: :mod:`kdfast.methods.bss`.
 """
 from __future__ import annotations
 
@@ -421,9 +426,10 @@ def demo_section(ctx: common.DemoContext) -> common.DemoSection:
 # for up to 32 samples); a ResNet-26 forward pass of 128 images takes 55 ms (the first epoch of each KD or BSS
 # run), an evaluation on the 10,000 test images 1.3 s. With the epochs of ReproductionConfig (3, 4, 12 and 30
 # epochs at 100, 20, 5 and 1 % of the 54,000 training images; BSS active in 2 of 3, 2 of 4, 8 of 12 and 22 of
-# 30 epochs), 3 seeds and a 9-setting KD grid at 5 %: about 33 + 8 + 6 + 4 min of student runs, 3 min of
-# tuning, 5 min of evaluations and 1 min of cost measurement and figures, about 60 min in all (the teacher,
-# trained once and cached, about 25 min more, reported apart).
+# 30 epochs), 3 seeds and a 9-setting KD grid at 5 %: about 33 + 7 + 6 + 4 min of student runs, 3 min of
+# tuning, 5 min of evaluations and 1 min of cost measurement and figures: about 59 min in all with these
+# loaded timings (an idle machine is some 15 % faster); the teacher, trained once and cached, about 22-25 min
+# more, reported apart. BSS steps were timed at their worst: 32 attacked samples and all 10 attack steps.
 
 FULL_METHODS = METHODS  # ce, kd, bss
 
@@ -688,6 +694,27 @@ def _run_costs(runs: list, cfg: ReproductionConfig) -> dict:
     return out
 
 
+def _check_same_protocol(out_dir: str, cfg: ReproductionConfig, dataset: str, n_train: int, n_test: int) -> None:
+    """The stored runs of ``out_dir`` are reused only under the protocol that made them: ``protocol.json``
+    records it (seeds aside: adding a seed adds runs), and another protocol is refused before any training."""
+    import json
+
+    current = {**asdict(cfg), "dataset": dataset, "train_images": n_train, "test_images": n_test}
+    current.pop("seeds")
+    current = json.loads(json.dumps(current))  # tuples as lists, as read back
+    path = os.path.join(out_dir, "protocol.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if changed:
+            raise ValueError(f"{out_dir} holds runs of another protocol (it differs in {', '.join(changed)}): "
+                             "choose another --out, or delete that folder to start afresh")
+        return
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(current, fh, indent=1)
+
+
 def reproduce(cfg: ReproductionConfig, out_dir: str, device, *, dataset: str = "fashion-mnist", train=None,
               test=None) -> dict:
     """The protocol of ``--budget full`` on (``train``, ``test``): teacher (cached), KD grid on the validation
@@ -695,6 +722,7 @@ def reproduce(cfg: ReproductionConfig, out_dir: str, device, *, dataset: str = "
     the same command skips what finished and resumes what was cut), claims, figures. Returns the results."""
     os.makedirs(out_dir, exist_ok=True)
     device = torch.device(device)
+    _check_same_protocol(out_dir, cfg, dataset, len(train), len(test))
     store = protocol.RunStore(out_dir)
     with common.Timer() as total:
         train_part, validation = protocol.validation_split(train, cfg.validation_fraction, seed=0)

@@ -1,5 +1,6 @@
 """kdfast.experiments.bss, ``--budget full``: the reproduction protocol (validation-tuned KD baseline, runs that
 resume from the store and from their checkpoints, verdicts per claim) on a seconds-long configuration."""
+import dataclasses
 import json
 
 import pytest
@@ -66,6 +67,9 @@ def test_reproduction_reports_verdicts_and_a_killed_run_continues_exactly(tmp_pa
     monkeypatch.setattr(bss, "_train_run", lambda *a, **k: pytest.fail("a stored run was trained again"))
     third = bss.reproduce(cfg, str(out), "cpu", dataset="digits", train=train, test=test)
     assert _accuracies(third) == _accuracies(whole) and third["kd_setting"] == whole["kd_setting"]
+    # ... and its runs are never mixed with those of another protocol
+    with pytest.raises(ValueError, match=r"another protocol \(it differs in epochs\)"):
+        bss.reproduce(dataclasses.replace(cfg, epochs=(2, 3)), str(out), "cpu", dataset="digits", train=train, test=test)
 
 
 def test_kd_grid_is_chosen_on_the_validation_split_never_the_test_set(tmp_path, monkeypatch, tiny):
