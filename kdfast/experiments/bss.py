@@ -662,6 +662,7 @@ def _plot_curves(runs: list, cfg: ReproductionConfig, path: str) -> None:
                         color=common.colour(method), label=label if j == 0 else None)
         ax.set_title(f"{100 * f:g}% of the data", fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][-1].legend(fontsize=7)
