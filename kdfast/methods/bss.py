@@ -89,6 +89,14 @@ def bss_weights(epoch: int, epochs: int) -> Tuple[float, float]:
     return _weights(epoch, epochs)
 
 
+def _check_kd_scale(kd_scale) -> float:
+    """``kd_scale``: the factor on the official clean-KD weight kd_w(e) (1 = official), a positive finite number."""
+    if isinstance(kd_scale, bool) or not isinstance(kd_scale, (int, float)) or not (
+            kd_scale > 0 and math.isfinite(kd_scale)):
+        raise ValueError(f"kd_scale must be a positive finite number (1 = the official KD weight), got {kd_scale!r}")
+    return float(kd_scale)
+
+
 def _weights(epoch: int, epochs: int) -> Tuple[float, float]:
     e = epoch / epochs  # past the last epoch: (1, 0)
     return max(3.0 * (1.0 - e), 0.0) + 1.0, max(2.0 * (1.0 - 4.0 / 3.0 * e), 0.0)
@@ -365,8 +373,8 @@ class SoftCrossEntropy(nn.Module):
 class BSSDistiller(Distiller):
     """BSS training on the :class:`kdfast.distill.Distiller` engine (data order, DDP, AMP, checkpoints).
 
-    Each step: ``CE(z_S, y) + kd_w(e) * softCE_T(z_S, z_T)`` on the clean batch (the engine's losses
-    ``"ce"`` and ``"kd"``), plus, while ``bss_w(e) > 0``, ``bss_w(e) * softCE_T(z_S(x_hat), z_T(x_hat))``
+    Each step: ``CE(z_S, y) + kd_scale * kd_w(e) * softCE_T(z_S, z_T)`` (``kd_scale`` 1: official) on the
+    clean batch (the engine's losses ``"ce"`` and ``"kd"``), plus, while ``bss_w(e) > 0``, ``bss_w(e) * softCE_T(z_S(x_hat), z_T(x_hat))``
     over the boundary-supporting samples ``x_hat`` (:func:`select_base_samples`,
     :func:`sample_target_classes`, :func:`bss_attack`), with the weights of :func:`bss_weights` over
     ``schedule_epochs`` (default: ``epochs``). A step where no sample qualifies has no BSS term, nor
@@ -393,7 +401,7 @@ class BSSDistiller(Distiller):
     def __init__(self, teacher: nn.Module, student: nn.Module, *, temperature: float = 3.0,
                  max_samples: Optional[int] = 64, attack_steps: int = 10, step_size: float = 0.3,
                  clamp: Optional[Tuple[float, float]] = (-2.5, 2.5), require_student_correct: bool = True,
-                 shrink_below: float = 0.75, schedule_epochs: Optional[int] = None, **kwargs):
+                 shrink_below: float = 0.75, schedule_epochs: Optional[int] = None, kd_scale: float = 1.0, **kwargs):
         if teacher is None:
             raise ValueError("BSSDistiller needs a teacher")
         _positive_int("max_samples", max_samples, allow_none=True)
@@ -409,7 +417,8 @@ class BSSDistiller(Distiller):
         self.require_student_correct = bool(require_student_correct)
         self.schedule_epochs = schedule_epochs or kwargs.get("epochs", 1)
         self._bss_weight = _weights(1, self.schedule_epochs)[1]
-        kd_weight = lambda epoch: _weights(epoch + 1, self.schedule_epochs)[0]  # noqa: E731 (0-based epoch)
+        self.kd_scale = _check_kd_scale(kd_scale)
+        kd_weight = lambda epoch: self.kd_scale * _weights(epoch + 1, self.schedule_epochs)[0]  # noqa: E731 (0-based)
         super().__init__(teacher, student, {"ce": nn.CrossEntropyLoss(),
                                             "kd": (SoftCrossEntropy(temperature), kd_weight)}, **kwargs)
         #: per epoch: steps, steps with a BSS term, attacked samples, teacher calls of the attacks (this rank)
@@ -504,10 +513,12 @@ def build(teacher: nn.Module, student: nn.Module, **options) -> BSSDistiller:
 
 
 def kd_baseline(teacher: nn.Module, student: nn.Module, *, temperature: float = 3.0,
-                schedule_epochs: Optional[int] = None, **engine) -> Distiller:
-    """The official script without the BSS term (the paper's "Hinton" row): ``CE + kd_w(e) softCE_T``."""
+                schedule_epochs: Optional[int] = None, kd_scale: float = 1.0, **engine) -> Distiller:
+    """The official script without the BSS term (the paper's "Hinton" row): ``CE + kd_scale kd_w(e) softCE_T``
+    (``kd_scale`` 1: the official weight; an experiment tunes it and ``temperature`` on a validation split)."""
     epochs = schedule_epochs or engine.get("epochs", 1)
-    kd_weight = lambda epoch: _weights(epoch + 1, epochs)[0]  # noqa: E731
+    scale = _check_kd_scale(kd_scale)
+    kd_weight = lambda epoch: scale * _weights(epoch + 1, epochs)[0]  # noqa: E731
     return Distiller(teacher, student, {"ce": nn.CrossEntropyLoss(), "kd": (SoftCrossEntropy(temperature), kd_weight)},
                      **engine)
 

@@ -715,3 +715,19 @@ def test_a_lone_base_sample_with_a_batchnorm_student_adds_no_term():
     d.on_epoch_start(0)
     out = d.training_step((x, y))
     assert float(out["parts"]["bss"]) == 0.0 and d.bss_epoch_stats["bss_steps"] == 0
+
+
+def test_kd_scale_multiplies_the_official_kd_weight_in_bss_and_the_kd_baseline():
+    from kdfast.methods.bss import kd_baseline
+
+    teacher, student = TinyNet(8), TinyNet(4)
+    kw = dict(epochs=4, lr=0.1, device="cpu", progress=False)
+    for make in (lambda **o: BSSDistiller(teacher, student, **o, **kw), lambda **o: kd_baseline(teacher, student, **o, **kw)):
+        official, scaled = make(), make(kd_scale=2.5)
+        for epoch in range(4):
+            kd_w = reference.bss_weights(epoch + 1, 4)[0]
+            assert official.weights_at(epoch)["kd"] == pytest.approx(kd_w)
+            assert scaled.weights_at(epoch)["kd"] == pytest.approx(2.5 * kd_w)
+        for bad in (0, -1.0, float("nan"), True, "2"):
+            with pytest.raises(ValueError, match="kd_scale must be a positive finite number"):
+                make(kd_scale=bad)
