@@ -10,9 +10,12 @@ the paper's text, not a transcription.
   student layer. :class:`Aggregator`: per teacher layer a 1x1 convolution to the student layer's
   channels and adaptive average pooling to its spatial size (the paper bridges spatial scales with
   identity-mapping layers), summed with softmax-normalised learnable weights.
-* :func:`aggregation_loss`: sum over groups of ``w_l * MSE(aggregated_l, student_l)`` with
-  ``w_l = std(aggregated_l - student_l)`` detached: "the standard deviation serves as the measure
-  that weighs layers with larger accumulated error more".
+* :func:`aggregation_loss`: over groups, a convex combination of squared errors measured in units of
+  the teacher's feature energy, ``MSE(a_l, s_l) / E_l`` with ``E_l`` = mean square of the teacher's
+  maps of group l at the student layer's resolution (:func:`teacher_anchors`), weighted by the
+  residual's std in the same units ("the standard deviation serves as the measure that weighs layers
+  with larger accumulated error more"). The anchor comes from the frozen teacher, so training cannot
+  shrink it: see the function's docstring for why that matters.
 * Sparse recoding of the student's gradients: :class:`kdfast.methods.kr.SparseRecoding`.
 * Training (the paper's Algorithm 1): :class:`KRDistiller`.
 """
@@ -31,7 +34,7 @@ from ..losses import sum_terms
 from . import options as T
 
 __all__ = ["Aggregator", "KnowledgeAggregation", "KRDistiller", "SparseRecoding", "aggregation_loss",
-           "capture_feature_shapes", "group_layers"]
+           "capture_feature_shapes", "group_layers", "teacher_anchors"]
 
 
 def _pair(size) -> tuple[int, int]:
@@ -120,21 +123,84 @@ def group_layers(num_teacher: int, num_student: int, k: int | None = 3) -> list[
     return [list(range(g * k, (g + 1) * k)) for g in range(num_student)]
 
 
-def aggregation_loss(aggregated: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_l w_l * MSE(aggregated_l, student_l)`` with ``w_l = std(aggregated_l - student_l)``,
-    detached (a weight, not a term to minimise; kdfast's interpretation of the paper's
-    std-weighting)."""
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, in float32 at least (half-precision maps under AMP are widened; float64 stays)."""
+    t = t.detach()
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def teacher_anchors(teacher_groups: Sequence[Sequence[torch.Tensor]], student_sizes) -> list[torch.Tensor]:
+    """The anchors of :func:`aggregation_loss`: per group, the mean square of the teacher's maps of that
+    group after adaptive average pooling to the student layer's (H, W) (what the aggregator's 1x1
+    convolutions read), averaged over the group's maps; detached scalars (float32, or float64 for float64
+    maps).
+
+    The teacher is frozen, so an anchor depends on the batch only: no parameter that training updates
+    can make it smaller. A group whose maps are all zero has no scale and raises a ValueError."""
+    if len(teacher_groups) != len(student_sizes) or not teacher_groups:
+        raise ValueError(f"need one group of teacher maps per student size (>= 1), got {len(teacher_groups)} "
+                         f"groups and {len(student_sizes)} sizes")
+    anchors = []
+    for l, (group, size) in enumerate(zip(teacher_groups, student_sizes)):
+        if not group:
+            raise ValueError(f"group {l} holds no teacher map")
+        size = _pair(size)
+        energies = []
+        for f in group:
+            f = _wide(f)
+            if f.dim() != 4:
+                raise ValueError(f"group {l}: teacher maps must be (B, C, H, W), got shape {tuple(f.shape)}")
+            if tuple(f.shape[2:]) != size:
+                f = F.adaptive_avg_pool2d(f, size)
+            energies.append(f.pow(2).mean())
+        anchor = torch.stack(energies).mean()
+        if not bool(anchor > 0):
+            raise ValueError(f"group {l}: the teacher's maps are all zero (or not finite) on this batch, so they give "
+                             "the aggregation loss no scale; aggregate other teacher layers")
+        anchors.append(anchor)
+    return anchors
+
+
+def aggregation_loss(aggregated: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+                     anchors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_l w_l * MSE(a_l, s_l) / E_l`` (kdfast's interpretation; the paper's equations are not
+    available). a_l: the aggregated teacher map of group l, s_l: the student's map, E_l: the group's
+    anchor from :func:`teacher_anchors` (the teacher's feature energy at the student's resolution), and
+    detached weights ``w_l = sigma_l / sum_j sigma_j`` with ``sigma_l = std(a_l - s_l) / sqrt(E_l)`` (population
+    std; equal weights when every sigma is 0) ("the
+    standard deviation serves as the measure that weighs layers with larger accumulated error more").
+
+    Why this form:
+
+    * Dimensionless, so ``aggregation_weight`` means the same at every feature size: scaling the
+      teacher's, the aggregated and the student's maps together by any c, changing the maps' channel
+      count or resolution (the MSE is a mean) or the number of groups (the weights sum to 1) leaves
+      the loss's range the same; a map that is off by the teacher's own scale costs about 1.
+    * Anchored to the frozen teacher, not to the trained maps. The aggregator and the student are both
+      trained on this loss; a loss normalised by their own energy (kdfast tried
+      ``MSE / (mean a^2 + mean s^2)``) is invariant to both shrinking together, and its gradient grows
+      as 1/scale while they shrink, which sent the tour's KR students to chance. Here shrinking a and s
+      by c scales the loss by c^2 and its gradient by c, as a plain MSE does: the term never
+      rewards a collapse more than the task loss penalises it.
+    * (An earlier kdfast version summed ``std(a_l - s_l) * MSE(a_l, s_l)`` unnormalised: cubic in the
+      features' scale, so one weight meant different things for different networks.)"""
     if len(aggregated) != len(student) or not aggregated:
         raise ValueError(f"need as many aggregated maps as student maps (>= 1), got {len(aggregated)} and {len(student)}")
-    terms = []
-    for l, (a, s) in enumerate(zip(aggregated, student)):
+    if len(anchors) != len(aggregated):
+        raise ValueError(f"need one anchor per group ({len(aggregated)}), got {len(anchors)}")
+    relative, sigmas = [], []
+    for l, (a, s, anchor) in enumerate(zip(aggregated, student, anchors)):
         if a.shape != s.shape:
             raise ValueError(f"group {l}: aggregated map has shape {tuple(a.shape)} but the student map {tuple(s.shape)}")
+        anchor = _wide(torch.as_tensor(anchor)).to(a.device)
+        if anchor.dim() != 0 or not bool(anchor > 0):
+            raise ValueError(f"group {l}: the anchor must be a positive scalar, got {anchor.tolist()!r}")
         residual = a - s
-        weight = residual.detach().float().std() if residual.numel() > 1 else residual.new_ones((), dtype=torch.float32)
-        term = weight.to(residual.dtype) * residual.pow(2).mean()
-        terms.append(term)
-    return sum_terms(terms)
+        relative.append(residual.pow(2).mean() / anchor.to(residual.dtype))
+        sigmas.append(_wide(residual).std(correction=0) / anchor.sqrt())  # the population std: size-free
+    sigma = torch.stack(sigmas)
+    weights = sigma / sigma.sum() if bool(sigma.sum() > 0) else torch.full_like(sigma, 1.0 / len(sigmas))
+    return sum_terms([w.to(r.dtype) * r for w, r in zip(weights, relative)])
 
 
 class KnowledgeAggregation(nn.Module):
@@ -198,9 +264,14 @@ class KnowledgeAggregation(nn.Module):
     def forward(self, teacher_features) -> list[torch.Tensor]:
         return [agg(group) for agg, group in zip(self.aggregators, self._split(teacher_features))]
 
+    def anchors(self, teacher_features) -> list[torch.Tensor]:
+        """:func:`teacher_anchors` of ``teacher_features`` for this aggregation's groups and student sizes."""
+        return teacher_anchors(self._split(teacher_features), [agg.student_size for agg in self.aggregators])
+
     def loss(self, teacher_features, student_features) -> torch.Tensor:
-        """:func:`aggregation_loss` of this aggregation of ``teacher_features`` against the student's maps."""
-        return aggregation_loss(self(teacher_features), student_features)
+        """:func:`aggregation_loss` of this aggregation of ``teacher_features`` against the student's maps,
+        anchored to the teacher's feature energy."""
+        return aggregation_loss(self(teacher_features), student_features, self.anchors(teacher_features))
 
 
 # ------------------------------------------------------------------ shapes from one batch
@@ -477,15 +548,16 @@ class KRDistiller(Distiller):
     def training_step(self, batch):
         out = self.compute_loss(batch)
         t_feats, s_feats = out.pop("teacher_features"), out.pop("student_features")
+        anchors = self.aggregation.anchors(t_feats)  # the frozen teacher's scale: the same for both steps
         with torch.autocast(device_type=self.device.type, enabled=False):
             # (1) aggregators on the aggregation loss, student fixed (its features detached).
-            fit = aggregation_loss(self.auxiliary_model(AGGREGATOR)(t_feats), [f.detach() for f in s_feats])
+            fit = aggregation_loss(self.auxiliary_model(AGGREGATOR)(t_feats), [f.detach() for f in s_feats], anchors)
         self.backward_step(fit, AGGREGATOR, update_scaler=False)
         # (2) student on task/KD losses + aggregation_weight * aggregation loss, aggregators fixed.
         with torch.autocast(device_type=self.device.type, enabled=False):
             with torch.no_grad():
                 target = self.aggregation(t_feats)
-            prior = aggregation_loss(target, s_feats)
+            prior = aggregation_loss(target, s_feats, anchors)
         loss = out["loss"] + self.aggregation_weight * prior
         self.backward_step(loss, STUDENT)  # sparse recoding runs in before_optimizer_step
         out["loss"] = loss
