@@ -66,8 +66,9 @@ INTERPRETATIONS = [
     "feature energy of the group at the student's resolution, w_l its residual's std in the same units, "
     "normalised to sum to 1 (`kdfast.methods.kr.aggregation_loss`); aggregation weight 1.",
     "The aggregator: per teacher block a 1x1 convolution to the student's channels (and average pooling to its "
-    "resolution where they differ), summed with softmax weights; the paper's identity-mapping layers are not "
-    "described further.",
+    "resolution where they differ), summed with softmax weights and rescaled to the group's own energy (the "
+    "paper's transport \"preserving equal total measure\"), so that it cannot shrink with the student; the "
+    "paper's identity-mapping layers are not described further.",
     "Which teacher layers: blocks 1-3 of each ResNet-26 stage for the student's matching stage (k = 3).",
     "Sparse recoding: kdfast's rule with its defaults (boost 2, damp 0.9, shrink 0, tau_rate 0.01); the paper "
     "gives the rule's shape (boost dominant, smooth inactive gradients around a learnable threshold initialised "

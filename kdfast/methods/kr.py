@@ -9,7 +9,8 @@ the paper's text, not a transcription.
   the paper's CIFAR setting); each group is aggregated into one "abstract" layer matched to one
   student layer. :class:`Aggregator`: per teacher layer a 1x1 convolution to the student layer's
   channels and adaptive average pooling to its spatial size (the paper bridges spatial scales with
-  identity-mapping layers), summed with softmax-normalised learnable weights.
+  identity-mapping layers), summed with softmax-normalised learnable weights and rescaled to the
+  group's own energy ("the transportation preserving has equal total measure").
 * :func:`aggregation_loss`: over groups, a convex combination of squared errors measured in units of
   the teacher's feature energy, ``MSE(a_l, s_l) / E_l`` with ``E_l`` = mean square of the teacher's
   maps of group l at the student layer's resolution (:func:`teacher_anchors`), weighted by the
@@ -46,10 +47,30 @@ def _pair(size) -> tuple[int, int]:
     return size
 
 
+def _pool_to(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(f, size)`` for (B, C, H, W) maps, computed as a plain average pooling where H
+    and W are multiples of the target and as a repetition of pixels where the target is a multiple of them
+    (the same values, several times faster on CPU); adaptive pooling otherwise."""
+    h, w = f.shape[2:]
+    if (h, w) == tuple(size):
+        return f
+    if h % size[0] == 0 and w % size[1] == 0:
+        return F.avg_pool2d(f, (h // size[0], w // size[1]))
+    if size[0] % h == 0 and size[1] % w == 0:
+        return f.repeat_interleave(size[0] // h, 2).repeat_interleave(size[1] // w, 3)
+    return F.adaptive_avg_pool2d(f, size)
+
+
 class Aggregator(nn.Module):
     """Aggregates one group of teacher feature maps into one map shaped like a student layer's.
 
-    ``out = sum_i softmax(logits)_i * conv1x1_i(adaptive_avg_pool(t_i, (H_s, W_s)))``
+    ``raw = sum_i softmax(logits)_i * conv1x1_i(p_i)``, ``p_i = adaptive_avg_pool(t_i, (H_s, W_s))``, and with
+    ``preserve_energy`` (the default) ``out = raw * sqrt(E / mean(raw^2))``, ``E = mean_i mean(p_i^2)``: the
+    aggregated map carries the group's own energy (kdfast's reading of the paper's optimal-transport view,
+    "the transportation preserving has equal total measure"). The rescaling is part of the graph, so the
+    aggregator learns which pattern to pass on, not how large it is: trained jointly with the student on
+    :func:`aggregation_loss`, it cannot shrink towards a shrinking student (without it, aggregator and
+    student shrank together and the tour's weak KR students fell to chance).
 
     Pooling comes before the 1x1 convolution: both are linear and the convolution acts per pixel,
     so the order does not change the result, and pooling first makes the convolution cheaper.
@@ -58,18 +79,22 @@ class Aggregator(nn.Module):
         teacher_channels: channels of each teacher layer of the group.
         student_channels: channels of the student layer.
         student_size: (H, W) of the student layer.
+        preserve_energy: rescale the output to the group's energy (see above).
     """
 
-    def __init__(self, teacher_channels: Sequence[int], student_channels: int, student_size):
+    def __init__(self, teacher_channels: Sequence[int], student_channels: int, student_size, preserve_energy: bool = True):
         super().__init__()
         teacher_channels = [int(c) for c in teacher_channels]
         if not teacher_channels or min(teacher_channels) < 1:
             raise ValueError(f"teacher_channels must be a non-empty list of positive ints, got {teacher_channels!r}")
         if int(student_channels) < 1:
             raise ValueError(f"student_channels must be a positive int, got {student_channels!r}")
+        if not isinstance(preserve_energy, bool):
+            raise TypeError(f"preserve_energy must be a bool, got {preserve_energy!r}")
         self.teacher_channels = teacher_channels
         self.student_channels = int(student_channels)
         self.student_size = _pair(student_size)
+        self.preserve_energy = preserve_energy
         self.projections = nn.ModuleList(nn.Conv2d(c, self.student_channels, 1, bias=False) for c in teacher_channels)
         # Equal weights at the start (softmax of zeros).
         self.logits = nn.Parameter(torch.zeros(len(teacher_channels)))
@@ -81,20 +106,28 @@ class Aggregator(nn.Module):
         if len(teacher_features) != len(self.projections):
             raise ValueError(f"expected {len(self.projections)} teacher feature maps, got {len(teacher_features)}")
         weights = self.weights()
-        out = None
+        out, energy = None, 0.0
         for i, (f, proj) in enumerate(zip(teacher_features, self.projections)):
             if f.dim() != 4 or f.shape[1] != self.teacher_channels[i]:
                 raise ValueError(
                     f"teacher feature {i} must be (B, {self.teacher_channels[i]}, H, W), got shape {tuple(f.shape)}"
                 )
-            if tuple(f.shape[2:]) != self.student_size:
-                f = F.adaptive_avg_pool2d(f, self.student_size)
+            f = _pool_to(f, self.student_size)
+            if self.preserve_energy:
+                energy = energy + _wide(f).pow(2).mean()
             term = weights[i] * proj(f)
             out = term if out is None else out + term
+        if self.preserve_energy:
+            energy = energy / len(self.projections)
+            # differentiable in out (the aggregator's gradient cannot change the scale); the teacher's energy
+            # is a constant (its maps are detached)
+            own = (out if out.dtype in (torch.float32, torch.float64) else out.float()).pow(2).mean()
+            out = out * (energy / own.clamp_min(1e-24)).sqrt().to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
-        return f"teacher_channels={self.teacher_channels}, student_channels={self.student_channels}, student_size={self.student_size}"
+        return (f"teacher_channels={self.teacher_channels}, student_channels={self.student_channels}, "
+                f"student_size={self.student_size}, preserve_energy={self.preserve_energy}")
 
 
 def group_layers(num_teacher: int, num_student: int, k: int | None = 3) -> list[list[int]]:
@@ -150,9 +183,7 @@ def teacher_anchors(teacher_groups: Sequence[Sequence[torch.Tensor]], student_si
             f = _wide(f)
             if f.dim() != 4:
                 raise ValueError(f"group {l}: teacher maps must be (B, C, H, W), got shape {tuple(f.shape)}")
-            if tuple(f.shape[2:]) != size:
-                f = F.adaptive_avg_pool2d(f, size)
-            energies.append(f.pow(2).mean())
+            energies.append(_pool_to(f, size).pow(2).mean())
         anchor = torch.stack(energies).mean()
         if not bool(anchor > 0):
             raise ValueError(f"group {l}: the teacher's maps are all zero (or not finite) on this batch, so they give "
@@ -180,8 +211,9 @@ def aggregation_loss(aggregated: Sequence[torch.Tensor], student: Sequence[torch
       trained on this loss; a loss normalised by their own energy (kdfast tried
       ``MSE / (mean a^2 + mean s^2)``) is invariant to both shrinking together, and its gradient grows
       as 1/scale while they shrink, which sent the tour's KR students to chance. Here shrinking a and s
-      by c scales the loss by c^2 and its gradient by c, as a plain MSE does: the term never
-      rewards a collapse more than the task loss penalises it.
+      by c scales the loss by c^2 and its gradient by c, as a plain MSE does; and the
+      :class:`Aggregator` keeps a at the group's energy E_l, so a student that shrinks its maps moves
+      away from the target (the loss tends to 1, not 0): the two cannot shrink together.
     * (An earlier kdfast version summed ``std(a_l - s_l) * MSE(a_l, s_l)`` unnormalised: cubic in the
       features' scale, so one weight meant different things for different networks.)"""
     if len(aggregated) != len(student) or not aggregated:
@@ -210,12 +242,14 @@ class KnowledgeAggregation(nn.Module):
         teacher_channels_groups: per student layer, the channels of the teacher layers aggregated for it.
         student_channels: channels of each student layer.
         student_sizes: (H, W) of each student layer.
+        preserve_energy: each aggregated map carries its group's energy (:class:`Aggregator`).
 
     ``forward(teacher_features)`` takes the teacher's maps as a flat list in group order (or a list
     of per-group lists) and returns one aggregated map per student layer.
     """
 
-    def __init__(self, teacher_channels_groups: Sequence[Sequence[int]], student_channels: Sequence[int], student_sizes):
+    def __init__(self, teacher_channels_groups: Sequence[Sequence[int]], student_channels: Sequence[int], student_sizes,
+                 preserve_energy: bool = True):
         super().__init__()
         if not (len(teacher_channels_groups) == len(student_channels) == len(student_sizes)) or not student_channels:
             raise ValueError(
@@ -223,7 +257,8 @@ class KnowledgeAggregation(nn.Module):
                 f"{len(teacher_channels_groups)}, {len(student_channels)} and {len(student_sizes)}"
             )
         self.aggregators = nn.ModuleList(
-            Aggregator(tc, sc, size) for tc, sc, size in zip(teacher_channels_groups, student_channels, student_sizes)
+            Aggregator(tc, sc, size, preserve_energy)
+            for tc, sc, size in zip(teacher_channels_groups, student_channels, student_sizes)
         )
         self.group_sizes = [len(tc) for tc in teacher_channels_groups]
 
@@ -263,6 +298,12 @@ class KnowledgeAggregation(nn.Module):
 
     def forward(self, teacher_features) -> list[torch.Tensor]:
         return [agg(group) for agg, group in zip(self.aggregators, self._split(teacher_features))]
+
+    def pool(self, teacher_features) -> list[list[torch.Tensor]]:
+        """The teacher's maps grouped and pooled to their student layer's size: what the aggregators and
+        :meth:`anchors` read (pass the result to both to pool once per step)."""
+        return [[_pool_to(f, agg.student_size) for f in group]
+                for agg, group in zip(self.aggregators, self._split(teacher_features))]
 
     def anchors(self, teacher_features) -> list[torch.Tensor]:
         """:func:`teacher_anchors` of ``teacher_features`` for this aggregation's groups and student sizes."""
@@ -548,6 +589,7 @@ class KRDistiller(Distiller):
     def training_step(self, batch):
         out = self.compute_loss(batch)
         t_feats, s_feats = out.pop("teacher_features"), out.pop("student_features")
+        t_feats = self.aggregation.pool(t_feats)  # once per step, for both aggregator calls and the anchors
         anchors = self.aggregation.anchors(t_feats)  # the frozen teacher's scale: the same for both steps
         with torch.autocast(device_type=self.device.type, enabled=False):
             # (1) aggregators on the aggregation loss, student fixed (its features detached).

@@ -17,7 +17,7 @@ from kdfast.losses import KDLoss
     ([(5, 6, 6)], 5, (6, 6)),                             # one layer, same shape
 ])
 def test_aggregator_shapes_and_formula(t_shapes, s_channels, s_size):
-    agg = Aggregator([s[0] for s in t_shapes], s_channels, s_size).double()
+    agg = Aggregator([s[0] for s in t_shapes], s_channels, s_size, preserve_energy=False).double()
     with torch.no_grad():
         agg.logits.copy_(torch.randn(len(t_shapes)))
     feats = [torch.randn(2, *s, dtype=torch.float64) for s in t_shapes]
@@ -28,6 +28,41 @@ def test_aggregator_shapes_and_formula(t_shapes, s_channels, s_size):
     ref = sum(w[i] * F.adaptive_avg_pool2d(F.conv2d(f, agg.projections[i].weight), s_size) for i, f in enumerate(feats))
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(agg.weights().sum(), torch.tensor(1.0, dtype=torch.float64))
+    # preserve_energy (the default): the same map rescaled to the group's energy at the student's size
+    agg.preserve_energy = True
+    energy = teacher_anchors([feats], [s_size])[0]
+    torch.testing.assert_close(agg(feats), ref * (energy / ref.pow(2).mean()).sqrt())
+    torch.testing.assert_close(agg(feats).pow(2).mean(), energy)
+
+
+def test_aggregator_cannot_shrink_its_output():
+    # The energy-preserving aggregator's output does not depend on the scale of its projections, so its
+    # gradient cannot shrink it; a student that shrinks its maps is then further from the target, not closer.
+    torch.manual_seed(0)
+    agg = Aggregator([4, 6], 3, (4, 4)).double()
+    feats = [torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 6, 4, 4, dtype=torch.float64)]
+    out = agg(feats)
+    with torch.no_grad():
+        for p in agg.projections:
+            p.weight.mul_(1e-3)
+    torch.testing.assert_close(agg(feats), out)
+    s = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    anchors = teacher_anchors([feats], [(4, 4)])
+    agg(feats).sub(s).pow(2).mean().backward()
+    # scaling all projections together leaves the output unchanged, so the gradient has no radial part
+    radial = sum((p.weight.grad * p.weight.detach()).sum() for p in agg.projections)
+    torch.testing.assert_close(radial, torch.zeros((), dtype=torch.float64), atol=1e-12, rtol=0)
+    # a student map of zeros is as far from the target as the target's own energy: loss 1, not 0
+    torch.testing.assert_close(aggregation_loss([out.detach()], [torch.zeros_like(s)], anchors),
+                               torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size, target", [((8, 8), (4, 4)), ((8, 6), (2, 3)), ((2, 2), (4, 6)), ((7, 7), (3, 3)),
+                                          ((5, 5), (5, 5)), ((3, 4), (6, 2))])
+def test_pooling_to_the_student_size_equals_adaptive_pooling(size, target):
+    from kdfast.methods.kr import _pool_to
+    f = torch.randn(2, 3, *size, dtype=torch.float64)
+    torch.testing.assert_close(_pool_to(f, target), F.adaptive_avg_pool2d(f, target))
 
 
 def _maps(seed=0, dtype=torch.float64):
