@@ -404,7 +404,7 @@ def _check_config(out_dir: str, record: Dict[str, Any]) -> None:
 def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = "quick", seeds=None,
         device: str = "cpu") -> dict:
     """``kdfast experiment kr``: issue 22's KR protocol (see the module docstring). "full": seeds 0, 1, 2,
-    9 rounds of a quarter of the training part per run (about 53 minutes on 2 idle cores), a 6-setting KD
+    9 rounds of a quarter of the training part per run (about 55 minutes on 2 idle cores), a 6-setting KD
     grid; "quick": seeds 0, 1, 4 rounds
     on a 10,000 / 2,000-image subset (datasets other than digits), a 2-setting grid and a 3-epoch teacher.
     Interrupted runs resume (``<out_dir>/runs``, ``<out_dir>/checkpoints``). Writes report.md, results.json,
