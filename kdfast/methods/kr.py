@@ -9,10 +9,14 @@ the paper's text, not a transcription.
   the paper's CIFAR setting); each group is aggregated into one "abstract" layer matched to one
   student layer. :class:`Aggregator`: per teacher layer a 1x1 convolution to the student layer's
   channels and adaptive average pooling to its spatial size (the paper bridges spatial scales with
-  identity-mapping layers), summed with softmax-normalised learnable weights.
-* :func:`aggregation_loss`: sum over groups of ``w_l * MSE(aggregated_l, student_l)`` with
-  ``w_l = std(aggregated_l - student_l)`` detached: "the standard deviation serves as the measure
-  that weighs layers with larger accumulated error more".
+  identity-mapping layers), summed with softmax-normalised learnable weights and rescaled to the
+  group's own energy ("the transportation preserving has equal total measure").
+* :func:`aggregation_loss`: over groups, a convex combination of squared errors measured in units of
+  the teacher's feature energy, ``MSE(a_l, s_l) / E_l`` with ``E_l`` = mean square of the teacher's
+  maps of group l at the student layer's resolution (:func:`teacher_anchors`), weighted by the
+  residual's std in the same units ("the standard deviation serves as the measure that weighs layers
+  with larger accumulated error more"). The anchor comes from the frozen teacher, so training cannot
+  shrink it: see the function's docstring for why that matters.
 * Sparse recoding of the student's gradients: :class:`kdfast.methods.kr.SparseRecoding`.
 * Training (the paper's Algorithm 1): :class:`KRDistiller`.
 """
@@ -31,7 +35,7 @@ from ..losses import sum_terms
 from . import options as T
 
 __all__ = ["Aggregator", "KnowledgeAggregation", "KRDistiller", "SparseRecoding", "aggregation_loss",
-           "capture_feature_shapes", "group_layers"]
+           "capture_feature_shapes", "group_layers", "teacher_anchors"]
 
 
 def _pair(size) -> tuple[int, int]:
@@ -43,10 +47,30 @@ def _pair(size) -> tuple[int, int]:
     return size
 
 
+def _pool_to(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(f, size)`` for (B, C, H, W) maps, computed as a plain average pooling where H
+    and W are multiples of the target and as a repetition of pixels where the target is a multiple of them
+    (the same values, several times faster on CPU); adaptive pooling otherwise."""
+    h, w = f.shape[2:]
+    if (h, w) == tuple(size):
+        return f
+    if h % size[0] == 0 and w % size[1] == 0:
+        return F.avg_pool2d(f, (h // size[0], w // size[1]))
+    if size[0] % h == 0 and size[1] % w == 0:
+        return f.repeat_interleave(size[0] // h, 2).repeat_interleave(size[1] // w, 3)
+    return F.adaptive_avg_pool2d(f, size)
+
+
 class Aggregator(nn.Module):
     """Aggregates one group of teacher feature maps into one map shaped like a student layer's.
 
-    ``out = sum_i softmax(logits)_i * conv1x1_i(adaptive_avg_pool(t_i, (H_s, W_s)))``
+    ``raw = sum_i softmax(logits)_i * conv1x1_i(p_i)``, ``p_i = adaptive_avg_pool(t_i, (H_s, W_s))``, and with
+    ``preserve_energy`` (the default) ``out = raw * sqrt(E / mean(raw^2))``, ``E = mean_i mean(p_i^2)``: the
+    aggregated map carries the group's own energy (kdfast's reading of the paper's optimal-transport view,
+    "the transportation preserving has equal total measure"). The rescaling is part of the graph, so the
+    aggregator learns which pattern to pass on, not how large it is: trained jointly with the student on
+    :func:`aggregation_loss`, it cannot shrink towards a shrinking student (without it, aggregator and
+    student shrank together and the tour's weak KR students fell to chance).
 
     Pooling comes before the 1x1 convolution: both are linear and the convolution acts per pixel,
     so the order does not change the result, and pooling first makes the convolution cheaper.
@@ -55,18 +79,22 @@ class Aggregator(nn.Module):
         teacher_channels: channels of each teacher layer of the group.
         student_channels: channels of the student layer.
         student_size: (H, W) of the student layer.
+        preserve_energy: rescale the output to the group's energy (see above).
     """
 
-    def __init__(self, teacher_channels: Sequence[int], student_channels: int, student_size):
+    def __init__(self, teacher_channels: Sequence[int], student_channels: int, student_size, preserve_energy: bool = True):
         super().__init__()
         teacher_channels = [int(c) for c in teacher_channels]
         if not teacher_channels or min(teacher_channels) < 1:
             raise ValueError(f"teacher_channels must be a non-empty list of positive ints, got {teacher_channels!r}")
         if int(student_channels) < 1:
             raise ValueError(f"student_channels must be a positive int, got {student_channels!r}")
+        if not isinstance(preserve_energy, bool):
+            raise TypeError(f"preserve_energy must be a bool, got {preserve_energy!r}")
         self.teacher_channels = teacher_channels
         self.student_channels = int(student_channels)
         self.student_size = _pair(student_size)
+        self.preserve_energy = preserve_energy
         self.projections = nn.ModuleList(nn.Conv2d(c, self.student_channels, 1, bias=False) for c in teacher_channels)
         # Equal weights at the start (softmax of zeros).
         self.logits = nn.Parameter(torch.zeros(len(teacher_channels)))
@@ -78,20 +106,28 @@ class Aggregator(nn.Module):
         if len(teacher_features) != len(self.projections):
             raise ValueError(f"expected {len(self.projections)} teacher feature maps, got {len(teacher_features)}")
         weights = self.weights()
-        out = None
+        out, energy = None, 0.0
         for i, (f, proj) in enumerate(zip(teacher_features, self.projections)):
             if f.dim() != 4 or f.shape[1] != self.teacher_channels[i]:
                 raise ValueError(
                     f"teacher feature {i} must be (B, {self.teacher_channels[i]}, H, W), got shape {tuple(f.shape)}"
                 )
-            if tuple(f.shape[2:]) != self.student_size:
-                f = F.adaptive_avg_pool2d(f, self.student_size)
+            f = _pool_to(f, self.student_size)
+            if self.preserve_energy:
+                energy = energy + _wide(f).pow(2).mean()
             term = weights[i] * proj(f)
             out = term if out is None else out + term
+        if self.preserve_energy:
+            energy = energy / len(self.projections)
+            # differentiable in out (the aggregator's gradient cannot change the scale); the teacher's energy
+            # is a constant (its maps are detached)
+            own = (out if out.dtype in (torch.float32, torch.float64) else out.float()).pow(2).mean()
+            out = out * (energy / own.clamp_min(1e-24)).sqrt().to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
-        return f"teacher_channels={self.teacher_channels}, student_channels={self.student_channels}, student_size={self.student_size}"
+        return (f"teacher_channels={self.teacher_channels}, student_channels={self.student_channels}, "
+                f"student_size={self.student_size}, preserve_energy={self.preserve_energy}")
 
 
 def group_layers(num_teacher: int, num_student: int, k: int | None = 3) -> list[list[int]]:
@@ -120,21 +156,83 @@ def group_layers(num_teacher: int, num_student: int, k: int | None = 3) -> list[
     return [list(range(g * k, (g + 1) * k)) for g in range(num_student)]
 
 
-def aggregation_loss(aggregated: Sequence[torch.Tensor], student: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_l w_l * MSE(aggregated_l, student_l)`` with ``w_l = std(aggregated_l - student_l)``,
-    detached (a weight, not a term to minimise; kdfast's interpretation of the paper's
-    std-weighting)."""
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, in float32 at least (half-precision maps under AMP are widened; float64 stays)."""
+    t = t.detach()
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def teacher_anchors(teacher_groups: Sequence[Sequence[torch.Tensor]], student_sizes) -> list[torch.Tensor]:
+    """The anchors of :func:`aggregation_loss`: per group, the mean square of the teacher's maps of that
+    group after adaptive average pooling to the student layer's (H, W) (what the aggregator's 1x1
+    convolutions read), averaged over the group's maps; detached scalars (float32, or float64 for float64
+    maps).
+
+    The teacher is frozen, so an anchor depends on the batch only: no parameter that training updates
+    can make it smaller. A group whose maps are all zero has no scale and raises a ValueError."""
+    if len(teacher_groups) != len(student_sizes) or not teacher_groups:
+        raise ValueError(f"need one group of teacher maps per student size (>= 1), got {len(teacher_groups)} "
+                         f"groups and {len(student_sizes)} sizes")
+    anchors = []
+    for l, (group, size) in enumerate(zip(teacher_groups, student_sizes)):
+        if not group:
+            raise ValueError(f"group {l} holds no teacher map")
+        size = _pair(size)
+        energies = []
+        for f in group:
+            f = _wide(f)
+            if f.dim() != 4:
+                raise ValueError(f"group {l}: teacher maps must be (B, C, H, W), got shape {tuple(f.shape)}")
+            energies.append(_pool_to(f, size).pow(2).mean())
+        anchor = torch.stack(energies).mean()
+        if not bool(anchor > 0):
+            raise ValueError(f"group {l}: the teacher's maps are all zero (or not finite) on this batch, so they give "
+                             "the aggregation loss no scale; aggregate other teacher layers")
+        anchors.append(anchor)
+    return anchors
+
+
+def aggregation_loss(aggregated: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
+                     anchors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_l w_l * MSE(a_l, s_l) / E_l`` (kdfast's interpretation; the paper's equations are not
+    available). a_l: the aggregated teacher map of group l, s_l: the student's map, E_l: the group's
+    anchor from :func:`teacher_anchors` (the teacher's feature energy at the student's resolution), and
+    detached weights ``w_l = sigma_l / sum_j sigma_j`` with ``sigma_l = std(a_l - s_l) / sqrt(E_l)`` (population
+    std; equal weights when every sigma is 0) ("the
+    standard deviation serves as the measure that weighs layers with larger accumulated error more").
+
+    Why this form:
+
+    * Dimensionless, so ``aggregation_weight`` means the same at every feature size: scaling the
+      teacher's, the aggregated and the student's maps together by any c, changing the maps' channel
+      count or resolution (the MSE is a mean) or the number of groups (the weights sum to 1) leaves
+      the loss's range the same; a map that is off by the teacher's own scale costs about 1.
+    * Anchored to the frozen teacher, not to the trained maps. The aggregator and the student are both
+      trained on this loss; a loss normalised by their own energy (kdfast tried
+      ``MSE / (mean a^2 + mean s^2)``) is invariant to both shrinking together, and its gradient grows
+      as 1/scale while they shrink, which sent the tour's KR students to chance. Here shrinking a and s
+      by c scales the loss by c^2 and its gradient by c, as a plain MSE does; and the
+      :class:`Aggregator` keeps a at the group's energy E_l, so a student that shrinks its maps moves
+      away from the target (the loss tends to 1, not 0): the two cannot shrink together.
+    * (An earlier kdfast version summed ``std(a_l - s_l) * MSE(a_l, s_l)`` unnormalised: cubic in the
+      features' scale, so one weight meant different things for different networks.)"""
     if len(aggregated) != len(student) or not aggregated:
         raise ValueError(f"need as many aggregated maps as student maps (>= 1), got {len(aggregated)} and {len(student)}")
-    terms = []
-    for l, (a, s) in enumerate(zip(aggregated, student)):
+    if len(anchors) != len(aggregated):
+        raise ValueError(f"need one anchor per group ({len(aggregated)}), got {len(anchors)}")
+    relative, sigmas = [], []
+    for l, (a, s, anchor) in enumerate(zip(aggregated, student, anchors)):
         if a.shape != s.shape:
             raise ValueError(f"group {l}: aggregated map has shape {tuple(a.shape)} but the student map {tuple(s.shape)}")
+        anchor = _wide(torch.as_tensor(anchor)).to(a.device)
+        if anchor.dim() != 0 or not bool(anchor > 0):
+            raise ValueError(f"group {l}: the anchor must be a positive scalar, got {anchor.tolist()!r}")
         residual = a - s
-        weight = residual.detach().float().std() if residual.numel() > 1 else residual.new_ones((), dtype=torch.float32)
-        term = weight.to(residual.dtype) * residual.pow(2).mean()
-        terms.append(term)
-    return sum_terms(terms)
+        relative.append(residual.pow(2).mean() / anchor.to(residual.dtype))
+        sigmas.append(_wide(residual).std(correction=0) / anchor.sqrt())  # the population std: size-free
+    sigma = torch.stack(sigmas)
+    weights = sigma / sigma.sum() if bool(sigma.sum() > 0) else torch.full_like(sigma, 1.0 / len(sigmas))
+    return sum_terms([w.to(r.dtype) * r for w, r in zip(weights, relative)])
 
 
 class KnowledgeAggregation(nn.Module):
@@ -144,12 +242,14 @@ class KnowledgeAggregation(nn.Module):
         teacher_channels_groups: per student layer, the channels of the teacher layers aggregated for it.
         student_channels: channels of each student layer.
         student_sizes: (H, W) of each student layer.
+        preserve_energy: each aggregated map carries its group's energy (:class:`Aggregator`).
 
     ``forward(teacher_features)`` takes the teacher's maps as a flat list in group order (or a list
     of per-group lists) and returns one aggregated map per student layer.
     """
 
-    def __init__(self, teacher_channels_groups: Sequence[Sequence[int]], student_channels: Sequence[int], student_sizes):
+    def __init__(self, teacher_channels_groups: Sequence[Sequence[int]], student_channels: Sequence[int], student_sizes,
+                 preserve_energy: bool = True):
         super().__init__()
         if not (len(teacher_channels_groups) == len(student_channels) == len(student_sizes)) or not student_channels:
             raise ValueError(
@@ -157,7 +257,8 @@ class KnowledgeAggregation(nn.Module):
                 f"{len(teacher_channels_groups)}, {len(student_channels)} and {len(student_sizes)}"
             )
         self.aggregators = nn.ModuleList(
-            Aggregator(tc, sc, size) for tc, sc, size in zip(teacher_channels_groups, student_channels, student_sizes)
+            Aggregator(tc, sc, size, preserve_energy)
+            for tc, sc, size in zip(teacher_channels_groups, student_channels, student_sizes)
         )
         self.group_sizes = [len(tc) for tc in teacher_channels_groups]
 
@@ -198,9 +299,20 @@ class KnowledgeAggregation(nn.Module):
     def forward(self, teacher_features) -> list[torch.Tensor]:
         return [agg(group) for agg, group in zip(self.aggregators, self._split(teacher_features))]
 
+    def pool(self, teacher_features) -> list[list[torch.Tensor]]:
+        """The teacher's maps grouped and pooled to their student layer's size: what the aggregators and
+        :meth:`anchors` read (pass the result to both to pool once per step)."""
+        return [[_pool_to(f, agg.student_size) for f in group]
+                for agg, group in zip(self.aggregators, self._split(teacher_features))]
+
+    def anchors(self, teacher_features) -> list[torch.Tensor]:
+        """:func:`teacher_anchors` of ``teacher_features`` for this aggregation's groups and student sizes."""
+        return teacher_anchors(self._split(teacher_features), [agg.student_size for agg in self.aggregators])
+
     def loss(self, teacher_features, student_features) -> torch.Tensor:
-        """:func:`aggregation_loss` of this aggregation of ``teacher_features`` against the student's maps."""
-        return aggregation_loss(self(teacher_features), student_features)
+        """:func:`aggregation_loss` of this aggregation of ``teacher_features`` against the student's maps,
+        anchored to the teacher's feature energy."""
+        return aggregation_loss(self(teacher_features), student_features, self.anchors(teacher_features))
 
 
 # ------------------------------------------------------------------ shapes from one batch
@@ -477,15 +589,17 @@ class KRDistiller(Distiller):
     def training_step(self, batch):
         out = self.compute_loss(batch)
         t_feats, s_feats = out.pop("teacher_features"), out.pop("student_features")
+        t_feats = self.aggregation.pool(t_feats)  # once per step, for both aggregator calls and the anchors
+        anchors = self.aggregation.anchors(t_feats)  # the frozen teacher's scale: the same for both steps
         with torch.autocast(device_type=self.device.type, enabled=False):
             # (1) aggregators on the aggregation loss, student fixed (its features detached).
-            fit = aggregation_loss(self.auxiliary_model(AGGREGATOR)(t_feats), [f.detach() for f in s_feats])
+            fit = aggregation_loss(self.auxiliary_model(AGGREGATOR)(t_feats), [f.detach() for f in s_feats], anchors)
         self.backward_step(fit, AGGREGATOR, update_scaler=False)
         # (2) student on task/KD losses + aggregation_weight * aggregation loss, aggregators fixed.
         with torch.autocast(device_type=self.device.type, enabled=False):
             with torch.no_grad():
                 target = self.aggregation(t_feats)
-            prior = aggregation_loss(target, s_feats)
+            prior = aggregation_loss(target, s_feats, anchors)
         loss = out["loss"] + self.aggregation_weight * prior
         self.backward_step(loss, STUDENT)  # sparse recoding runs in before_optimizer_step
         out["loss"] = loss

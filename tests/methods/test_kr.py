@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdfast.methods.kr import (Aggregator, KnowledgeAggregation, KRDistiller, aggregation_loss, capture_feature_shapes,
-                       group_layers)
+                       group_layers, teacher_anchors)
 from helpers import load_ranks_assert_identical, run_torchrun
 from kdfast.losses import KDLoss
 
@@ -17,7 +17,7 @@ from kdfast.losses import KDLoss
     ([(5, 6, 6)], 5, (6, 6)),                             # one layer, same shape
 ])
 def test_aggregator_shapes_and_formula(t_shapes, s_channels, s_size):
-    agg = Aggregator([s[0] for s in t_shapes], s_channels, s_size).double()
+    agg = Aggregator([s[0] for s in t_shapes], s_channels, s_size, preserve_energy=False).double()
     with torch.no_grad():
         agg.logits.copy_(torch.randn(len(t_shapes)))
     feats = [torch.randn(2, *s, dtype=torch.float64) for s in t_shapes]
@@ -28,18 +28,139 @@ def test_aggregator_shapes_and_formula(t_shapes, s_channels, s_size):
     ref = sum(w[i] * F.adaptive_avg_pool2d(F.conv2d(f, agg.projections[i].weight), s_size) for i, f in enumerate(feats))
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(agg.weights().sum(), torch.tensor(1.0, dtype=torch.float64))
+    # preserve_energy (the default): the same map rescaled to the group's energy at the student's size
+    agg.preserve_energy = True
+    energy = teacher_anchors([feats], [s_size])[0]
+    torch.testing.assert_close(agg(feats), ref * (energy / ref.pow(2).mean()).sqrt())
+    torch.testing.assert_close(agg(feats).pow(2).mean(), energy)
 
 
-def test_aggregation_loss_std_weighted():
-    a = [torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 5, 2, 2, requires_grad=True)]
-    s = [torch.randn(2, 3, 4, 4), torch.randn(2, 5, 2, 2)]
-    loss = aggregation_loss(a, s)
-    ref = sum((x - y).std().detach() * F.mse_loss(x, y) for x, y in zip(a, s))
+def test_aggregator_cannot_shrink_its_output():
+    # The energy-preserving aggregator's output does not depend on the scale of its projections, so its
+    # gradient cannot shrink it; a student that shrinks its maps is then further from the target, not closer.
+    torch.manual_seed(0)
+    agg = Aggregator([4, 6], 3, (4, 4)).double()
+    feats = [torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 6, 4, 4, dtype=torch.float64)]
+    out = agg(feats)
+    with torch.no_grad():
+        for p in agg.projections:
+            p.weight.mul_(1e-3)
+    torch.testing.assert_close(agg(feats), out)
+    s = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    anchors = teacher_anchors([feats], [(4, 4)])
+    agg(feats).sub(s).pow(2).mean().backward()
+    # scaling all projections together leaves the output unchanged, so the gradient has no radial part
+    radial = sum((p.weight.grad * p.weight.detach()).sum() for p in agg.projections)
+    torch.testing.assert_close(radial, torch.zeros((), dtype=torch.float64), atol=1e-12, rtol=0)
+    # a student map of zeros is as far from the target as the target's own energy: loss 1, not 0
+    torch.testing.assert_close(aggregation_loss([out.detach()], [torch.zeros_like(s)], anchors),
+                               torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size, target", [((8, 8), (4, 4)), ((8, 6), (2, 3)), ((2, 2), (4, 6)), ((7, 7), (3, 3)),
+                                          ((5, 5), (5, 5)), ((3, 4), (6, 2))])
+def test_pooling_to_the_student_size_equals_adaptive_pooling(size, target):
+    from kdfast.methods.kr import _pool_to
+    f = torch.randn(2, 3, *size, dtype=torch.float64)
+    torch.testing.assert_close(_pool_to(f, target), F.adaptive_avg_pool2d(f, target))
+
+
+def _maps(seed=0, dtype=torch.float64):
+    """Two groups: teacher maps (2 + 1 per group), aggregated and student maps of the student's shapes."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = [[torch.randn(2, 6, 8, 8, generator=g, dtype=dtype) * 3, torch.randn(2, 4, 8, 8, generator=g, dtype=dtype)],
+               [torch.randn(2, 8, 4, 4, generator=g, dtype=dtype) * 0.5]]
+    a = [torch.randn(2, 3, 4, 4, generator=g, dtype=dtype), torch.randn(2, 5, 2, 2, generator=g, dtype=dtype) * 2]
+    s = [torch.randn(2, 3, 4, 4, generator=g, dtype=dtype), torch.randn(2, 5, 2, 2, generator=g, dtype=dtype)]
+    return teacher, a, s
+
+
+def _loss(teacher, a, s):
+    return aggregation_loss(a, s, teacher_anchors(teacher, [x.shape[2:] for x in s]))
+
+
+def test_teacher_anchors_are_the_teachers_energy_at_the_student_size():
+    teacher, _, s = _maps()
+    anchors = teacher_anchors(teacher, [(4, 4), (2, 2)])
+    ref0 = (F.adaptive_avg_pool2d(teacher[0][0], 4).pow(2).mean() + F.adaptive_avg_pool2d(teacher[0][1], 4).pow(2).mean()) / 2
+    torch.testing.assert_close(anchors[0], ref0)
+    torch.testing.assert_close(anchors[1], F.adaptive_avg_pool2d(teacher[1][0], 2).pow(2).mean())
+    assert all(not x.requires_grad for x in teacher_anchors([[t.requires_grad_() for t in teacher[1]]], [(2, 2)]))
+    with pytest.raises(ValueError, match="group 0: the teacher's maps are all zero"):
+        teacher_anchors([[torch.zeros(2, 3, 4, 4)]], [(4, 4)])
+    with pytest.raises(ValueError, match="one group of teacher maps per student size"):
+        teacher_anchors(teacher, [(4, 4)])
+
+
+def test_aggregation_loss_formula():
+    teacher, a, s = _maps()
+    a = [x.requires_grad_() for x in a]
+    anchors = teacher_anchors(teacher, [(4, 4), (2, 2)])
+    loss = aggregation_loss(a, s, anchors)
+    e = [x.double() for x in anchors]
+    sigma = torch.stack([(x - y).std(correction=0) / ei.sqrt() for x, y, ei in zip(a, s, e)]).detach()
+    w = sigma / sigma.sum()
+    ref = sum(wi * F.mse_loss(x, y) / ei for wi, x, y, ei in zip(w, a, s, e))
     torch.testing.assert_close(loss, ref)
     loss.backward()
-    # the weight is detached: d/da = w * 2 (a - s) / N
-    w = (a[0] - s[0]).std().detach()
-    torch.testing.assert_close(a[0].grad, w * 2 * (a[0] - s[0]).detach() / a[0].numel())
+    # the weights and the anchors are detached: d/da_0 = w_0 * 2 (a_0 - s_0) / (N E_0)
+    torch.testing.assert_close(a[0].grad, w[0] * 2 * (a[0] - s[0]).detach() / (a[0].numel() * e[0]))
+    assert float(aggregation_loss(s, s, anchors)) == 0.0
+
+
+def test_aggregation_loss_means_the_same_at_every_feature_size():
+    teacher, a, s = _maps()
+    base = _loss(teacher, a, s)
+    # every map (teacher's, aggregated, student's) scaled together: the same loss
+    for c in (1e-3, 0.5, 7.0):
+        torch.testing.assert_close(_loss([[c * t for t in g] for g in teacher], [c * x for x in a], [c * x for x in s]), base)
+    # larger maps carrying the same content (each pixel repeated 2x2, each channel twice): the same loss
+    same_size = [[F.adaptive_avg_pool2d(t, x.shape[2:]) for t in g] for g, x in zip(teacher, s)]
+    up = lambda x: x.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat(1, 2, 1, 1)
+    torch.testing.assert_close(_loss([[up(t) for t in g] for g in same_size], [up(x) for x in a], [up(x) for x in s]),
+                               _loss(same_size, a, s))
+    # more groups carrying the same errors: the same loss (the std weights are a convex combination)
+    torch.testing.assert_close(_loss(teacher * 2, a * 2, s * 2), base)
+
+
+def test_aggregation_loss_does_not_reward_shrinking_the_trained_maps_for_free():
+    # The aggregated and the student maps are both trained; the teacher is frozen. Shrinking both by c
+    # scales the loss by c^2 and its gradient by c, as a plain MSE: the loss is not invariant to the trained
+    # maps' scale, and its gradient stays bounded as they shrink.
+    teacher, a, s = _maps()
+    base = _loss(teacher, a, s)
+    grads = {}
+    for c in (1.0, 0.1, 0.01):
+        sc = [(c * x).requires_grad_() for x in s]
+        loss = _loss(teacher, [c * x for x in a], sc)
+        torch.testing.assert_close(loss, c ** 2 * base)
+        loss.backward()
+        grads[c] = torch.cat([g.grad.flatten() for g in sc]).norm()
+    torch.testing.assert_close(grads[0.1], 0.1 * grads[1.0])
+    torch.testing.assert_close(grads[0.01], 0.01 * grads[1.0])
+    # a loss normalised by the trained maps' own energy (the form kdfast reverted) is blind to the
+    # shrinking and its gradient grows as 1 / c: what let the tour's KR students collapse
+    def self_normalised(x, y):
+        return sum(F.mse_loss(p, q) / (p.detach().pow(2).mean() + q.detach().pow(2).mean()) for p, q in zip(x, y))
+    norms = {}
+    for c in (1.0, 0.01):
+        sc = [(c * x).requires_grad_() for x in s]
+        loss = self_normalised([c * x for x in a], sc)
+        torch.testing.assert_close(loss, self_normalised(a, s))
+        loss.backward()
+        norms[c] = torch.cat([g.grad.flatten() for g in sc]).norm()
+    torch.testing.assert_close(norms[0.01], 100 * norms[1.0])
+
+
+def test_aggregation_loss_errors():
+    teacher, a, s = _maps()
+    anchors = teacher_anchors(teacher, [(4, 4), (2, 2)])
+    with pytest.raises(ValueError, match="one anchor per group"):
+        aggregation_loss(a, s, anchors[:1])
+    with pytest.raises(ValueError, match="group 1: the anchor must be a positive scalar"):
+        aggregation_loss(a, s, [anchors[0], torch.tensor(0.0)])
+    with pytest.raises(ValueError, match="aggregated map has shape"):
+        aggregation_loss([torch.randn(1, 2, 3, 3)], [torch.randn(1, 2, 2, 2)], [torch.tensor(1.0)])
 
 
 def test_group_layers():
@@ -63,8 +184,7 @@ def test_knowledge_aggregation_from_shapes_and_errors():
         ka([torch.randn(2, 7, 8, 8)] + feats[1:])
     with pytest.raises(ValueError, match="one entry per student layer"):
         KnowledgeAggregation([[3]], [4, 5], [(2, 2)])
-    with pytest.raises(ValueError, match="aggregated map has shape"):
-        aggregation_loss([torch.randn(1, 2, 3, 3)], [torch.randn(1, 2, 2, 2)])
+    torch.testing.assert_close(ka.loss(feats, out), torch.zeros(()))
 
 
 # ------------------------------------------------------------------------------ models
@@ -127,7 +247,7 @@ def test_kr_distiller_steps_update_own_parameters_only():
 
     # Phase 1 alone (student fixed): only the aggregators move.
     out = d.compute_loss(batch)
-    fit = aggregation_loss(d.aggregation(out["teacher_features"]), [f.detach() for f in out["student_features"]])
+    fit = d.aggregation.loss(out["teacher_features"], [f.detach() for f in out["student_features"]])
     d.optimizers["aggregator"].zero_grad()
     fit.backward()
     assert all(p.grad is None for p in d.student.parameters())
@@ -157,13 +277,15 @@ def test_kr_distiller_student_step_uses_recoded_gradients():
     d.training_step(batch)
 
     out = ref.compute_loss(batch)
-    fit = aggregation_loss(ref.aggregation(out["teacher_features"]), [f.detach() for f in out["student_features"]])
+    anchors = ref.aggregation.anchors(out["teacher_features"])
+    fit = aggregation_loss(ref.aggregation(out["teacher_features"]), [f.detach() for f in out["student_features"]],
+                           anchors)
     ref.optimizers["aggregator"].zero_grad()
     fit.backward()
     ref.optimizers["aggregator"].step()
     with torch.no_grad():
         target = ref.aggregation(out["teacher_features"])
-    loss = out["loss"] + ref.aggregation_weight * aggregation_loss(target, out["student_features"])
+    loss = out["loss"] + ref.aggregation_weight * aggregation_loss(target, out["student_features"], anchors)
     ref.optimizer.zero_grad()
     loss.backward()
     ref.recoding.step()
