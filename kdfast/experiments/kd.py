@@ -522,8 +522,8 @@ class ReproductionConfig:
     @classmethod
     def tiny(cls, **overrides) -> "ReproductionConfig":
         """Seconds: a one-epoch ResNet-8 teacher, 2 fine-tuning epochs, small attacks (tests)."""
-        base = dict(seeds=(0, 1), teacher={"name": "resnet8", "width": 0.5, "epochs": 1}, finetune_images=None,
-                    epochs=2, batch_size=32, kd_grid=({"temperature": 4.0, "alpha": 0.9}, {"temperature": 2.0, "alpha": 0.5}),
+        base = dict(seeds=(0, 1), teacher={"name": "resnet8", "width": 0.5, "epochs": 1}, finetune_images=200,
+                    epochs=2, batch_size=32, fgsm_images=60, kd_grid=({"temperature": 4.0, "alpha": 0.9}, {"temperature": 2.0, "alpha": 0.5}),
                     eps=(2 / 255, 8 / 255), pgd_steps=(2, 3), pgd_images=30, attack_batch=64)
         base.update(overrides)
         return cls(**base)
