@@ -85,12 +85,13 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _decompose(model: nn.Module, ranks, input_shape):
+def _decompose(model: nn.Module, ranks, input_shape, **rank_options):
     """kdfast.decompose with its default selection: every 3x3 conv but the stem, at least 16
-    channels in and out. Returns (student, report); the teacher is left untouched (deep copy)."""
+    channels in and out. Returns (student, report); the teacher is left untouched (deep copy).
+    ``rank_options``: weaken, min_rank, align for EVBMF ranks (kdfast.evbmf.tucker2_ranks)."""
     import kdfast
 
-    return kdfast.decompose(model, ranks=ranks, input_shape=tuple(input_shape))
+    return kdfast.decompose(model, ranks=ranks, input_shape=tuple(input_shape), **rank_options)
 
 
 def _report_to_dict(report) -> dict:
@@ -497,25 +498,27 @@ class ReproductionConfig:
     batch_size: int = 64
     lr: float = 0.01                              # SGD 0.9, wd 5e-4, cosine: the same for every recipe
     ranks: str | float = "evbmf"
+    rank_options: dict = field(default_factory=dict)  # EVBMF's weaken / min_rank / align (kdfast.decompose)
     kd_grid: tuple = KD_GRID
+    fsp_grid: tuple = (1e-4, 1e-3)                # FSP weights tried on the validation split (tune_fsp)
     eps: tuple = PIXEL_EPS
     pgd_steps: tuple = (10, 50)
     fgsm_images: int | None = None                # test images attacked by FGSM (None: all)
-    pgd_images: int | None = 1000                 # stratified test subset attacked by PGD (None: all)
+    pgd_images: int | None = 500                  # stratified test subset attacked by PGD (None: all)
     attack_batch: int = 500
     device: str = "cpu"
 
     @classmethod
     def for_budget(cls, budget: str, **overrides) -> "ReproductionConfig":
         """``"full"``: the issue's protocol sized to about an hour on 2 CPU cores (see docs/reproductions.md);
-        ``"quick"``: minutes, a short teacher (4 epochs), 2,000 fine-tuning images, 2 seeds, 2 KD settings,
-        FGSM on 500 and PGD on 100 test images."""
+        ``"quick"``: minutes, a short teacher (3 epochs), 2,000 fine-tuning images, 2 seeds, 2 KD settings,
+        FGSM on 300 and PGD on 50 test images."""
         if budget not in common.BUDGETS:
             raise ValueError(f"budget must be one of {', '.join(common.BUDGETS)}, got {budget!r}")
         base = {} if budget == "full" else dict(
-            seeds=(0, 1), teacher={"epochs": 4}, finetune_images=2000, epochs=2,
+            seeds=(0, 1), teacher={"epochs": 3}, finetune_images=2000, epochs=2,
             kd_grid=({"temperature": 4.0, "alpha": 0.5}, {"temperature": 4.0, "alpha": 0.9}),
-            fgsm_images=500, pgd_images=100)
+            fgsm_images=300, pgd_images=50)
         base.update(overrides)
         return cls(**base)
 
@@ -523,7 +526,8 @@ class ReproductionConfig:
     def tiny(cls, **overrides) -> "ReproductionConfig":
         """Seconds: a one-epoch ResNet-8 teacher, 2 fine-tuning epochs, small attacks (tests)."""
         base = dict(seeds=(0, 1), teacher={"name": "resnet8", "width": 0.5, "epochs": 1}, finetune_images=200,
-                    epochs=2, batch_size=32, fgsm_images=60, kd_grid=({"temperature": 4.0, "alpha": 0.9}, {"temperature": 2.0, "alpha": 0.5}),
+                    epochs=2, batch_size=32, fgsm_images=60, fsp_grid=(1e-3,),
+                    kd_grid=({"temperature": 4.0, "alpha": 0.9}, {"temperature": 2.0, "alpha": 0.5}),
                     eps=(2 / 255, 8 / 255), pgd_steps=(2, 3), pgd_images=30, attack_batch=64)
         base.update(overrides)
         return cls(**base)
@@ -541,6 +545,8 @@ class ReproductionConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not self.kd_grid or any(set(s) != {"temperature", "alpha"} for s in self.kd_grid):
             raise ValueError(f"kd_grid must be a non-empty list of {{'temperature', 'alpha'}} settings, got {self.kd_grid!r}")
+        if not self.fsp_grid or any(not (isinstance(w, (int, float)) and w > 0) for w in self.fsp_grid):
+            raise ValueError(f"fsp_grid must be a non-empty list of positive FSP weights, got {self.fsp_grid!r}")
         if not self.eps or any(not (0 < e <= 1) for e in self.eps):
             raise ValueError(f"eps must be pixel-unit radii in (0, 1], got {self.eps!r}")
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.pgd_steps):
@@ -668,19 +674,19 @@ def _finetune(teacher, student0, method: str, kd_setting: dict, seed: int, train
     return {"student": None if error else student.eval(), "history": history, "error": error, "resumed_from": resumed}
 
 
-def tune_kd(teacher, student0, train_set, val_set, cfg, store=None) -> dict:
-    """KD's (temperature, alpha) chosen on the validation split, never the test set: each setting of
-    ``cfg.kd_grid`` fine-tunes the student with KD (seed ``cfg.seeds[0]``, the schedule of every run) and
-    is scored by its accuracy on ``val_set`` (:func:`kdfast.experiments.protocol.tune_on_validation`).
-    With a ``store`` (protocol.RunStore) finished settings are not retrained."""
+def _tune(method, settings, teacher, student0, train_set, val_set, cfg, store, base=None) -> dict:
+    """The setting of ``settings`` (build options of ``method``, on top of ``base``) whose fine-tuned
+    student is most accurate on ``val_set``; seed ``cfg.seeds[0]``, the schedule of every run; a run that
+    diverges scores 0. With a ``store`` (protocol.RunStore) finished settings are not retrained."""
     seed = cfg.seeds[0]
 
     def score(setting):
-        key = f"tune-kd-T{setting['temperature']:g}-a{setting['alpha']:g}-seed{seed}"
+        key = f"tune-{method}-" + "-".join(f"{k}{v:g}" for k, v in sorted({**(base or {}), **setting}.items())) \
+              + f"-seed{seed}"
 
         def train():
             with common.Timer() as t:
-                out = _finetune(teacher, student0, "kd", setting, seed, train_set, None, cfg,
+                out = _finetune(teacher, student0, method, {**(base or {}), **setting}, seed, train_set, None, cfg,
                                 None if store is None else store.checkpoint_dir(key))
             acc = 0.0 if out["student"] is None else common.accuracy(out["student"], val_set, device=cfg.device)
             return {"setting": setting, "val_accuracy": acc, "error": out["error"], "train_s": t.seconds}
@@ -689,8 +695,25 @@ def tune_kd(teacher, student0, train_set, val_set, cfg, store=None) -> dict:
         return record["val_accuracy"]
 
     with common.Timer() as t:
-        out = protocol.tune_on_validation(list(cfg.kd_grid), score)
-    return {**out, "seed": seed, "scored_on": "validation", "n_validation": len(val_set), "seconds": t.seconds}
+        out = protocol.tune_on_validation(list(settings), score)
+    return {**out, "method": method, "seed": seed, "scored_on": "validation", "n_validation": len(val_set),
+            "seconds": t.seconds}
+
+
+def tune_kd(teacher, student0, train_set, val_set, cfg, store=None) -> dict:
+    """KD's (temperature, alpha) chosen on the validation split, never the test set: each setting of
+    ``cfg.kd_grid`` fine-tunes the student with KD and is scored by its accuracy on ``val_set``
+    (:func:`kdfast.experiments.protocol.tune_on_validation`)."""
+    return _tune("kd", cfg.kd_grid, teacher, student0, train_set, val_set, cfg, store)
+
+
+def tune_fsp(teacher, student0, train_set, val_set, cfg, kd_setting: dict, store=None) -> dict:
+    """The weight of the FSP term of KD+FSP (with the tuned KD term) chosen on the validation split from
+    ``cfg.fsp_grid``. FSP's own weight, 1 on kdfast's sum-over-entries form (Yim et al.), made the loss
+    non-finite in the first epoch on the Tucker ResNet-26 student (the quick run), and RepDistiller
+    averages over the Gram entries instead (a factor C_i * C_i+1 = 512 to 2,048 smaller here)."""
+    return _tune("kd_fsp", [{"fsp_weight": w} for w in cfg.fsp_grid], teacher, student0, train_set, val_set, cfg,
+                 store, base=kd_setting)
 
 
 # ---------------------------------------------------------------------------------------------- claims
@@ -739,6 +762,22 @@ def claims(runs: dict, cfg: dict) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def _check_same_protocol(store, cfg, dataset, train_set, test_set) -> None:
+    """Finished runs are reused only by the same protocol: the first call records its settings in the
+    store; a later call with other settings (seeds and device aside) in the same directory stops."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seeds", "device")}
+    settings = json.loads(json.dumps(common.json_safe({**settings, "dataset": dataset, "train": len(train_set),
+                                                       "test": len(test_set)}), default=str))
+    recorded = store.get("protocol")
+    if recorded is None:
+        store.put("protocol", settings)
+        return
+    differ = sorted(k for k in set(settings) | set(recorded) if settings.get(k) != recorded.get(k))
+    if differ:
+        raise ValueError(f"{os.path.dirname(store.root)} holds runs of another kd protocol (settings that differ: "
+                         f"{', '.join(differ)}); use another --out directory, or delete that one to start afresh")
+
+
 def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: dict | None = None) -> dict:
     """The protocol of ``kdfast experiment kd``; ``data`` = (dataset name, data root, train set, test set).
     Finished runs are kept in ``<out_dir>/runs`` and the engine's checkpoints in ``<out_dir>/checkpoints``:
@@ -751,13 +790,14 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
     dataset, root, full_train, test_set = data
     os.makedirs(out_dir, exist_ok=True)
     store = protocol.RunStore(out_dir)
-    start = time.perf_counter()
+    _check_same_protocol(store, cfg, dataset, full_train, test_set)
     timings = {}
 
     train_part, val_set = protocol.validation_split(full_train, cfg.val_fraction, seed=0)
     teacher, model_kwargs, teacher_acc, teacher_info = protocol.reference_teacher(
         dataset, train_part, test_set, device=cfg.device, **cfg.teacher)
     teacher_recipe = {**protocol.REFERENCE_TEACHER, **cfg.teacher}
+    start = time.perf_counter()  # the experiment's time, the teacher's apart
     how = "cached" if teacher_info["cached"] else f"trained in {teacher_info['train_s']:.0f}s"
     _log(f"teacher {teacher_recipe['name']}: test accuracy {100 * teacher_acc:.2f}% ({how})")
     finetune_set = train_part
@@ -773,7 +813,7 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
     with common.Timer() as t:
         size = train_part.image_size
         in_shape = (1, train_part.in_channels, size, size)
-        student0, dec_report = _decompose(teacher, cfg.ranks, in_shape[1:])
+        student0, dec_report = _decompose(teacher, cfg.ranks, in_shape[1:], **cfg.rank_options)
         student0 = student0.to(cfg.device).eval()
         dec_acc = common.accuracy(student0, test_set, device=cfg.device)
     timings["decompose_s"] = t.seconds
@@ -790,6 +830,13 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
     timings["tuning_s"] = tuning["seconds"]
     _log(f"KD tuned on {len(val_set)} validation images: T = {kd_setting['temperature']:g}, "
          f"alpha = {kd_setting['alpha']:g}")
+    options = {m: dict(kd_setting) for m in cfg.methods}
+    fsp_tuning = None
+    if "kd_fsp" in cfg.methods:
+        fsp_tuning = tune_fsp(teacher, student0, finetune_set, val_set, cfg, kd_setting, store)
+        options["kd_fsp"].update(fsp_tuning["best"])
+        timings["tuning_s"] += fsp_tuning["seconds"]
+        _log(f"FSP weight tuned on the validation images: {fsp_tuning['best']['fsp_weight']:g}")
 
     data_info = common.data_info(full_train, test_set, dataset, root)
     runs = {m: [] for m in cfg.methods}
@@ -799,9 +846,10 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
 
             def train_and_attack(method=method, seed=seed, key=key):
                 with common.Timer() as t_train:
-                    out = _finetune(teacher, student0, method, kd_setting, seed, finetune_set, test_set, cfg,
+                    out = _finetune(teacher, student0, method, options[method], seed, finetune_set, test_set, cfg,
                                     store.checkpoint_dir(key))
-                record = {"method": method, "seed": seed, "kd_setting": kd_setting, "history": out["history"],
+                record = {"method": method, "seed": seed, "kd_setting": kd_setting, "options": options[method],
+                          "history": out["history"],
                           "curve": [r.get("eval_accuracy") for r in out["history"]], "error": out["error"],
                           "resumed_from": out["resumed_from"], "train_s": t_train.seconds, "attack": None}
                 student = out["student"]
@@ -829,6 +877,7 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
     timings["total_s_excluding_teacher"] = time.perf_counter() - start
     cfg_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
     cfg_dict["kd_grid"] = [dict(s) for s in cfg.kd_grid]
+    cfg_dict["fsp_grid"] = list(cfg.fsp_grid)
     results = {
         "config": cfg_dict,
         "data": {**data_info, "train_part": len(train_part), "validation": len(val_set), "finetune": len(finetune_set),
@@ -838,6 +887,7 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
         "models": models_info,
         "methods": {m: RECIPES[m][1] for m in cfg.methods},
         "tuning": tuning,
+        "tuning_fsp": fsp_tuning,
         "runs": runs,
         "claims": claims(runs, cfg_dict),
         "convergence": {m: [protocol.convergence([v for v in r["curve"] if v is not None]) for r in rs]
@@ -968,7 +1018,8 @@ def render_reproduction(results: dict) -> str:
         + "; ".join(f"**{RECIPES[m][0]}** {d}" for m, d in results["methods"].items()) + ".",
         f"- KD's temperature and weight (also the KD part of the KD + feature recipes) chosen on the validation "
         f"split over {len(cfg['kd_grid'])} settings (seed {tuning['seed']}): T = {best['temperature']:g}, "
-        f"alpha = {best['alpha']:g} (the weight of the T²-scaled KD term; CE has 1 - alpha).",
+        f"alpha = {best['alpha']:g} (the weight of the T²-scaled KD term; CE has 1 - alpha); the feature terms keep "
+        "their papers' weights (NST 50, AT beta 1000) except FSP's, tuned below.",
         f"- Attacks: white-box, untargeted, L-inf; eps {', '.join(_eps_label(e) for e in cfg['eps'])} in pixel units "
         "of [0, 1] images (the attack uses eps / std per channel in the normalised input). FGSM on "
         f"{data['fgsm_images']} test images; PGD with {' and '.join(str(s) for s in cfg['pgd_steps'])} steps (random "
@@ -987,6 +1038,13 @@ def render_reproduction(results: dict) -> str:
     ]
     lines += [f"| {r['setting']['temperature']:g} | {r['setting']['alpha']:g} | {100 * r['val_accuracy']:.2f} |"
               for r in tuning["table"]]
+    fsp = results.get("tuning_fsp")
+    if fsp:
+        lines += ["", "FSP's own weight (1 on the sum over Gram entries, Yim et al.) made the KD+FSP loss non-finite in "
+                  "the first epoch on this student, so its weight is chosen on the validation split too (with the "
+                  f"tuned KD term; a run that diverges scores 0): **{fsp['best']['fsp_weight']:g}**.", "",
+                  "| FSP weight | validation accuracy (%) |", "|---:|---:|"]
+        lines += [f"| {r['setting']['fsp_weight']:g} | {100 * r['val_accuracy']:.2f} |" for r in fsp["table"]]
     lines += ["", "## Accuracy (%), mean ± std over seeds", "",
               "| student | " + " | ".join(label for _, label in metrics) + " |",
               "|---" * (1 + len(metrics)) + "|"]

@@ -44,6 +44,9 @@ def test_run_records_the_command_and_every_recipe(tiny_run):
     assert saved["data"]["validation"] + saved["data"]["train_part"] == saved["data"]["train"]
     assert saved["tuning"]["scored_on"] == "validation" and saved["tuning"]["n_validation"] == saved["data"]["validation"]
     assert all(r["kd_setting"] == saved["tuning"]["best"] for rs in saved["runs"].values() for r in rs)
+    # KD+FSP: the tuned KD term plus the FSP weight chosen on the validation split
+    assert saved["tuning_fsp"]["scored_on"] == "validation"
+    assert saved["runs"]["kd_fsp"][0]["options"] == {**saved["tuning"]["best"], **saved["tuning_fsp"]["best"]}
 
 
 def test_rerun_skips_finished_runs_and_resumes_from_engine_checkpoints(tiny_run, monkeypatch):
@@ -171,3 +174,9 @@ def test_config_checks_name_the_argument(tmp_path):
         kd.ReproductionConfig.for_budget("huge")
     with pytest.raises(ValueError, match="seeds must be distinct"):
         kd.run(str(tmp_path), seeds=[0, 0])
+
+
+def test_a_directory_of_finished_runs_refuses_another_protocol(tiny_run):
+    out, _, _ = tiny_run
+    with pytest.raises(ValueError, match=r"runs of another kd protocol \(settings that differ: epochs\)"):
+        kd.run(str(out), budget="quick", seeds=[4, 5], config=kd.ReproductionConfig.tiny(epochs=3))
