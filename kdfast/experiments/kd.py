@@ -3,9 +3,15 @@ Adversarial Robustness Analysis", ICIP 2020.
 
 The paper decomposes a trained CNN (the teacher) with Tucker-2, then fine-tunes the decomposed network (the
 student) by distilling from the undecomposed teacher instead of by cross-entropy alone, and compares accuracy
-and adversarial robustness. Its datasets, models and numbers are not public; :func:`run_protocol` runs the
-same protocol on the digits data embedded in scikit-learn (kdfast.data, 1,347 train / 450 test, 16x16) in the
-tour, or on any dataset of :data:`kdfast.experiments.common.DATASETS` (:func:`run`):
+and adversarial robustness. Its datasets, models and numbers are not public. Two protocols live here:
+
+* :func:`run` (``kdfast experiment kd``) tests the claim: :func:`run_reproduction` with the shared protocol
+  of the reproductions (kdfast.experiments.protocol): the reference ResNet-26 teacher trained on the
+  training part of a validation split, KD (and FSP's weight) tuned on the validation part, every recipe
+  fine-tuned over the seeds with the same schedule, clean / FGSM / PGD-10 / PGD-50 accuracy, paired 95 %
+  intervals and a verdict per claim, finished runs kept for resuming (docs/reproductions.md);
+* :func:`run_protocol`, the tour's compact section (``kdfast demo``) on the digits data embedded in
+  scikit-learn (kdfast.data, 1,347 train / 450 test, 16x16):
 
 1. train the teacher (kdfast.models, default vgg8 at width 0.25) with cross-entropy;
 2. decompose every 3x3 convolution but the stem (at least 16 channels in and out) with Tucker-2
@@ -19,7 +25,7 @@ tour, or on any dataset of :data:`kdfast.experiments.common.DATASETS` (:func:`ru
 5. repeat each fine-tuning with ``repeats`` seeds (default 3) and report mean, spread and the paired
    (same-seed) difference of each method to CE.
 
-Writes report.md, results.json, training_curves.png, robustness.png and model checkpoints
+Both write report.md, results.json, training_curves.png, robustness.png and model checkpoints
 (kdfast.model_file format: `kdfast robustness --checkpoint` and `kdfast decompose --checkpoint` read them).
 """
 from __future__ import annotations
@@ -977,6 +983,24 @@ def plot_curves(results: dict, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def _ranks_phrase(decomposition: dict) -> str:
+    """How many layers got which (r_out, r_in), and how many EVBMF put at rank 0 (raised to 1): a student
+    whose layers all sit at rank 1 starts near chance and is trained more than fine-tuned."""
+    layers = decomposition.get("layers") or []
+    if not layers:
+        return ""
+    counts = {}
+    for layer in layers:
+        counts[tuple(layer["ranks"])] = counts.get(tuple(layer["ranks"]), 0) + 1
+    zero = sum(1 for layer in layers if 0 in tuple(layer.get("evbmf_ranks") or ()))
+    text = "Ranks (r_out, r_in): " + ", ".join(f"{r} in {n}" for r, n in sorted(counts.items())) + " layer(s)."
+    if zero:
+        text += (f" EVBMF found no rank above its noise level in {zero} of {len(layers)} layers (rank 0, raised to "
+                 "1): the student starts far from the teacher and its fine-tuning is closer to training a small "
+                 "network than to recovering a decomposed one.")
+    return text
+
+
 def render_reproduction(results: dict) -> str:
     """report.md of ``kdfast experiment kd``."""
     cfg, data, teacher = results["config"], results["data"], results["teacher"]
@@ -1010,7 +1034,7 @@ def render_reproduction(results: dict) -> str:
         f"- Student: the teacher with every 3x3 convolution but the stem Tucker-2 decomposed (`kdfast.decompose`, "
         f"ranks `{cfg['ranks']}`): {dec['parameters']:,} parameters ({dec['parameters'] / tea['parameters']:.2f}x the "
         f"teacher's), {dec['macs']:,} MACs per image ({dec['macs'] / tea['macs']:.2f}x), test accuracy before "
-        f"fine-tuning {100 * dec['test_accuracy']:.2f} %.",
+        f"fine-tuning {100 * dec['test_accuracy']:.2f} %. {_ranks_phrase(results['decomposition'])}",
         f"- Fine-tuning, identical for every recipe: {cfg['epochs']} epochs over {data['finetune']} images "
         f"(a stratified subset of the training part, seed 0), batch {cfg['batch_size']}, SGD lr {cfg['lr']:g} "
         "(momentum 0.9, weight decay 5e-4, cosine), no augmentation; run *s* of every recipe uses seed *s* "
