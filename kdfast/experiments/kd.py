@@ -620,7 +620,9 @@ def attack_accuracy(model, dataset, *, eps=PIXEL_EPS, fgsm: bool = True, pgd_ste
     """Clean, FGSM and PGD accuracy of ``model`` on every image of ``dataset`` (kdfast.data.ImageDataset:
     normalised images, ``std``, ``clamp_range``). ``eps`` in pixel units of [0, 1] images. An image counts
     as robust only when it is classified correctly clean and after the attack (images misclassified clean
-    are not attacked). PGD: :func:`pgd_robust`, random start from a generator seeded with ``seed``."""
+    are not attacked). PGD: :func:`pgd_robust`, random start from a generator seeded with ``seed``.
+    ``fgsm_unmoved``: the fraction of images classified correctly that FGSM left unchanged (an input
+    gradient of exactly zero: such an image resists every gradient attack by masking, not robustness)."""
     device = torch.device(device)
     model = model.to(device).eval()
     eps_in = [normalised_eps(e, dataset.std).to(device) for e in eps]
@@ -629,7 +631,7 @@ def attack_accuracy(model, dataset, *, eps=PIXEL_EPS, fgsm: bool = True, pgd_ste
     n, clean = len(dataset), 0
     fgsm_ok = [0] * len(eps)
     pgd_ok = {int(s): [0] * len(eps) for s in pgd_steps}
-    passes = 0
+    passes = unmoved = 0
     with common.Timer() as timer:
         for i in range(0, n, batch_size):
             x = dataset.images[i:i + batch_size].to(device)
@@ -643,13 +645,15 @@ def attack_accuracy(model, dataset, *, eps=PIXEL_EPS, fgsm: bool = True, pgd_ste
                     with torch.no_grad():
                         fgsm_ok[j] += int((correct & (model(x_f).argmax(1) == y)).sum())
                     passes += len(y)
+                    if j == 0:  # a zero input gradient leaves the image where it was: masking, not robustness
+                        unmoved += int((correct & (x_f == x).flatten(1).all(1)).sum())
                 for steps in pgd_ok:
                     robust, used = pgd_robust(model, x, y, e, steps, clamp, gen, robust=correct)
                     pgd_ok[steps][j] += int(robust.sum())
                     passes += used
     return {"n": n, "eps": list(eps), "clean": clean / n, "fgsm": [c / n for c in fgsm_ok] if fgsm else None,
             "pgd": {str(s): [c / n for c in v] for s, v in pgd_ok.items()}, "seconds": timer.seconds,
-            "gradient_passes": passes}
+            "gradient_passes": passes, "fgsm_unmoved": unmoved / n if fgsm else None}
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
@@ -868,7 +872,8 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
                 pg = attack_accuracy(student, pgd_set, eps=cfg.eps, fgsm=False, pgd_steps=cfg.pgd_steps,
                                      batch_size=cfg.attack_batch, seed=seed, device=cfg.device)
                 record["attack"] = {"fgsm": fg["fgsm"], "n_fgsm": fg["n"], "pgd": pg["pgd"], "n_pgd": pg["n"],
-                                    "clean_pgd_images": pg["clean"], "fgsm_s": fg["seconds"], "pgd_s": pg["seconds"],
+                                    "clean_pgd_images": pg["clean"], "fgsm_unmoved": fg["fgsm_unmoved"],
+                                    "fgsm_s": fg["seconds"], "pgd_s": pg["seconds"],
                                     "gradient_passes": fg["gradient_passes"] + pg["gradient_passes"]}
                 if seed == cfg.seeds[0]:
                     model_file.save_model(os.path.join(out_dir, f"student_{method}.pt"), student,
@@ -1079,6 +1084,12 @@ def render_reproduction(results: dict) -> str:
             vs = [v[key] for v in values if v[key] is not None]
             cells.append(common.fmt_mean_std(vs) if vs else "diverged")
         lines.append(f"| Tucker + {RECIPES[method][0]} | " + " | ".join(cells) + " |")
+    unmoved = [r["attack"].get("fgsm_unmoved") or 0.0 for rs in runs.values() for r in rs if r.get("attack")]
+    if unmoved:
+        lines += ["", f"FGSM left {100 * max(unmoved):.2f} % of the test images at most (per student) where they "
+                  "were: an input gradient of exactly zero. "
+                  + ("Such images resist every gradient attack by masking, so the attacked accuracies above "
+                     "overstate robustness." if max(unmoved) > 0.01 else "Gradient masking of this kind is negligible.")]
     lines += ["", "## Claims", "",
               "Paired difference A − B in points (mean and 95 % interval over the seeds).", "",
               "| claim | metric | A − B | 95 % interval | verdict |", "|---|---|---:|---|---|"]

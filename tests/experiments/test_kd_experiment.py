@@ -37,6 +37,7 @@ def test_run_records_the_command_and_every_recipe(tiny_run):
     assert [r["seed"] for r in saved["runs"]["kd"]] == [4, 5]
     run = saved["runs"]["kd"][0]
     assert len(run["curve"]) == 2 and run["attack"]["n_fgsm"] == 60 and set(run["attack"]["pgd"]) == {"2", "3"}
+    assert 0.0 <= run["attack"]["fgsm_unmoved"] <= 1.0
     for name in ("report.md", "robustness.png", "training_curves.png", "student_kd.pt"):
         assert (out / name).is_file()
     assert (out / "report.md").read_text().startswith("# Tucker-2 + KD fine-tuning on digits")
@@ -180,3 +181,15 @@ def test_a_directory_of_finished_runs_refuses_another_protocol(tiny_run):
     out, _, _ = tiny_run
     with pytest.raises(ValueError, match=r"runs of another kd protocol \(settings that differ: epochs\)"):
         kd.run(str(out), budget="quick", seeds=[4, 5], config=kd.ReproductionConfig.tiny(epochs=3))
+
+
+def test_attack_accuracy_flags_a_zero_gradient_as_masking():
+    data = common.digits(16, None, 60)[1]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
+    with torch.no_grad():  # a constant classifier: its input gradient is exactly zero
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.arange(10, 0, -1, dtype=torch.float32))
+    out = kd.attack_accuracy(model, data, eps=(8 / 255,), pgd_steps=(3,), batch_size=25)
+    share = float((data.labels == 0).float().mean())
+    assert out["clean"] == pytest.approx(share) and out["fgsm_unmoved"] == pytest.approx(share)
+    assert out["fgsm"] == [pytest.approx(share)] and out["pgd"]["3"] == [pytest.approx(share)]
