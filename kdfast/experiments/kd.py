@@ -977,6 +977,7 @@ def plot_curves(results: dict, path: str) -> None:
             ax.plot(range(len(curve)), curve, "-o", ms=3, alpha=0.7, color=common.colour(method),
                     label=f"Tucker + {RECIPES[method][0]}" if i == 0 else None)
     ax.axhline(100 * results["teacher"]["test_accuracy"], color=common.colour("teacher"), ls="--", label="teacher")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("fine-tuning epoch (0: decomposed, before fine-tuning)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
