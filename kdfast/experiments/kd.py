@@ -872,7 +872,8 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
                 pg = attack_accuracy(student, pgd_set, eps=cfg.eps, fgsm=False, pgd_steps=cfg.pgd_steps,
                                      batch_size=cfg.attack_batch, seed=seed, device=cfg.device)
                 record["attack"] = {"fgsm": fg["fgsm"], "n_fgsm": fg["n"], "pgd": pg["pgd"], "n_pgd": pg["n"],
-                                    "clean_pgd_images": pg["clean"], "fgsm_unmoved": fg["fgsm_unmoved"],
+                                    "clean_pgd_images": pg["clean"], "clean_fgsm_images": fg["clean"],
+                                    "fgsm_unmoved": fg["fgsm_unmoved"],
                                     "fgsm_s": fg["seconds"], "pgd_s": pg["seconds"],
                                     "gradient_passes": fg["gradient_passes"] + pg["gradient_passes"]}
                 if seed == cfg.seeds[0]:
@@ -938,9 +939,12 @@ def plot_robustness(results: dict, path: str) -> None:
     xs = [0] + [255 * e for e in cfg["eps"]]
     for ax, (kind, title) in zip(axes, panels):
         for method, runs in results["runs"].items():
-            values = [_metric_values(r, cfg) for r in runs if r.get("attack")]
-            if not values:
+            done = [r for r in runs if r.get("attack")]
+            if not done:
                 continue
+            # eps = 0: clean accuracy on the images this attack ran on
+            values = [{**_metric_values(r, cfg), "clean": r["attack"].get(
+                "clean_fgsm_images" if kind == "fgsm" else "clean_pgd_images", r["clean"])} for r in done]
             keys = ["clean"] + [f"{kind}@{_eps_label(e)}" for e in cfg["eps"]]
             stats = [_interval([100 * v[k] for v in values]) for k in keys]
             ax.errorbar(xs, [m for m, _ in stats], yerr=[h for _, h in stats], fmt="-o", ms=3, capsize=3,
@@ -1076,14 +1080,19 @@ def render_reproduction(results: dict) -> str:
                   "| FSP weight | validation accuracy (%) |", "|---:|---:|"]
         lines += [f"| {r['setting']['fsp_weight']:g} | {100 * r['val_accuracy']:.2f} |" for r in fsp["table"]]
     lines += ["", "## Accuracy (%), mean ± std over seeds", "",
-              "| student | " + " | ".join(label for _, label in metrics) + " |",
-              "|---" * (1 + len(metrics)) + "|"]
+              f"Clean and FGSM on {data['fgsm_images']} test images (clean: all {data['test']}), PGD on "
+              f"{data['pgd_images']}; *clean (PGD images)* is the clean accuracy on the images PGD attacked.", "",
+              "| student | " + " | ".join(label for _, label in metrics) + " | clean (PGD images) |",
+              "|---" * (2 + len(metrics)) + "|"]
     for method, rs in runs.items():
-        values = [_metric_values(r, cfg) for r in rs]
+        values = [{**_metric_values(r, cfg), "clean_pgd": (r.get("attack") or {}).get("clean_pgd_images")}
+                  for r in rs]
         cells = []
         for key, _ in metrics:
             vs = [v[key] for v in values if v[key] is not None]
             cells.append(common.fmt_mean_std(vs) if vs else "diverged")
+        vs = [v["clean_pgd"] for v in values if v["clean_pgd"] is not None]
+        cells.append(common.fmt_mean_std(vs) if vs else "diverged")
         lines.append(f"| Tucker + {RECIPES[method][0]} | " + " | ".join(cells) + " |")
     unmoved = [r["attack"].get("fgsm_unmoved") or 0.0 for rs in runs.values() for r in rs if r.get("attack")]
     if unmoved:
