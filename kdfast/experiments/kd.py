@@ -3,9 +3,15 @@ Adversarial Robustness Analysis", ICIP 2020.
 
 The paper decomposes a trained CNN (the teacher) with Tucker-2, then fine-tunes the decomposed network (the
 student) by distilling from the undecomposed teacher instead of by cross-entropy alone, and compares accuracy
-and adversarial robustness. Its datasets, models and numbers are not public; :func:`run_protocol` runs the
-same protocol on the digits data embedded in scikit-learn (kdfast.data, 1,347 train / 450 test, 16x16) in the
-tour, or on any dataset of :data:`kdfast.experiments.common.DATASETS` (:func:`run`):
+and adversarial robustness. Its datasets, models and numbers are not public. Two protocols live here:
+
+* :func:`run` (``kdfast experiment kd``) tests the claim: :func:`run_reproduction` with the shared protocol
+  of the reproductions (kdfast.experiments.protocol): the reference ResNet-26 teacher trained on the
+  training part of a validation split, KD (and FSP's weight) tuned on the validation part, every recipe
+  fine-tuned over the seeds with the same schedule, clean / FGSM / PGD-10 / PGD-50 accuracy, paired 95 %
+  intervals and a verdict per claim, finished runs kept for resuming (docs/reproductions.md);
+* :func:`run_protocol`, the tour's compact section (``kdfast demo``) on the digits data embedded in
+  scikit-learn (kdfast.data, 1,347 train / 450 test, 16x16):
 
 1. train the teacher (kdfast.models, default vgg8 at width 0.25) with cross-entropy;
 2. decompose every 3x3 convolution but the stem (at least 16 channels in and out) with Tucker-2
@@ -19,7 +25,7 @@ tour, or on any dataset of :data:`kdfast.experiments.common.DATASETS` (:func:`ru
 5. repeat each fine-tuning with ``repeats`` seeds (default 3) and report mean, spread and the paired
    (same-seed) difference of each method to CE.
 
-Writes report.md, results.json, training_curves.png, robustness.png and model checkpoints
+Both write report.md, results.json, training_curves.png, robustness.png and model checkpoints
 (kdfast.model_file format: `kdfast robustness --checkpoint` and `kdfast decompose --checkpoint` read them).
 """
 from __future__ import annotations
@@ -30,13 +36,15 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..methods.kd import PAPER, RECIPES, TITLE, build, feature_layers_for
-from . import common
+from .. import attacks
+from . import common, protocol
 
 NAME = "kd"
 
@@ -83,12 +91,13 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _decompose(model: nn.Module, ranks, input_shape):
+def _decompose(model: nn.Module, ranks, input_shape, **rank_options):
     """kdfast.decompose with its default selection: every 3x3 conv but the stem, at least 16
-    channels in and out. Returns (student, report); the teacher is left untouched (deep copy)."""
+    channels in and out. Returns (student, report); the teacher is left untouched (deep copy).
+    ``rank_options``: weaken, min_rank, align for EVBMF ranks (kdfast.evbmf.tucker2_ranks)."""
     import kdfast
 
-    return kdfast.decompose(model, ranks=ranks, input_shape=tuple(input_shape))
+    return kdfast.decompose(model, ranks=ranks, input_shape=tuple(input_shape), **rank_options)
 
 
 def _report_to_dict(report) -> dict:
@@ -468,37 +477,700 @@ def _render_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = "quick", seeds=None,
-        device: str = "cpu") -> dict:
-    """``kdfast experiment kd``: the whole protocol (teacher, decomposition, the five recipes over the seeds,
-    robustness) on ``dataset``. ``budget`` "full": 12 teacher and 6 student epochs, seeds 0, 1, 2;
-    "quick": 8 and 4 epochs, seeds 0, 1 (and on datasets other than digits a 10,000 / 2,000-image subset).
-    ``seeds`` must be consecutive (the protocol fine-tunes with seeds
-    S, S + 1, ...). Writes report.md, results.json, training_curves.png, robustness.png and checkpoints."""
-    seeds = common.check_run(dataset, budget, seeds, device)
-    quick = budget == "quick"
-    if seeds is None:
-        seeds = [0, 1] if quick else [0, 1, 2]
-    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
-        raise ValueError(f"the kd protocol fine-tunes with consecutive seeds S, S+1, ...; got {seeds}")
-    # the experiment adds KD+FSP (Yim et al., CVPR 2017) to the tour's four recipes
-    cfg = DemoConfig(out=out_dir, device=device, seed=seeds[0], repeats=len(seeds),
-                     methods=("ce", "kd", "kd_nst", "kd_at", "kd_fsp"))
-    if quick:
-        cfg.teacher_epochs, cfg.student_epochs = 8, 4
-    data = None
-    if dataset != "digits":
-        subsets = common.quick_subsets(dataset, budget)
-        train_set, test_set = common.load_data(dataset, data_root, train_subset=subsets[0], test_subset=subsets[1])
-        data = (dataset, data_root, train_set, test_set)
-    results = run_protocol(cfg, data=data, write_report=False)
-    results.pop("_teacher")
-    results["run"] = common.run_record(NAME, out_dir, dataset=dataset, data_root=data_root, budget=budget,
-                                       seeds=seeds, device=device)
-    common.write_report(out_dir, render_report(results), results)
-    _log(f"\nwrote {out_dir}/report.md, results.json, training_curves.png, robustness.png, *.pt "
-         f"(total {results['timings_s']['total_s']:.0f}s)")
+# ====================================================================================== the reproduction
+# ``kdfast experiment kd``: Sadhukhan et al.'s claim under the shared protocol of the reproductions
+# (kdfast.experiments.protocol). The reference ResNet-26 teacher is trained on the training part of a
+# validation split; its Tucker-2 student (EVBMF ranks) is fine-tuned by every recipe over the seeds with
+# the same data, schedule and optimiser; KD's temperature and weight are chosen on the validation part; the
+# students are attacked (FGSM, PGD-10, PGD-50) and every claim gets a paired 95 % interval and a verdict.
+
+#: The attack radii of the issue, in pixel units of [0, 1] images (the attack uses eps / std per channel).
+PIXEL_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+#: The KD grid tuned on the validation split (Hinton et al.'s T and the weight of the KD term).
+KD_GRID = tuple({"temperature": t, "alpha": a} for t in (2.0, 4.0) for a in (0.5, 0.9))
+
+
+@dataclass
+class ReproductionConfig:
+    """Settings of ``kdfast experiment kd`` (:func:`run_reproduction`). :meth:`for_budget` gives the quick
+    and full budgets, :meth:`tiny` the seconds-long size of the tests."""
+
+    seeds: tuple = (0, 1, 2)
+    methods: tuple = ("ce", "kd", "kd_nst", "kd_at", "kd_fsp")
+    teacher: dict = field(default_factory=dict)  # overrides of protocol.REFERENCE_TEACHER
+    val_fraction: float = 0.1                     # carved from the training set (protocol.validation_split, seed 0)
+    finetune_images: int | None = 10000           # stratified subset of the training part (None: all of it)
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.01                              # SGD 0.9, wd 5e-4, cosine: the same for every recipe
+    ranks: str | float = "evbmf"
+    rank_options: dict = field(default_factory=dict)  # EVBMF's weaken / min_rank / align (kdfast.decompose)
+    kd_grid: tuple = KD_GRID
+    fsp_grid: tuple = (1e-4, 1e-3)                # FSP weights tried on the validation split (tune_fsp)
+    eps: tuple = PIXEL_EPS
+    pgd_steps: tuple = (10, 50)
+    fgsm_images: int | None = None                # test images attacked by FGSM (None: all)
+    pgd_images: int | None = 500                  # stratified test subset attacked by PGD (None: all)
+    attack_batch: int = 500
+    device: str = "cpu"
+
+    @classmethod
+    def for_budget(cls, budget: str, **overrides) -> "ReproductionConfig":
+        """``"full"``: the issue's protocol sized to about an hour on 2 CPU cores (see docs/reproductions.md);
+        ``"quick"``: minutes, a short teacher (3 epochs), 2,000 fine-tuning images, 2 seeds, 2 KD settings,
+        FGSM on 300 and PGD on 50 test images."""
+        if budget not in common.BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(common.BUDGETS)}, got {budget!r}")
+        base = {} if budget == "full" else dict(
+            seeds=(0, 1), teacher={"epochs": 3}, finetune_images=2000, epochs=2,
+            kd_grid=({"temperature": 4.0, "alpha": 0.5}, {"temperature": 4.0, "alpha": 0.9}),
+            fgsm_images=300, pgd_images=50)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "ReproductionConfig":
+        """Seconds: a one-epoch ResNet-8 teacher, 2 fine-tuning epochs, small attacks (tests)."""
+        base = dict(seeds=(0, 1), teacher={"name": "resnet8", "width": 0.5, "epochs": 1}, finetune_images=200,
+                    epochs=2, batch_size=32, fgsm_images=60, fsp_grid=(1e-3,),
+                    kd_grid=({"temperature": 4.0, "alpha": 0.9}, {"temperature": 2.0, "alpha": 0.5}),
+                    eps=(2 / 255, 8 / 255), pgd_steps=(2, 3), pgd_images=30, attack_batch=64)
+        base.update(overrides)
+        return cls(**base)
+
+    def check(self) -> None:
+        seeds = list(self.seeds)
+        if not seeds or len(set(seeds)) != len(seeds) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                                             for s in seeds):
+            raise ValueError(f"seeds must be distinct non-negative ints, got {self.seeds!r}")
+        unknown = [m for m in self.methods if m not in RECIPES]
+        if unknown or "ce" not in self.methods or "kd" not in self.methods:
+            raise ValueError(f"methods must include 'ce' and 'kd' and come from {list(RECIPES)}, got {list(self.methods)}")
+        for name in ("epochs", "batch_size", "attack_batch"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not self.kd_grid or any(set(s) != {"temperature", "alpha"} for s in self.kd_grid):
+            raise ValueError(f"kd_grid must be a non-empty list of {{'temperature', 'alpha'}} settings, got {self.kd_grid!r}")
+        if not self.fsp_grid or any(not (isinstance(w, (int, float)) and w > 0) for w in self.fsp_grid):
+            raise ValueError(f"fsp_grid must be a non-empty list of positive FSP weights, got {self.fsp_grid!r}")
+        if not self.eps or any(not (0 < e <= 1) for e in self.eps):
+            raise ValueError(f"eps must be pixel-unit radii in (0, 1], got {self.eps!r}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.pgd_steps):
+            raise ValueError(f"pgd_steps must be ints >= 1, got {self.pgd_steps!r}")
+
+
+# ---------------------------------------------------------------------------------------------- attacks
+def normalised_eps(eps: float, std) -> torch.Tensor:
+    """A pixel-unit L-inf radius (images in [0, 1]) in the model's normalised input units: ``eps / std``
+    per channel, as a (C,) tensor (normalisation x' = (x - mean) / std scales a perturbation by 1 / std)."""
+    eps = float(eps)
+    if not (eps >= 0 and eps < float("inf")):
+        raise ValueError(f"eps must be finite and >= 0 (pixel units), got {eps!r}")
+    std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+    if std_t.numel() == 0 or not bool((std_t > 0).all()):
+        raise ValueError(f"std must hold one positive value per channel, got {std!r}")
+    return eps / std_t
+
+
+def _box(x_adv, x0, eps, lo, hi):
+    """Projection onto the eps-ball around x0, then onto the valid range (kdfast.attacks' order)."""
+    return torch.minimum(torch.maximum(torch.minimum(torch.maximum(x_adv, x0 - eps), x0 + eps), lo), hi)
+
+
+def pgd_robust(model, x, y, eps, steps: int, clamp, generator=None, robust=None):
+    """The images PGD does not fool, as a boolean mask.
+
+    The attack is kdfast.attacks.pgd's (Madry et al., ICLR 2018: uniform random start in the eps-ball,
+    ``steps`` signed-gradient steps of 2.5 eps / steps on the cross-entropy, projection), with one change
+    that makes it affordable on 10,000 images and only ever lowers the accuracy: an image counts as fooled
+    at the first iterate the model misclassifies and leaves the batch there (the final iterate is checked
+    too). ``robust``: the images still in play at the start (e.g. those classified correctly; default all).
+    ``eps`` and ``clamp`` are in the model's input units (per channel: :func:`normalised_eps`,
+    ``dataset.clamp_range``). The random start draws the same numbers as attacks.pgd with the same
+    generator, so an image never fooled follows attacks.pgd's iterates."""
+    c = x.shape[1]
+    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1).expand(1, c, 1, 1)
+    lo, hi = (torch.as_tensor(b, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1) for b in clamp)
+    step = eps * (2.5 / steps)
+    x0 = x.detach()
+    noise = torch.rand(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+    x_adv = _box(x0 + (2 * noise - 1) * eps, x0, eps, lo, hi)
+    robust = torch.ones(len(y), dtype=torch.bool, device=x.device) if robust is None else robust.clone()
+    passes = 0
+    with attacks.attack_mode(model), torch.enable_grad():
+        for _ in range(steps):
+            idx = robust.nonzero().flatten()
+            if idx.numel() == 0:
+                return robust, passes
+            xa = x_adv[idx].requires_grad_(True)
+            logits = model(xa)
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, y[idx], reduction="sum"), xa)
+            passes += idx.numel()
+            robust[idx[logits.detach().argmax(1) != y[idx]]] = False  # fooled at this iterate
+            x_adv[idx] = _box(xa.detach() + step * grad.sign(), x0[idx], eps, lo, hi)
+        idx = robust.nonzero().flatten()
+        if idx.numel():
+            with torch.no_grad():
+                robust[idx] = model(x_adv[idx]).argmax(1) == y[idx]
+    return robust, passes
+
+
+def attack_accuracy(model, dataset, *, eps=PIXEL_EPS, fgsm: bool = True, pgd_steps=(10, 50), batch_size: int = 500,
+                    seed: int = 0, device="cpu") -> dict:
+    """Clean, FGSM and PGD accuracy of ``model`` on every image of ``dataset`` (kdfast.data.ImageDataset:
+    normalised images, ``std``, ``clamp_range``). ``eps`` in pixel units of [0, 1] images. An image counts
+    as robust only when it is classified correctly clean and after the attack (images misclassified clean
+    are not attacked). PGD: :func:`pgd_robust`, random start from a generator seeded with ``seed``.
+    ``fgsm_unmoved``: the fraction of images classified correctly that FGSM left unchanged (an input
+    gradient of exactly zero: such an image resists every gradient attack by masking, not robustness)."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    eps_in = [normalised_eps(e, dataset.std).to(device) for e in eps]
+    clamp = tuple(b.to(device) for b in dataset.clamp_range)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n, clean = len(dataset), 0
+    fgsm_ok = [0] * len(eps)
+    pgd_ok = {int(s): [0] * len(eps) for s in pgd_steps}
+    passes = unmoved = 0
+    with common.Timer() as timer:
+        for i in range(0, n, batch_size):
+            x = dataset.images[i:i + batch_size].to(device)
+            y = dataset.labels[i:i + batch_size].to(device)
+            with torch.no_grad():
+                correct = model(x).argmax(1) == y
+            clean += int(correct.sum())
+            for j, e in enumerate(eps_in):
+                if fgsm:
+                    x_f = attacks.fgsm(model, x, y, e, clamp=clamp)
+                    with torch.no_grad():
+                        fgsm_ok[j] += int((correct & (model(x_f).argmax(1) == y)).sum())
+                    passes += len(y)
+                    if j == 0:  # a zero input gradient leaves the image where it was: masking, not robustness
+                        unmoved += int((correct & (x_f == x).flatten(1).all(1)).sum())
+                for steps in pgd_ok:
+                    robust, used = pgd_robust(model, x, y, e, steps, clamp, gen, robust=correct)
+                    pgd_ok[steps][j] += int(robust.sum())
+                    passes += used
+    return {"n": n, "eps": list(eps), "clean": clean / n, "fgsm": [c / n for c in fgsm_ok] if fgsm else None,
+            "pgd": {str(s): [c / n for c in v] for s, v in pgd_ok.items()}, "seconds": timer.seconds,
+            "gradient_passes": passes, "fgsm_unmoved": unmoved / n if fgsm else None}
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+def _finetune(teacher, student0, method: str, kd_setting: dict, seed: int, train_set, eval_set, cfg,
+              checkpoint_dir=None) -> dict:
+    """One fine-tuning run of ``method`` from the decomposed student: (student or None when the loss
+    diverged, history, error message). ``eval_set`` is evaluated after every epoch (the curve)."""
+    from ..distill import seed_everything
+
+    seed_everything(seed)
+    student = copy.deepcopy(student0).train().requires_grad_(True)
+    layers = feature_layers_for(teacher)
+    trainer = build(teacher, student, recipe=method, feature_layers=(layers, layers), **kd_setting,
+                    optimizer="sgd", lr=cfg.lr, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+                    epochs=cfg.epochs, device=cfg.device, seed=seed, progress=False,
+                    checkpoint_dir=checkpoint_dir, resume=checkpoint_dir is not None)
+    error = None
+    try:
+        trainer.fit(common.loader(train_set, cfg.batch_size, seed=seed),
+                    eval_loader=None if eval_set is None else common.loader(eval_set, 500, False))
+    except FloatingPointError as err:  # a loss that blows up is a result (reported), not a crash
+        error = str(err)
+    finally:
+        trainer.close()
+    history = [{k: v for k, v in r.items() if isinstance(v, (int, float, str, bool)) or v is None}
+               for r in trainer.history]
+    resumed = list(trainer.resumed_from[:2]) if trainer.resumed_from else None
+    return {"student": None if error else student.eval(), "history": history, "error": error, "resumed_from": resumed}
+
+
+def _tune(method, settings, teacher, student0, train_set, val_set, cfg, store, base=None) -> dict:
+    """The setting of ``settings`` (build options of ``method``, on top of ``base``) whose fine-tuned
+    student is most accurate on ``val_set``; seed ``cfg.seeds[0]``, the schedule of every run; a run that
+    diverges scores 0. With a ``store`` (protocol.RunStore) finished settings are not retrained."""
+    seed = cfg.seeds[0]
+
+    def score(setting):
+        key = f"tune-{method}-" + "-".join(f"{k}{v:g}" for k, v in sorted({**(base or {}), **setting}.items())) \
+              + f"-seed{seed}"
+
+        def train():
+            with common.Timer() as t:
+                out = _finetune(teacher, student0, method, {**(base or {}), **setting}, seed, train_set, None, cfg,
+                                None if store is None else store.checkpoint_dir(key))
+            acc = 0.0 if out["student"] is None else common.accuracy(out["student"], val_set, device=cfg.device)
+            return {"setting": setting, "val_accuracy": acc, "error": out["error"], "train_s": t.seconds}
+
+        record = train() if store is None else store.run(key, train)
+        return record["val_accuracy"]
+
+    with common.Timer() as t:
+        out = protocol.tune_on_validation(list(settings), score)
+    return {**out, "method": method, "seed": seed, "scored_on": "validation", "n_validation": len(val_set),
+            "seconds": t.seconds}
+
+
+def tune_kd(teacher, student0, train_set, val_set, cfg, store=None) -> dict:
+    """KD's (temperature, alpha) chosen on the validation split, never the test set: each setting of
+    ``cfg.kd_grid`` fine-tunes the student with KD and is scored by its accuracy on ``val_set``
+    (:func:`kdfast.experiments.protocol.tune_on_validation`)."""
+    return _tune("kd", cfg.kd_grid, teacher, student0, train_set, val_set, cfg, store)
+
+
+def tune_fsp(teacher, student0, train_set, val_set, cfg, kd_setting: dict, store=None) -> dict:
+    """The weight of the FSP term of KD+FSP (with the tuned KD term) chosen on the validation split from
+    ``cfg.fsp_grid``. FSP's own weight, 1 on kdfast's sum-over-entries form (Yim et al.), made the loss
+    non-finite in the first epoch on the Tucker ResNet-26 student (the quick run), and RepDistiller
+    averages over the Gram entries instead (a factor C_i * C_i+1 = 512 to 2,048 smaller here)."""
+    return _tune("kd_fsp", [{"fsp_weight": w} for w in cfg.fsp_grid], teacher, student0, train_set, val_set, cfg,
+                 store, base=kd_setting)
+
+
+# ---------------------------------------------------------------------------------------------- claims
+def _metrics(cfg) -> list:
+    """(key, label) of every accuracy a claim is tested on: clean, FGSM and PGD-k at each eps."""
+    out = [("clean", "clean")]
+    out += [(f"fgsm@{_eps_label(e)}", f"FGSM {_eps_label(e)}") for e in cfg["eps"]]
+    out += [(f"pgd{s}@{_eps_label(e)}", f"PGD-{s} {_eps_label(e)}") for s in cfg["pgd_steps"] for e in cfg["eps"]]
+    return out
+
+
+def _metric_values(record: dict, cfg: dict) -> dict:
+    """A run's accuracies by metric key (None when the run diverged)."""
+    att = record.get("attack")
+    if not att:
+        return {k: None for k, _ in _metrics(cfg)}
+    out = {"clean": record["clean"]}
+    for j, e in enumerate(cfg["eps"]):
+        out[f"fgsm@{_eps_label(e)}"] = att["fgsm"][j]
+        for s in cfg["pgd_steps"]:
+            out[f"pgd{s}@{_eps_label(e)}"] = att["pgd"][str(s)][j]
+    return out
+
+
+def claims(runs: dict, cfg: dict) -> list:
+    """The claims and their verdicts: KD beats CE, and each KD + feature recipe beats KD, on every metric
+    (paired by seed; :func:`kdfast.experiments.protocol.claim`). A claim with a diverged run is
+    inconclusive and says so."""
+    pairs = [("kd", "ce")] + [(m, "kd") for m in cfg["methods"] if m not in ("ce", "kd")]
+    out = []
+    for a, b in pairs:
+        if a not in runs or b not in runs:
+            continue
+        va = [_metric_values(r, cfg) for r in runs[a]]
+        vb = [_metric_values(r, cfg) for r in runs[b]]
+        for key, label in _metrics(cfg):
+            xa, xb = [v[key] for v in va], [v[key] for v in vb]
+            row = {"a": a, "b": b, "metric": key, "label": label}
+            if any(v is None for v in xa + xb):
+                row.update(diffs=None, mean=None, std=None, ci95=[None, None], verdict=protocol.INCONCLUSIVE,
+                           note=f"{sum(v is None for v in xa + xb)} run(s) diverged")
+            else:
+                row.update(protocol.claim(xa, xb))
+            out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _check_same_protocol(store, cfg, dataset, train_set, test_set) -> None:
+    """Finished runs are reused only by the same protocol: the first call records its settings in the
+    store; a later call with other settings (seeds and device aside) in the same directory stops."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seeds", "device")}
+    settings = json.loads(json.dumps(common.json_safe({**settings, "dataset": dataset, "train": len(train_set),
+                                                       "test": len(test_set)}), default=str))
+    recorded = store.get("protocol")
+    if recorded is None:
+        store.put("protocol", settings)
+        return
+    differ = sorted(k for k in set(settings) | set(recorded) if settings.get(k) != recorded.get(k))
+    if differ:
+        raise ValueError(f"{os.path.dirname(store.root)} holds runs of another kd protocol (settings that differ: "
+                         f"{', '.join(differ)}); use another --out directory, or delete that one to start afresh")
+
+
+def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: dict | None = None) -> dict:
+    """The protocol of ``kdfast experiment kd``; ``data`` = (dataset name, data root, train set, test set).
+    Finished runs are kept in ``<out_dir>/runs`` and the engine's checkpoints in ``<out_dir>/checkpoints``:
+    the same call after an interruption continues where it stopped. Writes report.md, results.json,
+    robustness.png, training_curves.png and the first seed's students (kdfast.model_file)."""
+    from .. import cost
+    from .. import model_file
+
+    cfg.check()
+    dataset, root, full_train, test_set = data
+    os.makedirs(out_dir, exist_ok=True)
+    store = protocol.RunStore(out_dir)
+    _check_same_protocol(store, cfg, dataset, full_train, test_set)
+    timings = {}
+
+    train_part, val_set = protocol.validation_split(full_train, cfg.val_fraction, seed=0)
+    teacher, model_kwargs, teacher_acc, teacher_info = protocol.reference_teacher(
+        dataset, train_part, test_set, device=cfg.device, **cfg.teacher)
+    teacher_recipe = {**protocol.REFERENCE_TEACHER, **cfg.teacher}
+    start = time.perf_counter()  # the experiment's time, the teacher's apart
+    how = "cached" if teacher_info["cached"] else f"trained in {teacher_info['train_s']:.0f}s"
+    _log(f"teacher {teacher_recipe['name']}: test accuracy {100 * teacher_acc:.2f}% ({how})")
+    finetune_set = train_part
+    if cfg.finetune_images is not None and cfg.finetune_images < len(train_part):
+        finetune_set = common.fraction_subset(train_part, cfg.finetune_images / len(train_part), seed=0)
+    pgd_set = test_set
+    if cfg.pgd_images is not None and cfg.pgd_images < len(test_set):
+        pgd_set = common.fraction_subset(test_set, cfg.pgd_images / len(test_set), seed=0)
+    fgsm_set = test_set
+    if cfg.fgsm_images is not None and cfg.fgsm_images < len(test_set):
+        fgsm_set = common.fraction_subset(test_set, cfg.fgsm_images / len(test_set), seed=0)
+
+    with common.Timer() as t:
+        size = train_part.image_size
+        in_shape = (1, train_part.in_channels, size, size)
+        student0, dec_report = _decompose(teacher, cfg.ranks, in_shape[1:], **cfg.rank_options)
+        student0 = student0.to(cfg.device).eval()
+        dec_acc = common.accuracy(student0, test_set, device=cfg.device)
+    timings["decompose_s"] = t.seconds
+    models_info = {
+        "teacher": {"parameters": cost.parameters(teacher), "macs": cost.macs(teacher, in_shape), "test_accuracy": teacher_acc},
+        "decomposed": {"parameters": cost.parameters(student0), "macs": cost.macs(student0, in_shape),
+                       "test_accuracy": dec_acc},
+    }
+    _log(f"Tucker-2 ({cfg.ranks} ranks): {models_info['decomposed']['parameters']:,} parameters "
+         f"({models_info['teacher']['parameters']:,} in the teacher), test accuracy before fine-tuning {100 * dec_acc:.2f}%")
+
+    tuning = tune_kd(teacher, student0, finetune_set, val_set, cfg, store)
+    kd_setting = tuning["best"]
+    timings["tuning_s"] = tuning["seconds"]
+    _log(f"KD tuned on {len(val_set)} validation images: T = {kd_setting['temperature']:g}, "
+         f"alpha = {kd_setting['alpha']:g}")
+    options = {m: dict(kd_setting) for m in cfg.methods}
+    fsp_tuning = None
+    if "kd_fsp" in cfg.methods:
+        fsp_tuning = tune_fsp(teacher, student0, finetune_set, val_set, cfg, kd_setting, store)
+        options["kd_fsp"].update(fsp_tuning["best"])
+        timings["tuning_s"] += fsp_tuning["seconds"]
+        _log(f"FSP weight tuned on the validation images: {fsp_tuning['best']['fsp_weight']:g}")
+
+    data_info = common.data_info(full_train, test_set, dataset, root)
+    runs = {m: [] for m in cfg.methods}
+    for seed in cfg.seeds:  # seed by seed: an interrupted experiment has whole seeds done first
+        for method in cfg.methods:
+            key = f"{method}-seed{seed}"
+
+            def train_and_attack(method=method, seed=seed, key=key):
+                with common.Timer() as t_train:
+                    out = _finetune(teacher, student0, method, options[method], seed, finetune_set, test_set, cfg,
+                                    store.checkpoint_dir(key))
+                record = {"method": method, "seed": seed, "kd_setting": kd_setting, "options": options[method],
+                          "history": out["history"],
+                          "curve": [r.get("eval_accuracy") for r in out["history"]], "error": out["error"],
+                          "resumed_from": out["resumed_from"], "train_s": t_train.seconds, "attack": None}
+                student = out["student"]
+                if student is None:
+                    _log(f"{RECIPES[method][0]} seed {seed}: diverged ({out['error']})")
+                    return record
+                record["clean"] = common.accuracy(student, test_set, device=cfg.device)
+                fg = attack_accuracy(student, fgsm_set, eps=cfg.eps, pgd_steps=(), batch_size=cfg.attack_batch,
+                                     seed=seed, device=cfg.device)
+                pg = attack_accuracy(student, pgd_set, eps=cfg.eps, fgsm=False, pgd_steps=cfg.pgd_steps,
+                                     batch_size=cfg.attack_batch, seed=seed, device=cfg.device)
+                record["attack"] = {"fgsm": fg["fgsm"], "n_fgsm": fg["n"], "pgd": pg["pgd"], "n_pgd": pg["n"],
+                                    "clean_pgd_images": pg["clean"], "clean_fgsm_images": fg["clean"],
+                                    "fgsm_unmoved": fg["fgsm_unmoved"],
+                                    "fgsm_s": fg["seconds"], "pgd_s": pg["seconds"],
+                                    "gradient_passes": fg["gradient_passes"] + pg["gradient_passes"]}
+                if seed == cfg.seeds[0]:
+                    model_file.save_model(os.path.join(out_dir, f"student_{method}.pt"), student,
+                                          teacher_recipe["name"], model_kwargs, data_info,
+                                          {"role": f"Tucker-2 student fine-tuned with {RECIPES[method][0]}",
+                                           "seed": seed, "test_accuracy": record["clean"]})
+                _log(f"{RECIPES[method][0]:<7} seed {seed}: clean {100 * record['clean']:.2f}%, "
+                     f"train {t_train.seconds:.0f}s, attacks {fg['seconds'] + pg['seconds']:.0f}s")
+                return record
+
+            runs[method].append(store.run(key, train_and_attack))
+    timings["total_s_excluding_teacher"] = time.perf_counter() - start
+    cfg_dict = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    cfg_dict["kd_grid"] = [dict(s) for s in cfg.kd_grid]
+    cfg_dict["fsp_grid"] = list(cfg.fsp_grid)
+    results = {
+        "config": cfg_dict,
+        "data": {**data_info, "train_part": len(train_part), "validation": len(val_set), "finetune": len(finetune_set),
+                 "fgsm_images": len(fgsm_set), "pgd_images": len(pgd_set)},
+        "teacher": {"recipe": teacher_recipe, "test_accuracy": teacher_acc, **teacher_info},
+        "decomposition": _report_to_dict(dec_report),
+        "models": models_info,
+        "methods": {m: RECIPES[m][1] for m in cfg.methods},
+        "tuning": tuning,
+        "tuning_fsp": fsp_tuning,
+        "runs": runs,
+        "claims": claims(runs, cfg_dict),
+        "convergence": {m: [protocol.convergence([v for v in r["curve"] if v is not None]) for r in rs]
+                        for m, rs in runs.items()},
+        "timings_s": timings,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": str(cfg.device)},
+    }
+    if run_record is not None:
+        results["run"] = run_record
+    plot_robustness(results, os.path.join(out_dir, "robustness.png"))
+    plot_curves(results, os.path.join(out_dir, "training_curves.png"))
+    common.write_report(out_dir, render_reproduction(results), results)
+    _log(f"\nwrote {out_dir}/report.md, results.json, robustness.png, training_curves.png "
+         f"({timings['total_s_excluding_teacher']:.0f}s without the teacher)")
     return results
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def _interval(values):
+    """(mean, half-width of the 95 % t-interval) of ``values`` in points (0 half-width for one value)."""
+    m, _ = common.mean_std(values)
+    lo, hi = common.confidence_interval(values)
+    return m, (0.0 if lo != lo else (hi - lo) / 2)
+
+
+def plot_robustness(results: dict, path: str) -> None:
+    """Accuracy vs eps per fine-tuning loss (mean over seeds, 95 % interval bars): FGSM and each PGD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = results["config"]
+    panels = [("fgsm", "FGSM")] + [(f"pgd{s}", f"PGD-{s}") for s in cfg["pgd_steps"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), sharey=True)
+    xs = [0] + [255 * e for e in cfg["eps"]]
+    for ax, (kind, title) in zip(axes, panels):
+        for method, runs in results["runs"].items():
+            done = [r for r in runs if r.get("attack")]
+            if not done:
+                continue
+            # eps = 0: clean accuracy on the images this attack ran on
+            values = [{**_metric_values(r, cfg), "clean": r["attack"].get(
+                "clean_fgsm_images" if kind == "fgsm" else "clean_pgd_images", r["clean"])} for r in done]
+            keys = ["clean"] + [f"{kind}@{_eps_label(e)}" for e in cfg["eps"]]
+            stats = [_interval([100 * v[k] for v in values]) for k in keys]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[h for _, h in stats], fmt="-o", ms=3, capsize=3,
+                        color=common.colour(method), label=f"Tucker + {RECIPES[method][0]}")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(["0"] + [f"{x:g}/255" for x in xs[1:]])
+        ax.set_xlabel("eps (L-inf, pixel units)")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%), mean and 95 % interval over seeds")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"{results['data']['name']}: Tucker-2 students by fine-tuning loss "
+                 f"({len(cfg['seeds'])} seeds; FGSM on {results['data']['fgsm_images']}, "
+                 f"PGD on {results['data']['pgd_images']} test images)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(results: dict, path: str) -> None:
+    """Test accuracy per fine-tuning epoch, every run (one colour per recipe)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    dec = 100 * results["models"]["decomposed"]["test_accuracy"]
+    for method, runs in results["runs"].items():
+        for i, r in enumerate(runs):
+            curve = [dec] + [100 * v for v in r["curve"] if v is not None]
+            ax.plot(range(len(curve)), curve, "-o", ms=3, alpha=0.7, color=common.colour(method),
+                    label=f"Tucker + {RECIPES[method][0]}" if i == 0 else None)
+    ax.axhline(100 * results["teacher"]["test_accuracy"], color=common.colour("teacher"), ls="--", label="teacher")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("fine-tuning epoch (0: decomposed, before fine-tuning)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Fine-tuning curves, every seed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _ranks_phrase(decomposition: dict) -> str:
+    """How many layers got which (r_out, r_in), and how many EVBMF put at rank 0 (raised to 1): a student
+    whose layers all sit at rank 1 starts near chance and is trained more than fine-tuned."""
+    layers = decomposition.get("layers") or []
+    if not layers:
+        return ""
+    counts = {}
+    for layer in layers:
+        counts[tuple(layer["ranks"])] = counts.get(tuple(layer["ranks"]), 0) + 1
+    zero = sum(1 for layer in layers if 0 in tuple(layer.get("evbmf_ranks") or ()))
+    text = "Ranks (r_out, r_in): " + ", ".join(f"{r} in {n}" for r, n in sorted(counts.items())) + " layer(s)."
+    if zero:
+        text += (f" EVBMF found no rank above its noise level in {zero} of {len(layers)} layers (rank 0, raised to "
+                 "1): the student starts far from the teacher and its fine-tuning is closer to training a small "
+                 "network than to recovering a decomposed one.")
+    return text
+
+
+def render_reproduction(results: dict) -> str:
+    """report.md of ``kdfast experiment kd``."""
+    cfg, data, teacher = results["config"], results["data"], results["teacher"]
+    runs, tuning, t = results["runs"], results["tuning"], results["timings_s"]
+    metrics = _metrics(cfg)
+    dec, tea = results["models"]["decomposed"], results["models"]["teacher"]
+    best = tuning["best"]
+    lines = [
+        f"# Tucker-2 + KD fine-tuning on {data['name']} (Sadhukhan et al., ICIP 2020)",
+        "",
+        "Claim tested: fine-tuning a Tucker-2-decomposed CNN by knowledge distillation from the undecomposed "
+        "teacher beats fine-tuning by cross-entropy, in clean accuracy and under FGSM/PGD attacks. Only the "
+        "paper's abstract is available; its data, models and numbers are not, so this is the claim under "
+        "kdfast's protocol, not a re-run of the paper's experiments.",
+        "",
+    ]
+    if "run" in results:
+        lines += [f"Command: `{results['run']['command']}`", ""]
+    lines += [
+        "## Protocol",
+        "",
+        f"- Data: {data['name']} ({data['image_size']}x{data['image_size']}); a class-stratified "
+        f"{100 * cfg['val_fraction']:g} % of the {data['train']} training images is the validation split "
+        f"({data['validation']} images, seed 0), the other {data['train_part']} the training part; the test set "
+        f"({data['test']} images) is used for nothing but the reported accuracies.",
+        f"- Teacher: `{teacher['recipe']['name']}` (width {teacher['recipe']['width']:g}), {teacher['recipe']['epochs']} "
+        f"epochs of CE on the training part (SGD {teacher['recipe']['lr']:g}, cosine, no augmentation), test accuracy "
+        f"**{100 * teacher['test_accuracy']:.2f} %**; "
+        + ("cached from an earlier run." if teacher["cached"] else f"trained in {teacher['train_s'] / 60:.1f} min "
+           "(not counted in the experiment's time)."),
+        f"- Student: the teacher with every 3x3 convolution but the stem Tucker-2 decomposed (`kdfast.decompose`, "
+        f"ranks `{cfg['ranks']}`): {dec['parameters']:,} parameters ({dec['parameters'] / tea['parameters']:.2f}x the "
+        f"teacher's), {dec['macs']:,} MACs per image ({dec['macs'] / tea['macs']:.2f}x), test accuracy before "
+        f"fine-tuning {100 * dec['test_accuracy']:.2f} %. {_ranks_phrase(results['decomposition'])}",
+        f"- Fine-tuning, identical for every recipe: {cfg['epochs']} epochs over {data['finetune']} images "
+        f"(a stratified subset of the training part, seed 0), batch {cfg['batch_size']}, SGD lr {cfg['lr']:g} "
+        "(momentum 0.9, weight decay 5e-4, cosine), no augmentation; run *s* of every recipe uses seed *s* "
+        "(same initialisation, same data order). Recipes: "
+        + "; ".join(f"**{RECIPES[m][0]}** {d}" for m, d in results["methods"].items()) + ".",
+        f"- KD's temperature and weight (also the KD part of the KD + feature recipes) chosen on the validation "
+        f"split over {len(cfg['kd_grid'])} settings (seed {tuning['seed']}): T = {best['temperature']:g}, "
+        f"alpha = {best['alpha']:g} (the weight of the T²-scaled KD term; CE has 1 - alpha); the feature terms keep "
+        "their papers' weights (NST 50, AT beta 1000) except FSP's, tuned below.",
+        f"- Attacks: white-box, untargeted, L-inf; eps {', '.join(_eps_label(e) for e in cfg['eps'])} in pixel units "
+        "of [0, 1] images (the attack uses eps / std per channel in the normalised input). FGSM on "
+        f"{data['fgsm_images']} test images; PGD with {' and '.join(str(s) for s in cfg['pgd_steps'])} steps (random "
+        f"start, step 2.5 eps / steps) on {data['pgd_images']} test images (a stratified subset, the same for every "
+        "student). An image counts as robust only if it is classified correctly clean and at every PGD iterate "
+        "(an image leaves the attack at the first iterate that fools the model: a slightly stronger attack than "
+        "PGD's final iterate alone, and much cheaper).",
+        f"- Statistics: {len(cfg['seeds'])} seeds ({', '.join(map(str, cfg['seeds']))}); paired (same seed) "
+        "differences with their 95 % t-interval; a claim is *reproduced* when the interval lies above 0, *not "
+        "reproduced* below, *inconclusive* when it straddles 0.",
+        "",
+        "## KD tuning (validation split)",
+        "",
+        "| T | alpha | validation accuracy (%) |",
+        "|---:|---:|---:|",
+    ]
+    lines += [f"| {r['setting']['temperature']:g} | {r['setting']['alpha']:g} | {100 * r['val_accuracy']:.2f} |"
+              for r in tuning["table"]]
+    fsp = results.get("tuning_fsp")
+    if fsp:
+        lines += ["", "FSP's own weight (1 on the sum over Gram entries, Yim et al.) made the KD+FSP loss non-finite in "
+                  "the first epoch on this student, so its weight is chosen on the validation split too (with the "
+                  f"tuned KD term; a run that diverges scores 0): **{fsp['best']['fsp_weight']:g}**.", "",
+                  "| FSP weight | validation accuracy (%) |", "|---:|---:|"]
+        lines += [f"| {r['setting']['fsp_weight']:g} | {100 * r['val_accuracy']:.2f} |" for r in fsp["table"]]
+    lines += ["", "## Accuracy (%), mean ± std over seeds", "",
+              f"Clean and FGSM on {data['fgsm_images']} test images (clean: all {data['test']}), PGD on "
+              f"{data['pgd_images']}; *clean (PGD images)* is the clean accuracy on the images PGD attacked.", "",
+              "| student | " + " | ".join(label for _, label in metrics) + " | clean (PGD images) |",
+              "|---" * (2 + len(metrics)) + "|"]
+    for method, rs in runs.items():
+        values = [{**_metric_values(r, cfg), "clean_pgd": (r.get("attack") or {}).get("clean_pgd_images")}
+                  for r in rs]
+        cells = []
+        for key, _ in metrics:
+            vs = [v[key] for v in values if v[key] is not None]
+            cells.append(common.fmt_mean_std(vs) if vs else "diverged")
+        vs = [v["clean_pgd"] for v in values if v["clean_pgd"] is not None]
+        cells.append(common.fmt_mean_std(vs) if vs else "diverged")
+        lines.append(f"| Tucker + {RECIPES[method][0]} | " + " | ".join(cells) + " |")
+    unmoved = [r["attack"].get("fgsm_unmoved") or 0.0 for rs in runs.values() for r in rs if r.get("attack")]
+    if unmoved:
+        lines += ["", f"FGSM left {100 * max(unmoved):.2f} % of the test images at most (per student) where they "
+                  "were: an input gradient of exactly zero. "
+                  + ("Such images resist every gradient attack by masking, so the attacked accuracies above "
+                     "overstate robustness." if max(unmoved) > 0.01 else "Gradient masking of this kind is negligible.")]
+    lines += ["", "## Claims", "",
+              "Paired difference A − B in points (mean and 95 % interval over the seeds).", "",
+              "| claim | metric | A − B | 95 % interval | verdict |", "|---|---|---:|---|---|"]
+    for c in results["claims"]:
+        mean = "—" if c["mean"] is None else f"{100 * c['mean']:+.2f}"
+        verdict = c["verdict"] + (f" ({c['note']})" if c.get("note") else "")
+        lines.append(f"| {RECIPES[c['a']][0]} beats {RECIPES[c['b']][0]} | {c['label']} | {mean} | "
+                     f"{common.fmt_ci(c['ci95'])} | {verdict} |")
+    lines += ["", "Summary:", ""]
+    for a, b in dict.fromkeys((c["a"], c["b"]) for c in results["claims"]):
+        rows = [c for c in results["claims"] if (c["a"], c["b"]) == (a, b)]
+        counts = {v: sum(c["verdict"] == v for c in rows) for v in
+                  (protocol.REPRODUCED, protocol.NOT_REPRODUCED, protocol.INCONCLUSIVE)}
+        clean = next(c["verdict"] for c in rows if c["metric"] == "clean")
+        lines.append(f"- {RECIPES[a][0]} beats {RECIPES[b][0]}: clean accuracy **{clean}**; over all {len(rows)} "
+                     f"metrics {counts[protocol.REPRODUCED]} reproduced, {counts[protocol.NOT_REPRODUCED]} not "
+                     f"reproduced, {counts[protocol.INCONCLUSIVE]} inconclusive.")
+    if any(c["verdict"] == protocol.INCONCLUSIVE for c in results["claims"]) and len(cfg["seeds"]) < 5:
+        lines.append("- Some intervals straddle 0: more seeds (`--seeds 0,1,2,3,4`; finished runs are kept) "
+                     "may decide them.")
+    curves = {f"Tucker + {RECIPES[m][0]}": [[v for v in r["curve"] if v is not None] for r in rs]
+              for m, rs in runs.items()}
+    rows, every = protocol.tail_table(curves)
+    lines += ["", "## Convergence", "",
+              "A run converged when its test accuracy moved by less than 1 point over the last 20 % of its "
+              "schedule (`training_curves.png`).", "",
+              "| student | runs converged | largest move in the last 20 % |", "|---|---|---|", *rows, ""]
+    lines.append("Every run converged." if every else
+                 "**Budget too small**: not every run converged, so the verdicts above describe students that were "
+                 "still changing; do not read them as the paper's claim tested to convergence.")
+    att = [r["attack"] for rs in runs.values() for r in rs if r.get("attack")]
+    train_s = [r["train_s"] for rs in runs.values() for r in rs]
+    lines += ["", "## Cost", ""]
+    lines.append(f"- Experiment without the teacher: {t['total_s_excluding_teacher'] / 60:.1f} min in this process "
+                 f"(runs finished by an earlier, interrupted process count 0 here); decomposition "
+                 f"{t['decompose_s']:.0f} s, KD tuning {t['tuning_s']:.0f} s.")
+    if train_s:
+        lines.append(f"- Fine-tuning: {sum(train_s) / len(train_s):.0f} s per run on average.")
+    if att:
+        per_pass = sum(a["fgsm_s"] + a["pgd_s"] for a in att) / max(1, sum(a["gradient_passes"] for a in att))
+        full = per_pass * data["test"] * max(cfg["pgd_steps"]) * len(cfg["eps"])
+        lines.append(f"- Attacks: {sum(a['fgsm_s'] + a['pgd_s'] for a in att) / len(att):.0f} s per student; "
+                     f"{1000 * per_pass:.2f} ms per image and gradient step, so PGD-{max(cfg['pgd_steps'])} "
+                     f"without early exit on all {data['test']} test images at {len(cfg['eps'])} radii would take "
+                     f"about {full / 60:.0f} min per student.")
+    lines += ["", f"torch {results['environment']['torch']}, {results['environment']['threads']} threads, "
+              f"{results['environment']['cpu_count']} CPUs, device {results['environment']['device']}.", "",
+              "## Files", "",
+              "- `robustness.png`: accuracy vs eps per fine-tuning loss (mean and 95 % interval over seeds).",
+              "- `training_curves.png`: test accuracy per fine-tuning epoch, every run.",
+              "- `results.json`: everything above, per run (histories, curves, attacks) and the command.",
+              "- `runs/`, `checkpoints/`: finished runs and the engine's checkpoints (re-running the command "
+              "continues an interrupted experiment).",
+              "- `student_<recipe>.pt`: the first seed's students (`kdfast robustness --checkpoint FILE`).", ""]
+    return "\n".join(lines)
+
+
+def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = "quick", seeds=None,
+        device: str = "cpu", config: ReproductionConfig | None = None) -> dict:
+    """``kdfast experiment kd``: Sadhukhan et al.'s claim on ``dataset`` (:func:`run_reproduction`).
+    ``budget`` "full": :meth:`ReproductionConfig.for_budget` ("full"; seeds 0, 1, 2 by default); "quick":
+    minutes, on datasets other than digits a 10,000 / 2,000-image subset. ``config`` replaces the budget's
+    settings (tests). Re-running the same command continues an interrupted experiment."""
+    seeds = common.check_run(dataset, budget, seeds, device)
+    cfg = config if config is not None else ReproductionConfig.for_budget(budget)
+    cfg = dataclasses.replace(cfg, device=device, **({} if seeds is None else {"seeds": tuple(seeds)}))
+    subsets = common.quick_subsets(dataset, budget)
+    train_set, test_set = common.load_data(dataset, data_root, train_subset=subsets[0], test_subset=subsets[1])
+    record = common.run_record(NAME, out_dir, dataset=dataset, data_root=data_root, budget=budget,
+                               seeds=list(cfg.seeds) if seeds is not None else None, device=device)
+    return run_reproduction(cfg, out_dir, (dataset, data_root, train_set, test_set), run_record=record)
 
 
 def demo_section(ctx: common.DemoContext, cfg: DemoConfig | None = None) -> common.DemoSection:
