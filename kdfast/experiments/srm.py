@@ -640,7 +640,9 @@ def _render_protocol(results) -> str:
               "| method | runs converged | largest move in the last 20 % |", "|---|---|---|", *rows, "",
               "Every run converged (moved less than 1 point)." if every else
               "**Budget too small**: not every run converged (moved 1 point or more in the last 20 % of its "
-              "epochs); the verdicts above are about this budget, not about the methods at convergence.", "",
+              "epochs); the verdicts above are about this budget, not about the methods at convergence.",
+              "Under the official schedule the last phase runs at LR 1e-5, so a flat tail says this schedule has "
+              "ended, not that a longer one would gain nothing.", "",
               "## Figures", "", *[f"![{f}]({f})" for f in results["figures"]], "",
               f"Time: {results['training_s'] / 60:.1f} min of training over the {results['run_count']} runs (tuning "
               f"included; the teacher apart), {results['experiment_s'] / 60:.1f} min in this invocation (runs loaded "
