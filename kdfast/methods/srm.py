@@ -15,13 +15,14 @@ and :func:`labels` work from them (k per pixel), never from a dense (N, H, W, K)
 """
 from __future__ import annotations
 
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..distill import Auxiliary, Distiller, FeatureTap, Stage, StagedRun, split_batch
+from ..distill import Auxiliary, Distiller, FeatureTap, Stage, StagedRun, evaluate, split_batch, unwrap_model
 from ..losses import KDLoss
 
 
@@ -272,6 +273,8 @@ OPTIONS = {
     "temperature": 4.0,
     "lr_steps": None,               # None: the official phases (OFFICIAL_PHASES, Adam re-created at each);
                                     # a tuple of fractions: LR / 10 there in every stage, optimiser kept
+    "val_loader": None,             # a validation split's DataLoader: each stage keeps its best state (official)
+    "select_every": "phase",        # score the state at each LR phase's end (official) or every 'epoch'
     "device": "cpu",
     "seed": 0,
     "checkpoint_dir": None,
@@ -287,6 +290,8 @@ OPTION_TYPES = {  # checked by kdfast.methods.check_options before build
     "init_lr": T.POSITIVE, "kd_epochs": T.POSITIVE_INT, "lr": T.POSITIVE, "weight_decay": T.NON_NEGATIVE,
     "alpha": T.FRACTION, "temperature": T.POSITIVE,
     "lr_steps": T.optional(T.list_of(T.FRACTION, "a list of fractions in [0, 1] of each stage's epochs", nonempty=False)),
+    "val_loader": T.optional(T.Spec("a DataLoader (the validation split)", lambda v: hasattr(v, "__iter__"))),
+    "select_every": T.choice("phase", "epoch"),
     "device": T.DEVICE, "seed": T.NON_NEGATIVE_INT, "checkpoint_dir": T.optional(T.PATH), "resume": T.ENGINE_TYPES["resume"],
     "progress": T.BOOL,
 }
@@ -305,21 +310,134 @@ def lr_milestones(epochs: int, fractions) -> list:
     return sorted({int(round(f * epochs)) for f in fractions if 0 < int(round(f * epochs)) < epochs})
 
 
+#: What a stage's model selection scores (``Selection.metric``): the validation accuracy (higher is better;
+#: the official KD stage), the stage's own loss on the validation split (lower; the official matching stage)
+#: or the epoch's training loss (lower; the official dictionary stage, which has no validation).
+SELECT_METRICS = ("val_accuracy", "val_loss", "train_loss")
+
+
+class Selection:
+    """Model selection of one stage, as the official trainers (viebboy/SRM ``cifar100/code/Utility.py``:
+    ``knowledge_distil``, ``srm_init``, ``train_codeword``) do it: after the epochs in ``at`` (counts of
+    completed epochs; None: after every epoch) the state is scored by ``metric`` (:data:`SELECT_METRICS`)
+    and kept when strictly better than the best so far; at the end of the stage the kept state is
+    restored. ``loader``: the validation split's loader (needed by the ``val_*`` metrics)."""
+
+    def __init__(self, metric: str, loader=None, at=None):
+        if metric not in SELECT_METRICS:
+            raise ValueError(f"metric must be one of {SELECT_METRICS}, got {metric!r}")
+        if metric != "train_loss" and loader is None:
+            raise ValueError(f"selection by {metric!r} needs loader (the validation split's DataLoader)")
+        if at is not None:
+            at = sorted({int(e) for e in at})
+            if not at or at[0] < 1:
+                raise ValueError(f"at must be None or a non-empty list of epoch counts >= 1, got {at!r}")
+        self.metric, self.loader, self.at = metric, loader, at
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "val_accuracy"
+
+
 class PhasedDistiller(Distiller):
     """A :class:`~kdfast.distill.Distiller` whose optimisers restart (their state cleared: Adam's moments
     and step count) at the start of each epoch in ``restart_epochs``, as the official SRM code creates a
     new Adam for each LR phase. Checkpoints are taken at epoch ends, so a resumed run restarts at the
-    same epochs."""
+    same epochs.
 
-    def __init__(self, *args, restart_epochs=(), **kwargs):
+    ``selection`` (a :class:`Selection`, optional): keep the best-scoring state (student, loss modules such
+    as SRM's heads, auxiliaries such as the dictionaries) and restore it when :meth:`fit` completes the
+    stage. Each scored epoch's record gets ``select_<metric>``; ``selected`` is then ``{"epoch", "score"}``.
+    The kept state travels in the checkpoints, so a resumed stage selects as an uninterrupted one."""
+
+    def __init__(self, *args, restart_epochs=(), selection: "Selection | None" = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if selection is not None and not isinstance(selection, Selection):
+            raise TypeError(f"selection must be a kdfast.methods.srm.Selection or None, got {type(selection).__name__}")
+        if selection is not None and selection.metric == "val_loss" and self.cache_teacher_logits:
+            raise ValueError("selection by 'val_loss' runs the stage's loss on the validation split, which would "
+                             "mix its images into the cached teacher logits: use cache_teacher_logits=False")
         self.restart_epochs = frozenset(int(e) for e in restart_epochs)
+        self.selection = selection
+        self._best = None  # {"epoch", "score", "state"}
+        self.selected = None
 
     def on_epoch_start(self, epoch: int) -> None:
         if epoch in self.restart_epochs:
             for optimizer in self.optimizers.values():
                 optimizer.state.clear()
         super().on_epoch_start(epoch)
+
+    # ---------------------------------------------------------------- model selection
+    def _selectable_state(self) -> dict:
+        def clone(state):
+            return {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in state.items()}
+
+        return {"student": clone(unwrap_model(self.student).state_dict()), "losses": clone(self.losses.state_dict()),
+                "auxiliaries": {n: clone(a.module.state_dict()) for n, a in self.auxiliaries.items()}}
+
+    def _load_selectable_state(self, state: dict) -> None:
+        unwrap_model(self.student).load_state_dict(state["student"])
+        self.losses.load_state_dict(state["losses"])
+        for name, aux in self.auxiliaries.items():
+            aux.module.load_state_dict(state["auxiliaries"][name])
+
+    def validation_loss(self, loader) -> float:
+        """The stage's weighted loss on ``loader``, student in eval mode, without gradients (the official
+        ``srm_init_evaluator``), averaged over images."""
+        module = self.train_module
+        was_training = module.training
+        module.eval()
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    inputs, targets, _ = split_batch(batch)
+                    out = self.compute_loss((inputs, targets))
+                    total += float(out["loss"]) * inputs.shape[0]
+                    count += inputs.shape[0]
+        finally:
+            module.train(was_training)
+        if count == 0:
+            raise ValueError("the validation loader yielded no batch")
+        return total / count
+
+    def _score(self, record) -> float:
+        metric = self.selection.metric
+        if metric == "train_loss":
+            return float(record["loss"])
+        if metric == "val_loss":
+            return self.validation_loss(self.selection.loader)
+        return float(evaluate(unwrap_model(self.student), self.selection.loader, device=self.device,
+                              amp=self.amp)["accuracy"])
+
+    def on_epoch_end(self, epoch: int, record) -> None:
+        super().on_epoch_end(epoch, record)
+        sel = self.selection
+        if sel is None or (sel.at is not None and epoch + 1 not in sel.at):
+            return
+        score = self._score(record)
+        record[f"select_{sel.metric}"] = score
+        best = self._best
+        if best is None or (score > best["score"] if sel.higher_is_better else score < best["score"]):
+            self._best = {"epoch": epoch + 1, "score": score, "state": self._selectable_state()}
+
+    def checkpoint_state(self):
+        state = super().checkpoint_state()
+        state["selection"] = self._best
+        return state
+
+    def load_checkpoint_state(self, ckpt) -> None:
+        super().load_checkpoint_state(ckpt)
+        self._best = ckpt.get("selection")
+
+    def fit(self, train_loader, epochs=None, eval_loader=None, max_steps=None):
+        history = super().fit(train_loader, epochs=epochs, eval_loader=eval_loader, max_steps=max_steps)
+        total = self.epochs if epochs is None else epochs
+        if self.selection is not None and self._best is not None and self.epoch >= total:
+            self._load_selectable_state(self._best["state"])
+            self.selected = {"epoch": self._best["epoch"], "score": self._best["score"]}
+        return history
 
 
 class DictionaryLearner(PhasedDistiller):
@@ -361,6 +479,12 @@ class SRMRun(StagedRun):
         super().__init__(stages, **kwargs)
         self.pairs, self.dictionaries = pairs, dictionaries
 
+    @property
+    def selected(self) -> dict:
+        """{stage: {"epoch", "score"} or None}: the state each finished stage kept (model selection with a
+        ``val_loader``; None: its last state)."""
+        return {name: getattr(engine, "selected", None) for name, engine in self.engines.items()}
+
 
 _STUDENT_OPTIMISER_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "nesterov", "schedule", "milestones", "gamma",
                            "epochs")
@@ -369,7 +493,8 @@ _STUDENT_OPTIMISER_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "neste
 def build(teacher, student, *, input_shape=None, teacher_layers=None, student_layers=None, codeword_multiplier=2.0,
           sparsity_ratio=0.02, target="global-local", dictionary_epochs=10, dictionary_lr=1e-3, init_epochs=10,
           init_lr=1e-3, kd_epochs=20, lr=1e-3, weight_decay=1e-4, alpha=0.5, temperature=4.0, lr_steps=None,
-          checkpoint_dir=None, resume=False, log_path=None, **engine) -> SRMRun:
+          val_loader=None, select_every="phase", cache_teacher_logits=False, checkpoint_dir=None, resume=False,
+          log_path=None, **engine) -> SRMRun:
     """SRM as the official code runs it, as a :class:`~kdfast.distill.StagedRun` of three engines:
 
     * ``dictionaries`` (stage A, ``dictionary_epochs``): per matched teacher layer a dictionary of
@@ -384,7 +509,16 @@ def build(teacher, student, *, input_shape=None, teacher_layers=None, student_la
     ``lr_steps=None`` (default): each stage runs the official LR phases (:data:`OFFICIAL_PHASES`, LR / 10 at
     each phase, the Adam state cleared there as the official code re-creates its optimiser). A tuple of
     fractions instead drops the LR 10x at those fractions of every stage and keeps the optimiser state
-    (kdfast's earlier default was (0.6, 0.85)). ``input_shape`` (C, H, W) of one input is needed to match the layers
+    (kdfast's earlier default was (0.6, 0.85)).
+
+    ``val_loader`` (a DataLoader of a validation split, optional): model selection as the official trainers
+    (``Utility.py``), each stage restoring its best state when it ends: the dictionaries by their training
+    loss, the matching stage by its loss on the validation split, the KD stage by validation accuracy,
+    scored at the end of each LR phase (``select_every="phase"``, official) or after every epoch
+    (``"epoch"``, kdfast's option). Without it every stage keeps its last state. ``run.selected`` then
+    says which epoch each stage kept. ``cache_teacher_logits=True`` caches the teacher's logits in the KD
+    stage only (the other stages need its features; batches must carry an index, see
+    :class:`kdfast.distill.IndexedDataset`). ``input_shape`` (C, H, W) of one input is needed to match the layers
     (:func:`match_layers`). Engine keywords (device, seed, amp, progress, ...) apply to every stage;
     ``checkpoint_dir``/``resume`` checkpoint each stage in its own folder and resume where it stopped.
     """
@@ -408,6 +542,8 @@ def build(teacher, student, *, input_shape=None, teacher_layers=None, student_la
     s_layers = [p["student"] for p in pairs]
     s_channels = [p["student_channels"] for p in pairs]
 
+    if select_every not in ("phase", "epoch"):
+        raise ValueError(f"select_every must be 'phase' (the official code) or 'epoch', got {select_every!r}")
     official = lr_steps is None
     if not official and (not isinstance(lr_steps, (tuple, list))
                          or not all(isinstance(f, (int, float)) and 0 < f < 1 for f in lr_steps)):
@@ -423,21 +559,30 @@ def build(teacher, student, *, input_shape=None, teacher_layers=None, student_la
     def restarts(stage, epochs):
         return milestones(stage, epochs) if official else ()
 
+    def selection(stage, epochs, metric):
+        if val_loader is None:
+            return None
+        at = None if select_every == "epoch" else milestones(stage, epochs) + [epochs]
+        return Selection(metric, None if metric == "train_loss" else val_loader, at)
+
     def stage_a():
         return DictionaryLearner(teacher, student, dictionaries=dictionaries, teacher_layers=t_layers,
                                  dictionary_spec=adam("dictionaries", dictionary_epochs, dictionary_lr, 0.0),
-                                 restart_epochs=restarts("dictionaries", dictionary_epochs), **engine)
+                                 restart_epochs=restarts("dictionaries", dictionary_epochs),
+                                 selection=selection("dictionaries", dictionary_epochs, "train_loss"), **engine)
 
     def stage_b():
         loss = SRMTargetLoss(dictionaries.layers, s_channels, target)
         return PhasedDistiller(teacher, student, {"srm": loss}, feature_layers={"srm": (s_layers, t_layers)},
                                **adam("matching", init_epochs, init_lr, weight_decay),
-                               restart_epochs=restarts("matching", init_epochs), **engine)
+                               restart_epochs=restarts("matching", init_epochs),
+                               selection=selection("matching", init_epochs, "val_loss"), **engine)
 
     def stage_c():
         return PhasedDistiller(teacher, student, {"kd": KDLoss(temperature, alpha=alpha)},
                                **adam("kd", kd_epochs, lr, weight_decay), restart_epochs=restarts("kd", kd_epochs),
-                               **engine)
+                               selection=selection("kd", kd_epochs, "val_accuracy"),
+                               cache_teacher_logits=cache_teacher_logits, **engine)
 
     stages = [Stage("dictionaries", dictionary_epochs, stage_a, eval=False),
               Stage("matching", init_epochs, stage_b),
