@@ -382,7 +382,7 @@ def _kdfast_engine(case: str, teacher, student, generator, batch: int, device):
 
 
 def _official_side(case: str, teacher, student, generator):
-    """(step callable taking z) for the official iteration on copies of the modules."""
+    """(step callable taking z, the generator copy, the student copy): the official iteration on copies."""
     import copy
 
     g, s, t = copy.deepcopy(generator), copy.deepcopy(student), copy.deepcopy(teacher)
@@ -395,7 +395,7 @@ def _official_side(case: str, teacher, student, generator):
     g.train(case != "rdskd-student")
     s.train()
     state = {}
-    return lambda z: official_iteration(case, g, t, s, opt_g, opt_s, z, state, tap)
+    return (lambda z: official_iteration(case, g, t, s, opt_g, opt_s, z, state, tap)), g, s
 
 
 def time_iterations(teacher, model_kwargs, image_shape, cfg: Config, device="cpu") -> Dict[str, Any]:
@@ -436,7 +436,7 @@ def time_iterations(teacher, model_kwargs, image_shape, cfg: Config, device="cpu
         student = _student(model_kwargs).to(device)
         draws = 6 if case == "dfad" else 1
         z = torch.randn(draws * batch, 100, generator=torch.Generator().manual_seed(1)).to(device)
-        official = _official_side(case, teacher, student, plain)
+        official = _official_side(case, teacher, student, plain)[0]
         engine = _kdfast_engine(case, teacher, student, generator, batch, device)
         try:
             engine.on_epoch_start(0)
@@ -446,7 +446,7 @@ def time_iterations(teacher, model_kwargs, image_shape, cfg: Config, device="cpu
             engine.close()
         if cfg.timing_official_width:
             wide = Generator(100, size, c, OFFICIAL["ngf"], quirk).to(device)
-            row["official_width_s"] = seconds(_official_side(case, teacher, student, wide), z)
+            row["official_width_s"] = seconds(_official_side(case, teacher, student, wide)[0], z)
         row["speedup"] = row["official_s"] / row["kdfast_s"]
         rows[case] = row
         _log(f"timing {case}: kdfast {row['kdfast_s']:.3f} s, official {row['official_s']:.3f} s per iteration"
