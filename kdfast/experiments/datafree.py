@@ -561,7 +561,7 @@ def plot_sensitivity(sens: Dict[str, Dict[str, Any]], path: str) -> str:
             ax.legend(fontsize=7)
         ax.set_title(f"{LABELS[m]}: spread {100 * s['weights']['max_minus_min']:.1f} pts (weights)", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("final test accuracy (%); band: defaults ± seed std")
+    axes[0][0].set_ylabel("final test accuracy (%)\nband: defaults, mean ± seed std", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -619,6 +619,20 @@ def _measure(r: Dict[str, Any], teacher, test_set, cfg: Config, num_classes: int
         r["samples"] = os.path.basename(sample_path)
 
 
+def _check_same_config(store: "protocol.RunStore", cfg: Config, dataset: str) -> None:
+    """Finished runs are reused only by the configuration that made them: ``<out>/runs/config.json``
+    records it, and another configuration in the same directory is refused."""
+    import dataclasses
+    import json
+
+    mine = json.loads(json.dumps(common.json_safe({"dataset": dataset, **dataclasses.asdict(cfg)})))
+    stored = store.run("config", lambda: mine)
+    if stored != mine:
+        changed = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+        raise ValueError(f"out_dir {os.path.dirname(store.root)} holds runs of another configuration (differs in "
+                         f"{', '.join(changed)}): use another --out, or delete that directory to start afresh")
+
+
 def _record(r: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in r.items() if k not in ("student", "generator")}
 
@@ -645,6 +659,7 @@ def run_config(out_dir: str, cfg: Config, *, device="cpu", quick: bool = False, 
     _log(f"teacher {teacher_name}-{teacher_width:g}: {100 * teacher_acc:.2f}% "
          + ("(cached)" if cache["cached"] else f"(trained in {cache['train_s']:.0f} s)"))
     store = protocol.RunStore(out_dir)
+    _check_same_config(store, cfg, dataset)
     t_runs = time.perf_counter()
 
     timing = None
@@ -806,7 +821,7 @@ def report(res: Dict[str, Any], cfg: Config) -> str:
         f"{res['runs_time_s'] / 60:.1f} min for the runs (teacher apart: "
         f"{teacher_time}). "
         f"Images {res['data']['image_size']}x{res['data']['image_size']}"
-        + (f" (zero-padded to {geo['pad_to']})" if geo["pad_to"] else "")
+        + (" (28x28 zero-padded, as LeNet-5 reads MNIST in the papers)" if geo["pad_to"] else "")
         + f"; teacher {teacher['model'][0]} width {teacher['model'][1]:g} trained with data: "
         f"{_pct(teacher['accuracy'])}% test accuracy; students LeNet-5-half (lenet5 width {STUDENT_WIDTH}), seeds "
         f"{res['seeds']}. The data-free students never see a training image; the two KD bounds use soft targets "

@@ -131,6 +131,10 @@ def test_a_rerun_skips_the_finished_runs(tmp_path, monkeypatch):
     (tmp_path / "exp" / "runs" / "dfad-seed0.json").unlink()
     exp.run_config(out, exp.tiny_config(), device="cpu", quick=True)
     assert calls == ["dfad"]
+    other = exp.tiny_config()
+    other.batch_size = 4
+    with pytest.raises(ValueError, match="holds runs of another configuration \\(differs in batch_size\\)"):
+        exp.run_config(out, other, device="cpu", quick=True)
 
 
 def _rec(method, acc, seed=0, setting=None, entropy=None, distance=None):
