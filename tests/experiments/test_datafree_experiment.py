@@ -63,7 +63,7 @@ def test_fashion_mnist_runs_at_the_papers_geometry(tmp_path, monkeypatch):
     for name in ("report.md", "results.json", "samples.png", "accuracy_curves.png", "sensitivity.png", "diversity.png"):
         assert (tmp_path / "exp" / name).exists(), name
     report = (tmp_path / "exp" / "report.md").read_text()
-    assert "zero-padded to 32" in report and "## Verdicts" in report and "official at ngf" not in report
+    assert "28x28 zero-padded" in report and "## Verdicts" in report and "official at ngf" not in report
     assert set(res["timing"]["cases"]) == set(exp.TIMED_CASES)
     for run in res["methods"]["dafl"]["convergence"]:
         assert set(run) >= {"moved", "converged"}
