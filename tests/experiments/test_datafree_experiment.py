@@ -39,7 +39,7 @@ import inspect  # noqa: E402
 import pytest  # noqa: E402
 
 from kdfast.experiments import protocol  # noqa: E402
-from kdfast.methods import dafl, datafree_base, dfad, rdskd  # noqa: E402
+from kdfast.methods import dafl, datafree_base, rdskd  # noqa: E402
 from kdfast.testing import baselines  # noqa: E402
 
 
