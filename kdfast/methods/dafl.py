@@ -83,7 +83,7 @@ def generator_objective(losses: Dict[str, torch.Tensor], oh: float = 1.0, ie: fl
 #: noise batch per step; the engine's keywords (lr, epochs, seed, checkpoint_dir, ...) pass through, with
 #: ENGINE_DEFAULTS (the official student optimizer) where not given.
 OPTIONS = {
-    "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": True,
+    "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": True, "channels_last": False,
     "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 120, "lr_g": 0.2, "oh": 1.0, "ie": 5.0, "a": 0.1,
     "feature_layer": None,
 }
@@ -132,7 +132,8 @@ class DAFLDistiller(GeneratorDistiller):
 def build(teacher, student, **options) -> DAFLDistiller:
     """A DAFL engine with a fresh :class:`~kdfast.methods.datafree_base.Generator` (see OPTIONS)."""
     o, engine = split_options(options, OPTIONS, ENGINE_DEFAULTS)
-    generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"])
+    generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"],
+                          o["channels_last"])
     num_classes = infer_num_classes(teacher, generator.image_shape)
     return DAFLDistiller(
         teacher, student, generator=generator, num_classes=num_classes, batch_size=o["batch_size"],

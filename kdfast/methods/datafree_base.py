@@ -49,6 +49,9 @@ class Generator(nn.Module):
         ngf: base width: the blocks have 2 * ngf and ngf channels (official: 128 and 64, ngf = 64).
         bn_eps_quirk: use eps = 0.8 in the two conv-block BatchNorms as the DAFL and RDSKD code does
             (``nn.BatchNorm2d(128, 0.8)``); False gives PyTorch's default 1e-5 (DFAD's GeneratorA).
+        channels_last: keep the convolution weights and activations in the channels-last memory
+            layout (same values; on 2 CPU cores one forward + backward at batch 512 and 32x32 ran
+            about 2x faster: the upsampled 3x3 convolutions dominate the cost and oneDNN prefers NHWC).
 
     The last layer is a BatchNorm without affine parameters after the tanh, as in all three
     repositories: in train mode each batch of images is standardised per channel.
@@ -56,7 +59,7 @@ class Generator(nn.Module):
     """
 
     def __init__(self, latent_dim: int = 100, image_size: int = 32, channels: int = 1, ngf: int = 64,
-                 bn_eps_quirk: bool = False):
+                 bn_eps_quirk: bool = False, channels_last: bool = False):
         super().__init__()
         self.latent_dim = _positive_int("latent_dim", latent_dim)
         self.image_size = _positive_int("image_size", image_size)
@@ -76,6 +79,9 @@ class Generator(nn.Module):
                                     nn.BatchNorm2d(ngf, eps=eps), nn.LeakyReLU(0.2, inplace=True))
         self.to_image = nn.Sequential(nn.Conv2d(ngf, channels, 3, padding=1), nn.Tanh(),
                                       nn.BatchNorm2d(channels, affine=False))
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @property
     def image_shape(self) -> tuple:
@@ -90,11 +96,13 @@ class Generator(nn.Module):
             raise ValueError(f"z must have shape (B, {self.latent_dim}) or (B, {self.latent_dim}, 1, 1) with "
                              f"B >= 1, got {tuple(z.shape)}")
         x = self.project(z).view(z.shape[0], 2 * self.ngf, self.init_size, self.init_size)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.to_image(self.block2(self.block1(self.bn0(x))))
 
     def extra_repr(self) -> str:
         return (f"latent_dim={self.latent_dim}, image_shape={self.image_shape}, ngf={self.ngf}, "
-                f"bn_eps_quirk={self.bn_eps_quirk}")
+                f"bn_eps_quirk={self.bn_eps_quirk}" + (", channels_last=True" if self.channels_last else ""))
 
 
 class PenultimateTap:
@@ -283,7 +291,7 @@ class _Frozen:
 # The option types every data-free method shares (the generator and the noise batches).
 GENERATOR_OPTION_TYPES = {
     "latent_dim": T.POSITIVE_INT, "image_size": T.POSITIVE_INT, "channels": T.POSITIVE_INT, "ngf": T.POSITIVE_INT,
-    "bn_eps_quirk": T.BOOL, "batch_size": T.POSITIVE_INT, "collapse_warmup": T.NON_NEGATIVE_INT,
+    "bn_eps_quirk": T.BOOL, "channels_last": T.BOOL, "batch_size": T.POSITIVE_INT, "collapse_warmup": T.NON_NEGATIVE_INT,
     "steps_per_epoch": T.POSITIVE_INT,
 }
 

@@ -40,7 +40,7 @@ def discrepancy(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
 #: Scaled for kdfast's digits and 2 CPU cores: batch 128, ngf 16, 10 epochs; the rest as the code.
 #: ``batch_size`` is the noise batch of each of the 6 draws per step; engine keywords pass through.
 OPTIONS = {
-    "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": False,
+    "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": False, "channels_last": False,
     "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 50, "student_steps": STUDENT_STEPS, "lr_g": 1e-3,
 }
 OPTION_TYPES = {**GENERATOR_OPTION_TYPES, "student_steps": T.POSITIVE_INT, "lr_g": T.POSITIVE}  # check_options
@@ -93,7 +93,8 @@ class DFADDistiller(GeneratorDistiller):
 def build(teacher, student, **options) -> DFADDistiller:
     """A DFAD engine with a fresh GeneratorA-style :class:`~kdfast.methods.datafree_base.Generator` (see OPTIONS)."""
     o, engine = split_options(options, OPTIONS, ENGINE_DEFAULTS)
-    generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"])
+    generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"],
+                          o["channels_last"])
     num_classes = infer_num_classes(teacher, generator.image_shape)
     return DFADDistiller(
         teacher, student, generator=generator, num_classes=num_classes, batch_size=o["batch_size"],

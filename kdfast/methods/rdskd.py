@@ -2,7 +2,8 @@
 
 The generator seeks authenticity (the teacher is confident), class diversity (balanced classes)
 and inter-sample diversity (images far apart relative to how far apart the teacher's outputs are),
-with no loss weights: each of the first two losses enters as exp(loss - its value at a reference
+with no loss weights (kdfast adds optional ones, 1 by default, to test that claim): each of the first
+two losses enters as exp(loss - its value at a reference
 iteration), which penalises increments exponentially. The generator is trained first (teacher
 frozen), then the student against the frozen generator with KD at T = 10 and the T^2 factor.
 Formulas as the official code computes them (PengchaoHan/RDSKD ``generator-train.py``):
@@ -68,16 +69,22 @@ def generator_losses(t_logits_1: torch.Tensor, t_logits_2: torch.Tensor, x_1: to
 
 
 def generator_objective(losses: Mapping[str, torch.Tensor],
-                        previous: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
-    """exp(one_hot - prev) + exp(class_diversity - prev) + sample_diversity; ``previous`` holds the
-    reference values of "one_hot" and "class_diversity" (None or missing: 0, the code's start)."""
+                        previous: Optional[Mapping[str, torch.Tensor]] = None, oh: float = 1.0, cd: float = 1.0,
+                        sd: float = 1.0) -> torch.Tensor:
+    """oh * exp(one_hot - prev) + cd * exp(class_diversity - prev) + sd * sample_diversity; ``previous``
+    holds the reference values of "one_hot" and "class_diversity" (None or missing: 0, the code's start).
+
+    The official objective has no weights (oh = cd = sd = 1, the defaults). The weights exist so that
+    RDSKD's claim of robustness to hyper-parameter settings can be tested on the same relative steps as
+    DAFL's loss weights (kdfast's data-free experiment); they are the counterparts of DAFL's oh / ie / a.
+    """
     previous = previous or {}
     prev_oh = previous.get("one_hot", 0.0)
     prev_cd = previous.get("class_diversity", 0.0)
     prev_oh = prev_oh.detach() if isinstance(prev_oh, torch.Tensor) else prev_oh
     prev_cd = prev_cd.detach() if isinstance(prev_cd, torch.Tensor) else prev_cd
-    return (torch.exp(losses["one_hot"] - prev_oh) + torch.exp(losses["class_diversity"] - prev_cd)
-            + losses["sample_diversity"])
+    return (oh * torch.exp(losses["one_hot"] - prev_oh) + cd * torch.exp(losses["class_diversity"] - prev_cd)
+            + sd * losses["sample_diversity"])
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -88,13 +95,15 @@ def generator_objective(losses: Mapping[str, torch.Tensor],
 #: Scaled for kdfast's digits and 2 CPU cores: batch 128, ngf 16, 4 generator epochs, 20 student
 #: epochs; the rest as the code. ``epochs`` (an engine keyword) is the student stage's; engine keywords
 #: pass through to both stages' engines, except checkpoint_dir / resume / log_path (the StagedRun's).
+#: ``oh`` / ``cd`` / ``sd``: weights of the three generator terms, 1 in the code (:func:`generator_objective`).
 OPTIONS = {
-    "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": True,
+    "latent_dim": 100, "image_size": 16, "channels": 1, "ngf": 16, "bn_eps_quirk": True, "channels_last": False,
     "batch_size": 128, "collapse_warmup": 1, "steps_per_epoch": 120, "generator_epochs": 4, "lr_g": 1e-3, "temperature": 10.0,
-    "refresh_iteration": 1,
+    "refresh_iteration": 1, "oh": 1.0, "cd": 1.0, "sd": 1.0,
 }
 OPTION_TYPES = {**GENERATOR_OPTION_TYPES, "generator_epochs": T.POSITIVE_INT, "lr_g": T.POSITIVE,
-                "temperature": T.POSITIVE, "refresh_iteration": T.POSITIVE_INT}  # checked by check_options
+                "temperature": T.POSITIVE, "refresh_iteration": T.POSITIVE_INT,
+                "oh": T.NON_NEGATIVE, "cd": T.NON_NEGATIVE, "sd": T.NON_NEGATIVE}  # checked by check_options
 ENGINE_DEFAULTS = {"optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "epochs": 20}
 _RUN_KEYS = ("checkpoint_dir", "resume", "log_path")
 
@@ -107,8 +116,10 @@ class RDSKDGeneratorStage(GeneratorDistiller):
     refreshed after iteration ``refresh_iteration`` of every epoch (the code: ``if i == 1``) and are
     part of the checkpoint, so a resumed run is exact. The student is not touched."""
 
-    def __init__(self, teacher, student, *, refresh_iteration: int = 1, **kwargs):
+    def __init__(self, teacher, student, *, refresh_iteration: int = 1, oh: float = 1.0, cd: float = 1.0,
+                 sd: float = 1.0, **kwargs):
         super().__init__(teacher, student, **kwargs)
+        self.weights = {"oh": float(oh), "cd": float(cd), "sd": float(sd)}
         if self.noise_batch < 2 or self.noise_batch % 2:
             raise ValueError(f"batch_size must be even (two halves), got {self.noise_batch}")
         self.refresh_iteration = int(refresh_iteration)
@@ -124,7 +135,7 @@ class RDSKDGeneratorStage(GeneratorDistiller):
         t_logits = self.teacher_logits(x)
         half = x.shape[0] // 2
         losses = generator_losses(t_logits[:half], t_logits[half:], x[:half], x[half:])
-        loss = generator_objective(losses, self.previous)
+        loss = generator_objective(losses, self.previous, **self.weights)
         self.monitor.update(t_logits, x)
         self.backward_step(loss, "generator")
         if self._iteration == self.refresh_iteration:
@@ -162,13 +173,15 @@ def build(teacher, student, **options):
     o, engine = split_options(options, OPTIONS, ENGINE_DEFAULTS)
     run_kw = {k: engine.pop(k) for k in _RUN_KEYS if k in engine}
     epochs = engine.pop("epochs")
-    generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"])
+    generator = Generator(o["latent_dim"], o["image_size"], o["channels"], o["ngf"], o["bn_eps_quirk"],
+                          o["channels_last"])
     num_classes = infer_num_classes(teacher, generator.image_shape)
     common = dict(generator=generator, num_classes=num_classes, batch_size=o["batch_size"],
                   steps_per_epoch=o["steps_per_epoch"], **engine)
 
     def generator_stage():
         return RDSKDGeneratorStage(teacher, student, gen_lr=o["lr_g"], refresh_iteration=o["refresh_iteration"],
+                                   oh=o["oh"], cd=o["cd"], sd=o["sd"],
                                    epochs=o["generator_epochs"], collapse_warmup=o["collapse_warmup"], **common)
 
     def student_stage():

@@ -613,3 +613,45 @@ def test_registry_and_options():
     with pytest.raises(ValueError, match="needs a teacher"):
         dfad.DFADDistiller(None, student, generator=_models()[2], num_classes=4, batch_size=4, steps_per_epoch=1,
                            gen_lr=1e-3, **QUIET)
+
+
+# ------------------------------------------------------------------------------------------ RDSKD's weights, layout
+def test_rdskd_weights_default_to_the_official_objective_and_scale_each_term():
+    t1, t2, x1, x2 = _halves(6, 5, dtype=torch.float32)
+    losses = rdskd.generator_losses(t1, t2, x1, x2)
+    prev = {"one_hot": torch.tensor(0.3), "class_diversity": torch.tensor(-1.0)}
+    official = rdskd.generator_objective(losses, prev)
+    torch.testing.assert_close(rdskd.generator_objective(losses, prev, oh=1.0, cd=1.0, sd=1.0), official)
+    terms = {"oh": torch.exp(losses["one_hot"] - 0.3), "cd": torch.exp(losses["class_diversity"] + 1.0),
+             "sd": losses["sample_diversity"]}
+    for knob, term in terms.items():
+        torch.testing.assert_close(rdskd.generator_objective(losses, prev, **{knob: 10.0}), official + 9.0 * term)
+
+
+def test_rdskd_build_passes_the_weights_to_the_generator_stage():
+    teacher, student, _ = _models(4)
+    run = rdskd.build(teacher, student, image_size=8, ngf=4, latent_dim=8, batch_size=4, steps_per_epoch=1,
+                      generator_epochs=1, epochs=1, oh=0.1, cd=10.0, sd=3.0, **QUIET)
+    stage = run.stages[0].build()
+    assert stage.weights == {"oh": 0.1, "cd": 10.0, "sd": 3.0}
+    stage.close()
+    with pytest.raises(ValueError, match="option cd must be"):
+        methods.check_options("rdskd", {"cd": -1.0})
+
+
+@pytest.mark.parametrize("quirk", [False, True])
+def test_channels_last_generator_equals_the_plain_one(quirk):
+    torch.manual_seed(0)
+    plain = datafree_base.Generator(16, 16, 1, 8, quirk)
+    fast = datafree_base.Generator(16, 16, 1, 8, quirk, channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    assert fast.block1[1].weight.is_contiguous(memory_format=torch.channels_last)
+    z = torch.randn(6, 16)
+    a, b = plain(z), fast(z)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(a)  # (the squared sum of the output's last, affine-free BatchNorm is a constant)
+    (a * w).sum().backward()
+    (b * w).sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-3, msg=name)  # gradients up to ~200
+    assert "channels_last=True" in repr(fast)
