@@ -547,9 +547,12 @@ void fused_tile(const FusedArgs<T>& p, const Geometry& g, const TileSizes& cap, 
         if (g.sw == 1) {
           std::memcpy(plane_of(ri, pr % g.sh, 0) + (pr / g.sh) * g.wq + g.pw, src, sizeof(T) * g.w);
         } else {
-          for (int64_t iw = 0; iw < g.w; ++iw) {
-            const int64_t pc = iw + g.pw;
-            plane_of(ri, pr % g.sh, pc % g.sw)[(pr / g.sh) * g.wq + pc / g.sw] = src[iw];
+          // Column phase b holds the padded columns b, b + sw, ...: one strided pass per phase, with
+          // no division per element (this loop dominated stride-2 layers' time).
+          for (int64_t b = 0; b < g.sw; ++b) {
+            const int64_t iw0 = ((b - g.pw) % g.sw + g.sw) % g.sw;  // first iw with (iw + pw) % sw == b
+            T* dst = plane_of(ri, pr % g.sh, b) + (pr / g.sh) * g.wq + (iw0 + g.pw) / g.sw;
+            for (int64_t iw = iw0, q = 0; iw < g.w; iw += g.sw, ++q) dst[q] = src[iw];
           }
         }
       }
