@@ -698,22 +698,12 @@ def _run_costs(runs: list, cfg: ReproductionConfig) -> dict:
 def _check_same_protocol(out_dir: str, cfg: ReproductionConfig, dataset: str, n_train: int, n_test: int) -> None:
     """The stored runs of ``out_dir`` are reused only under the protocol that made them: ``protocol.json``
     records it (seeds aside: adding a seed adds runs), and another protocol is refused before any training."""
-    import json
-
     current = {**asdict(cfg), "dataset": dataset, "train_images": n_train, "test_images": n_test}
     current.pop("seeds")
-    current = json.loads(json.dumps(current))  # tuples as lists, as read back
-    path = os.path.join(out_dir, "protocol.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            saved = json.load(fh)
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if changed:
-            raise ValueError(f"{out_dir} holds runs of another protocol (it differs in {', '.join(changed)}): "
-                             "choose another --out, or delete that folder to start afresh")
-        return
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(current, fh, indent=1)
+    changed = protocol.settings_differ(os.path.join(out_dir, "protocol.json"), current)
+    if changed:
+        raise ValueError(f"{out_dir} holds runs of another protocol (it differs in {', '.join(changed)}): "
+                         "choose another --out, or delete that folder to start afresh")
 
 
 def reproduce(cfg: ReproductionConfig, out_dir: str, device, *, dataset: str = "fashion-mnist", train=None,

@@ -625,12 +625,9 @@ def _check_same_config(store: "protocol.RunStore", cfg: Config, dataset: str) ->
     """Finished runs are reused only by the configuration that made them: ``<out>/runs/config.json``
     records it, and another configuration in the same directory is refused."""
     import dataclasses
-    import json
 
-    mine = json.loads(json.dumps(common.json_safe({"dataset": dataset, **dataclasses.asdict(cfg)})))
-    stored = store.run("config", lambda: mine)
-    if stored != mine:
-        changed = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+    changed = protocol.settings_differ(store.path("config"), {"dataset": dataset, **dataclasses.asdict(cfg)})
+    if changed:
         raise ValueError(f"out_dir {os.path.dirname(store.root)} holds runs of another configuration (differs in "
                          f"{', '.join(changed)}): use another --out, or delete that directory to start afresh")
 

@@ -776,13 +776,8 @@ def _check_same_protocol(store, cfg, dataset, train_set, test_set) -> None:
     """Finished runs are reused only by the same protocol: the first call records its settings in the
     store; a later call with other settings (seeds and device aside) in the same directory stops."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("seeds", "device")}
-    settings = json.loads(json.dumps(common.json_safe({**settings, "dataset": dataset, "train": len(train_set),
-                                                       "test": len(test_set)}), default=str))
-    recorded = store.get("protocol")
-    if recorded is None:
-        store.put("protocol", settings)
-        return
-    differ = sorted(k for k in set(settings) | set(recorded) if settings.get(k) != recorded.get(k))
+    settings = {**settings, "dataset": dataset, "train": len(train_set), "test": len(test_set)}
+    differ = protocol.settings_differ(store.path("protocol"), settings)
     if differ:
         raise ValueError(f"{os.path.dirname(store.root)} holds runs of another kd protocol (settings that differ: "
                          f"{', '.join(differ)}); use another --out directory, or delete that one to start afresh")

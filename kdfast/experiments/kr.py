@@ -18,7 +18,6 @@ not state is an interpretation, named in :data:`INTERPRETATIONS` and in the repo
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -387,18 +386,10 @@ def _plot_sparsity(runs, path, title):
 def _check_config(out_dir: str, record: Dict[str, Any]) -> None:
     """Refuse to mix runs of two configurations in one output directory (a resumed experiment must use the
     same settings); the first run writes ``config.json``."""
-    path = os.path.join(out_dir, "config.json")
-    record = json.loads(json.dumps(common.json_safe(record)))
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            saved = json.load(fh)
-        if saved != record:
-            differ = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
-            raise ValueError(f"{out_dir} holds runs of another configuration (differing: {', '.join(differ)}); "
-                             "pass another --out, or delete the directory to start over")
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    common.write_json(path, record)
+    differ = protocol.settings_differ(os.path.join(out_dir, "config.json"), record)
+    if differ:
+        raise ValueError(f"{out_dir} holds runs of another configuration (differing: {', '.join(differ)}); "
+                         "pass another --out, or delete the directory to start over")
 
 
 def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = "quick", seeds=None,

@@ -107,24 +107,21 @@ class RunStore:
         self.root = os.path.join(os.fspath(out_dir), "runs")
         os.makedirs(self.root, exist_ok=True)
 
-    def _path(self, key: str) -> str:
+    def path(self, key: str) -> str:
+        """The JSON file of ``key`` (a plain file name) under ``<out_dir>/runs/``."""
         if not key or any(c in key for c in "/\\") or key.startswith("."):
             raise ValueError(f"key must be a plain file name, got {key!r}")
         return os.path.join(self.root, key + ".json")
 
     def get(self, key: str) -> Optional[Dict[str, Any]]:
-        path = self._path(key)
+        path = self.path(key)
         if not os.path.exists(path):
             return None
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
 
     def put(self, key: str, record: Dict[str, Any]) -> Dict[str, Any]:
-        path = self._path(key)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(common.json_safe(record), fh, indent=1, allow_nan=False, default=str)
-        os.replace(tmp, path)
+        _write_atomic(self.path(key), record)
         return record
 
     def run(self, key: str, train: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
@@ -133,13 +130,34 @@ class RunStore:
         return done if done is not None else self.put(key, train())
 
     def checkpoint_dir(self, key: str) -> str:
-        self._path(key)  # validates the key
+        self.path(key)  # validates the key
         path = os.path.join(os.path.dirname(self.root), "checkpoints", key)
         os.makedirs(path, exist_ok=True)
         return path
 
     def keys(self) -> List[str]:
         return sorted(f[:-5] for f in os.listdir(self.root) if f.endswith(".json"))
+
+
+def _write_atomic(path: str, record: Dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(common.json_safe(record), fh, indent=1, allow_nan=False, default=str)
+    os.replace(tmp, path)
+
+
+def settings_differ(path: str, settings: Dict[str, Any]) -> List[str]:
+    """The keys in which ``settings`` differ from the ones recorded in the JSON file ``path`` by the run that
+    made an output directory (sorted; [] when they agree). The first call records them. Experiments
+    refuse to mix stored runs of two settings in one directory with it, each in its own words."""
+    settings = json.loads(json.dumps(common.json_safe(settings), default=str))
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _write_atomic(path, settings)
+        return []
+    with open(path, encoding="utf-8") as fh:
+        saved = json.load(fh)
+    return sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
 
 
 def tail_table(curves: Dict[str, Sequence[Sequence[float]]], tail: float = 0.2) -> Tuple[List[str], bool]:
