@@ -726,6 +726,24 @@ def tune_fsp(teacher, student0, train_set, val_set, cfg, kd_setting: dict, store
                  store, base=kd_setting)
 
 
+def tuned_recipes(methods, kd_setting: dict, fsp_tuning: dict | None) -> dict:
+    """{recipe: description} with the weights the reproduction used: KD's tuned T and alpha, the papers'
+    NST and AT weights, FSP's tuned weight (RECIPES describes the defaults of ``kdfast.methods.kd``)."""
+    t, a = kd_setting["temperature"], kd_setting["alpha"]
+    kd = f"{a:g} T^2 KL(T={t:g}) + {1 - a:.2g} CE (kdfast.losses.KDLoss, T and weight tuned on validation)"
+    fsp = None if not fsp_tuning else fsp_tuning["best"]["fsp_weight"]
+    described = {
+        "ce": RECIPES["ce"][1],
+        "kd": f"Hinton KD from the teacher: {kd}",
+        "kd_nst": "KD + 50 x NST (poly kernel) on the stage outputs (kdfast.losses.NSTLoss)",
+        "kd_at": "KD + attention transfer, beta = 1000, on the stage outputs (kdfast.losses.ATLoss)",
+        "kd_fsp": f"KD + {fsp:g} x FSP (Yim et al., CVPR 2017: the flow matrices of consecutive stage outputs "
+                  "summed over their entries; weight tuned on validation) (kdfast.losses.FSPLoss)"
+                  if fsp is not None else RECIPES["kd_fsp"][1],
+    }
+    return {m: described[m] for m in methods}
+
+
 # ---------------------------------------------------------------------------------------------- claims
 def _metrics(cfg) -> list:
     """(key, label) of every accuracy a claim is tested on: clean, FGSM and PGD-k at each eps."""
@@ -892,7 +910,7 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
         "teacher": {"recipe": teacher_recipe, "test_accuracy": teacher_acc, **teacher_info},
         "decomposition": _report_to_dict(dec_report),
         "models": models_info,
-        "methods": {m: RECIPES[m][1] for m in cfg.methods},
+        "methods": tuned_recipes(cfg.methods, tuning["best"], fsp_tuning),
         "tuning": tuning,
         "tuning_fsp": fsp_tuning,
         "runs": runs,
@@ -1006,6 +1024,12 @@ def _ranks_phrase(decomposition: dict) -> str:
     return text
 
 
+def _tied(tuning: dict) -> bool:
+    """Did another setting of the grid score exactly as well as the chosen one?"""
+    scores = [r["val_accuracy"] for r in tuning["table"]]
+    return scores.count(max(scores)) > 1
+
+
 def render_reproduction(results: dict) -> str:
     """report.md of ``kdfast experiment kd``."""
     cfg, data, teacher = results["config"], results["data"], results["teacher"]
@@ -1071,7 +1095,8 @@ def render_reproduction(results: dict) -> str:
     if fsp:
         lines += ["", "FSP's own weight (1 on the sum over Gram entries, Yim et al.) made the KD+FSP loss non-finite in "
                   "the first epoch on this student, so its weight is chosen on the validation split too (with the "
-                  f"tuned KD term; a run that diverges scores 0): **{fsp['best']['fsp_weight']:g}**.", "",
+                  f"tuned KD term; a run that diverges scores 0): **{fsp['best']['fsp_weight']:g}**"
+                  + (" (a tie: the first of the grid is kept)" if _tied(fsp) else "") + ".", "",
                   "| FSP weight | validation accuracy (%) |", "|---:|---:|"]
         lines += [f"| {r['setting']['fsp_weight']:g} | {100 * r['val_accuracy']:.2f} |" for r in fsp["table"]]
     lines += ["", "## Accuracy (%), mean ± std over seeds", "",

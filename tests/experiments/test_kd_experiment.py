@@ -48,6 +48,11 @@ def test_run_records_the_command_and_every_recipe(tiny_run):
     # KD+FSP: the tuned KD term plus the FSP weight chosen on the validation split
     assert saved["tuning_fsp"]["scored_on"] == "validation"
     assert saved["runs"]["kd_fsp"][0]["options"] == {**saved["tuning"]["best"], **saved["tuning_fsp"]["best"]}
+    # the report describes the recipes with the weights they ran with, not the method's defaults
+    best, fsp = saved["tuning"]["best"], saved["tuning_fsp"]["best"]["fsp_weight"]
+    report = (out / "report.md").read_text()
+    assert f"{best['alpha']:g} T^2 KL(T={best['temperature']:g})" in report
+    assert f"KD + {fsp:g} x FSP" in report and "lambda = 1 as in the paper" not in report
 
 
 def test_rerun_skips_finished_runs_and_resumes_from_engine_checkpoints(tiny_run, monkeypatch):
