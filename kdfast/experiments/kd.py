@@ -733,10 +733,8 @@ def tuned_recipes(methods, kd_setting: dict, fsp_tuning: dict | None) -> dict:
     kd = f"{a:g} T^2 KL(T={t:g}) + {1 - a:.2g} CE (kdfast.losses.KDLoss, T and weight tuned on validation)"
     fsp = None if not fsp_tuning else fsp_tuning["best"]["fsp_weight"]
     described = {
-        "ce": RECIPES["ce"][1],
+        **{m: description for m, (_, description) in RECIPES.items()},  # CE, NST and AT keep their defaults
         "kd": f"Hinton KD from the teacher: {kd}",
-        "kd_nst": "KD + 50 x NST (poly kernel) on the stage outputs (kdfast.losses.NSTLoss)",
-        "kd_at": "KD + attention transfer, beta = 1000, on the stage outputs (kdfast.losses.ATLoss)",
         "kd_fsp": f"KD + {fsp:g} x FSP (Yim et al., CVPR 2017: the flow matrices of consecutive stage outputs "
                   "summed over their entries; weight tuned on validation) (kdfast.losses.FSPLoss)"
                   if fsp is not None else RECIPES["kd_fsp"][1],
