@@ -142,8 +142,8 @@ def validate_config(cfg: Any) -> Dict[str, Any]:
     _check_data(out["data"])
     if out["schedule"] is not None:
         sched = out["schedule"]
-        if sched["name"] not in ("step", "cosine"):
-            raise ConfigError(f"schedule.name must be 'step' or 'cosine', got {sched['name']!r}")
+        if sched["name"] not in ("step", "cosine", "cosine_steps"):
+            raise ConfigError(f"schedule.name must be 'step', 'cosine' or 'cosine_steps', got {sched['name']!r}")
         if sched["name"] == "step" and not sched["milestones"]:
             raise ConfigError("schedule.milestones is required for schedule.name 'step' (a list of epochs)")
         if sched["milestones"] is not None and not all(

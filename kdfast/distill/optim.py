@@ -8,13 +8,19 @@ import torch
 from torch import nn
 
 
+#: The schedule stepped after every training step instead of once per epoch.
+STEPWISE = "cosine_steps"
+
+
 @dataclass
 class OptimizerSpec:
-    """How to build one optimizer and its LR schedule (stepped once per epoch).
+    """How to build one optimizer and its LR schedule.
 
     ``optimizer``: "sgd" | "adam" | callable(params) -> torch.optim.Optimizer.
     ``schedule``: None | "step" (MultiStepLR(milestones, gamma)) | "cosine" (T_max = epochs) |
-    callable(optimizer) -> LR scheduler.
+    callable(optimizer) -> LR scheduler, each stepped once per epoch; or "cosine_steps": cosine annealing
+    over every training step of the run (T_max = epochs x steps per epoch), stepped after each step, so
+    the LR falls smoothly to 0 within the last epoch instead of staying at one value per epoch.
     """
 
     optimizer: Union[str, Callable] = "sgd"
@@ -36,14 +42,15 @@ class OptimizerSpec:
             if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr >= 0:
                 raise ValueError(f"{prefix}lr must be a non-negative number, got {self.lr!r}")
         sched = self.schedule
-        if sched is None or callable(sched) or sched == "cosine":
+        if sched is None or callable(sched) or sched in ("cosine", STEPWISE):
             return
         if sched == "step":
             if self.milestones is None or not all(isinstance(m, int) and m > 0 for m in self.milestones):
                 raise ValueError(f"{prefix}schedule='step' needs milestones, a list of positive epoch numbers, "
                                  f"got {self.milestones!r}")
             return
-        raise ValueError(f"{prefix}schedule must be 'step', 'cosine', None or a callable(optimizer) -> scheduler, "
+        raise ValueError(f"{prefix}schedule must be 'step', 'cosine', '{STEPWISE}', None or a callable(optimizer) "
+                         "-> scheduler, "
                          f"got {sched!r}")
 
     def build_optimizer(self, params) -> torch.optim.Optimizer:
@@ -58,13 +65,23 @@ class OptimizerSpec:
                                    nesterov=self.nesterov)
         return torch.optim.Adam(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
 
-    def build_scheduler(self, optimizer: torch.optim.Optimizer, epochs: int):
+    @property
+    def per_step(self) -> bool:
+        """Whether the schedule is stepped after every training step (else once per epoch)."""
+        return self.schedule == STEPWISE
+
+    def build_scheduler(self, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: Optional[int] = None):
         if self.schedule is None:
             return None
         if callable(self.schedule):
             return self.schedule(optimizer)
         if self.schedule == "step":
             return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(self.milestones), gamma=self.gamma)
+        if self.per_step:
+            if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+                raise ValueError(f"schedule={STEPWISE!r} needs the number of steps per epoch (an int >= 1), "
+                                 f"got {steps_per_epoch!r}")
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
 
 

@@ -243,9 +243,10 @@ class Distiller:
     optimizer : "sgd" | "adam" | callable(params) -> torch.optim.Optimizer
         With ``lr``, ``momentum`` (SGD), ``weight_decay``, ``nesterov`` (SGD). ``params`` for a callable
         is the list of trainable parameters (student, then loss modules).
-    schedule : "step" | "cosine" | None | callable(optimizer) -> LR scheduler
+    schedule : "step" | "cosine" | "cosine_steps" | None | callable(optimizer) -> LR scheduler
         Stepped once per epoch. "step": MultiStepLR(``milestones``, ``gamma``); "cosine":
-        CosineAnnealingLR(T_max = epochs).
+        CosineAnnealingLR(T_max = epochs). "cosine_steps": CosineAnnealingLR over every training step
+        (T_max = epochs x batches per epoch), stepped after each step: the LR reaches 0 at the end.
     epochs : default number of epochs for :meth:`fit`.
     max_steps : default for :meth:`fit`: stop once the student has taken this many optimiser steps in
         all (None: no limit), mid-epoch if need be; a checkpoint is written there and a later run with
@@ -558,9 +559,14 @@ class Distiller:
         """The student's optimizer over ``params`` (the Distiller's optimizer/lr/... arguments)."""
         return self._student_spec.build_optimizer(params)
 
-    def build_scheduler(self, optimizer, epochs: int):
-        """The student's LR schedule (the Distiller's schedule/milestones/gamma), stepped once per epoch."""
-        return self._student_spec.build_scheduler(optimizer, epochs)
+    def build_scheduler(self, optimizer, epochs: int, steps_per_epoch: Optional[int] = None):
+        """The student's LR schedule (the Distiller's schedule/milestones/gamma), stepped once per epoch,
+        or after every step for ``schedule="cosine_steps"`` (which needs ``steps_per_epoch``)."""
+        return self._student_spec.build_scheduler(optimizer, epochs, steps_per_epoch)
+
+    def _scheduler_per_step(self) -> Dict[str, bool]:
+        """{trainable name: whether its schedule steps after every training step}."""
+        return {STUDENT: self._student_spec.per_step, **{n: a.spec.per_step for n, a in self.auxiliaries.items()}}
 
     def weights_at(self, epoch: int) -> Dict[str, float]:
         """The loss weights used during ``epoch`` (0-based)."""
@@ -771,9 +777,11 @@ class Distiller:
             raise ValueError("cache_teacher_logits=True with a random-augmentation collate_fn: cached teacher logits "
                              "would belong to another augmented view than the student sees; disable one of them")
         if self.scheduler is None:
-            self.scheduler = self.build_scheduler(self.optimizer, epochs)
+            steps_per_epoch = len(loader) if sampler is not None else loader.steps_per_epoch
+            self.scheduler = self.build_scheduler(self.optimizer, epochs, steps_per_epoch)
             for name, aux in self.auxiliaries.items():
-                self._aux_schedulers[name] = aux.spec.build_scheduler(self._aux_optimizers[name], epochs)
+                self._aux_schedulers[name] = aux.spec.build_scheduler(self._aux_optimizers[name], epochs,
+                                                                      steps_per_epoch)
         resumed = False
         if not self._started:  # a second fit() call continues in-process: no reload, no reseed
             resumed = self._maybe_resume()
@@ -854,6 +862,8 @@ class Distiller:
         # (drawing keeps the data order and any collate_fn randomness as in the uninterrupted run).
         skip, self._epoch_batches = self._epoch_batches, 0
         consumed = 0
+        per_step = self._scheduler_per_step()
+        step_schedulers = [s for n, s in self.schedulers.items() if s is not None and per_step[n]]
         for batch in bar:
             consumed += 1
             if consumed <= skip:
@@ -861,6 +871,10 @@ class Distiller:
             out = self.training_step(batch)
             self.step += 1
             steps += 1
+            if step_schedulers:  # schedule="cosine_steps": one LR step per training step
+                lr_of_step = self._lr()  # the epoch record keeps the LR its last step used
+                for scheduler in step_schedulers:
+                    scheduler.step()
             with torch.no_grad():
                 values = {"loss": out["loss"].detach(), **{f"loss/{k}": v.detach() for k, v in out["parts"].items()}}
                 for k, v in values.items():
@@ -880,10 +894,10 @@ class Distiller:
                 break
         if steps == 0:
             raise ValueError("the training loader yielded no batches")
-        lr_used = self._lr()
-        if not self._epoch_batches:  # the LR schedule counts whole epochs only
-            for scheduler in self.schedulers.values():
-                if scheduler is not None:
+        lr_used = lr_of_step if step_schedulers else self._lr()
+        if not self._epoch_batches:  # an epoch schedule counts whole epochs only
+            for name, scheduler in self.schedulers.items():
+                if scheduler is not None and not per_step[name]:
                     scheduler.step()
         # Epoch means over all ranks (torch.distributed collectives; each rank saw its own shard).
         keys = sorted(sums)

@@ -104,7 +104,7 @@ def test_resolve_loss_class():
     (lambda c: c["data"].update(batch_size=True), "data.batch_size must be int"),
     (lambda c: c.pop("student"), "missing required key 'student'"),
     (lambda c: c.update(schedule={"name": "step"}), "schedule.milestones is required"),
-    (lambda c: c.update(schedule={"name": "poly"}), "schedule.name must be 'step' or 'cosine'"),
+    (lambda c: c.update(schedule={"name": "poly"}), "schedule.name must be 'step', 'cosine' or 'cosine_steps'"),
     (lambda c: c.update(amp="fp8"), "amp must be null, 'bf16' or 'fp16'"),
     (lambda c: c.update(epochs=0), "epochs must be >= 1"),
     (lambda c: c.update(student={"width_mult": 0.5}), "student.name is required"),
