@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import platform
 import time
@@ -486,6 +487,8 @@ def _render_report(results: dict) -> str:
 
 #: The attack radii of the issue, in pixel units of [0, 1] images (the attack uses eps / std per channel).
 PIXEL_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+#: The fine-tuning LR schedules (kdfast.distill): cosine stepped once per epoch, or after every step.
+FINETUNE_SCHEDULES = ("cosine", "cosine_steps")
 #: The KD grid tuned on the validation split (Hinton et al.'s T and the weight of the KD term).
 KD_GRID = tuple({"temperature": t, "alpha": a} for t in (2.0, 4.0) for a in (0.5, 0.9))
 
@@ -503,13 +506,16 @@ class ReproductionConfig:
     epochs: int = 3
     batch_size: int = 64
     lr: float = 0.01                              # SGD 0.9, wd 5e-4, cosine: the same for every recipe
+    schedule: str = "cosine_steps"                # "cosine_steps" (stepped per step) or "cosine" (per epoch)
+    evals_per_epoch: int = 5                      # test-curve points per epoch (evenly spaced in steps)
+    curve_images: int | None = 2000               # stratified test subset of the curve (None: all)
     ranks: str | float = "evbmf"
     rank_options: dict = field(default_factory=dict)  # EVBMF's weaken / min_rank / align (kdfast.decompose)
     kd_grid: tuple = KD_GRID
     fsp_grid: tuple = (1e-4, 1e-3)                # FSP weights tried on the validation split (tune_fsp)
     eps: tuple = PIXEL_EPS
     pgd_steps: tuple = (10, 50)
-    fgsm_images: int | None = None                # test images attacked by FGSM (None: all)
+    fgsm_images: int | None = 2000                # stratified test subset attacked by FGSM (None: all)
     pgd_images: int | None = 500                  # stratified test subset attacked by PGD (None: all)
     attack_batch: int = 500
     device: str = "cpu"
@@ -530,9 +536,11 @@ class ReproductionConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "ReproductionConfig":
-        """Seconds: a one-epoch ResNet-8 teacher, 2 fine-tuning epochs, small attacks (tests)."""
+        """Seconds: a one-epoch ResNet-8 teacher, 2 fine-tuning epochs (per-step cosine, 2 curve points per
+        epoch on 100 test images), small attacks (tests)."""
         base = dict(seeds=(0, 1), teacher={"name": "resnet8", "width": 0.5, "epochs": 1}, finetune_images=200,
-                    epochs=2, batch_size=32, fgsm_images=60, fsp_grid=(1e-3,),
+                    epochs=2, batch_size=32, fgsm_images=60, fsp_grid=(1e-3,), schedule="cosine_steps",
+                    evals_per_epoch=2, curve_images=100,
                     kd_grid=({"temperature": 4.0, "alpha": 0.9}, {"temperature": 2.0, "alpha": 0.5}),
                     eps=(2 / 255, 8 / 255), pgd_steps=(2, 3), pgd_images=30, attack_batch=64)
         base.update(overrides)
@@ -546,7 +554,12 @@ class ReproductionConfig:
         unknown = [m for m in self.methods if m not in RECIPES]
         if unknown or "ce" not in self.methods or "kd" not in self.methods:
             raise ValueError(f"methods must include 'ce' and 'kd' and come from {list(RECIPES)}, got {list(self.methods)}")
-        for name in ("epochs", "batch_size", "attack_batch"):
+        if self.schedule not in FINETUNE_SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(FINETUNE_SCHEDULES)}, got {self.schedule!r}")
+        if self.curve_images is not None and (isinstance(self.curve_images, bool) or not isinstance(self.curve_images, int)
+                                              or self.curve_images < 10):
+            raise ValueError(f"curve_images must be None or an int >= 10 (one image per class), got {self.curve_images!r}")
+        for name in ("epochs", "batch_size", "attack_batch", "evals_per_epoch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not self.kd_grid or any(set(s) != {"temperature", "alpha"} for s in self.kd_grid):
@@ -660,20 +673,34 @@ def attack_accuracy(model, dataset, *, eps=PIXEL_EPS, fgsm: bool = True, pgd_ste
 def _finetune(teacher, student0, method: str, kd_setting: dict, seed: int, train_set, eval_set, cfg,
               checkpoint_dir=None) -> dict:
     """One fine-tuning run of ``method`` from the decomposed student: (student or None when the loss
-    diverged, history, error message). ``eval_set`` is evaluated after every epoch (the curve)."""
+    diverged, history, error message, curve). ``eval_set`` is evaluated ``cfg.evals_per_epoch`` times per
+    epoch, at evenly spaced steps, the last at the end: the curve, [(step, accuracy)], kept in
+    ``checkpoint_dir/curve.json`` so that a resumed run has the points of before its interruption."""
     from ..distill import seed_everything
 
     seed_everything(seed)
     student = copy.deepcopy(student0).train().requires_grad_(True)
     layers = feature_layers_for(teacher)
     trainer = build(teacher, student, recipe=method, feature_layers=(layers, layers), **kd_setting,
-                    optimizer="sgd", lr=cfg.lr, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+                    optimizer="sgd", lr=cfg.lr, momentum=0.9, weight_decay=5e-4, schedule=cfg.schedule,
                     epochs=cfg.epochs, device=cfg.device, seed=seed, progress=False,
                     checkpoint_dir=checkpoint_dir, resume=checkpoint_dir is not None)
     error = None
+    train_loader = common.loader(train_set, cfg.batch_size, seed=seed)
+    # The curve is kept beside the checkpoints, not in the engine's history: a resumed engine keeps one
+    # record per whole epoch, and the curve has points inside epochs.
+    curve_path = None if checkpoint_dir is None else os.path.join(checkpoint_dir, "curve.json")
+    curve = {}
+    if curve_path is not None and os.path.isfile(curve_path):
+        with open(curve_path, encoding="utf-8") as f:
+            curve = {int(k): v for k, v in json.load(f).items()}
     try:
-        trainer.fit(common.loader(train_set, cfg.batch_size, seed=seed),
-                    eval_loader=None if eval_set is None else common.loader(eval_set, 500, False))
+        for stop in _eval_steps(cfg.epochs, len(train_loader), 1 if eval_set is None else cfg.evals_per_epoch):
+            trainer.fit(train_loader, max_steps=stop)  # continues where it stopped (or resumes from the checkpoint)
+            if eval_set is not None and trainer.step == stop and stop not in curve:
+                curve[stop] = common.accuracy(student, eval_set, device=cfg.device)
+                if curve_path is not None:
+                    protocol.write_atomic(curve_path, {str(k): v for k, v in sorted(curve.items())})
     except FloatingPointError as err:  # a loss that blows up is a result (reported), not a crash
         error = str(err)
     finally:
@@ -681,7 +708,15 @@ def _finetune(teacher, student0, method: str, kd_setting: dict, seed: int, train
     history = [{k: v for k, v in r.items() if isinstance(v, (int, float, str, bool)) or v is None}
                for r in trainer.history]
     resumed = list(trainer.resumed_from[:2]) if trainer.resumed_from else None
-    return {"student": None if error else student.eval(), "history": history, "error": error, "resumed_from": resumed}
+    return {"student": None if error else student.eval(), "history": history, "error": error, "resumed_from": resumed,
+            "curve": [(step, curve[step]) for step in sorted(curve)]}
+
+
+def _eval_steps(epochs: int, steps_per_epoch: int, evals_per_epoch: int) -> list:
+    """The steps after which the curve is evaluated: ``evals_per_epoch`` per epoch, evenly spaced, the
+    last at the end of the schedule (distinct, increasing)."""
+    total, points = epochs * steps_per_epoch, epochs * evals_per_epoch
+    return sorted({max(1, round(total * k / points)) for k in range(1, points + 1)})
 
 
 def _tune(method, settings, teacher, student0, train_set, val_set, cfg, store, base=None) -> dict:
@@ -830,6 +865,9 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
     fgsm_set = test_set
     if cfg.fgsm_images is not None and cfg.fgsm_images < len(test_set):
         fgsm_set = common.fraction_subset(test_set, cfg.fgsm_images / len(test_set), seed=0)
+    curve_set = test_set  # the per-evaluation curve; the reported clean accuracy is on every test image
+    if cfg.curve_images is not None and cfg.curve_images < len(test_set):
+        curve_set = common.fraction_subset(test_set, cfg.curve_images / len(test_set), seed=0)
 
     with common.Timer() as t:
         size = train_part.image_size
@@ -860,6 +898,7 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
         _log(f"FSP weight tuned on the validation images: {fsp_tuning['best']['fsp_weight']:g}")
 
     data_info = common.data_info(full_train, test_set, dataset, root)
+    steps_per_epoch = math.ceil(len(finetune_set) / cfg.batch_size)  # common.loader keeps the last partial batch
     runs = {m: [] for m in cfg.methods}
     for seed in cfg.seeds:  # seed by seed: an interrupted experiment has whole seeds done first
         for method in cfg.methods:
@@ -867,11 +906,12 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
 
             def train_and_attack(method=method, seed=seed, key=key):
                 with common.Timer() as t_train:
-                    out = _finetune(teacher, student0, method, options[method], seed, finetune_set, test_set, cfg,
+                    out = _finetune(teacher, student0, method, options[method], seed, finetune_set, curve_set, cfg,
                                     store.checkpoint_dir(key))
                 record = {"method": method, "seed": seed, "kd_setting": kd_setting, "options": options[method],
                           "history": out["history"],
-                          "curve": [r.get("eval_accuracy") for r in out["history"]], "error": out["error"],
+                          "curve": [acc for _, acc in out["curve"]],
+                          "curve_epochs": [step / steps_per_epoch for step, _ in out["curve"]], "error": out["error"],
                           "resumed_from": out["resumed_from"], "train_s": t_train.seconds, "attack": None}
                 student = out["student"]
                 if student is None:
@@ -904,7 +944,7 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
     results = {
         "config": cfg_dict,
         "data": {**data_info, "train_part": len(train_part), "validation": len(val_set), "finetune": len(finetune_set),
-                 "fgsm_images": len(fgsm_set), "pgd_images": len(pgd_set)},
+                 "fgsm_images": len(fgsm_set), "pgd_images": len(pgd_set), "curve_images": len(curve_set)},
         "teacher": {"recipe": teacher_recipe, "test_accuracy": teacher_acc, **teacher_info},
         "decomposition": _report_to_dict(dec_report),
         "models": models_info,
@@ -978,7 +1018,7 @@ def plot_robustness(results: dict, path: str) -> None:
 
 
 def plot_curves(results: dict, path: str) -> None:
-    """Test accuracy per fine-tuning epoch, every run (one colour per recipe)."""
+    """Test accuracy over fine-tuning (at every curve evaluation), every run (one colour per recipe)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -988,12 +1028,14 @@ def plot_curves(results: dict, path: str) -> None:
     dec = 100 * results["models"]["decomposed"]["test_accuracy"]
     for method, runs in results["runs"].items():
         for i, r in enumerate(runs):
-            curve = [dec] + [100 * v for v in r["curve"] if v is not None]
-            ax.plot(range(len(curve)), curve, "-o", ms=3, alpha=0.7, color=common.colour(method),
-                    label=f"Tucker + {RECIPES[method][0]}" if i == 0 else None)
+            # results of before the sub-epoch curve have one point per epoch and no curve_epochs
+            when = r.get("curve_epochs") or list(range(1, len(r["curve"]) + 1))
+            points = [(x, 100 * v) for x, v in zip(when, r["curve"]) if v is not None]
+            ax.plot([0] + [x for x, _ in points], [dec] + [v for _, v in points], "-o", ms=2, alpha=0.7,
+                    color=common.colour(method), label=f"Tucker + {RECIPES[method][0]}" if i == 0 else None)
     ax.axhline(100 * results["teacher"]["test_accuracy"], color=common.colour("teacher"), ls="--", label="teacher")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("fine-tuning epoch (0: decomposed, before fine-tuning)")
+    ax.set_xlabel("fine-tuning epochs (0: decomposed, before fine-tuning)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -1026,6 +1068,22 @@ def _tied(tuning: dict) -> bool:
     """Did another setting of the grid score exactly as well as the chosen one?"""
     scores = [r["val_accuracy"] for r in tuning["table"]]
     return scores.count(max(scores)) > 1
+
+
+def _schedule_phrase(cfg: dict) -> str:
+    if cfg.get("schedule", "cosine") == "cosine_steps":
+        return "cosine over every step, to 0 at the end"
+    return "cosine stepped once per epoch"
+
+
+def _curve_phrase(cfg: dict, data: dict) -> str:
+    """How the convergence curve was measured (results of before the sub-epoch curve: once per epoch on
+    the whole test set)."""
+    per_epoch = cfg.get("evals_per_epoch", 1)
+    images = data.get("curve_images", data["test"])
+    when = "after every epoch" if per_epoch == 1 else f"{per_epoch} times per epoch (evenly spaced steps)"
+    on = f"all {images} test images" if images == data["test"] else f"a stratified subset of {images} test images"
+    return f"The curve: test accuracy {when} on {on}."
 
 
 def render_reproduction(results: dict) -> str:
@@ -1064,8 +1122,8 @@ def render_reproduction(results: dict) -> str:
         f"fine-tuning {100 * dec['test_accuracy']:.2f} %. {_ranks_phrase(results['decomposition'])}",
         f"- Fine-tuning, identical for every recipe: {cfg['epochs']} epochs over {data['finetune']} images "
         f"(a stratified subset of the training part, seed 0), batch {cfg['batch_size']}, SGD lr {cfg['lr']:g} "
-        "(momentum 0.9, weight decay 5e-4, cosine), no augmentation; run *s* of every recipe uses seed *s* "
-        "(same initialisation, same data order). Recipes: "
+        f"(momentum 0.9, weight decay 5e-4, {_schedule_phrase(cfg)}), no augmentation; run *s* of every recipe uses "
+        f"seed *s* (same initialisation, same data order). {_curve_phrase(cfg, data)} Recipes: "
         + "; ".join(f"**{RECIPES[m][0]}** {d}" for m, d in results["methods"].items()) + ".",
         f"- KD's temperature and weight (also the KD part of the KD + feature recipes) chosen on the validation "
         f"split over {len(cfg['kd_grid'])} settings (seed {tuning['seed']}): T = {best['temperature']:g}, "
@@ -1167,7 +1225,7 @@ def render_reproduction(results: dict) -> str:
               f"{results['environment']['cpu_count']} CPUs, device {results['environment']['device']}.", "",
               "## Files", "",
               "- `robustness.png`: accuracy vs eps per fine-tuning loss (mean and 95 % interval over seeds).",
-              "- `training_curves.png`: test accuracy per fine-tuning epoch, every run.",
+              "- `training_curves.png`: test accuracy during fine-tuning (the curve), every run.",
               "- `results.json`: everything above, per run (histories, curves, attacks) and the command.",
               "- `runs/`, `checkpoints/`: finished runs and the engine's checkpoints (re-running the command "
               "continues an interrupted experiment).",

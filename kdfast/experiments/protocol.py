@@ -121,7 +121,7 @@ class RunStore:
             return json.load(fh)
 
     def put(self, key: str, record: Dict[str, Any]) -> Dict[str, Any]:
-        _write_atomic(self.path(key), record)
+        write_atomic(self.path(key), record)
         return record
 
     def run(self, key: str, train: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
@@ -139,7 +139,9 @@ class RunStore:
         return sorted(f[:-5] for f in os.listdir(self.root) if f.endswith(".json"))
 
 
-def _write_atomic(path: str, record: Dict[str, Any]) -> None:
+def write_atomic(path: str, record: Dict[str, Any]) -> None:
+    """``record`` as JSON at ``path`` through a temporary file and os.replace: an interruption leaves the
+    old file or the new one, never half of one."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(common.json_safe(record), fh, indent=1, allow_nan=False, default=str)
@@ -153,7 +155,7 @@ def settings_differ(path: str, settings: Dict[str, Any]) -> List[str]:
     settings = json.loads(json.dumps(common.json_safe(settings), default=str))
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _write_atomic(path, settings)
+        write_atomic(path, settings)
         return []
     with open(path, encoding="utf-8") as fh:
         saved = json.load(fh)

@@ -36,7 +36,12 @@ def test_run_records_the_command_and_every_recipe(tiny_run):
     assert list(saved["runs"]) == ["ce", "kd", "kd_nst", "kd_at", "kd_fsp"]  # the experiment adds KD+FSP
     assert [r["seed"] for r in saved["runs"]["kd"]] == [4, 5]
     run = saved["runs"]["kd"][0]
-    assert len(run["curve"]) == 2 and run["attack"]["n_fgsm"] == 60 and set(run["attack"]["pgd"]) == {"2", "3"}
+    assert run["attack"]["n_fgsm"] == 60 and set(run["attack"]["pgd"]) == {"2", "3"}
+    # the curve: 2 evaluations per epoch on a 100-image test subset, the last at the end of the schedule
+    assert len(run["curve"]) == 4 and saved["data"]["curve_images"] == 100
+    assert run["curve_epochs"][-1] == 2.0 and run["curve_epochs"][1] == 1.0
+    assert all(a < b for a, b in zip(run["curve_epochs"], run["curve_epochs"][1:]))
+    assert run["history"][-1]["lr"] < 0.05 * saved["config"]["lr"]  # per-step cosine: near 0 at the last step
     assert 0.0 <= run["attack"]["fgsm_unmoved"] <= 1.0
     for name in ("report.md", "robustness.png", "training_curves.png", "student_kd.pt"):
         assert (out / name).is_file()
@@ -180,6 +185,23 @@ def test_config_checks_name_the_argument(tmp_path):
         kd.ReproductionConfig.for_budget("huge")
     with pytest.raises(ValueError, match="seeds must be distinct"):
         kd.run(str(tmp_path), seeds=[0, 0])
+
+
+def test_eval_steps_are_evenly_spaced_and_end_at_the_last_step():
+    assert kd._eval_steps(3, 10, 1) == [10, 20, 30]
+    assert kd._eval_steps(2, 7, 2) == [4, 7, 10, 14]
+    assert kd._eval_steps(1, 3, 5) == [1, 2, 3]  # more points than steps: each step once
+
+
+def test_schedule_and_curve_settings_are_checked():
+    with pytest.raises(ValueError, match="schedule must be one of cosine, cosine_steps"):
+        kd.ReproductionConfig.tiny(schedule="step").check()
+    with pytest.raises(ValueError, match="evals_per_epoch must be an int >= 1"):
+        kd.ReproductionConfig.tiny(evals_per_epoch=0).check()
+    with pytest.raises(ValueError, match="curve_images must be None or an int >= 10"):
+        kd.ReproductionConfig.tiny(curve_images=5).check()
+    for budget in ("quick", "full"):
+        kd.ReproductionConfig.for_budget(budget).check()
 
 
 def test_a_directory_of_finished_runs_refuses_another_protocol(tiny_run):
