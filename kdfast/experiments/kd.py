@@ -515,8 +515,8 @@ class ReproductionConfig:
     fsp_grid: tuple = (1e-4, 1e-3)                # FSP weights tried on the validation split (tune_fsp)
     eps: tuple = PIXEL_EPS
     pgd_steps: tuple = (10, 50)
-    fgsm_images: int | None = 2000                # stratified test subset attacked by FGSM (None: all)
-    pgd_images: int | None = 500                  # stratified test subset attacked by PGD (None: all)
+    fgsm_images: int | None = 1000                # stratified test subset attacked by FGSM (None: all)
+    pgd_images: int | None = 200                  # stratified test subset attacked by PGD (None: all)
     attack_batch: int = 500
     device: str = "cpu"
 
@@ -1184,6 +1184,9 @@ def render_reproduction(results: dict) -> str:
         verdict = c["verdict"] + (f" ({c['note']})" if c.get("note") else "")
         lines.append(f"| {RECIPES[c['a']][0]} beats {RECIPES[c['b']][0]} | {c['label']} | {mean} | "
                      f"{common.fmt_ci(c['ci95'])} | {verdict} |")
+    # A claim stands on converged students only when every run of both its recipes converged.
+    converged = {m: all(protocol.convergence([v for v in r["curve"] if v is not None])["converged"] is True
+                        for r in rs) for m, rs in runs.items()}
     lines += ["", "Summary:", ""]
     for a, b in dict.fromkeys((c["a"], c["b"]) for c in results["claims"]):
         rows = [c for c in results["claims"] if (c["a"], c["b"]) == (a, b)]
@@ -1192,7 +1195,10 @@ def render_reproduction(results: dict) -> str:
         clean = next(c["verdict"] for c in rows if c["metric"] == "clean")
         lines.append(f"- {RECIPES[a][0]} beats {RECIPES[b][0]}: clean accuracy **{clean}**; over all {len(rows)} "
                      f"metrics {counts[protocol.REPRODUCED]} reproduced, {counts[protocol.NOT_REPRODUCED]} not "
-                     f"reproduced, {counts[protocol.INCONCLUSIVE]} inconclusive.")
+                     f"reproduced, {counts[protocol.INCONCLUSIVE]} inconclusive; "
+                     + ("every run of both converged." if converged.get(a) and converged.get(b) else
+                        "**budget too small** for a conclusion: not every run of "
+                        + " and ".join(RECIPES[m][0] for m in (b, a) if not converged.get(m)) + " converged."))
     if any(c["verdict"] == protocol.INCONCLUSIVE for c in results["claims"]) and len(cfg["seeds"]) < 5:
         lines.append("- Some intervals straddle 0: more seeds (`--seeds 0,1,2,3,4`; finished runs are kept) "
                      "may decide them.")
@@ -1203,9 +1209,17 @@ def render_reproduction(results: dict) -> str:
               "A run converged when its test accuracy moved by less than 1 point over the last 20 % of its "
               "schedule (`training_curves.png`).", "",
               "| student | runs converged | largest move in the last 20 % |", "|---|---|---|", *rows, ""]
-    lines.append("Every run converged." if every else
-                 "**Budget too small**: not every run converged, so the verdicts above describe students that were "
-                 "still changing; do not read them as the paper's claim tested to convergence.")
+    unconverged = [RECIPES[m][0] for m, ok in converged.items() if not ok]
+    if every:
+        lines.append("Every run converged.")
+    elif len(unconverged) == len(converged):
+        lines.append("**Budget too small**: not every run converged, so the verdicts above describe students that "
+                     "were still changing; do not read them as the paper's claim tested to convergence.")
+    else:
+        lines.append(f"**Budget too small** for the claims that involve {', '.join(unconverged)}: not every run of "
+                     "those recipes converged, so their verdicts describe students that were still changing. Every "
+                     f"run of {', '.join(RECIPES[m][0] for m, ok in converged.items() if ok)} converged: the claims "
+                     "between those stand on converged students.")
     att = [r["attack"] for rs in runs.values() for r in rs if r.get("attack")]
     train_s = [r["train_s"] for rs in runs.values() for r in rs]
     lines += ["", "## Cost", ""]

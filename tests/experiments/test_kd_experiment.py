@@ -174,6 +174,14 @@ def test_report_states_each_claims_verdict(tiny_run):
     assert "**Budget too small**" in text
     converged = kd.render_reproduction(_synthetic(res, {"kd": [2.0, 3.0, 2.5]}, [0.50, 0.501]))
     assert "Every run converged." in converged and "Budget too small" not in converged
+    # One recipe still moving: its claim is flagged, the claims between converged recipes are not.
+    mixed = _synthetic(res, {"kd": [2.0, 3.0, 2.5]}, [0.50, 0.501])
+    mixed["runs"]["kd_nst"][2]["curve"] = [0.50, 0.52]
+    text = kd.render_reproduction(mixed)
+    assert "- KD beats CE: clean accuracy **reproduced**; over all 7 metrics" in text
+    assert "inconclusive; every run of both converged." in text
+    assert "not every run of KD+NST converged." in text
+    assert "**Budget too small** for the claims that involve KD+NST:" in text
 
 
 def test_config_checks_name_the_argument(tmp_path):
