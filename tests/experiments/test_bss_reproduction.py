@@ -40,6 +40,20 @@ def test_reproduction_reports_verdicts_and_a_killed_run_continues_exactly(tmp_pa
     saved = json.loads((tmp_path / "whole" / "results.json").read_text())
     assert bss.render_reproduction(saved) == text  # the report renders the same from results.json
 
+    # the convergence note names the cells with a run still moving, and says whether BSS − KD stands
+    moving = json.loads(json.dumps(saved))
+    for r in moving["runs"]:
+        r["curve"] = [[1, 0.5], [2, 0.5]]
+    first = cfg.fractions[0]
+    moving["convergence"][str(first)]["all_converged"] = False
+    ce = next(r for r in moving["runs"] if r["method"] == "ce" and r["fraction"] == first)
+    ce["curve"] = [[1, 0.4], [2, 0.5]]
+    assert ("for the comparisons with CE at 50%: not every run of those converged. Every KD and BSS run converged"
+            in bss.render_reproduction(moving))
+    next(r for r in moving["runs"] if r["method"] == "bss" and r["fraction"] == first)["curve"] = [[1, 0.4], [2, 0.5]]
+    assert "**Budget too small** for CE at 50%, BSS at 50%: not every run there converged" in bss.render_reproduction(
+        moving)
+
     # kill the experiment in the second epoch of its first CE run (after the epoch-1 checkpoint) ...
     calls = {"n": 0}
     accuracy = common.accuracy
