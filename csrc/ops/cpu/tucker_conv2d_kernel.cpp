@@ -219,8 +219,8 @@ at::Tensor tucker_conv2d_cpu(const at::Tensor& x, const at::Tensor& first, const
   const Choice choice = cpu_choice(x, g, epilogue_bits(bias, scale, shift, residual, relu));
   log_path("cpu", choice.path, x, core);
   const auto composed = [&] {
-    return apply_epilogue(composed_forward(x, first, core, last, bias, stride, padding, dilation), scale, shift,
-                          residual, relu);
+    return composed_forward_epilogue(x, first, core, last, bias, stride, padding, dilation, scale, shift, residual,
+                                     relu);
   };
   const auto fused = [&] {
     if (g.n == 0) return at::empty({0, g.o, g.oh, g.ow}, x.options());
