@@ -847,8 +847,8 @@ def render_reproduction(results: dict, heading: str = "#") -> str:
                   "|---|---|---|", *conv["rows"], ""]
     # Which cells hold a run that had not converged; the claims compare BSS with KD, so say whether those stand.
     moving = [(m, f) for f in fractions for m in FULL_METHODS
-              if not all(protocol.convergence([c[1] for c in r["curve"]])["converged"] is True
-                         for r in results["runs"] if r["method"] == m and r["fraction"] == f)]
+              if not protocol.every_run_converged([[c[1] for c in r["curve"]] for r in results["runs"]
+                                                   if r["method"] == m and r["fraction"] == f])]
     named = ", ".join(f"{METHODS[m]} at {pct(f)}" for m, f in moving)
     if converged_all:
         lines.append("Every run converged: the verdicts above stand on converged students.")

@@ -1185,8 +1185,8 @@ def render_reproduction(results: dict) -> str:
         lines.append(f"| {RECIPES[c['a']][0]} beats {RECIPES[c['b']][0]} | {c['label']} | {mean} | "
                      f"{common.fmt_ci(c['ci95'])} | {verdict} |")
     # A claim stands on converged students only when every run of both its recipes converged.
-    converged = {m: all(protocol.convergence([v for v in r["curve"] if v is not None])["converged"] is True
-                        for r in rs) for m, rs in runs.items()}
+    converged = {m: protocol.every_run_converged([[v for v in r["curve"] if v is not None] for r in rs])
+                 for m, rs in runs.items()}
     lines += ["", "Summary:", ""]
     for a, b in dict.fromkeys((c["a"], c["b"]) for c in results["claims"]):
         rows = [c for c in results["claims"] if (c["a"], c["b"]) == (a, b)]

@@ -162,6 +162,12 @@ def settings_differ(path: str, settings: Dict[str, Any]) -> List[str]:
     return sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
 
 
+def every_run_converged(curves: Sequence[Sequence[float]], tail: float = 0.2) -> bool:
+    """Whether every curve (one per run) converged by :func:`convergence`; a curve too short to decide
+    counts as not converged."""
+    return all(convergence(c, tail)["converged"] is True for c in curves)
+
+
 def tail_table(curves: Dict[str, Sequence[Sequence[float]]], tail: float = 0.2) -> Tuple[List[str], bool]:
     """Markdown rows "| method | runs converged | largest move in the last 20 % |" for curves per method
     (a list of per-seed curves each), and whether every run converged."""

@@ -49,6 +49,9 @@ def test_convergence_looks_at_the_last_fifth():
     out = protocol.convergence(flat_end)
     assert out["converged"] is True and math.isclose(out["moved"], 0.913 - 0.91)
     assert protocol.convergence([0.9])["converged"] is None
+    assert protocol.every_run_converged([flat_end, flat_end]) is True
+    assert protocol.every_run_converged([flat_end, rising]) is False
+    assert protocol.every_run_converged([flat_end, [0.9]]) is False  # undecidable is not converged
 
 
 @pytest.mark.parametrize("interval, claimed_higher, expected", [
