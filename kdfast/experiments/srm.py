@@ -296,14 +296,18 @@ OFFICIAL_GRID = tuple({"alpha": a, "temperature": t} for a in (0.25, 0.5, 0.75) 
 #: convolutions: another architecture). The teacher trains on the whole training part of the validation
 #: split (at most 30 minutes, reported apart); the students on a class-stratified subset of it
 #: (``student_images``) so that the whole comparison fits 60 minutes on 2 CPU cores (kdfast's choice; the
-#: epoch counts are the official stage proportions 100 : 160 : 200 scaled down the same way).
+#: epoch counts are the official stage proportions 100 : 160 : 200 scaled down the same way). The test
+#: curve of every epoch (convergence, figures) is read on a class-stratified ``curve_images`` subset of
+#: the test set, the same for every run; the reported accuracy of a run is on every test image.
 PROTOCOL = {
     "full": {"teacher": {"name": "vgg8", "width": 1.0, "epochs": 12, "lr": 0.05, "seed": 0},
-             "student": {"name": "resnet8", "width": 1.0}, "student_images": 8000, "val_fraction": 0.1,
+             "student": {"name": "resnet8", "width": 1.0}, "student_images": 6000, "curve_images": 2000,
+             "val_fraction": 0.1,
              "dictionary_epochs": 5, "init_epochs": 8, "epochs": 15, "batch_size": 64, "lr": 1e-3,
              "weight_decay": 1e-4, "at_beta": 1000.0, "grid": OFFICIAL_GRID, "seeds": SEEDS},
     "quick": {"teacher": {"name": "vgg8", "width": 0.5, "epochs": 3, "lr": 0.05, "seed": 0},
-              "student": {"name": "resnet8", "width": 0.5}, "student_images": 3000, "val_fraction": 0.1,
+              "student": {"name": "resnet8", "width": 0.5}, "student_images": 3000, "curve_images": None,
+              "val_fraction": 0.1,
               "dictionary_epochs": 2, "init_epochs": 3, "epochs": 6, "batch_size": 64, "lr": 1e-3,
               "weight_decay": 1e-4, "at_beta": 1000.0,
               "grid": ({"alpha": 0.5, "temperature": 4.0}, {"alpha": 0.75, "temperature": 4.0}), "seeds": SEEDS},
@@ -340,11 +344,12 @@ def _phased(teacher, student, losses, cfg, seed, device, val_loader, feature_lay
 
 
 def _record(method, seed, setting, student, history, engine_selected, loaders, device, seconds, **extra):
-    """What a finished run leaves in the store: accuracies of the selected state, the per-epoch test curve."""
+    """What a finished run leaves in the store: accuracies of the selected state (validation, every test
+    image), the per-epoch curve (on the curve's test images) and its last point."""
     return {"method": method, "seed": seed, "setting": setting,
             "val_accuracy": common.accuracy(student, loaders["val"].dataset, device=device),
             "test_accuracy": common.accuracy(student, loaders["test"].dataset, device=device),
-            "last_epoch_test_accuracy": float(history[-1]["eval_accuracy"]),
+            "last_epoch_curve_accuracy": float(history[-1]["eval_accuracy"]),
             "curve": _curve(history, "eval_accuracy"), "selected": engine_selected, "time_s": seconds, **extra}
 
 
@@ -374,7 +379,7 @@ def _baseline_run(method, setting, seed, ctx, store):
                          cache=method == "kd")
         with common.Timer() as t:
             try:
-                history = engine.fit(ctx["loaders"]["train"], eval_loader=ctx["loaders"]["test"])
+                history = engine.fit(ctx["loaders"]["train"], eval_loader=ctx["loaders"]["curve"])
             finally:
                 engine.close()
         return _record(method, seed, setting, student, history, engine.selected, ctx["loaders"], device, t.seconds)
@@ -408,7 +413,7 @@ def _srm_run(setting, seed, ctx, store, share_from=None):
                     device=device, seed=seed, progress=False, checkpoint_dir=folder, resume=True)
         with common.Timer() as t:
             try:
-                history = run.fit(ctx["loaders"]["train"], eval_loader=ctx["loaders"]["test"])
+                history = run.fit(ctx["loaders"]["train"], eval_loader=ctx["loaders"]["curve"])
             finally:
                 run.close()
         return _record("srm", seed, setting, student, history["kd"], run.selected, ctx["loaders"], device, t.seconds,
@@ -526,6 +531,9 @@ def run_protocol(out_dir, cfg, train_set, test_set, *, dataset, device="cpu") ->
     if trained is not None and trained.get("path") == cache["path"]:
         cache = {**cache, "train_s": trained["train_s"]}
     students_train = common.fraction_subset(train_part, min(1.0, cfg["student_images"] / len(train_part)), seed=0)
+    curve_set = test_set
+    if cfg.get("curve_images") is not None and cfg["curve_images"] < len(test_set):
+        curve_set = common.fraction_subset(test_set, cfg["curve_images"] / len(test_set), seed=0)
     student_kwargs = dict(model_kwargs, width_mult=cfg["student"]["width"])
     input_shape = tuple(train_set[0][0].shape)
     pairs = match_layers(teacher, models.build(cfg["student"]["name"], **student_kwargs), input_shape)
@@ -533,7 +541,8 @@ def run_protocol(out_dir, cfg, train_set, test_set, *, dataset, device="cpu") ->
            "input_shape": input_shape,
            "loaders": {"train": common.loader(IndexedDataset(students_train), cfg["batch_size"], seed=0),
                        "val": common.loader(val_set, 256, shuffle=False),
-                       "test": common.loader(test_set, 256, shuffle=False)}}
+                       "test": common.loader(test_set, 256, shuffle=False),
+                       "curve": common.loader(curve_set, 256, shuffle=False)}}
     seeds = list(cfg["seeds"])
     with common.Timer() as timer:
         tuning, tuned_runs = {}, {}
@@ -560,7 +569,7 @@ def run_protocol(out_dir, cfg, train_set, test_set, *, dataset, device="cpu") ->
         "teacher": {**tcfg, "accuracy": teacher_acc, "cache": cache, "trained_on": len(train_part)},
         "student": dict(cfg["student"]),
         "data": {"train_part": len(train_part), "validation": len(val_set), "student_train": len(students_train),
-                 "test": len(test_set)},
+                 "test": len(test_set), "curve": len(curve_set)},
         "pairs": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()} for p in pairs],
         "codewords": [{"teacher_layer": p["teacher"], "D": p["teacher_channels"], "K": num_codewords(p["teacher_channels"]),
                        "k": active_codes(p["teacher_channels"])} for p in pairs],
@@ -636,7 +645,11 @@ def _render_protocol(results) -> str:
         lines.append(f"| {names[key]} | {100 * c['mean']:+.2f} ± {100 * c['std']:.2f} | {common.fmt_ci(c['ci95'])} | "
                      f"{c['verdict']} |")
     rows, every = protocol.tail_table({LABELS[m]: [r["curve"] for r in results["runs"][m]] for m in METHODS})
+    curve_images = results["data"].get("curve", results["data"]["test"])
     lines += ["", "## Convergence (test accuracy over the last 20 % of the epochs)", "",
+              f"The curve: test accuracy after every epoch on {curve_images} test images"
+              + (" (a class-stratified subset, the same for every run)." if curve_images < results["data"]["test"]
+                 else "."), "",
               "| method | runs converged | largest move in the last 20 % |", "|---|---|---|", *rows, "",
               "Every run converged (moved less than 1 point)." if every else
               "**Budget too small**: not every run converged (moved 1 point or more in the last 20 % of its "

@@ -12,7 +12,7 @@ from kdfast.experiments import common, kr, protocol
 
 TINY = kr.ExperimentConfig(seeds=(0, 1), rounds=2, rounds_per_pass=2, tune_rounds=1,
                            kd_grid=({"T": 4.0, "alpha": 0.9}, {"T": 2.0, "alpha": 0.5}), batch_size=16,
-                           teacher_epochs=1, train_subset=60, test_subset=24,
+                           teacher_epochs=1, train_subset=60, test_subset=24, curve_images=12,
                            capacities={"paper": 0.25, "low": 0.125})
 
 
@@ -40,6 +40,14 @@ def test_run_tiny_writes_the_report_and_resumes_exactly(tiny, monkeypatch):
     assert set(saved["runs"]["paper"]) == {"ce", "kd", "kr", "kr_kd", "l1", "l2"}
     assert set(saved["runs"]["low"]) == {"ce", "kd", "kr", "kr_kd"}
     assert all(len(r["curve"]) == 2 for ms in saved["runs"].values() for rs in ms.values() for r in rs)
+    # the curve is read on a stratified part of the 24 test images (about 12: at least one per class), the
+    # reported accuracy on all 24
+    n = saved["data"]["curve"]
+    assert 10 <= n < 24 and saved["data"]["test"] == 24
+    records = [r for ms in saved["runs"].values() for rs in ms.values() for r in rs]
+    assert all(abs(n * v - round(n * v)) < 1e-6 for r in records for v in r["curve"])
+    assert all(abs(24 * r["accuracy"] - round(24 * r["accuracy"])) < 1e-6 for r in records)
+    assert any(abs(n * r["accuracy"] - round(n * r["accuracy"])) > 1e-6 for r in records)
     assert {c["verdict"] for c in saved["claims"]} <= {protocol.REPRODUCED, protocol.NOT_REPRODUCED,
                                                         protocol.INCONCLUSIVE}
     assert saved["tuning"]["paper"]["best"] in [dict(s) for s in TINY.kd_grid]
@@ -122,6 +130,15 @@ def test_analyse_gives_a_verdict_per_claim():
     assert out["convergence"]["all_converged"] is False  # the KD curves still climb in their last 20 %
     rows = [kr._claim_row(c) for c in out["claims"]]
     assert any("**reproduced**" in row and "| KR beats KD |" in row and "+2.10 points" in row for row in rows)
+
+
+def test_full_budget_convergence_window_starts_after_the_last_lr_drop():
+    # point i of a curve is read after round i + 1; the lr drop after round m first shows at point m
+    cfg = kr.ExperimentConfig()
+    start = protocol.convergence([0.5] * cfg.rounds)["from_point"]
+    assert kr.milestones(cfg.rounds) == [9, 15] and start == 15
+    assert kr.milestones(cfg.rounds)[-1] <= start
+    assert cfg.rounds / cfg.rounds_per_pass == 2 and cfg.tune_rounds == cfg.rounds_per_pass
 
 
 def test_rounds_to_reach_and_milestones():

@@ -12,7 +12,8 @@ from kdfast.experiments import common, protocol, srm
 KW = {"num_classes": 10, "in_channels": 1}
 
 TINY = {"teacher": {"name": "vgg8", "width": 0.25, "epochs": 1, "lr": 0.05, "seed": 0},
-        "student": {"name": "resnet8", "width": 0.5}, "student_images": 96, "val_fraction": 0.2,
+        "student": {"name": "resnet8", "width": 0.5}, "student_images": 96, "curve_images": 40,
+        "val_fraction": 0.2,
         "dictionary_epochs": 1, "init_epochs": 1, "epochs": 3, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4,
         "at_beta": 1000.0, "grid": ({"alpha": 0.5, "temperature": 4.0}, {"alpha": 0.75, "temperature": 2.0}),
         "seeds": (0, 1)}
@@ -43,6 +44,10 @@ def test_protocol_writes_report_results_and_figures(tiny_run):
     assert set(saved["accuracy"]) == {"ce", "kd", "at", "srm"}
     assert all(len(saved["accuracy"][m]["accuracy"]) == 2 for m in srm.METHODS)
     assert all(len(r["curve"]) == TINY["epochs"] for m in srm.METHODS for r in saved["runs"][m])
+    # the curve is read on a 40-image test subset, the reported accuracy on every test image
+    assert saved["data"]["curve"] == 40 < saved["data"]["test"]
+    assert all(abs(40 * v - round(40 * v)) < 1e-6 for m in srm.METHODS for r in saved["runs"][m] for v in r["curve"])
+    assert "on 40 test images (a class-stratified subset" in (out / "report.md").read_text()
     # the teacher trains on the training part of the validation split only
     assert saved["teacher"]["trained_on"] == saved["data"]["train_part"]
     assert saved["data"]["train_part"] + saved["data"]["validation"] == saved["data_info"]["train"]
