@@ -201,6 +201,14 @@ def fraction_subset(dataset, fraction: float, seed: int = 0):
     return sub
 
 
+def stratified_images(dataset, n: Optional[int], seed: int = 0):
+    """About ``n`` images of ``dataset``, class-stratified (:func:`fraction_subset` with ``n / len``): the same
+    images at every call with the same seed; the whole set when ``n`` is None or not below its size."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return fraction_subset(dataset, n / len(dataset), seed=seed)
+
+
 def loader(dataset, batch_size: int = 64, shuffle: bool = True, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g)

@@ -856,18 +856,11 @@ def run_reproduction(cfg: ReproductionConfig, out_dir: str, data, run_record: di
     start = time.perf_counter()  # the experiment's time, the teacher's apart
     how = "cached" if teacher_info["cached"] else f"trained in {teacher_info['train_s']:.0f}s"
     _log(f"teacher {teacher_recipe['name']}: test accuracy {100 * teacher_acc:.2f}% ({how})")
-    finetune_set = train_part
-    if cfg.finetune_images is not None and cfg.finetune_images < len(train_part):
-        finetune_set = common.fraction_subset(train_part, cfg.finetune_images / len(train_part), seed=0)
-    pgd_set = test_set
-    if cfg.pgd_images is not None and cfg.pgd_images < len(test_set):
-        pgd_set = common.fraction_subset(test_set, cfg.pgd_images / len(test_set), seed=0)
-    fgsm_set = test_set
-    if cfg.fgsm_images is not None and cfg.fgsm_images < len(test_set):
-        fgsm_set = common.fraction_subset(test_set, cfg.fgsm_images / len(test_set), seed=0)
-    curve_set = test_set  # the per-evaluation curve; the reported clean accuracy is on every test image
-    if cfg.curve_images is not None and cfg.curve_images < len(test_set):
-        curve_set = common.fraction_subset(test_set, cfg.curve_images / len(test_set), seed=0)
+    finetune_set = common.stratified_images(train_part, cfg.finetune_images)
+    pgd_set = common.stratified_images(test_set, cfg.pgd_images)
+    fgsm_set = common.stratified_images(test_set, cfg.fgsm_images)
+    # the per-evaluation curve; the reported clean accuracy is on every test image
+    curve_set = common.stratified_images(test_set, cfg.curve_images)
 
     with common.Timer() as t:
         size = train_part.image_size

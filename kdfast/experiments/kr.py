@@ -418,9 +418,7 @@ def run(out_dir: str, *, dataset: str = "digits", data_root=None, budget: str = 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     train, test = common.load_data(dataset, data_root, train_subset=cfg.train_subset, test_subset=cfg.test_subset)
     train_part, val = protocol.validation_split(train, 0.1, seed=0)
-    curve_set = test
-    if cfg.curve_images is not None and cfg.curve_images < len(test):
-        curve_set = common.fraction_subset(test, cfg.curve_images / len(test), seed=0)
+    curve_set = common.stratified_images(test, cfg.curve_images)
     overrides = {} if cfg.teacher_epochs is None else {"epochs": cfg.teacher_epochs}
     teacher, _, teacher_acc, teacher_info = protocol.reference_teacher(dataset, train_part, test, device=device,
                                                                        **overrides)

@@ -530,10 +530,8 @@ def run_protocol(out_dir, cfg, train_set, test_set, *, dataset, device="cpu") ->
     trained = store.get("teacher")
     if trained is not None and trained.get("path") == cache["path"]:
         cache = {**cache, "train_s": trained["train_s"]}
-    students_train = common.fraction_subset(train_part, min(1.0, cfg["student_images"] / len(train_part)), seed=0)
-    curve_set = test_set
-    if cfg.get("curve_images") is not None and cfg["curve_images"] < len(test_set):
-        curve_set = common.fraction_subset(test_set, cfg["curve_images"] / len(test_set), seed=0)
+    students_train = common.stratified_images(train_part, cfg["student_images"])
+    curve_set = common.stratified_images(test_set, cfg.get("curve_images"))
     student_kwargs = dict(model_kwargs, width_mult=cfg["student"]["width"])
     input_shape = tuple(train_set[0][0].shape)
     pairs = match_layers(teacher, models.build(cfg["student"]["name"], **student_kwargs), input_shape)

@@ -55,3 +55,13 @@ def test_load_data_names_and_errors():
         common.load_data("cifar100")
     with pytest.raises(ValueError, match="cannot pad 16x16 images to 8x8"):
         common.pad(train, 8)
+
+
+def test_stratified_images_keeps_classes_and_is_the_same_at_every_call():
+    _, test = common.digits(16)
+    part = common.stratified_images(test, 100)
+    assert 95 <= len(part) <= 105 and set(part.labels.tolist()) == set(test.labels.tolist())
+    again = common.stratified_images(test, 100)
+    assert part.labels.tolist() == again.labels.tolist() and bool((part.images == again.images).all())
+    assert common.stratified_images(test, None) is test
+    assert common.stratified_images(test, len(test)) is test
