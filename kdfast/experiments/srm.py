@@ -636,12 +636,15 @@ def _render_protocol(results) -> str:
         lines.append(f"| {LABELS[m]} | {common.fmt_mean_std(acc[m]['accuracy'])} | "
                      + ", ".join(pct(a) for a in acc[m]["accuracy"]) + " |")
     lines += ["", "## Claims (paired by seed, 95 % t interval of the difference)", "",
-              "| claim | difference (points) | 95 % CI | verdict |", "|---|---|---|---|"]
+              "| claim | difference (points) | 95 % CI | verdict | every run converged |", "|---|---|---|---|---|"]
     names = {"srm-kd": "SRM beats KD", "srm-at": "SRM beats AT", "srm-ce": "SRM beats CE (context)",
              "kd-ce": "KD beats CE (context)"}
     for key, c in claims.items():
+        # a claim compares two methods ("srm-kd"): it stands at convergence when both methods' runs converged
+        curves = [r["curve"] for m in key.split("-") for r in results["runs"][m]]
+        flags = [protocol.convergence(cv)["converged"] is True for cv in curves]
         lines.append(f"| {names[key]} | {100 * c['mean']:+.2f} ± {100 * c['std']:.2f} | {common.fmt_ci(c['ci95'])} | "
-                     f"{c['verdict']} |")
+                     f"{c['verdict']} | {'yes' if all(flags) else f'no ({sum(flags)}/{len(flags)})'} |")
     rows, every = protocol.tail_table({LABELS[m]: [r["curve"] for r in results["runs"][m]] for m in METHODS})
     curve_images = results["data"].get("curve", results["data"]["test"])
     lines += ["", "## Convergence (test accuracy over the last 20 % of the epochs)", "",
@@ -651,7 +654,8 @@ def _render_protocol(results) -> str:
               "| method | runs converged | largest move in the last 20 % |", "|---|---|---|", *rows, "",
               "Every run converged (moved less than 1 point)." if every else
               "**Budget too small**: not every run converged (moved 1 point or more in the last 20 % of its "
-              "epochs); the verdicts above are about this budget, not about the methods at convergence.",
+              "epochs); a verdict whose runs did not all converge (the claims' last column) is about this budget, "
+              "not about the methods at convergence.",
               "Under the official schedule the last phase runs at LR 1e-5, so a flat tail says this schedule has "
               "ended, not that a longer one would gain nothing.", "",
               "## Figures", "", *[f"![{f}]({f})" for f in results["figures"]], "",

@@ -1,6 +1,7 @@
 """Committed results follow one layout: speed results in benchmarks/results/<device>/ (what
 csrc/ops/kernel_paths.cpp's `evidence` entries point into), accuracy experiments in
-experiments/results/<experiment>-<dataset>-<budget>/ (what `kdfast experiment` writes by default)."""
+experiments/results/<experiment>-<dataset>-<budget>/ (what `kdfast experiment` writes by default), or
+<experiment>-<dataset>-<budget>-<variant>/ for a run with other options than the default (e.g. more seeds)."""
 import os
 import re
 
@@ -27,7 +28,7 @@ def test_experiment_results_are_named_experiment_dataset_budget():
 
     names = sorted(os.listdir(EXPERIMENTS))
     assert names
-    pattern = re.compile(rf"({'|'.join(experiments.available())})-({'|'.join(DATASETS)})-({'|'.join(BUDGETS)})")
+    pattern = re.compile(rf"({'|'.join(experiments.available())})-({'|'.join(DATASETS)})-({'|'.join(BUDGETS)})(-[a-z0-9]+)?")
     for name in names:
         assert pattern.fullmatch(name), name
         assert os.path.isfile(os.path.join(EXPERIMENTS, name, "report.md")), name
