@@ -312,8 +312,11 @@ PROTOCOL = {
               "weight_decay": 1e-4, "at_beta": 1000.0,
               "grid": ({"alpha": 0.5, "temperature": 4.0}, {"alpha": 0.75, "temperature": 4.0}), "seeds": SEEDS},
 }
-METHODS = ("ce", "kd", "at", "srm")
-LABELS = {"ce": "CE", "kd": "KD (tuned)", "at": "AT", "srm": "SRM"}
+#: "kdlong" is kdfast's control, not the paper's: KD at the tuned alpha, T trained for as many epochs as SRM's
+#: student gets (stage B's matching epochs + its KD stage), so that SRM's gain over KD can be told apart from
+#: its extra epochs of updates.
+METHODS = ("ce", "kd", "kdlong", "at", "srm")
+LABELS = {"ce": "CE", "kd": "KD (tuned)", "kdlong": "KD (tuned), as many epochs as SRM", "at": "AT", "srm": "SRM"}
 
 
 def _protocol_config(budget: str) -> dict:
@@ -331,10 +334,11 @@ def _setting_key(setting) -> str:
 
 
 def _phased(teacher, student, losses, cfg, seed, device, val_loader, feature_layers=None, checkpoint_dir=None,
-            cache=False):
+            cache=False, epochs=None):
     """An engine with SRM's stage-C optimiser (Adam, official phases, re-created at each) and the official
-    selection (best validation accuracy at each phase's end): the schedule every baseline shares."""
-    epochs = cfg["epochs"]
+    selection (best validation accuracy at each phase's end): the schedule every baseline shares, over
+    ``epochs`` (default: the KD stage's)."""
+    epochs = cfg["epochs"] if epochs is None else epochs
     phases = lr_milestones(epochs, OFFICIAL_PHASES["kd"])
     return PhasedDistiller(teacher, student, losses, feature_layers=feature_layers, optimizer="adam", lr=cfg["lr"],
                            weight_decay=cfg["weight_decay"], schedule="step", milestones=phases,
@@ -354,13 +358,14 @@ def _record(method, seed, setting, student, history, engine_selected, loaders, d
 
 
 def _baseline_run(method, setting, seed, ctx, store):
-    """CE, KD (``setting``: alpha, T) or AT (beta * attention loss + CE, RepDistiller's beta = 1000) from
-    scratch, with the KD stage's optimiser and selection; stored under its key."""
+    """CE, KD (``setting``: alpha, T), KD for SRM's student's epochs ("kdlong": stage B's + the KD stage's) or
+    AT (beta * attention loss + CE, RepDistiller's beta = 1000) from scratch, with the KD stage's optimiser
+    and selection; stored under its key."""
     from .. import models
     from ..distill import seed_everything
     from ..losses import ATLoss
 
-    key = f"{method}-{_setting_key(setting)}-seed{seed}" if method == "kd" else f"{method}-seed{seed}"
+    key = f"{method}-{_setting_key(setting)}-seed{seed}" if setting is not None else f"{method}-seed{seed}"
 
     def train():
         cfg, device = ctx["cfg"], ctx["device"]
@@ -369,14 +374,15 @@ def _baseline_run(method, setting, seed, ctx, store):
         layers = None
         if method == "ce":
             losses = {"ce": nn.CrossEntropyLoss()}
-        elif method == "kd":
+        elif method in ("kd", "kdlong"):
             losses = {"kd": KDLoss(setting["temperature"], alpha=setting["alpha"])}
         else:
             losses = {"ce": nn.CrossEntropyLoss(), "at": ATLoss(beta=cfg["at_beta"])}
             layers = {"at": ([p["student"] for p in ctx["pairs"]], [p["teacher"] for p in ctx["pairs"]])}
         engine = _phased(None if method == "ce" else ctx["teacher"], student, losses, cfg, seed, device,
                          ctx["loaders"]["val"], feature_layers=layers, checkpoint_dir=store.checkpoint_dir(key),
-                         cache=method == "kd")
+                         cache=method in ("kd", "kdlong"),
+                         epochs=cfg["init_epochs"] + cfg["epochs"] if method == "kdlong" else None)
         with common.Timer() as t:
             try:
                 history = engine.fit(ctx["loaders"]["train"], eval_loader=ctx["loaders"]["curve"])
@@ -480,9 +486,12 @@ def _protocol_figures(out_dir, results, runs_by_method):
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
     for m in METHODS:
-        curve = mean([r["curve"] for r in runs_by_method[m]])
-        axes[0].plot(range(1, len(curve) + 1), [100 * v for v in curve], label=LABELS[m], color=common.colour(m))
-    axes[0].set(title="test accuracy per epoch (mean over seeds)", xlabel="epoch (SRM: its KD stage)", ylabel="%")
+        curve = mean([r["curve"] for r in runs_by_method.get(m, [])])
+        start = results["protocol"]["init_epochs"] if m == "srm" else 0  # SRM's curve is its KD stage's
+        axes[0].plot(range(start + 1, start + len(curve) + 1), [100 * v for v in curve], label=LABELS[m],
+                     color=common.colour("kd" if m == "kdlong" else m), linestyle="--" if m == "kdlong" else "-")
+    axes[0].set(title="test accuracy per epoch (mean over seeds)",
+                xlabel="student epochs (SRM: KD stage, after matching)", ylabel="%")
     axes[0].legend(fontsize=7)
     srm_runs = runs_by_method["srm"]
     axes[1].plot(mean([r["dictionaries_loss"] for r in srm_runs]), marker="o", color=common.colour("srm"))
@@ -511,8 +520,9 @@ def _protocol_figures(out_dir, results, runs_by_method):
 
 def run_protocol(out_dir, cfg, train_set, test_set, *, dataset, device="cpu") -> dict:
     """The protocol on ``train_set`` / ``test_set``: validation split, cached teacher, KD and SRM tuned on
-    the validation split at the first seed, then CE, KD, AT, SRM over every seed (each run stored in a
-    :class:`~kdfast.experiments.protocol.RunStore` under ``out_dir`` and checkpointed: a re-run resumes),
+    the validation split at the first seed, then CE, KD, KD for SRM's epochs, AT, SRM over every seed (each
+    run stored in a :class:`~kdfast.experiments.protocol.RunStore` under ``out_dir`` and checkpointed: a
+    re-run resumes),
     paired claims, convergence, figures. Returns the results dict (the report is written by :func:`run`)."""
     from .. import models
     from ..distill import IndexedDataset
@@ -558,8 +568,10 @@ def run_protocol(out_dir, cfg, train_set, test_set, *, dataset, device="cpu") ->
                     runs[method].append(_baseline_run("kd", best, seed, ctx, store))
                 else:
                     runs[method].append(_srm_run(best, seed, ctx, store))
+            runs["kdlong"].append(_baseline_run("kdlong", tuning["kd"]["best"], seed, ctx, store))
     acc = {m: [r["test_accuracy"] for r in runs[m]] for m in METHODS}
     claims = {"srm-kd": protocol.claim(acc["srm"], acc["kd"]), "srm-at": protocol.claim(acc["srm"], acc["at"]),
+              "srm-kdlong": protocol.claim(acc["srm"], acc["kdlong"]),
               "srm-ce": protocol.claim(acc["srm"], acc["ce"]), "kd-ce": protocol.claim(acc["kd"], acc["ce"])}
     convergence = {m: [protocol.convergence(r["curve"]) for r in runs[m]] for m in METHODS}
     results = {
@@ -617,7 +629,9 @@ def _render_protocol(results) -> str:
         + " (the official DenseNet-121 teacher: k = 5, 10, 40).",
         f"- Schedules (Adam, the official LR phases, a new Adam at each phase): SRM dictionaries "
         f"{cfg['dictionary_epochs']}, matching {cfg['init_epochs']}, KD stage {cfg['epochs']} epochs; CE, KD and AT "
-        f"{cfg['epochs']} epochs with the KD stage's optimiser (lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}). "
+        f"{cfg['epochs']} epochs with the KD stage's optimiser (lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}); "
+        f"KD also for {cfg['init_epochs'] + cfg['epochs']} epochs, as many as SRM's student trains (matching + KD stage), "
+        "at KD's tuned alpha and T (kdfast's control for SRM's extra epochs; its LR phases scale with its length). "
         "Each run keeps its best state on the validation split, scored at the end of each LR phase (the official "
         "selection); accuracies below are the test accuracy of that state.",
         f"- KD and SRM's KD stage: alpha T^2 KL + (1 - alpha) CE, alpha and T chosen on the validation split at seed "
@@ -637,8 +651,9 @@ def _render_protocol(results) -> str:
                      + ", ".join(pct(a) for a in acc[m]["accuracy"]) + " |")
     lines += ["", "## Claims (paired by seed, 95 % t interval of the difference)", "",
               "| claim | difference (points) | 95 % CI | verdict | every run converged |", "|---|---|---|---|---|"]
-    names = {"srm-kd": "SRM beats KD", "srm-at": "SRM beats AT", "srm-ce": "SRM beats CE (context)",
-             "kd-ce": "KD beats CE (context)"}
+    names = {"srm-kd": "SRM beats KD", "srm-at": "SRM beats AT",
+             "srm-kdlong": "SRM beats KD trained as many epochs (kdfast's control)",
+             "srm-ce": "SRM beats CE (context)", "kd-ce": "KD beats CE (context)"}
     for key, c in claims.items():
         # a claim compares two methods ("srm-kd"): it stands at convergence when both methods' runs converged
         curves = [r["curve"] for m in key.split("-") for r in results["runs"][m]]

@@ -1,5 +1,6 @@
 """kdfast.experiments.srm: the protocol of issue 22 (validation split, the alpha / T grid chosen on it, CE / KD /
-AT / SRM over seeds, claims with verdicts, convergence, resume) at a tiny size, and the tour's section."""
+AT / SRM and KD trained as long as SRM over seeds, claims with verdicts, convergence, resume) at a tiny size,
+and the tour's section."""
 import json
 import os
 
@@ -41,9 +42,14 @@ def test_protocol_writes_report_results_and_figures(tiny_run):
     saved = json.loads((out / "results.json").read_text())
     assert saved["run"]["command"] == f"kdfast experiment srm --dataset digits --budget quick --seeds 0,1 --out {out} " \
                                       "--device cpu"
-    assert set(saved["accuracy"]) == {"ce", "kd", "at", "srm"}
+    assert set(saved["accuracy"]) == {"ce", "kd", "kdlong", "at", "srm"}
     assert all(len(saved["accuracy"][m]["accuracy"]) == 2 for m in srm.METHODS)
-    assert all(len(r["curve"]) == TINY["epochs"] for m in srm.METHODS for r in saved["runs"][m])
+    assert all(len(r["curve"]) == TINY["epochs"] for m in srm.METHODS if m != "kdlong" for r in saved["runs"][m])
+    # the control: KD at its tuned setting for as many epochs as SRM's student (matching + KD stage)
+    for r in saved["runs"]["kdlong"]:
+        assert len(r["curve"]) == TINY["init_epochs"] + TINY["epochs"]
+        assert r["setting"] == saved["tuning"]["kd"]["best"]
+    assert "SRM beats KD trained as many epochs" in (out / "report.md").read_text()
     # the curve is read on a 40-image test subset, the reported accuracy on every test image
     assert saved["data"]["curve"] == 40 < saved["data"]["test"]
     assert all(abs(40 * v - round(40 * v)) < 1e-6 for m in srm.METHODS for r in saved["runs"][m] for v in r["curve"])
