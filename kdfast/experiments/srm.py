@@ -5,7 +5,8 @@ matching train a more accurate student than KD and AT from the same teacher, acr
 validation split carved from the training set; a teacher (vgg8, full width at ``--budget full``) trained
 once on the rest and cached; a student of another architecture (resnet8); the official alpha / T grid
 (:data:`OFFICIAL_GRID`) for KD and for SRM's KD stage, chosen on the validation split; CE, KD, AT and SRM
-over the seeds; every run keeping its best state on the validation split as the official trainers do;
+over the seeds, and KD for as many epochs as SRM's student trains (kdfast's control for SRM's extra
+stage); every run keeping its best state on the validation split as the official trainers do;
 paired differences with 95 % intervals and a verdict per claim; test accuracy per epoch and the
 convergence test. Each run is stored and checkpointed under the output folder, so the same command
 resumes an interrupted experiment.
@@ -14,8 +15,8 @@ What is official and what is kdfast's choice: the LR phases, the optimiser re-cr
 selection rules (per stage, at phase ends), m = 2, r = 0.02, k = int(D m r), the alpha / T grid and the
 global-local targets are the official code's; the validation split (10 % of the training set, stratified;
 the official code reads a separate CIFAR-100 validation folder), tuning at the first seed only, the
-teacher and student architectures, the students' training subset and the epoch counts (the official
-stage proportions scaled down to fit 60 minutes on 2 CPU cores) are kdfast's.
+teacher and student architectures, the students' training subset, the epoch counts (the official
+stage proportions scaled down to fit 60 minutes on 2 CPU cores) and the longer KD control are kdfast's.
 
 :func:`demo_section` is the tour's short SRM section (SRM / KD / CE on the tour's teacher, no tuning).
 The method itself: :mod:`kdfast.methods.srm`.
@@ -522,8 +523,7 @@ def run_protocol(out_dir, cfg, train_set, test_set, *, dataset, device="cpu") ->
     """The protocol on ``train_set`` / ``test_set``: validation split, cached teacher, KD and SRM tuned on
     the validation split at the first seed, then CE, KD, KD for SRM's epochs, AT, SRM over every seed (each
     run stored in a :class:`~kdfast.experiments.protocol.RunStore` under ``out_dir`` and checkpointed: a
-    re-run resumes),
-    paired claims, convergence, figures. Returns the results dict (the report is written by :func:`run`)."""
+    re-run resumes), paired claims, convergence, figures. Returns the results dict (the report is written by :func:`run`)."""
     from .. import models
     from ..distill import IndexedDataset
 
