@@ -855,11 +855,11 @@ def report(res: Dict[str, Any], cfg: Config) -> str:
                   "everything runs, not how the methods compare.", ""]
     def converged(*methods, grid=False) -> str:
         # whether every run behind a claim converged (the seeds' runs; with grid, the weight grid's too)
-        flags = [c["converged"] is True for m in methods for c in ms[m]["convergence"]]
+        checks = [c for m in methods for c in ms[m]["convergence"]]
         if grid:
-            flags += [r["convergence"]["converged"] is True for m in methods for r in res["sensitivity"][m]["runs"]
-                      if r["setting"]["kind"] == "weight"]
-        return "yes" if all(flags) else f"no ({sum(flags)}/{len(flags)})"
+            checks += [r["convergence"] for m in methods for r in res["sensitivity"][m]["runs"]
+                       if r["setting"]["kind"] == "weight"]
+        return protocol.converged_cell(checks)
 
     lines += ["## Verdicts (paired by seed, 95 % t intervals, points)", "",
               "| claim (paper) | measured | 95 % interval | verdict | every run converged |", "|---|---|---|---|---|"]

@@ -168,6 +168,13 @@ def every_run_converged(curves: Sequence[Sequence[float]], tail: float = 0.2) ->
     return all(convergence(c, tail)["converged"] is True for c in curves)
 
 
+def converged_cell(checks: Sequence[Dict[str, Any]]) -> str:
+    """A report cell for the runs behind one claim, from their :func:`convergence` results: "yes" when every
+    run converged, else "no (k/n)"; a run too short to decide counts as not converged."""
+    flags = [c["converged"] is True for c in checks]
+    return "yes" if all(flags) else f"no ({sum(flags)}/{len(flags)})"
+
+
 def tail_table(curves: Dict[str, Sequence[Sequence[float]]], tail: float = 0.2) -> Tuple[List[str], bool]:
     """Markdown rows "| method | runs converged | largest move in the last 20 % |" for curves per method
     (a list of per-seed curves each), and whether every run converged."""

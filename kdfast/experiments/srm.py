@@ -487,7 +487,7 @@ def _protocol_figures(out_dir, results, runs_by_method):
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
     for m in METHODS:
-        curve = mean([r["curve"] for r in runs_by_method.get(m, [])])
+        curve = mean([r["curve"] for r in runs_by_method[m]])
         start = results["protocol"]["init_epochs"] if m == "srm" else 0  # SRM's curve is its KD stage's
         axes[0].plot(range(start + 1, start + len(curve) + 1), [100 * v for v in curve], label=LABELS[m],
                      color=common.colour("kd" if m == "kdlong" else m), linestyle="--" if m == "kdlong" else "-")
@@ -656,10 +656,9 @@ def _render_protocol(results) -> str:
              "srm-ce": "SRM beats CE (context)", "kd-ce": "KD beats CE (context)"}
     for key, c in claims.items():
         # a claim compares two methods ("srm-kd"): it stands at convergence when both methods' runs converged
-        curves = [r["curve"] for m in key.split("-") for r in results["runs"][m]]
-        flags = [protocol.convergence(cv)["converged"] is True for cv in curves]
+        checks = [protocol.convergence(r["curve"]) for m in key.split("-") for r in results["runs"][m]]
         lines.append(f"| {names[key]} | {100 * c['mean']:+.2f} ± {100 * c['std']:.2f} | {common.fmt_ci(c['ci95'])} | "
-                     f"{c['verdict']} | {'yes' if all(flags) else f'no ({sum(flags)}/{len(flags)})'} |")
+                     f"{c['verdict']} | {protocol.converged_cell(checks)} |")
     rows, every = protocol.tail_table({LABELS[m]: [r["curve"] for r in results["runs"][m]] for m in METHODS})
     curve_images = results["data"].get("curve", results["data"]["test"])
     lines += ["", "## Convergence (test accuracy over the last 20 % of the epochs)", "",

@@ -52,6 +52,9 @@ def test_convergence_looks_at_the_last_fifth():
     assert protocol.every_run_converged([flat_end, flat_end]) is True
     assert protocol.every_run_converged([flat_end, rising]) is False
     assert protocol.every_run_converged([flat_end, [0.9]]) is False  # undecidable is not converged
+    checks = [protocol.convergence(c) for c in (flat_end, rising, [0.9])]
+    assert protocol.converged_cell(checks[:1]) == "yes"
+    assert protocol.converged_cell(checks) == "no (1/3)"  # rising and undecidable both count as not converged
 
 
 @pytest.mark.parametrize("interval, claimed_higher, expected", [
